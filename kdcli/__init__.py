@@ -1,0 +1,3 @@
+"""kdcli: offline knowledge distillation from a cached teacher."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""manifest.json: what a cache holds, who made it, from which data, and which shards are whole.
+
+The manifest is written atomically after every published shard with ``complete: false`` (so a resumed run knows
+which shards are whole) and one last time with ``complete: true``. Readers refuse anything not complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kdcli import __version__
+from kdcli.cache.atomic import atomic_write_bytes
+from kdcli.errors import CacheError
+
+MANIFEST = "manifest.json"
+FORMAT = "kdcli-cache"
+FORMAT_VERSION = 1
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.h5"
+
+
+def new_manifest(*, teacher: dict, data: dict, settings: dict, layout: dict, num_rows: int,
+                 tokenizer: dict | None = None) -> dict:
+    """``settings`` must match for a cache to be reused; ``layout`` describes the stored arrays."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kdcli_version": __version__,
+        "teacher": teacher,
+        "data": data,
+        "tokenizer": tokenizer,
+        "settings": settings,
+        **layout,
+        "num_rows": num_rows,
+        "shards": [],
+        "complete": False,
+    }
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    # "complete" is written last in the document as well as last in time.
+    body = {k: v for k, v in manifest.items() if k != "complete"}
+    body["complete"] = bool(manifest.get("complete", False))
+    atomic_write_bytes(cache_dir / MANIFEST, (json.dumps(body, indent=2) + "\n").encode())
+
+
+def read_manifest(cache_dir: Path, *, require_complete: bool = True) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not Path(cache_dir).is_dir():
+        raise CacheError(f"cache directory not found: {cache_dir}")
+    if not path.is_file():
+        raise CacheError(f"{cache_dir} has no {MANIFEST}: not a kdcli cache, or cache-teacher never finished a "
+                         "shard (re-run cache-teacher to build it)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{path} is not valid JSON ({e.__class__.__name__}); the cache is damaged: rebuild it "
+                         "with cache-teacher --overwrite") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a kdcli cache manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path} has cache format version {m.get('format_version')}; this kdcli reads version "
+                         f"{FORMAT_VERSION}: rebuild the cache with this kdcli")
+    required = ("teacher", "data", "settings", "mode", "num_classes", "num_rows", "shards", "complete")
+    missing = [k for k in required if k not in m]
+    if missing:
+        raise CacheError(f"{path} lacks the key {missing[0]!r}; the manifest is damaged")
+    if require_complete and m["complete"] is not True:
+        raise CacheError(f"cache {cache_dir} is incomplete (complete: false): re-run the same cache-teacher "
+                         "command to resume it")
+    return m
+
+
+def plan_differences(old: dict, new: dict) -> list[str]:
+    """What differs between an existing cache and the one a command would build (empty: same cache)."""
+    diffs = []
+    ot, nt = old["teacher"], new["teacher"]
+    if ot.get("weights_sha256") != nt.get("weights_sha256"):
+        diffs.append("teacher weights differ (sha256 "
+                     f"{str(ot.get('weights_sha256'))[:12]} vs {str(nt.get('weights_sha256'))[:12]})")
+    for key in ("args", "num_parameters"):
+        if ot.get(key) != nt.get(key):
+            diffs.append(f"teacher {key} differ ({ot.get(key)} vs {nt.get(key)})")
+    if ot.get("weights_sha256") is None and ot.get("spec") != nt.get("spec"):
+        diffs.append(f"teacher spec differs ({ot.get('spec')} vs {nt.get('spec')})")
+    od, nd = old["data"], new["data"]
+    for key in ("num_samples", "fingerprint"):
+        if od.get(key) != nd.get(key):
+            diffs.append(f"data {key} differs ({str(od.get(key))[:16]} vs {str(nd.get(key))[:16]})")
+    if old.get("tokenizer") != new.get("tokenizer"):
+        diffs.append("tokenizer differs")
+    for key in sorted(set(old["settings"]) | set(new["settings"])):
+        if old["settings"].get(key) != new["settings"].get(key):
+            diffs.append(f"setting {key} differs ({old['settings'].get(key)} vs {new['settings'].get(key)})")
+    return diffs
+
+
+def check_matches_data(manifest: dict, data_identity: dict, cache_dir: Any) -> None:
+    """Refuse (exit 3) a cache built from other data: row count, then the fingerprint over row hashes."""
+    md = manifest["data"]
+    if md.get("num_samples") != data_identity["num_samples"]:
+        raise CacheError(f"cache {cache_dir} was built from {md.get('num_samples')} rows of {md.get('spec')!r} "
+                         f"but {data_identity['spec']!r} has {data_identity['num_samples']} rows")
+    if md.get("fingerprint") != data_identity["fingerprint"]:
+        raise CacheError(f"cache {cache_dir} does not match the data: {data_identity['spec']!r} has different "
+                         f"row contents or order than {md.get('spec')!r} had when the cache was built "
+                         "(rows reordered, edited or relabelled); rebuild the cache for this data")

@@ -1,0 +1,193 @@
+"""Shard writer: buffers reduced rows into fixed-size shards and publishes each one atomically.
+
+Shard ``i`` always covers global rows ``[i * shard_size, min((i + 1) * shard_size, num_rows))``, so a resumed run
+knows from the manifest alone which rows are done. Shards are written by a background thread fed through a
+bounded queue: the teacher never waits on the disk, and memory stays flat (at most ``queue_shards`` shards in
+flight). After each shard the manifest is rewritten (``complete: false``) listing the whole shards.
+
+Every shard holds, per row: ``row_index`` (global row id, int64), ``sample_index`` (dataset row, int64),
+``row_hash`` (uint64 content hash of the dataset row), ``aug_params`` (float32, only with augmented views) and
+the mode's arrays (see :mod:`kdcli.cache.reduce`). Token-level caches add ``offsets`` (rows + 1, int64) and store
+token arrays flattened, never padded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+
+from kdcli.cache.atomic import PARTIAL, replace_atomically
+from kdcli.cache.manifest import shard_name, write_manifest
+from kdcli.errors import KdError, UsageError
+from kdcli.models import sha256_file
+
+_STOP = object()
+
+
+def write_shard_file(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write one shard to ``path + .partial``, fsync, rename into place. Uncompressed, contiguous datasets."""
+    tmp = path.with_name(path.name + PARTIAL)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, a in arrays.items():
+                f.create_dataset(name, data=a)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+        replace_atomically(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ShardWriter:
+    """Accumulate row batches (dicts of equal-length arrays) and publish whole shards in the background."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, *, shard_size: int, first_shard: int = 0,
+                 token_keys: frozenset[str] = frozenset(), threaded: bool = True, queue_shards: int = 2,
+                 on_shard: Callable[[dict], None] | None = None):
+        self.dir = Path(cache_dir)
+        self.manifest = manifest
+        self.shard_size = shard_size
+        self.next_shard = first_shard
+        self.token_keys = token_keys
+        self.on_shard = on_shard
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_rows = 0
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = queue.Queue(maxsize=queue_shards) if threaded else None
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="kdcli-shard-writer", daemon=True)
+            self._thread.start()
+
+    # -- producer side ---------------------------------------------------------------------------------------
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self._raise_if_failed()
+        n = len(batch["row_index"])
+        self._pending.append(batch)
+        self._pending_rows += n
+        while self._pending_rows >= self._rows_in(self.next_shard) > 0:
+            self._emit(self._rows_in(self.next_shard))
+
+    def close(self) -> None:
+        """Flush the last (short) shard and wait until every shard is published."""
+        if self._pending_rows:
+            self._emit(self._pending_rows)
+        if self._queue is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        if self._queue is not None and self._thread.is_alive():
+            self._error = self._error or KeyboardInterrupt()
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._queue.put(_STOP)
+            self._thread.join(timeout=60)
+
+    def _rows_in(self, shard: int) -> int:
+        total = self.manifest["num_rows"]
+        return max(0, min((shard + 1) * self.shard_size, total) - shard * self.shard_size)
+
+    def _emit(self, rows: int) -> None:
+        arrays = self._take(rows)
+        job = (self.next_shard, arrays)
+        self.next_shard += 1
+        if self._queue is None:
+            self._write(*job)
+        else:
+            while True:  # bounded: block while the disk catches up, but notice a dead writer
+                self._raise_if_failed()
+                try:
+                    self._queue.put(job, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def _take(self, rows: int) -> dict[str, np.ndarray]:
+        """Pop exactly ``rows`` rows (and their tokens) from the pending batches."""
+        out: dict[str, list[np.ndarray]] = {}
+        need = rows
+        keep: list[dict[str, np.ndarray]] = []
+        for i, b in enumerate(self._pending):
+            n = len(b["row_index"])
+            if need == 0:
+                keep = self._pending[i:]
+                break
+            if n <= need:
+                part, rest = b, None
+            else:
+                part, rest = self._split(b, need)
+            for k, v in part.items():
+                out.setdefault(k, []).append(v)
+            need -= len(part["row_index"])
+            if rest is not None:
+                keep = [rest] + self._pending[i + 1:]
+                break
+        self._pending = keep
+        self._pending_rows -= rows
+        arrays = {k: np.concatenate(v) for k, v in out.items()}
+        if "lengths" in arrays:
+            lengths = arrays.pop("lengths")
+            arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        return arrays
+
+    def _split(self, b: dict[str, np.ndarray], n: int) -> tuple[dict, dict]:
+        if self.token_keys:
+            t = int(np.sum(b["lengths"][:n]))
+        a, r = {}, {}
+        for k, v in b.items():
+            cut = t if k in self.token_keys else n
+            a[k], r[k] = v[:cut], v[cut:]
+        return a, r
+
+    # -- writer thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self._write(*job)
+            except BaseException as e:  # handed to the producer on its next call
+                self._error = e
+
+    def _write(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        name = shard_name(index)
+        start = index * self.shard_size
+        n = len(arrays["row_index"])
+        path = self.dir / name
+        try:
+            write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n})
+        except OSError as e:
+            if e.errno == errno.ENOSPC or "No space" in str(e) or "disk" in str(e).lower():
+                raise UsageError(f"no space left on device while writing {path}; free some space and re-run the "
+                                 "same command: the whole shards already written are kept") from None
+            raise
+        entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": os.path.getsize(path),
+                 "sha256": sha256_file(path)}
+        self.manifest["shards"].append(entry)
+        self.manifest["shards"].sort(key=lambda s: s["row_start"])
+        write_manifest(self.dir, self.manifest)
+        if self.on_shard:
+            self.on_shard(entry)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None and not isinstance(self._error, KeyboardInterrupt):
+            err = self._error
+            if isinstance(err, KdError):
+                raise err
+            raise RuntimeError(f"shard writer failed: {err.__class__.__name__}: {err}") from err

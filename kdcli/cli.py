@@ -1,0 +1,191 @@
+"""The command line: options -> config -> one stage -> report. Nothing else lives here.
+
+Each command's flags are generated from its config dataclass (kdcli/config.py), so a flag, its YAML key, its
+default and its help text are declared once. Domain errors become one ``error: ...`` line on stderr and the
+exit code the error carries (see kdcli/errors.py); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import signal
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from kdcli.config import CacheConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
+from kdcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CheckFailed, KdError
+
+EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
+                   "3 cache invalid or mismatched, 4 internal error, 130 interrupted.")
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(msg.rstrip() + "\n")
+    sys.stderr.flush()
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Click's usage errors (bad flag, wrong type) as one ``error:`` line and exit 2, like kdcli's own."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "kdcli", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except typer._click.exceptions.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx is not None else "kdcli"
+            _err(f"error: {e.format_message()} (see '{cmd} --help')")
+            code = EXIT_USAGE
+        except typer._click.exceptions.Abort:
+            _err("interrupted")
+            code = EXIT_INTERRUPTED
+        except typer.Exit as e:
+            code = e.exit_code
+        except typer._click.exceptions.ClickException as e:
+            _err(f"error: {e.format_message()}")
+            code = e.exit_code
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Offline knowledge distillation: run the teacher once, cache its log-probabilities, train "
+                       "any number of students from the cache. " + EXIT_CODES_HELP)
+cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Inspect and check teacher caches.")
+app.add_typer(cache_app, name="cache")
+
+
+def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
+    """Run one stage; map errors to (one stderr line, exit code). Inside the command, so CliRunner sees it."""
+    try:
+        return fn()
+    except KdError as e:
+        if debug:
+            raise
+        _err(f"error: {e}")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        _err("interrupted: whole shards/checkpoints already written are kept; re-run the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        first = (str(e).splitlines() or [""])[0][:300]
+        _err(f"error: internal error {e.__class__.__name__}: {first} (re-run with --debug for the traceback, and "
+             "please report it)")
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _flag(name: str, tp: type) -> str:
+    if tp is dict and name.endswith("_args"):
+        name = name[: -len("s")]  # student_args -> --student-arg KEY=VALUE (repeatable)
+    return "--" + name.replace("_", "-")
+
+
+def _option_params(cls: type) -> list[inspect.Parameter]:
+    params = []
+    for f in fields_of(cls):
+        tp, _ = field_type(f)
+        help_text = f.metadata["help"]
+        if f.default not in (None, dataclasses.MISSING) and tp is not bool:
+            help_text += f" [default: {f.default}]"
+        if f.metadata.get("choices"):
+            help_text += f" [one of: {', '.join(f.metadata['choices'])}]"
+        annotation = Optional[bool] if tp is bool else Optional[typing.List[str]] if tp in (dict, list) else \
+            Optional[tp]
+        metavar = {int: "N", float: "X", dict: "KEY=VALUE", bool: None}.get(tp, f.name.upper())
+        option = typer.Option(None, _flag(f.name, tp), help=help_text, show_default=False, metavar=metavar)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=annotation))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--config", help="YAML file of options (keys = flag "
+                                                         "names with underscores); flags override it.")))
+    params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, "--debug", help="Show tracebacks.")))
+    return params
+
+
+def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], int | None], epilog: str) -> None:
+    """Register ``name`` on ``target`` with one flag per field of ``cls``; ``run(cfg)`` does the work."""
+    params = _option_params(cls)
+    kinds = {f.name: field_type(f)[0] for f in fields_of(cls)}
+
+    def cmd(**kwargs: Any) -> None:
+        config, debug = kwargs.pop("config"), kwargs.pop("debug")
+        overrides: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if kinds[key] is dict:
+                value = run_guarded(debug, lambda v=value, k=key: parse_kv(v, _flag(k, dict)[2:])) if value else None
+            elif kinds[key] is list:
+                value = list(value) if value else None
+            overrides[key] = value
+        cfg = run_guarded(debug, lambda: resolve(cls, config, overrides))
+        code = run_guarded(debug, lambda: run(cfg))
+        if code:
+            raise typer.Exit(code)
+
+    cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    cmd.__annotations__ = {p.name: p.annotation for p in params}
+    cmd.__doc__ = (cls.__doc__ or "").strip()
+    cmd.__name__ = name.replace("-", "_")
+    target.command(name, epilog=epilog)(cmd)
+
+
+def _cache_teacher(cfg: CacheConfig) -> None:
+    from kdcli.report import render_cache, show
+    from kdcli.teacher import cache_teacher
+
+    show(render_cache(cache_teacher(cfg)))
+
+
+def _train_student(cfg: TrainConfig) -> None:
+    from kdcli.report import render_train, show
+    from kdcli.train import train_student
+
+    show(render_train(train_student(cfg)))
+
+
+def _eval(cfg: EvalConfig) -> int:
+    from kdcli.evaluate import evaluate
+    from kdcli.report import print_json, render_eval, show
+
+    report = evaluate(cfg)
+    if cfg.plot:
+        from kdcli.plot import plot_report
+
+        plot_report(report, Path(cfg.plot))
+    if cfg.json:
+        print_json(report)
+    else:
+        show(render_eval(report))
+    for line in report.failures:
+        _err(f"check failed: {line}")
+    return CheckFailed.exit_code if report.failures else 0
+
+
+command(app, "cache-teacher", CacheConfig, _cache_teacher,
+        "Example: kdcli cache-teacher --teacher runs/teacher --data mnist:train --out cache/mnist --top-k 5")
+command(app, "train-student", TrainConfig, _train_student,
+        "Example: kdcli train-student --cache cache/mnist --student mlp --student-arg hidden=[256] "
+        "--data mnist:train --out runs/student --temperature 4 --alpha 0.9")
+command(app, "eval", EvalConfig, _eval,
+        "Example: kdcli eval --model runs/teacher --model runs/student --data mnist:test --cache cache/test "
+        "--json")
+
+
+def _sigterm(signum, frame):  # pragma: no cover - exercised by subprocess tests
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    app()

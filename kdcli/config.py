@@ -1,0 +1,250 @@
+"""Command configs: one dataclass per command is the schema, the defaults and the help text at once.
+
+Every field is a flag (``batch_size`` <-> ``--batch-size``) and a YAML key of the same name. Values come from,
+in increasing priority: the dataclass default, the ``--config`` YAML file, the flags. Validation is strict: an
+unknown key, a wrong type or an out-of-range value is a :class:`~kdcli.errors.UsageError` (exit 2) naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcli.errors import UsageError
+
+REQUIRED = dataclasses.MISSING
+
+
+def opt(default: Any = REQUIRED, help: str = "", *, min: float | None = None, max: float | None = None,
+        gt: float | None = None, lt: float | None = None, choices: tuple[str, ...] | None = None,
+        repeat: bool = False, short: str | None = None) -> Any:
+    """A config field with its help text and bounds (``min``/``max`` inclusive, ``gt``/``lt`` exclusive)."""
+    meta = dict(help=help, min=min, max=max, gt=gt, lt=lt, choices=choices, repeat=repeat, short=short)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class CacheConfig:
+    """Run the teacher once over DATA and write its log-probabilities to a cache directory."""
+
+    teacher: str = opt(help="Teacher MODEL: a kdcli run dir, a built-in name (mlp, cnn), or path/to/file.py:factory.")
+    data: str = opt(help="DATA: mnist:train, file.npz, file.h5, or path/to/file.py:factory; slice with [a:b].")
+    out: str = opt(help="Cache directory to write (manifest.json + shard-*.h5).")
+    teacher_weights: str | None = opt(None, "Weights for the teacher: .safetensors, or a torch state_dict "
+                                            "(loaded with weights_only=True).")
+    teacher_args: dict = opt({}, "Keyword arguments for the teacher factory (KEY=VALUE, values parsed as YAML).",
+                             repeat=True)
+    mode: str | None = opt(None, "What to store per row: full (all classes), topk (K ids + log-probs + tail "
+                                 "log-mass) or sample (ids drawn from the teacher with counts). Default: topk "
+                                 "when --top-k is given, else full.", choices=("full", "topk", "sample"))
+    top_k: int | None = opt(None, "K for --mode topk.", min=1)
+    samples: int = opt(16, "Draws per row for --mode sample.", min=1, max=65535)
+    views: int = opt(1, "Augmented views per sample, each cached with its augmentation parameters "
+                        "(view 0 is the plain input).", min=1)
+    augment: str | None = opt(None, "Augmentation for views >= 1, e.g. shift:2 (random pixel shift in "
+                                    "[-2, 2] on each axis).")
+    batch_size: int = opt(512, "Rows per teacher forward pass.", min=1)
+    shard_size: int = opt(16384, "Rows per HDF5 shard.", min=1)
+    device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
+    dtype: str = opt("fp32", "Teacher forward precision (log-softmax is always computed in fp32).",
+                     choices=("fp32", "bf16", "fp16"))
+    seed: int = opt(0, "Seed for augmentation parameters and sampling.")
+    overwrite: bool = opt(False, "Replace an existing cache made with different settings.")
+
+
+@dataclass
+class TrainConfig:
+    """Train a student from a teacher cache (distillation) or on labels alone (baseline / teacher)."""
+
+    student: str = opt(help="Student MODEL: a built-in name (mlp, cnn), path/to/file.py:factory, or a run dir "
+                            "to start from.")
+    data: str = opt(help="Training DATA (the same spec the cache was built from).")
+    out: str = opt(help="Run directory to write (weights, config, metrics, checkpoints).")
+    student_args: dict = opt({}, "Keyword arguments for the student factory (KEY=VALUE, values parsed as YAML).",
+                             repeat=True)
+    cache: str | None = opt(None, "Teacher cache directory. Without it the student trains on labels alone.")
+    temperature: float = opt(4.0, "Softmax temperature T for the soft term.", gt=0.0)
+    alpha: float | None = opt(None, "Weight of the soft term: loss = alpha*T^2*KL(teacher_T || student_T) + "
+                                    "(1-alpha)*CE(labels). Default 0.9 with --cache, 0 without.", min=0.0, max=1.0)
+    epochs: int = opt(10, "Passes over the training rows.", min=1)
+    lr: float = opt(1e-3, "Peak learning rate.", gt=0.0)
+    optimizer: str = opt("adamw", "Optimizer.", choices=("adamw", "adam", "sgd"))
+    momentum: float = opt(0.9, "Momentum for sgd.", min=0.0, lt=1.0)
+    weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", min=0.0)
+    schedule: str = opt("constant", "Learning-rate schedule over all steps (after warmup).",
+                        choices=("constant", "cosine", "linear"))
+    warmup_steps: int = opt(0, "Linear warmup steps.", min=0)
+    max_norm: float | None = opt(None, "Max-norm constraint on each unit's incoming weights (Hinton et al.).",
+                                 gt=0.0)
+    augment: str | None = opt(None, "On-the-fly augmentation for label-only training, e.g. shift:2. With a cache "
+                                    "the student sees exactly the cached views instead.")
+    batch_size: int = opt(128, "Rows per optimizer step.", min=1)
+    eval_data: str | None = opt(None, "DATA to measure after every epoch (accuracy, NLL, errors in metrics.jsonl), "
+                                      "e.g. mnist:test. Never trained on.")
+    val_fraction: float = opt(0.0, "Fraction of the data held out for validation (chosen by seed).", min=0.0,
+                              lt=1.0)
+    seed: int = opt(0, "Seed for initialisation, data order and dropout.")
+    device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
+    num_workers: int = opt(0, "DataLoader worker processes reading the cache.", min=0)
+    checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).",
+                                min=0)
+    resume: bool = opt(False, "Continue from the checkpoint in --out.")
+    overwrite: bool = opt(False, "Replace an existing finished run in --out.")
+
+
+@dataclass
+class EvalConfig:
+    """Measure one or more models on DATA, against the labels and (with --cache) against the teacher."""
+
+    model: list = opt(help="A kdcli run dir (or a built-in/file.py MODEL with --model-weights). Repeat to compare.",
+                      repeat=True)
+    data: str = opt(help="Evaluation DATA, e.g. mnist:test.")
+    cache: str | None = opt(None, "Teacher cache over the same DATA: adds agreement and KL to the teacher.")
+    temperature: float = opt(1.0, "Temperature for the KL to the teacher.", gt=0.0)
+    batch_size: int = opt(1024, "Rows per forward pass.", min=1)
+    device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
+    json: bool = opt(False, "Print exactly one JSON document on stdout instead of a table.")
+    min_accuracy: float | None = opt(None, "Exit 1 unless every model's accuracy is >= X (a fraction).",
+                                     min=0.0, max=1.0)
+    min_agreement: float | None = opt(None, "Exit 1 unless every model's top-1 agreement with the teacher is "
+                                            ">= X (needs --cache).", min=0.0, max=1.0)
+    plot: str | None = opt(None, "Write a PNG: test error per epoch (from each run's metrics) and a reliability "
+                                 "diagram (needs matplotlib).")
+
+
+def fields_of(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(underlying type, optional?) for annotations such as ``int | None``."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"dict": dict, "list": list, "str": str, "int": int, "float": float, "bool": bool})
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    return _base_type(f.type)
+
+
+def _type_name(tp: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+            list: "a list"}[tp]
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    tp, optional = field_type(f)
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"config key '{key}' must be {_type_name(tp)}, got null")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is list and isinstance(value, str):
+        value = [value]
+    ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise UsageError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is list and not all(isinstance(v, str) for v in value):
+        raise UsageError(f"config key '{key}' must be a list of strings")
+    if tp is dict and not all(isinstance(k, str) for k in value):
+        raise UsageError(f"config key '{key}' must be a mapping with string keys")
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise UsageError(f"config key '{key}' must be one of {', '.join(m['choices'])}; got {value!r}")
+    bounds = [("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+              ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")]
+    for name, test, sym in bounds:
+        b = m.get(name)
+        if b is not None and not test(value, b):
+            raise UsageError(f"config key '{key}' must be {sym} {b:g}; got {value!r}")
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Parse a YAML mapping with ``yaml.safe_load`` (never executes code)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {p}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {p}: {e.__class__.__name__}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        loc = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UsageError(f"malformed YAML in {p}{loc}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def parse_kv(items: list[str], key: str) -> dict:
+    """``["hidden=[800,800]", "dropout=0.5"]`` -> ``{"hidden": [800, 800], "dropout": 0.5}`` (YAML values)."""
+    out: dict = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--{key.replace('_', '-')} expects KEY=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise UsageError(f"--{key.replace('_', '-')} {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def resolve(cls: type, config_path: str | Path | None = None, overrides: dict | None = None):
+    """Build a validated ``cls`` from defaults < YAML file < flag overrides (``None`` means "not given")."""
+    known = {f.name: f for f in fields_of(cls)}
+    merged: dict[str, Any] = {}
+    if config_path is not None:
+        for key, value in read_yaml(config_path).items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise UsageError(f"unknown config key '{key}' in {config_path}{hint}")
+            merged[key] = value
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise UsageError(f"unknown option '{key}'")
+        if value is None:
+            continue
+        if known[key].type in ("dict", dict) and isinstance(merged.get(key), dict):
+            value = {**merged[key], **value}  # flags add to / override the YAML mapping key by key
+        merged[key] = value
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name in merged:
+            kwargs[name] = _coerce(name, merged[name], f)
+        elif f.default is REQUIRED and f.default_factory is REQUIRED:  # type: ignore[misc]
+            raise UsageError(f"missing required option --{name.replace('_', '-')} (or '{name}:' in --config)")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_yaml(data: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

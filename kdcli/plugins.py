@@ -1,0 +1,64 @@
+"""``path/to/file.py:factory`` specs: the only place kdcli runs user code.
+
+A plugin file is imported as a module and ``factory`` is looked up in it. Configs, caches and checkpoints never
+execute code; a plugin is code by design, and only runs because the user named it on the command line or in YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from kdcli.errors import UsageError
+
+
+def is_plugin_spec(spec: str) -> bool:
+    path, sep, name = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py") and bool(name)
+
+
+def load_factory(spec: str) -> tuple[Callable[..., Any], Path]:
+    """Import ``file.py`` and return ``(factory, resolved path)``."""
+    path_s, _, name = spec.rpartition(":")
+    path = Path(path_s).expanduser().resolve()
+    if not path.is_file():
+        raise UsageError(f"plugin file not found: {path_s} (from spec {spec!r})")
+    mod_name = "kdcli_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if mod_name in sys.modules:
+        module = sys.modules[mod_name]
+    else:
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise UsageError(f"cannot import plugin file {path}")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:  # user code: report it as a usage problem, not a kdcli bug
+            del sys.modules[mod_name]
+            raise UsageError(f"importing plugin {path.name} failed: {e.__class__.__name__}: {e}") from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"plugin {path.name} has no callable named {name!r}")
+    return factory, path
+
+
+def call_factory(factory: Callable[..., Any], spec: str, kwargs: dict, offered: dict) -> Any:
+    """Call ``factory(**kwargs)``, adding each ``offered`` keyword (num_classes, input_shape) it accepts."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    call = dict(kwargs)
+    for key, value in offered.items():
+        if key not in call and (takes_any or key in params):
+            call[key] = value
+    try:
+        return factory(**call)
+    except TypeError as e:
+        raise UsageError(f"{spec}: bad arguments {sorted(call)}: {e}") from e

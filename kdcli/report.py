@@ -1,0 +1,95 @@
+"""Summaries -> a rich table on stdout, or exactly one JSON document (rates as fractions, never percentages)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out_console = Console(highlight=False, soft_wrap=True)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(to_jsonable(obj), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def render_cache(s) -> Table:
+    return key_value_table(f"cache-teacher: {s.status}", [
+        ("cache", s.cache_dir), ("mode", s.mode), ("rows", f"{s.num_rows:,}"),
+        ("computed / skipped", f"{s.rows_computed:,} / {s.rows_skipped:,}"), ("shards", str(s.num_shards)),
+        ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"),
+        ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
+        ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s)")])
+
+
+def render_train(s) -> Table:
+    rows = [("run", s.run_dir), ("loss", s.loss_formula), ("epochs / steps", f"{s.epochs} / {s.steps}"),
+            ("train rows", f"{s.train_rows:,}"), ("final train loss", f"{s.final_train_loss:.4f}"),
+            ("final train accuracy", f"{s.final_train_accuracy:.4f}")]
+    if s.val_accuracy is not None:
+        rows.append(("val accuracy", f"{s.val_accuracy:.4f}"))
+    if s.eval_accuracy is not None:
+        rows.append(("eval accuracy", f"{s.eval_accuracy:.4f}"))
+    rows += [("student parameters", f"{s.student_parameters:,}"),
+             ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s in the last epoch)")]
+    if s.resumed_from_step:
+        rows.append(("resumed from step", str(s.resumed_from_step)))
+    return key_value_table("train-student", rows)
+
+
+def render_eval(r) -> Table:
+    t = Table(title=f"eval on {r.data} ({r.models[0].num_samples:,} rows)", title_justify="left")
+    t.add_column("metric", style="bold")
+    for m in r.models:
+        t.add_column(m.model, justify="right", overflow="fold")
+    fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
+           ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
+           ("macro recall", lambda m: f"{m.recall_macro:.4f}"), ("NLL", lambda m: f"{m.nll:.4f}"),
+           ("ECE", lambda m: f"{m.ece:.4f}")]
+    if r.cache:
+        fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
+                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: f"{m.kl_to_teacher:.4f}")]
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: _human_bytes(m.weight_bytes)),
+            ("samples/s", lambda m: f"{m.samples_per_second:,.0f}")]
+    for name, f in fmt:
+        t.add_row(name, *[f(m) for m in r.models])
+    return t
+
+
+def show(table: Table) -> None:
+    out_console.print(table)

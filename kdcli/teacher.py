@@ -1,0 +1,228 @@
+"""cache_teacher(cfg): data -> teacher (once, eval + inference_mode) -> reduce -> shard writer -> manifest.
+
+Row ``r`` of a cache with ``views`` views over ``n`` samples is the pair (sample ``r % n``, view ``r // n``).
+View 0 is the plain input; view ``v >= 1`` is ``augment.apply(x, params)`` with params drawn once from the seed
+and stored in the shard (``aug_params``), so the student can train on exactly what the teacher saw.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcli import log
+from kdcli.augment import parse_augment
+from kdcli.cache.atomic import remove_partials
+from kdcli.cache.lock import DirLock
+from kdcli.cache.manifest import MANIFEST, new_manifest, plan_differences, read_manifest, shard_name, write_manifest
+from kdcli.cache.reduce import numpy_id_dtype, reduce_logits, to_host
+from kdcli.cache.writer import ShardWriter
+from kdcli.config import CacheConfig
+from kdcli.data import LabelledData, load_data
+from kdcli.errors import CacheError, UsageError
+from kdcli.models import MODEL_JSON, build_model, is_run_dir, resolve_device
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class CacheSummary:
+    cache_dir: str
+    status: str  # "written", "resumed" or "up-to-date"
+    mode: str
+    num_rows: int
+    rows_computed: int
+    rows_skipped: int
+    num_shards: int
+    bytes: int
+    bytes_per_row: float
+    seconds: float
+    rows_per_second: float
+    teacher: str
+    teacher_parameters: int
+    device: str
+
+
+def teacher_num_classes(spec: str) -> int | None:
+    """A run-dir teacher knows its width; other specs take it from the data."""
+    if is_run_dir(spec):
+        try:
+            return int(json.loads((Path(spec) / MODEL_JSON).read_text())["num_classes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def augment_params(n: int, views: int, augment, seed: int) -> np.ndarray | None:
+    """(n * views, P) float32 parameters, zeros for view 0; None when there are no augmented views."""
+    if views == 1:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    params = torch.zeros((n * views, len(augment.param_names)), dtype=torch.float32)
+    params[n:] = augment.sample(n * (views - 1), g)
+    return params.numpy()
+
+
+def _layout(cfg: CacheConfig, mode: str, num_classes: int, augment) -> dict:
+    return {"kind": "classification", "mode": mode, "num_classes": num_classes,
+            "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if mode == "sample" else None,
+            "logprob_dtype": "float16", "id_dtype": numpy_id_dtype(num_classes).name if mode != "full" else None,
+            "views": cfg.views, "augment": cfg.augment if cfg.views > 1 else None,
+            "aug_param_names": list(augment.param_names) if (augment and cfg.views > 1) else [],
+            "shard_size": cfg.shard_size, "compression": None}
+
+
+def _prepare_dir(out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
+    """Decide what to do with ``out``: returns (manifest to continue, first shard to compute)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        try:
+            old = read_manifest(out, require_complete=False)
+            diffs = plan_differences(old, plan)
+        except CacheError:
+            if not overwrite:
+                raise
+            old, diffs = None, ["unreadable manifest"]
+        if diffs and not overwrite:
+            raise CacheError(f"{out} holds a different cache ({'; '.join(diffs[:3])}); pass --overwrite to "
+                             "replace it, or choose another --out")
+        if not diffs:
+            whole = _whole_prefix(out, old)
+            if old["complete"] and whole == len(old["shards"]):
+                return old, -1
+            old["shards"] = old["shards"][:whole]
+            return old, whole
+        _clear_cache_files(out)
+    elif any(p.name != ".lock" for p in out.iterdir()):
+        stray = [p.name for p in out.iterdir() if p.name != ".lock"]
+        if not overwrite or any(not (n.startswith("shard-") or n.endswith(".partial")) for n in stray):
+            raise UsageError(f"--out {out} is not empty and holds no kdcli cache ({stray[0]}, ...); "
+                             "choose an empty or new directory")
+        _clear_cache_files(out)
+    return plan, 0
+
+
+def _whole_prefix(out: Path, manifest: dict) -> int:
+    """How many shards from the first are present with the size the manifest recorded."""
+    n = 0
+    for i, s in enumerate(manifest["shards"]):
+        p = out / s["name"]
+        if s["name"] != shard_name(i) or not p.is_file() or p.stat().st_size != s["bytes"]:
+            break
+        n += 1
+    return n
+
+
+def _clear_cache_files(out: Path) -> None:
+    for p in list(out.glob("shard-*.h5")) + [out / MANIFEST]:
+        p.unlink(missing_ok=True)
+    remove_partials(out)
+
+
+def cache_teacher(cfg: CacheConfig) -> CacheSummary:
+    t0 = time.perf_counter()
+    mode = cfg.mode or ("topk" if cfg.top_k else "full")
+    if mode == "topk" and not cfg.top_k:
+        raise UsageError("--mode topk needs --top-k K")
+    augment = parse_augment(cfg.augment)
+    if cfg.views > 1 and augment is None:
+        raise UsageError("--views > 1 needs --augment (e.g. shift:2): views would be identical")
+    data = load_data(cfg.data, num_classes=teacher_num_classes(cfg.teacher))
+    device = resolve_device(cfg.device)
+    model, info = build_model(cfg.teacher, cfg.teacher_args, num_classes=data.num_classes,
+                              input_shape=data.input_shape, weights=cfg.teacher_weights)
+    if mode == "topk" and cfg.top_k >= data.num_classes:
+        raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {data.num_classes} classes; use --mode full")
+    num_rows = data.n * cfg.views
+    settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
+                "samples": cfg.samples if mode == "sample" else None, "views": cfg.views,
+                "augment": cfg.augment if cfg.views > 1 else None,
+                "seed": cfg.seed if (cfg.views > 1 or mode == "sample") else None,
+                "shard_size": cfg.shard_size, "dtype": cfg.dtype}
+    plan = new_manifest(teacher=info.identity(), data=data.identity(), settings=settings,
+                        layout=_layout(cfg, mode, data.num_classes, augment), num_rows=num_rows)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out):
+        removed = remove_partials(out)
+        if removed:
+            log.info(f"removed {len(removed)} partial file(s) left by an interrupted run")
+        manifest, first_shard = _prepare_dir(out, plan, cfg.overwrite)
+        if first_shard < 0:
+            log.info(f"cache {out} is complete and up to date ({num_rows} rows, same teacher, data and settings); "
+                     "nothing to do")
+            return _summary(cfg, manifest, "up-to-date", 0, num_rows, t0, info, device)
+        first_row = first_shard * cfg.shard_size
+        if first_row:
+            log.info(f"resuming {out}: {first_shard} whole shard(s) found, skipping {first_row} of {num_rows} rows")
+        log.info(f"caching teacher {cfg.teacher} ({info.num_parameters:,} parameters) on {device}: "
+                 f"{num_rows} rows ({data.n} samples x {cfg.views} view(s)), mode {mode}"
+                 + (f", k={cfg.top_k}" if mode == "topk" else "") + (f", {cfg.samples} draws" if mode == "sample"
+                                                                     else ""))
+        model.to(device).eval()
+        params = augment_params(data.n, cfg.views, augment, cfg.seed)
+        writer = ShardWriter(out, manifest, shard_size=cfg.shard_size, first_shard=first_shard,
+                             threaded=True)
+        try:
+            _run_teacher(cfg, model, data, device, mode, augment, params, first_row, num_rows, writer)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        manifest["complete"] = True
+        write_manifest(out, manifest)
+    status = "resumed" if first_row else "written"
+    return _summary(cfg, manifest, status, num_rows - first_row, first_row, t0, info, device)
+
+
+def _run_teacher(cfg: CacheConfig, model, data: LabelledData, device: torch.device, mode: str, augment,
+                 params: np.ndarray | None, first_row: int, num_rows: int, writer: ShardWriter) -> None:
+    n = data.n
+    amp = torch.autocast(device.type, dtype=AMP[cfg.dtype]) if cfg.dtype in AMP else nullcontext()
+    with torch.inference_mode(), amp, log.Progress(num_rows - first_row, "cache-teacher") as progress:
+        for start in range(first_row, num_rows, cfg.batch_size):
+            stop = min(start + cfg.batch_size, num_rows)
+            rows = np.arange(start, stop, dtype=np.int64)
+            samples = rows % n
+            x = data.x[samples]  # (b, *input_shape)
+            if params is not None:
+                p = torch.from_numpy(params[start:stop])
+                x = augment.apply(x, p)  # view 0 rows have zero params: the identity
+            x = x.to(device, non_blocking=True)
+            logits = model(x)  # (b, num_classes)
+            if not torch.isfinite(logits).all():
+                bad = int(start + torch.nonzero(~torch.isfinite(logits).all(dim=1))[0, 0])
+                raise UsageError(f"teacher produced NaN/inf logits at row {bad} (sample {bad % n}); nothing "
+                                 "was written for that shard: check the teacher weights and --dtype")
+            gen = None
+            if mode == "sample":
+                gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
+            reduced = to_host(reduce_logits(logits, mode, top_k=cfg.top_k, samples=cfg.samples, generator=gen),
+                              data.num_classes)
+            batch = {"row_index": rows, "sample_index": samples.astype(np.int64),
+                     "row_hash": data.row_hash[samples], **reduced}
+            if params is not None:
+                batch["aug_params"] = params[start:stop]
+            writer.add(batch)
+            progress.advance(stop - start)
+
+
+def _summary(cfg: CacheConfig, manifest: dict, status: str, computed: int, skipped: int, t0: float, info,
+             device) -> CacheSummary:
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    secs = time.perf_counter() - t0
+    rows = manifest["num_rows"]
+    return CacheSummary(cache_dir=str(cfg.out), status=status, mode=manifest["mode"], num_rows=rows,
+                        rows_computed=computed, rows_skipped=skipped, num_shards=len(manifest["shards"]),
+                        bytes=total_bytes, bytes_per_row=total_bytes / max(rows, 1), seconds=secs,
+                        rows_per_second=computed / max(secs, 1e-9), teacher=cfg.teacher,
+                        teacher_parameters=info.num_parameters, device=str(device))

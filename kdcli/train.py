@@ -1,0 +1,359 @@
+"""train_student(cfg): cache reader + data -> loss -> optimizer loop -> RUN_DIR.
+
+RUN_DIR holds:
+- ``model.safetensors`` + ``model.json``: the student's weights and how to rebuild it (``kdcli eval`` needs nothing
+  else); ``model_source.py`` too when the student came from a file.py plugin
+- ``config.yaml``: the resolved config; ``metrics.jsonl``: one JSON line per epoch; ``summary.json``
+- ``checkpoint.pt`` while training (model, optimizer, scheduler, RNG states, position in the epoch), written
+  atomically every ``checkpoint_every`` steps and at each epoch end; removed when the run finishes
+
+The data order of an epoch is a pure function of (seed, epoch), so a resumed run skips exactly the batches it had
+trained on and, on the CPU, ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcli import log
+from kdcli.augment import parse_augment
+from kdcli.cache.atomic import atomic_write_bytes, remove_partials, replace_atomically
+from kdcli.cache.lock import DirLock
+from kdcli.cache.reader import CacheReader
+from kdcli.config import TrainConfig, to_dict, write_yaml
+from kdcli.data import LabelledData, load_data
+from kdcli.errors import CacheError, UsageError
+from kdcli.losses import describe, kd_loss, targets_from_arrays
+from kdcli.models import WEIGHTS, build_model, resolve_device, save_run_model
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+# Options that may change between an interrupted run and its resumption without changing the result.
+RESUME_FREE = ("resume", "overwrite", "num_workers", "checkpoint_every", "device")
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    loss_formula: str
+    epochs: int
+    steps: int
+    train_rows: int
+    final_train_loss: float
+    final_train_accuracy: float
+    val_accuracy: float | None
+    eval_accuracy: float | None
+    seconds: float
+    rows_per_second: float
+    student_parameters: int
+    resumed_from_step: int
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    d = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_run_dir(cfg: TrainConfig, out: Path) -> dict | None:
+    """Refuse to clobber a finished run; return the checkpoint to resume from, if any."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)
+    ckpt_path = out / CHECKPOINT
+    finished = (out / SUMMARY).exists()
+    if finished and not cfg.overwrite:
+        raise UsageError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
+    if finished or (cfg.overwrite and not cfg.resume):
+        for name in (CHECKPOINT, METRICS, SUMMARY, CONFIG, WEIGHTS, "model.json", "model_source.py"):
+            (out / name).unlink(missing_ok=True)
+        return None
+    if ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"cannot load {ckpt_path} as a plain checkpoint ({e.__class__.__name__}); it is "
+                             "damaged or not kdcli's: remove it or pass --overwrite") from None
+        if ckpt.get("config_hash") != config_hash(cfg):
+            raise UsageError(f"{out} holds a checkpoint from a run with different settings; use the same options "
+                             "to resume, or --overwrite to start over")
+        return ckpt
+    if cfg.resume:
+        log.warn(f"--resume: no checkpoint in {out}; starting from the beginning")
+    elif any(p.name not in (".lock",) for p in out.iterdir()):
+        stray = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        if set(stray) - {CONFIG, METRICS}:
+            raise UsageError(f"--out {out} is not empty ({stray[0]}, ...) and holds no kdcli run; choose an empty "
+                             "or new directory")
+    return None
+
+
+def _schedule(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Clip each unit's incoming weight vector to L2 norm <= max_norm (Linear rows, Conv filters)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            w = m.weight.view(m.weight.shape[0], -1)
+            norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            w.mul_(torch.clamp(max_norm / norms, max=1.0))
+
+
+def label_batches(n_keep: np.ndarray, *, batch_size: int, seed: int, epoch: int,
+                  skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled batches of sample indices for label-only training (no cache)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = n_keep[rng.permutation(len(n_keep))]
+    for i, a in enumerate(range(0, len(order), batch_size)):
+        if i >= skip_batches:
+            yield {"sample_index": order[a:a + batch_size]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
+    """(n, C) float32 logits on the CPU, in eval mode."""
+    was = model.training
+    model.eval()
+    outs = [model(x[a:a + batch_size].to(device)).float().cpu() for a in range(0, len(x), batch_size)]
+    model.train(was)
+    return torch.cat(outs)
+
+
+def train_student(cfg: TrainConfig) -> TrainSummary:
+    t_start = time.perf_counter()
+    alpha = cfg.alpha if cfg.alpha is not None else (0.9 if cfg.cache else 0.0)
+    if alpha > 0 and not cfg.cache:
+        raise UsageError(f"--alpha {alpha:g} weights a teacher term but no --cache was given; pass --cache "
+                         "CACHE_DIR or --alpha 0")
+    reader = CacheReader(cfg.cache) if cfg.cache else None
+    data = load_data(cfg.data, num_classes=reader.num_classes if reader else None)
+    if reader is not None:
+        reader.check_data(data.identity())
+        if cfg.augment:
+            raise UsageError("--augment applies to label-only training; with --cache the student trains on the "
+                             "cached views (build the cache with --views N --augment ...)")
+    augment = parse_augment(reader.manifest.get("augment") if reader else cfg.augment)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out):
+        ckpt = _prepare_run_dir(cfg, out)
+        return _train(cfg, out, ckpt, alpha, reader, data, augment, device, t_start)
+
+
+def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader: CacheReader | None,
+           data: LabelledData, augment, device: torch.device, t_start: float) -> TrainSummary:
+    torch.manual_seed(cfg.seed)
+    model, info = build_model(cfg.student, cfg.student_args, num_classes=data.num_classes,
+                              input_shape=data.input_shape)
+    model.to(device)
+    resolved = {**to_dict(cfg), "alpha": alpha}
+    write_yaml(resolved, out / CONFIG)
+
+    # validation split: a seeded choice of samples, never trained on (all their views are dropped)
+    n_val = int(round(cfg.val_fraction * data.n))
+    perm = np.random.default_rng(cfg.seed).permutation(data.n)
+    val_idx = np.sort(perm[:n_val])
+    keep = np.ones(data.n, dtype=bool)
+    keep[val_idx] = False
+    if not keep.any():
+        raise UsageError("--val-fraction leaves no training rows")
+    train_samples = np.flatnonzero(keep)
+    views = reader.manifest["views"] if reader else 1
+    train_rows = len(train_samples) * views
+    steps_per_epoch = math.ceil(train_rows / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    opt = _optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
+    start_epoch, skip, global_step, acc = 0, 0, 0, _zero_acc()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        start_epoch, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
+        acc = {k: float(v) for k, v in ckpt["acc"].items()}
+        _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
+        log.info(f"resuming {out} at epoch {start_epoch + 1}, step {skip} of {steps_per_epoch} "
+                 f"(global step {global_step})")
+    elif (out / METRICS).exists():
+        (out / METRICS).unlink()
+
+    formula = describe(alpha, cfg.temperature, reader is not None)
+    log.info(formula)
+    log.info(f"student {cfg.student} ({info.num_parameters:,} parameters) on {device}; {train_rows} training rows "
+             f"({len(train_samples)} samples x {views} view(s)), {n_val} validation samples; "
+             f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}")
+    eval_data = load_data(cfg.eval_data, num_classes=data.num_classes) if cfg.eval_data else None
+    if eval_data is not None and eval_data.input_shape != data.input_shape:
+        raise UsageError(f"--eval-data {cfg.eval_data} has input shape {eval_data.input_shape}, the training data "
+                         f"{data.input_shape}")
+    resumed_from = global_step
+    last = {}
+    x_all, y_all = data.x, data.y
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t_epoch = time.perf_counter()
+        if reader is not None:
+            batches = reader.iter_batches(batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                          keep=keep if n_val else None, skip_batches=skip)
+        else:
+            batches = label_batches(train_samples, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                    skip_batches=skip)
+        step_in_epoch = skip
+        for batch in batches:
+            idx = torch.from_numpy(batch["sample_index"])
+            x = x_all[idx]  # (b, *input_shape)
+            y = y_all[idx]  # (b,)
+            targets = None
+            if reader is not None:
+                _check_row_hashes(batch, data, reader)
+                targets = targets_from_arrays(batch, reader.mode, reader.num_classes).to(device)
+                if "aug_params" in batch:
+                    x = augment.apply(x, torch.from_numpy(batch["aug_params"]))
+            elif augment is not None:
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + global_step)
+                x = augment.apply(x, augment.sample(len(x), g))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)  # (b, C)
+            parts = kd_loss(logits, targets, y, temperature=cfg.temperature, alpha=alpha)
+            opt.zero_grad(set_to_none=True)
+            parts.total.backward()
+            opt.step()
+            sched.step()
+            if cfg.max_norm:
+                apply_max_norm(model, cfg.max_norm)
+            b = len(y)
+            acc["rows"] += b
+            acc["loss"] += float(parts.total.detach()) * b
+            acc["soft"] += float(parts.soft.detach()) * b
+            acc["hard"] += float(parts.hard.detach()) * b
+            acc["correct"] += float((logits.argmax(dim=1) == y).sum())
+            step_in_epoch += 1
+            global_step += 1
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc)
+        skip = 0
+        acc["seconds"] += time.perf_counter() - t_epoch
+        rows = max(acc["rows"], 1)
+        last = {"epoch": epoch + 1, "step": global_step, "train_loss": acc["loss"] / rows,
+                "train_soft": acc["soft"] / rows, "train_hard": acc["hard"] / rows,
+                "train_accuracy": acc["correct"] / rows, "lr": opt.param_groups[0]["lr"],
+                "seconds": acc["seconds"], "rows_per_second": acc["rows"] / max(acc["seconds"], 1e-9)}
+        if n_val:
+            last.update(_heldout_metrics(model, x_all[val_idx], y_all[val_idx], device, "val"))
+        if eval_data is not None:
+            last.update(_heldout_metrics(model, eval_data.x, eval_data.y, device, "eval"))
+        _append_line(out / METRICS, last)
+        log.info("epoch {epoch}/{total}: loss {train_loss:.4f} (soft {train_soft:.4f}, hard {train_hard:.4f}), "
+                 "train acc {train_accuracy:.4f}".format(total=cfg.epochs, **last)
+                 + (f", val acc {last['val_accuracy']:.4f}" if n_val else "")
+                 + (f", eval acc {last['eval_accuracy']:.4f}" if eval_data is not None else "")
+                 + f", {last['seconds']:.1f}s")
+        acc = _zero_acc()
+        if epoch + 1 < cfg.epochs:
+            _save_checkpoint(out, cfg, model, opt, sched, device, epoch + 1, 0, global_step, acc)
+
+    save_run_model(out, model, info)
+    summary = TrainSummary(
+        run_dir=str(out), loss_formula=formula, epochs=cfg.epochs, steps=global_step, train_rows=train_rows,
+        final_train_loss=last.get("train_loss", float("nan")),
+        final_train_accuracy=last.get("train_accuracy", float("nan")), val_accuracy=last.get("val_accuracy"),
+        eval_accuracy=last.get("eval_accuracy"), seconds=time.perf_counter() - t_start,
+        rows_per_second=last.get("rows_per_second", 0.0), student_parameters=info.num_parameters,
+        resumed_from_step=resumed_from)
+    atomic_write_bytes(out / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return summary
+
+
+def _zero_acc() -> dict:
+    return {"rows": 0.0, "loss": 0.0, "soft": 0.0, "hard": 0.0, "correct": 0.0, "seconds": 0.0}
+
+
+def _check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> None:
+    expect = data.row_hash[batch["sample_index"]]
+    bad = np.flatnonzero(expect != batch["row_hash"])
+    if len(bad):
+        i = int(batch["sample_index"][bad[0]])
+        raise CacheError(f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different "
+                         f"content than data row {i}; the cache does not belong to this data")
+
+
+@torch.no_grad()
+def _heldout_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                     prefix: str) -> dict:
+    logits = predict(model, x, device)
+    nll = float(F.cross_entropy(logits, y))
+    correct = int((logits.argmax(1) == y).sum())
+    return {f"{prefix}_accuracy": correct / len(y), f"{prefix}_nll": nll, f"{prefix}_errors": len(y) - correct}
+
+
+def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epoch: int, step_in_epoch: int,
+                     global_step: int, acc: dict) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng_cpu": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+             "global_step": global_step, "acc": acc, "config_hash": config_hash(cfg),
+             "metrics_lines": _count_lines(out / METRICS)}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    tmp = out / (CHECKPOINT + ".partial")
+    torch.save(state, tmp)
+    replace_atomically(tmp, out / CHECKPOINT)
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)[:n]
+        atomic_write_bytes(path, "".join(lines).encode())
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
