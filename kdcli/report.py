@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -49,6 +50,14 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 def render_cache(s) -> Table:
+    if hasattr(s, "bytes_per_token"):  # token-level (LM) cache: sizes per predicted token
+        return key_value_table(f"cache-teacher: {s.status}", [
+            ("cache", s.cache_dir), ("mode", s.mode), ("sequences", f"{s.num_rows:,}"),
+            ("predicted tokens", f"{s.num_tokens:,}"), ("shards", str(s.num_shards)),
+            ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token, {s.full_fp16_ratio:,.0f}x smaller "
+                     f"than full fp16 log-probs over {s.vocab_size:,})"),
+            ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
+            ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s)")])
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("rows", f"{s.num_rows:,}"),
         ("computed / skipped", f"{s.rows_computed:,} / {s.rows_skipped:,}"), ("shards", str(s.num_shards)),
@@ -73,10 +82,17 @@ def render_train(s) -> Table:
 
 
 def render_eval(r) -> Table:
+    if getattr(r, "kind", None) == "lm":
+        from kdcli.lm.evaluate import render_lm_eval
+
+        return render_lm_eval(r)
     t = Table(title=f"eval on {r.data} ({r.models[0].num_samples:,} rows)", title_justify="left")
     t.add_column("metric", style="bold")
-    for m in r.models:
-        t.add_column(m.model, justify="right", overflow="fold")
+    names = [Path(m.model).name or m.model for m in r.models]
+    if len(set(names)) < len(names):  # two runs with the same folder name: show the paths
+        names = [m.model for m in r.models]
+    for name in names:
+        t.add_column(name, justify="right", overflow="fold")
     fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
            ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
            ("macro recall", lambda m: f"{m.recall_macro:.4f}"), ("NLL", lambda m: f"{m.nll:.4f}"),

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_blobs(n: int = 600, d: int = 8, classes: int = 4, seed: int = 0, noise: float = 1.0):
+    """Gaussian blobs: a small, learnable, non-trivial classification set."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2.0, size=(classes, d))
+    y = rng.integers(0, classes, size=n)
+    x = centers[y] + rng.normal(0, noise, size=(n, d))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+@pytest.fixture
+def blobs_npz(tmp_path: Path) -> Path:
+    x, y = make_blobs()
+    p = tmp_path / "blobs.npz"
+    np.savez(p, x=x, y=y)
+    return p
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Run kdcli as a CI shell script would: a real subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kdcli {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def teacher_run(tmp_path: Path, blobs_npz: Path) -> Path:
+    """A small MLP teacher trained on the blobs with kdcli itself (a run dir)."""
+    from kdcli.config import TrainConfig
+    from kdcli.train import train_student
+
+    out = tmp_path / "teacher"
+    train_student(TrainConfig(student="mlp", student_args={"hidden": [32]}, data=str(blobs_npz), out=str(out),
+                              epochs=3, lr=3e-3, seed=0))
+    return out
