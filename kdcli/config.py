@@ -62,6 +62,18 @@ class CacheConfig:
                      choices=("fp32", "bf16", "fp16"))
     seed: int = opt(0, "Seed for augmentation parameters and sampling.")
     overwrite: bool = opt(False, "Replace an existing cache made with different settings.")
+    tokenizer: str | None = opt(None, "LM (.jsonl DATA): tokenizer, a HF dir, .gguf file or tokenizer.json. Default: "
+                                      "the teacher's own.")
+    max_length: int = opt(512, "LM: tokens per sequence (text rows are packed into chunks of this length; "
+                               "prompt/response rows are truncated to it).", min=2)
+    no_pack: bool = opt(False, "LM: one sequence per text row (truncated to --max-length) instead of packing rows.")
+    prompt_template: str = opt("{prompt}", "LM prompt/response rows: what the student reads before the response; "
+                                           "{prompt} is the row's prompt. @FILE reads it from a file.")
+    teacher_prompt: str | None = opt(None, "LM prompt distillation: the teacher reads this TEMPLATE ({prompt} = the "
+                                           "row's prompt; @FILE reads a file) before the response; the student never "
+                                           "sees it. Cached positions are the response tokens.")
+    prompt_loss: bool = opt(False, "LM prompt/response rows: also cache (and train on) the prompt tokens, not only "
+                                   "the response.")
 
 
 @dataclass
@@ -102,6 +114,15 @@ class TrainConfig:
                                 min=0)
     resume: bool = opt(False, "Continue from the checkpoint in --out.")
     overwrite: bool = opt(False, "Replace an existing finished run in --out.")
+    divergence: str = opt("forward", "Soft-term divergence: forward KL(teacher||student), reverse KL(student||"
+                                     "teacher), or jsd (generalised Jensen-Shannon, skew --jsd-beta).",
+                          choices=("forward", "reverse", "jsd"))
+    jsd_beta: float = opt(0.5, "JSD skew beta: beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q "
+                               "(p teacher, q student).", gt=0.0, lt=1.0)
+    tokenizer: str | None = opt(None, "LM (.jsonl DATA) without --cache: tokenizer (HF dir, .gguf, tokenizer.json). "
+                                      "With --cache the cache's tokenizer is used.")
+    max_length: int | None = opt(None, "LM without --cache: tokens per sequence (default 512). With --cache it comes "
+                                       "from the cache.", min=2)
 
 
 @dataclass
@@ -122,6 +143,9 @@ class EvalConfig:
                                             ">= X (needs --cache).", min=0.0, max=1.0)
     plot: str | None = opt(None, "Write a PNG: test error per epoch (from each run's metrics) and a reliability "
                                  "diagram (needs matplotlib).")
+    tokenizer: str | None = opt(None, "LM (.jsonl DATA): tokenizer; default: the cache's, else the first model's.")
+    max_length: int | None = opt(None, "LM: tokens per sequence; default: the cache's, else the first model's "
+                                       "training setting.", min=2)
 
 
 def fields_of(cls: type) -> list[dataclasses.Field]:

@@ -97,6 +97,12 @@ def _load_model(spec: str, num_classes: int | None, input_shape):
 
 
 def evaluate(cfg: EvalConfig) -> EvalReport:
+    from kdcli.lm import is_text_spec
+
+    if is_text_spec(cfg.data):  # JSONL text: language-model metrics
+        from kdcli.lm.evaluate import evaluate_lm
+
+        return evaluate_lm(cfg)
     device = resolve_device(cfg.device)
     widths = {teacher_num_classes(m.rsplit("@", 1)[0] if "@" in m else m) for m in cfg.model} - {None}
     if len(widths) > 1:

@@ -75,13 +75,44 @@ def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return terms.sum(dim=-1)
 
 
-def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float) -> torch.Tensor:
-    """(b,) KL(teacher_T || student_T) per row, *without* the T^2 factor."""
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def _div_rows(p_log: torch.Tensor, q_log: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """Divergence per row between two normalised distributions given as log-probs (teacher p, student q)."""
+    if divergence == "forward":
+        return _kl_rows(p_log, q_log)
+    if divergence == "reverse":
+        return _kl_rows(q_log, p_log)
+    m_log = torch.logaddexp(p_log + math.log(beta), q_log + math.log(1.0 - beta))  # log(beta*p + (1-beta)*q)
+    return beta * _kl_rows(p_log, m_log) + (1.0 - beta) * _kl_rows(q_log, m_log)
+
+
+def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, divergence: str = "forward",
+            beta: float = 0.5) -> torch.Tensor:
+    """(b,) divergence between teacher_T and student_T per row, *without* the T^2 factor.
+
+    ``divergence``: ``forward`` KL(p || q) (Hinton et al. 2015), ``reverse`` KL(q || p) (mode-seeking; MiniLLM,
+    Gu et al. 2024), or ``jsd``: the generalised Jensen-Shannon divergence
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q`` (GKD, Agarwal et al.
+    2024); ``beta`` in (0, 1) skews it, 0.5 is the symmetric JSD. p is the teacher, q the student, both at T.
+
+    ``full``: exact. ``topk``: the exact divergence between the teacher's and the student's (k + 1)-bucket
+    distributions (the k ids + one tail bucket; see the module docstring): a lower bound on the full-vocabulary
+    value for all three (data-processing inequality), equal when the tail is empty. ``sample``: an unbiased
+    estimate at T = 1 for all three. Forward KL averages ``log p - log q`` over the draws; the student-side terms of
+    reverse KL and JSD, sums over q, are split into the exact student entropy (over the whole vocabulary) and an
+    importance-weighted estimate ``E_{j~p}[(q_j / p_j) g(j)] = sum_j q_j g(j)`` from the same draws.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in (0, 1); got {beta}")
     T = float(temperature)
     s_log = F.log_softmax(student_logits.float() / T, dim=-1)  # (b, C)
     if targets.mode == "full":
         p_log = F.log_softmax(targets.logprobs / T, dim=-1)
-        return _kl_rows(p_log, s_log)
+        return _div_rows(p_log, s_log, divergence, beta)
     if targets.mode == "topk":
         k = targets.ids.shape[1]
         m = targets.num_classes - k
@@ -93,21 +124,31 @@ def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float) 
         p_log = F.log_softmax(torch.cat([targets.id_logprobs / T, tail_w[:, None]], dim=1), dim=1)  # (b, k+1)
         s_top = torch.gather(s_log, 1, targets.ids)  # (b, k)
         s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
-        return _kl_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1))
+        return _div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
     if targets.mode == "sample":
         c = targets.counts  # (b, S)
-        lp = targets.id_logprobs  # (b, S)
+        lp = targets.id_logprobs  # (b, S) teacher log-prob at T = 1 of each drawn id
         used = c > 0
-        logw = torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0),
-                           torch.full_like(lp, float("-inf")))
+        neg_inf = torch.full_like(lp, float("-inf"))
+        logw = torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0), neg_inf)
         w = torch.softmax(logw, dim=1)  # (b, S) self-normalised weights; = counts / draws at T = 1
         # log Z_T = log E_{j~p}[p_j^(1/T - 1)], estimated from the same draws (exactly 0 at T = 1)
         n = c.sum(dim=1, keepdim=True)
-        log_z = torch.logsumexp(torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0),
-                                            torch.full_like(lp, float("-inf"))), dim=1) - torch.log(n[:, 0])
-        p_log = lp / T - log_z[:, None]
-        s_at = torch.gather(s_log, 1, targets.ids)
-        return torch.where(used, w * (p_log - s_at), torch.zeros_like(w)).sum(dim=1)
+        log_z = torch.logsumexp(logw, dim=1) - torch.log(n[:, 0])
+        p_log = lp / T - log_z[:, None]  # (b, S) log p_T at each drawn id
+        s_at = torch.gather(s_log, 1, targets.ids)  # (b, S) log q_T at each drawn id
+        zero = torch.zeros_like(w)
+        if divergence == "forward":
+            return torch.where(used, w * (p_log - s_at), zero).sum(dim=1)
+        # importance weights for sums over the student: (counts / draws) * q_T(j) / p(j), p at T = 1 (the sampler)
+        iw = torch.where(used, (c / n) * torch.exp(s_at - lp), zero)  # (b, S)
+        neg_entropy = (s_log.exp() * s_log).sum(dim=1)  # (b,) sum_j q_j log q_j, exact over the vocabulary
+        if divergence == "reverse":  # sum_j q_j log q_j - sum_j q_j log p_j
+            return neg_entropy - torch.where(used, iw * p_log, zero).sum(dim=1)
+        m_at = torch.logaddexp(p_log + math.log(beta), s_at + math.log(1.0 - beta))  # (b, S) log m at each id
+        kl_pm = torch.where(used, w * (p_log - m_at), zero).sum(dim=1)
+        kl_qm = neg_entropy - torch.where(used, iw * m_at, zero).sum(dim=1)
+        return beta * kl_pm + (1.0 - beta) * kl_qm
     raise ValueError(f"unknown target mode {targets.mode!r}")
 
 
@@ -119,10 +160,13 @@ class LossParts:
 
 
 def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None, *,
-            temperature: float, alpha: float, weight: torch.Tensor | None = None) -> LossParts:
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``, averaged over rows.
+            temperature: float, alpha: float, weight: torch.Tensor | None = None, divergence: str = "forward",
+            beta: float = 0.5) -> LossParts:
+    """``alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(labels)``, averaged over rows.
 
-    ``weight`` (b,) optionally masks rows (0/1); if every row is masked the loss is 0, not NaN.
+    ``D`` is forward KL(teacher || student) by default (see :func:`soft_kl` for reverse and jsd); T^2 scales every
+    divergence. ``weight`` (b,) optionally masks rows (0/1); if every row is masked the loss is 0, not NaN. For
+    language models a "row" is one predicted token.
     """
     b = student_logits.shape[0]
     w = torch.ones(b, device=student_logits.device) if weight is None else weight.float()
@@ -130,17 +174,20 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch
     zero = student_logits.sum() * 0.0
     soft = zero
     if targets is not None and alpha > 0:
-        soft = (temperature ** 2) * (soft_kl(student_logits, targets, temperature) * w).sum() / denom
+        soft = (temperature ** 2) * (soft_kl(student_logits, targets, temperature, divergence, beta) * w).sum() / denom
     hard = zero
     if labels is not None and alpha < 1:
         hard = (F.cross_entropy(student_logits.float(), labels, reduction="none") * w).sum() / denom
     return LossParts(total=alpha * soft + (1.0 - alpha) * hard, soft=soft, hard=hard)
 
 
-def describe(alpha: float, temperature: float, has_cache: bool) -> str:
+def describe(alpha: float, temperature: float, has_cache: bool, divergence: str = "forward",
+             beta: float = 0.5) -> str:
     """The resolved loss, printed when training starts."""
     T = temperature
     if not has_cache or alpha == 0:
         return "loss = CE(student, labels)   [alpha = 0: no teacher term]"
-    return (f"loss = {alpha:g} * {T:g}^2 * KL(teacher_T || student_T) + {1 - alpha:g} * CE(student, labels)   "
+    term = {"forward": "KL(teacher_T || student_T)", "reverse": "KL(student_T || teacher_T)",
+            "jsd": f"JSD_beta={beta:g}(teacher_T, student_T)"}[divergence]
+    return (f"loss = {alpha:g} * {T:g}^2 * {term} + {1 - alpha:g} * CE(student, labels)   "
             f"[T = {T:g}; soft weight alpha*T^2 = {alpha * T * T:g}]")

@@ -129,6 +129,12 @@ def _clear_cache_files(out: Path) -> None:
 
 
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
+    from kdcli.lm import is_text_spec
+
+    if is_text_spec(cfg.data):  # JSONL text: token-level cache of a language model
+        from kdcli.lm.teacher import cache_teacher_lm
+
+        return cache_teacher_lm(cfg)
     t0 = time.perf_counter()
     mode = cfg.mode or ("topk" if cfg.top_k else "full")
     if mode == "topk" and not cfg.top_k:

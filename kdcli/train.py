@@ -157,6 +157,12 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 
 
 def train_student(cfg: TrainConfig) -> TrainSummary:
+    from kdcli.lm import is_text_spec
+
+    if is_text_spec(cfg.data):  # JSONL text: language-model distillation
+        from kdcli.lm.train import train_student_lm
+
+        return train_student_lm(cfg)
     t_start = time.perf_counter()
     alpha = cfg.alpha if cfg.alpha is not None else (0.9 if cfg.cache else 0.0)
     if alpha > 0 and not cfg.cache:

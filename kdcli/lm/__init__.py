@@ -1,0 +1,21 @@
+"""Language models: JSONL text -> token ids, Hugging Face / built-in causal LMs, token-level teacher caches.
+
+- :mod:`kdcli.lm.text`     -- tokenizers (HF dir, GGUF file, tokenizer.json), JSONL rows, packing/truncation, row hashes
+- :mod:`kdcli.lm.hf`       -- causal LMs: Hugging Face dirs and GGUF files, the built-in ``transformer`` student
+- :mod:`kdcli.lm.cache`    -- reading token-level shards (flattened tokens + offsets)
+- :mod:`kdcli.lm.teacher`  -- ``cache_teacher_lm``: teacher -> per-token top-k / sample / full -> shards
+- :mod:`kdcli.lm.train`    -- ``train_student_lm``: token-level distillation
+- :mod:`kdcli.lm.evaluate` -- ``evaluate_lm``: perplexity, agreement and KL to the cached teacher
+
+The generic stages (kdcli.teacher, kdcli.train, kdcli.evaluate) hand over to these when DATA is a ``.jsonl`` file.
+Everything here needs the ``hf`` extra only for Hugging Face tokenizers and models (``pip install kdcli[hf]``).
+"""
+
+
+def is_text_spec(spec: str | None) -> bool:
+    """True for DATA specs that are JSONL text (optionally sliced: ``file.jsonl[0:100]``)."""
+    if not spec:
+        return False
+    from kdcli.data import split_slice
+
+    return split_slice(spec)[0].endswith(".jsonl")

@@ -1,0 +1,347 @@
+"""Causal language models for kdcli: Hugging Face (local dir or GGUF file), a built-in transformer, plugins.
+
+LM MODEL specs:
+
+- ``path/to/hf_dir`` (with ``config.json``): ``AutoModelForCausalLM.from_pretrained(dir)``, offline
+- ``path/to/model.gguf``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` (de-quantized to fp32)
+- ``transformer``: the built-in decoder-only student (:class:`TinyTransformer`); its vocabulary is the teacher's
+- ``path/to/file.py:factory``: a callable returning an ``nn.Module`` mapping ``(b, L)`` ids to ``(b, L, V)`` logits
+  (it receives ``vocab_size`` when its signature accepts it)
+- a kdcli LM run dir (``model.json`` with ``"kind": "lm"``): rebuilt with its tokenizer, no other flags
+
+Every model is called as ``lm_logits(model, ids, mask) -> (b, L, V)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcli.errors import UsageError
+from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, _transformers
+from kdcli.models import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
+from kdcli.plugins import call_factory, is_plugin_spec, load_factory
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, L, d) -> (b, L, d)
+        b, L, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (b, h, L, d/h)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, L, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TinyTransformer(nn.Module):
+    """A small decoder-only transformer (GPT-2 style, learned positions, tied input/output embeddings).
+
+    Padding needs no mask: attention is causal and padding is only ever appended on the right, so real positions
+    never attend to it.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
+                 d_ff: int | None = None, max_length: int = 1024, dropout: float = 0.0, tie_embeddings: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            raise UsageError(f"transformer: d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.max_length = max_length
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(max_length, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff or 4 * d_model, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.tok.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, L = input_ids.shape  # (b, L) int64
+        if L > self.max_length:
+            raise UsageError(f"sequence of {L} tokens is longer than the transformer's max_length "
+                             f"{self.max_length}; pass --student-arg max_length={L} or a smaller --max-length")
+        x = self.tok(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # (b, L, d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))  # (b, L, V)
+
+
+BUILTIN_LMS = {"transformer": TinyTransformer}
+
+
+@dataclass
+class LMInfo:
+    """How an LM was built: enough to rebuild it (model.json) and to identify it in a manifest."""
+
+    spec: str
+    kind: str  # "builtin", "hf", "plugin", "run"
+    args: dict = field(default_factory=dict)
+    vocab_size: int = 0
+    weights_sha256: str | None = None
+    num_parameters: int = 0
+    hf_config: dict | None = None  # for HF models: config.to_dict(), to rebuild without the original files
+    source: dict | None = None  # for kind "run": the run dir's model.json (how to rebuild it)
+
+    def identity(self) -> dict:
+        return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
+                "num_parameters": self.num_parameters, "vocab_size": self.vocab_size}
+
+
+def is_lm_run_dir(spec: str) -> bool:
+    p = Path(spec) / MODEL_JSON
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("kind") == "lm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_hf_spec(spec: str) -> bool:
+    p = Path(spec)
+    return (p.is_dir() and (p / "config.json").is_file()) or (p.suffix == ".gguf")
+
+
+def default_tokenizer_spec(model_spec: str) -> str | None:
+    """The tokenizer that comes with a model: an HF dir, a GGUF file, or a run dir's copy."""
+    if is_lm_run_dir(model_spec):
+        return str(Path(model_spec))
+    if is_hf_spec(model_spec):
+        return model_spec
+    return None
+
+
+def _hf_weights_sha(p: Path) -> str | None:
+    if p.is_file():
+        return sha256_file(p)
+    files = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.bin")))
+    if not files:
+        return None
+    if len(files) == 1:
+        return sha256_file(files[0])
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _load_hf(spec: str) -> nn.Module:
+    tf = _transformers()
+    p = Path(spec)
+    if not p.exists():
+        raise UsageError(f"model not found: {spec}")
+    try:
+        if p.suffix == ".gguf":
+            model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
+                                                            local_files_only=True)
+        else:
+            model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+    except ImportError as e:
+        raise UsageError(f"loading {spec} needs a missing package ({e})", hint=HF_HINT) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        raise UsageError(f"cannot load a causal LM from {spec}: {first}") from None
+    return model
+
+
+def hf_from_config(config: dict) -> nn.Module:
+    tf = _transformers()
+    try:
+        cfg_cls = tf.CONFIG_MAPPING[config["model_type"]]
+    except KeyError:
+        raise UsageError(f"unknown Hugging Face model_type {config.get('model_type')!r}") from None
+    return tf.AutoModelForCausalLM.from_config(cfg_cls.from_dict(config), dtype=torch.float32)
+
+
+def output_width(model: nn.Module) -> int:
+    """V: the number of logits per position (may exceed the tokenizer's size, e.g. padded embeddings)."""
+    get = getattr(model, "get_output_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is not None and hasattr(emb, "weight"):
+        return int(emb.weight.shape[0])
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        dev = next(model.parameters(), torch.empty(0)).device
+        out = lm_logits(model, torch.zeros((1, 2), dtype=torch.long, device=dev))
+    model.train(was)
+    return int(out.shape[-1])
+
+
+def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, L) ids -> (b, L, V) logits for any supported LM."""
+    if isinstance(model, TinyTransformer):
+        return model(ids)
+    if getattr(model, "config", None) is not None and hasattr(model, "generation_config"):  # Hugging Face
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out = model(ids)
+    out = getattr(out, "logits", out)
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise UsageError(f"model returned {type(out).__name__} {getattr(out, 'shape', '')}; an LM must map (b, L) "
+                         "token ids to (b, L, vocab) logits")
+    return out
+
+
+def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = None,
+             weights: str | None = None) -> tuple[nn.Module, LMInfo]:
+    """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students."""
+    args = dict(args or {})
+    if is_lm_run_dir(spec):
+        if args:
+            raise UsageError(f"{spec} is a kdcli run directory; it rebuilds itself, drop the model arguments")
+        return load_lm_run(Path(spec), weights=weights)
+    if spec in BUILTIN_LMS:
+        if vocab_size is None and "vocab_size" not in args:
+            raise UsageError(f"built-in {spec!r} needs a vocabulary: give --cache (the teacher's) or --tokenizer")
+        args.setdefault("vocab_size", vocab_size)
+        try:
+            model = BUILTIN_LMS[spec](**args)
+        except TypeError as e:
+            raise UsageError(f"bad arguments for built-in model {spec!r}: {e}") from None
+        info = LMInfo(spec=spec, kind="builtin", args=args)
+    elif is_plugin_spec(spec):
+        factory, _ = load_factory(spec)
+        model = call_factory(factory, spec, args, {"vocab_size": vocab_size})
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        info = LMInfo(spec=spec, kind="plugin", args=args)
+    elif is_hf_spec(spec):
+        if args:
+            raise UsageError(f"{spec} is a pretrained Hugging Face model; it takes no model arguments")
+        model = _load_hf(spec)
+        info = LMInfo(spec=spec, kind="hf", weights_sha256=_hf_weights_sha(Path(spec)),
+                      hf_config=model.config.to_dict())
+    elif Path(spec).is_dir():
+        raise UsageError(f"{spec} is neither a Hugging Face model directory (no config.json) nor a kdcli LM run dir")
+    else:
+        raise UsageError(f"unknown LM MODEL {spec!r}; use a Hugging Face directory, a .gguf file, the built-in "
+                         "'transformer', path/to/file.py:factory or a kdcli LM run directory")
+    if weights:
+        from kdcli.models import load_weights
+
+        load_weights(model, Path(weights))
+        info.weights_sha256 = sha256_file(Path(weights))
+    info.num_parameters = count_parameters(model)
+    info.vocab_size = output_width(model)
+    return model, info
+
+
+def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tokenizer_id: dict,
+                text: dict) -> None:
+    """model.safetensors (tied weights kept once) + model.json + tokenizer/ : a self-contained LM run."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from kdcli.cache.atomic import atomic_write_bytes, replace_atomically
+    from kdcli.lm.text import save_tokenizer
+    from kdcli.models import PLUGIN_COPY
+
+    spec, kind, args, hf_config = info.spec, info.kind, info.args, info.hf_config
+    if kind == "run":  # a student that started from an earlier run keeps that run's recipe
+        src = info.source or {}
+        spec, kind, args, hf_config = src["spec"], src["model_kind"], src.get("args", {}), src.get("hf_config")
+        if kind == "plugin":
+            path, _, name = spec.rpartition(":")
+            spec = f"{Path(info.spec) / path}:{name}" if not Path(path).is_absolute() else spec
+    if kind == "plugin":
+        _, src = load_factory(spec)
+        if src.resolve() != (run_dir / PLUGIN_COPY).resolve():
+            shutil.copyfile(src, run_dir / (PLUGIN_COPY + ".partial"))
+            replace_atomically(run_dir / (PLUGIN_COPY + ".partial"), run_dir / PLUGIN_COPY)
+        spec = f"{PLUGIN_COPY}:{spec.rpartition(':')[2]}"
+    tmp = run_dir / (WEIGHTS + ".partial")
+    save_model(model, str(tmp))
+    replace_atomically(tmp, run_dir / WEIGHTS)
+    tok_tmp = run_dir / (TOKENIZER_DIR + ".partial")
+    shutil.rmtree(tok_tmp, ignore_errors=True)
+    save_tokenizer(tokenizer, tok_tmp)
+    shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
+    tok_tmp.rename(run_dir / TOKENIZER_DIR)
+    meta = {"kind": "lm", "spec": spec, "model_kind": kind, "args": args, "vocab_size": info.vocab_size,
+            "num_parameters": info.num_parameters, "hf_config": hf_config, "tokenizer": tokenizer_id,
+            "text": text}
+    atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
+
+
+def read_lm_meta(run_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((Path(run_dir) / MODEL_JSON).read_text())
+        meta["spec"], meta["model_kind"]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{run_dir}/{MODEL_JSON} is not a valid kdcli LM description: {e}") from None
+    return meta
+
+
+def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, LMInfo]:
+    from safetensors.torch import load_model
+
+    meta = read_lm_meta(run_dir)
+    kind, spec, args = meta["model_kind"], meta["spec"], meta.get("args", {})
+    if kind == "builtin":
+        model = BUILTIN_LMS[spec](**args)
+    elif kind == "plugin":
+        path, _, name = spec.rpartition(":")
+        if not Path(path).is_absolute():
+            spec = f"{Path(run_dir) / path}:{name}"
+        factory, _ = load_factory(spec)
+        model = call_factory(factory, spec, args, {"vocab_size": meta.get("vocab_size")})
+    elif kind == "hf":
+        model = hf_from_config(meta["hf_config"])
+    else:
+        raise UsageError(f"{run_dir}/{MODEL_JSON}: unknown model kind {kind!r}")
+    wpath = Path(weights) if weights else Path(run_dir) / WEIGHTS
+    if not wpath.is_file():
+        raise UsageError(f"{run_dir} has no {WEIGHTS}: the run did not finish (resume it with --resume)")
+    try:
+        missing, unexpected = load_model(model, str(wpath), strict=False)
+    except Exception as e:
+        raise UsageError(f"weights {wpath} do not fit the model in {run_dir}: {str(e).splitlines()[0][:200]}") from None
+    if unexpected or [m for m in missing if not _tied(model, m)]:
+        raise UsageError(f"weights {wpath} do not fit the model: missing {list(missing)[:3]}, unexpected "
+                         f"{list(unexpected)[:3]}")
+    info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
+                  weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model),
+                  hf_config=meta.get("hf_config"), source=meta)
+    return model, info
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    """A key safetensors' save_model dropped because it shares storage with another (tied embeddings)."""
+    state = model.state_dict()
+    t = state.get(name)
+    return t is not None and any(k != name and v.data_ptr() == t.data_ptr() for k, v in state.items())
