@@ -120,7 +120,7 @@ def _load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
         x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb])
     else:
         x, y = xt, yt
-    return x.reshape(-1, 1, 28, 28).astype(np.float32), y.astype(np.int64)
+    return x.reshape(-1, 1, 28, 28).astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
 def _load_arrays_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
