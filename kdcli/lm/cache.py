@@ -15,6 +15,7 @@ import numpy as np
 from kdcli.cache.reader import ROW_KEYS, CacheReader
 from kdcli.errors import CacheError
 
+BLOCK_BYTES = 32 << 20
 TOKEN_KEYS = {"full": ("logprobs", "target_logprobs"),
               "topk": ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprobs"),
               "sample": ("sample_ids", "sample_counts", "sample_logprobs", "target_logprobs")}
@@ -29,6 +30,7 @@ class TokenCacheReader(CacheReader):
             raise CacheError(f"cache {self.dir} is a {self.manifest.get('kind')} cache, not a token-level (LM) "
                              "cache; build one from .jsonl DATA")
         self.vocab_size = self.num_classes
+        self.bytes_per_row = sum(s["bytes"] for s in self.shards) / max(self.num_rows, 1)
 
     @property
     def token_keys(self) -> tuple[str, ...]:
@@ -57,10 +59,15 @@ class TokenCacheReader(CacheReader):
                 parts.append(self.read_block(Block(i, a - s["row_start"], b - s["row_start"])))
         return concat(parts)
 
-    def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int = 256,
+    def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int | None = None,
                      shuffle_blocks: int = 8, keep: np.ndarray | None = None, rank: int = 0, world: int = 1,
                      skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """One epoch of shuffled row batches; the order is a pure function of (seed, epoch, rank, world)."""
+        """One epoch of shuffled row batches; the order is a pure function of (seed, epoch, rank, world).
+
+        By default a block is ~32 MB of cache (at least one batch), so the shuffle buffer stays ~256 MB whether
+        a row holds 64 tokens of top-8 or 512 tokens of full log-probs."""
+        if block_rows is None:
+            block_rows = max(batch_size, int(BLOCK_BYTES // max(self.bytes_per_row, 1)))
         rng = np.random.default_rng([seed, epoch])
         blocks = self.blocks(block_rows)
         order = rng.permutation(len(blocks))[rank::world]

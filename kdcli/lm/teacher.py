@@ -40,7 +40,7 @@ from kdcli.models import resolve_device
 from kdcli.teacher import AMP, CacheSummary, _prepare_dir
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
-SHARD_TOKENS = 1 << 19  # cap on tokens per shard: bounded writer memory (~136 MB at k=64)
+SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
 
 
 @dataclass
@@ -101,9 +101,11 @@ def cache_teacher_lm(cfg: CacheConfig) -> LMCacheSummary:
         raise UsageError(f"the teacher reads sequences up to {longest} tokens but handles at most {max_pos}; "
                          "lower --max-length or shorten --teacher-prompt")
     num_rows = data.n
-    shard_size = max(1, min(cfg.shard_size, SHARD_TOKENS // settings_obj.max_length))
     id_dtype = numpy_id_dtype(V)
     count_dtype = np.dtype(np.uint8) if cfg.samples <= 255 else np.dtype(np.uint16)
+    per_token = {"full": 2 * V, "topk": (id_dtype.itemsize + 2) * (cfg.top_k or 0) + 2,
+                 "sample": (id_dtype.itemsize + count_dtype.itemsize + 2) * cfg.samples}[mode] + 2
+    shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
     settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
                 "samples": cfg.samples if mode == "sample" else None, "views": 1, "augment": None,
                 "seed": cfg.seed if mode == "sample" else None, "shard_size": shard_size, "dtype": cfg.dtype,

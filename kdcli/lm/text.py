@@ -76,19 +76,25 @@ def load_tokenizer(spec: str):
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"tokenizer not found: {spec} (give a local directory, a .gguf file or a tokenizer.json)")
-    return _load_tokenizer_cached(str(p.resolve()), p.stat().st_mtime)
+    import copy
+
+    return copy.deepcopy(_load_tokenizer_cached(str(p.resolve()), p.stat().st_mtime))  # callers may mutate theirs
 
 
 def tokenizer_identity(tok, spec: str) -> dict:
-    """Name/path, SHA-256 of the serialized tokenizer (tokenizer.json content + special tokens + chat template:
-    the same tokenizer hashes the same whether it came from a GGUF file, a HF dir or a run dir's copy) and sizes."""
+    """Name/path, SHA-256 of what decides the token ids (the serialized tokenizer.json minus its padding/truncation
+    runtime settings, the EOS/BOS/UNK tokens and the chat template: the same tokenizer hashes the same whether it
+    came from a GGUF file, a HF dir or a run dir's copy) and sizes."""
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        spec_json = json.loads(backend.to_str())
+        spec_json.pop("padding", None)
+        spec_json.pop("truncation", None)
+        h.update(json.dumps(spec_json, sort_keys=True).encode())
     else:  # slow (sentencepiece) tokenizers: hash the vocabulary
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    h.update(json.dumps({"special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+    h.update(json.dumps({"special": {k: str(getattr(tok, k, None)) for k in ("eos_token", "bos_token", "unk_token")},
                          "chat_template": getattr(tok, "chat_template", None)}, sort_keys=True).encode())
     return {"spec": str(spec), "name": getattr(tok, "name_or_path", "") or Path(spec).name,
             "sha256": h.hexdigest(), "vocab_size": len(tok), "eos_token_id": tok.eos_token_id}

