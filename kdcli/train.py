@@ -225,7 +225,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
     elif (out / METRICS).exists():
         (out / METRICS).unlink()
 
-    formula = describe(alpha, cfg.temperature, reader is not None)
+    formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta)
     log.info(formula)
     log.info(f"student {cfg.student} ({info.num_parameters:,} parameters) on {device}; {train_rows} training rows "
              f"({len(train_samples)} samples x {views} view(s)), {n_val} validation samples; "
@@ -262,7 +262,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
                 x = augment.apply(x, augment.sample(len(x), g))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)  # (b, C)
-            parts = kd_loss(logits, targets, y, temperature=cfg.temperature, alpha=alpha)
+            parts = kd_loss(logits, targets, y, temperature=cfg.temperature, alpha=alpha, divergence=cfg.divergence,
+                            beta=cfg.jsd_beta)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
