@@ -39,8 +39,10 @@ DEVICES = ("auto", "cpu", "cuda")
 class CacheConfig:
     """Run the teacher once over DATA and write its log-probabilities to a cache directory."""
 
-    teacher: str = opt(help="Teacher MODEL: a kdcli run dir, a built-in name (mlp, cnn), or path/to/file.py:factory.")
-    data: str = opt(help="DATA: mnist:train, file.npz, file.h5, or path/to/file.py:factory; slice with [a:b].")
+    teacher: str = opt(help="Teacher MODEL: a kdcli run dir, a built-in name (mlp, cnn), or path/to/file.py:factory; "
+                            "for .jsonl DATA a Hugging Face dir or .gguf file (causal LM).")
+    data: str = opt(help="DATA: mnist:train, file.npz, file.h5, or path/to/file.py:factory; file.jsonl (text, or "
+                         "prompt/response rows) for a token-level LM cache; slice with [a:b].")
     out: str = opt(help="Cache directory to write (manifest.json + shard-*.h5).")
     teacher_weights: str | None = opt(None, "Weights for the teacher: .safetensors, or a torch state_dict "
                                             "(loaded with weights_only=True).")
@@ -80,8 +82,8 @@ class CacheConfig:
 class TrainConfig:
     """Train a student from a teacher cache (distillation) or on labels alone (baseline / teacher)."""
 
-    student: str = opt(help="Student MODEL: a built-in name (mlp, cnn), path/to/file.py:factory, or a run dir "
-                            "to start from.")
+    student: str = opt(help="Student MODEL: a built-in name (mlp, cnn; transformer for LMs), path/to/file.py:factory, "
+                            "a Hugging Face dir or .gguf file (LMs), or a run dir to start from.")
     data: str = opt(help="Training DATA (the same spec the cache was built from).")
     out: str = opt(help="Run directory to write (weights, config, metrics, checkpoints).")
     student_args: dict = opt({}, "Keyword arguments for the student factory (KEY=VALUE, values parsed as YAML).",
