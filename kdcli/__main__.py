@@ -1,3 +1,4 @@
 from kdcli.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned worker (DataLoader, torchrun) re-imports the main module
+    main()

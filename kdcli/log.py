@@ -8,14 +8,22 @@ import time
 from rich.console import Console
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+_rank, _world = 0, 1  # under torchrun only rank 0 prints info and progress (kdcli.distributed sets this)
+
+
+def set_rank(rank: int, world: int) -> None:
+    global _rank, _world
+    _rank, _world = rank, world
 
 
 def info(msg: str) -> None:
-    err_console.print(msg, markup=False)
+    if _rank == 0:
+        err_console.print(msg, markup=False)
 
 
 def warn(msg: str) -> None:
-    err_console.print(f"warning: {msg}", markup=False, style="yellow")
+    where = f"[rank {_rank}] " if _world > 1 else ""
+    err_console.print(f"warning: {where}{msg}", markup=False, style="yellow")
 
 
 class Progress:
@@ -30,7 +38,7 @@ class Progress:
         self._last_frac = 0.0
 
     def __enter__(self) -> "Progress":
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and _rank == 0:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TimeRemainingColumn
 
             self._bar = RichProgress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

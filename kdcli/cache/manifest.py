@@ -2,6 +2,10 @@
 
 The manifest is written atomically after every published shard with ``complete: false`` (so a resumed run knows
 which shards are whole) and one last time with ``complete: true``. Readers refuse anything not complete.
+
+Under torchrun each rank publishes its own shards and records them in its own ``manifest.rank-NNNNN.json`` (the
+same document, listing only that rank's shards), so no two processes ever write one file; rank 0 merges them into
+``manifest.json`` after a barrier, and a resumed run (any number of processes) merges leftovers first.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from kdcli.cache.atomic import atomic_write_bytes
 from kdcli.errors import CacheError
 
 MANIFEST = "manifest.json"
+RANK_MANIFEST_GLOB = "manifest.rank-*.json"
 FORMAT = "kdcli-cache"
 FORMAT_VERSION = 1
 
@@ -41,15 +46,19 @@ def new_manifest(*, teacher: dict, data: dict, settings: dict, layout: dict, num
     }
 
 
-def write_manifest(cache_dir: Path, manifest: dict) -> None:
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank-{rank:05d}.json"
+
+
+def write_manifest(cache_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
     # "complete" is written last in the document as well as last in time.
     body = {k: v for k, v in manifest.items() if k != "complete"}
     body["complete"] = bool(manifest.get("complete", False))
-    atomic_write_bytes(cache_dir / MANIFEST, (json.dumps(body, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(cache_dir) / name, (json.dumps(body, indent=2) + "\n").encode())
 
 
-def read_manifest(cache_dir: Path, *, require_complete: bool = True) -> dict:
-    path = Path(cache_dir) / MANIFEST
+def read_manifest(cache_dir: Path, *, require_complete: bool = True, name: str = MANIFEST) -> dict:
+    path = Path(cache_dir) / name
     if not Path(cache_dir).is_dir():
         raise CacheError(f"cache directory not found: {cache_dir}")
     if not path.is_file():
@@ -109,3 +118,57 @@ def check_matches_data(manifest: dict, data_identity: dict, cache_dir: Any) -> N
         raise CacheError(f"cache {cache_dir} does not match the data: {data_identity['spec']!r} has different "
                          f"row contents or order than {md.get('spec')!r} had when the cache was built "
                          "(rows reordered, edited or relabelled); rebuild the cache for this data")
+
+
+# -- shard plans: which shards a run still has to compute, and which rank computes which -------------------------
+def missing_shards(manifest: dict) -> list[int]:
+    """Indices of the shards the manifest does not list yet (shard ``i`` covers rows ``[i*size, (i+1)*size)``)."""
+    size, rows = int(manifest["shard_size"]), int(manifest["num_rows"])
+    listed = {int(s["row_start"]) // size for s in manifest["shards"]}
+    return [i for i in range(-(-rows // size)) if i not in listed]
+
+
+def split_contiguous(items: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s contiguous slice of ``items``; slices are disjoint, cover ``items`` and differ by <= 1."""
+    n = len(items)
+    return items[n * rank // world: n * (rank + 1) // world]
+
+
+def contiguous_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices -> ``[(first, last + 1), ...]`` runs of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def merge_rank_manifests(cache_dir: Path) -> int:
+    """Fold every ``manifest.rank-*.json`` into ``manifest.json`` (then delete them); returns how many shards
+    they added. A rank manifest planned for a different cache is dropped: its shards are not this cache's."""
+    cache_dir = Path(cache_dir)
+    paths = sorted(cache_dir.glob(RANK_MANIFEST_GLOB))
+    if not paths:
+        return 0
+    main = read_manifest(cache_dir, require_complete=False) if (cache_dir / MANIFEST).exists() else None
+    added = 0
+    for p in paths:
+        try:
+            part = read_manifest(cache_dir, require_complete=False, name=p.name)
+        except CacheError:
+            continue  # written atomically, so only a foreign file lands here
+        if main is None:
+            main = {**part, "shards": [], "complete": False}
+        if plan_differences(main, part):
+            continue
+        names = {s["name"] for s in main["shards"]}
+        new = [s for s in part["shards"] if s["name"] not in names]
+        main["shards"] = sorted(main["shards"] + new, key=lambda s: s["row_start"])
+        added += len(new)
+    if main is not None:
+        write_manifest(cache_dir, main)  # the merged manifest is on disk before the rank files go
+    for p in paths:
+        p.unlink(missing_ok=True)
+    return added

@@ -40,7 +40,10 @@ def reduce_logits(logits: torch.Tensor, mode: str, *, top_k: int | None = None, 
                 "tail_logmass": tail.to(torch.float32)}
     if mode == "sample":
         s = int(samples)
-        draws = torch.multinomial(logp.exp(), s, replacement=True, generator=generator)  # (rows, s)
+        # A row with NaN/inf logits is refused by the caller after the fact (no device sync per batch); a
+        # uniform stand-in keeps multinomial from failing (on CUDA: a device-side assert) before that check.
+        probs = torch.nan_to_num(logp.exp(), nan=1.0, posinf=1.0, neginf=0.0)
+        draws = torch.multinomial(probs, s, replacement=True, generator=generator)  # (rows, s)
         ids, counts = _merge_draws(draws)
         lp = torch.gather(logp, -1, ids.long())
         lp = torch.where(counts > 0, lp, torch.zeros_like(lp))
@@ -62,9 +65,46 @@ def _merge_draws(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def to_host(reduced: dict[str, torch.Tensor], num_classes: int) -> dict[str, np.ndarray]:
     """Copy reduced tensors to numpy with their storage dtypes (uint16 ids when the classes fit)."""
+    return storage_arrays({name: t.detach().cpu().numpy() for name, t in reduced.items()}, num_classes)
+
+
+class HostCopy:
+    """Reduced tensors on their way to the host, started without waiting for the device.
+
+    On CUDA each tensor is copied into pinned host memory with ``non_blocking=True`` and an event is recorded
+    behind the copies on the current stream: the caller goes on to queue the next batch's forward pass while the
+    copies run, and :meth:`wait` blocks only on this batch's event. Only the reduced tensors ever leave the
+    device. On the CPU the tensors already are host memory: ``wait`` returns them as arrays, nothing is copied.
+    """
+
+    def __init__(self, reduced: dict[str, torch.Tensor]):
+        self._host: dict[str, torch.Tensor] = {}
+        self._event = None
+        for name, t in reduced.items():
+            t = t.detach()
+            if t.is_cuda:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                self._host[name] = buf
+            else:
+                self._host[name] = t
+        if any(t.is_cuda for t in reduced.values()):
+            self._event = torch.cuda.Event()
+            self._event.record()  # on the current stream, after the copies
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> dict[str, np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+        return {name: t.numpy() for name, t in self._host.items()}
+
+
+def storage_arrays(arrays: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """Host arrays -> their storage dtypes (uint16 ids when the classes fit, uint16 sample counts)."""
     out = {}
-    for name, t in reduced.items():
-        a = t.detach().cpu().numpy()
+    for name, a in arrays.items():
         if name.endswith("_ids"):
             a = a.astype(numpy_id_dtype(num_classes))
         elif name == "sample_counts":
