@@ -145,6 +145,12 @@ class EvalConfig:
                                             ">= X (needs --cache).", min=0.0, max=1.0)
     plot: str | None = opt(None, "Write a PNG: test error per epoch (from each run's metrics) and a reliability "
                                  "diagram (needs matplotlib).")
+    class_bias: dict = opt({}, "Add VALUE to class CLASS's logit before measuring, CLASS=VALUE (repeatable), e.g. "
+                               "3=3.5; CLASS=fit chooses the value with the fewest errors on --bias-data (Hinton et "
+                               "al. 2015: a student distilled without a class learns too low a bias for it). The "
+                               "report shows errors before and after.", repeat=True)
+    bias_data: str | None = opt(None, "Labelled DATA on which CLASS=fit biases are chosen, e.g. a held-out slice. "
+                                      "Default: the evaluation --data itself (what the paper did; optimistic).")
     tokenizer: str | None = opt(None, "LM (.jsonl DATA): tokenizer; default: the cache's, else the first model's.")
     max_length: int | None = opt(None, "LM: tokens per sequence; default: the cache's, else the first model's "
                                        "training setting.", min=2)

