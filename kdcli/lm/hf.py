@@ -14,8 +14,10 @@ Every model is called as ``lm_logits(model, ids, mask) -> (b, L, V)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,8 +168,9 @@ def _load_hf(spec: str) -> nn.Module:
         raise UsageError(f"model not found: {spec}")
     try:
         if p.suffix == ".gguf":
-            model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
-                                                            local_files_only=True)
+            with _quiet_gguf():
+                model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                                dtype=torch.float32, local_files_only=True)
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
     except ImportError as e:
@@ -176,6 +179,25 @@ def _load_hf(spec: str) -> nn.Module:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         raise UsageError(f"cannot load a causal LM from {spec}: {first}") from None
     return model
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers de-quantizes GGUF tensors under a tqdm bar; kdcli shows progress bars only on a TTY."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as g
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = getattr(g, "tqdm", None)
+    if saved is None or sys.stderr.isatty():
+        yield
+        return
+    g.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        g.tqdm = saved
 
 
 def hf_from_config(config: dict) -> nn.Module:
