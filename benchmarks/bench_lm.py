@@ -109,8 +109,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the caches and runs in --out")
     args = ap.parse_args()
     teacher = args.teacher or str(smollm2_gguf())
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    out = Path(args.out)  # re-running reuses complete caches (cache-teacher is a no-op on an identical cache)
     train = write_jsonl(out / "train.jsonl", play_rows("hamlet", args.train_chars))
     heldout = write_jsonl(out / "heldout.jsonl", play_rows("tempest", args.heldout_chars))
     common = ["--teacher", teacher, "--max-length", args.max_length, "--batch-size", 8]
@@ -131,7 +130,7 @@ def main() -> None:
     for name in modes:
         kdcli("train-student", "--student", "transformer", *student, "--cache", out / f"cache-{name}", "--data", train,
               "--alpha", 1, "--temperature", 1, "--epochs", args.epochs, "--batch-size", 8, "--lr", "3e-3",
-              "--schedule", "cosine", "--seed", 0, "--out", out / f"run-{name}")
+              "--schedule", "cosine", "--seed", 0, "--out", out / f"run-{name}", "--overwrite")
         rep = kdcli("eval", "--model", out / f"run-{name}", "--data", heldout, "--cache", out / "cache-heldout-full",
                     "--json", json_out=True)
         m = rep["models"][0]
