@@ -119,6 +119,7 @@ def build_figure(report):
                     transform=ax_err.transAxes, fontsize=8, va="bottom")
 
     ax_rel.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    low = 1.0  # zoom on the occupied range (MNIST models sit near confidence 1), diagonal kept
     for m, name in zip(report.models, labels):
         bins = [b for b in m.reliability if b["count"] > 0]
         if not bins:
@@ -128,13 +129,15 @@ def build_figure(report):
                             label=f"{name} (ECE {m.ece:.4f})")
         ax_rel.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=sizes,
                        color=line.get_color(), alpha=0.7)
+        low = min(low, *(min(b["confidence"], b["accuracy"]) for b in bins))
     ax_rel.set_title(f"reliability on {report.data} (marker area ~ rows in bin)")
     ax_rel.set_xlabel("mean confidence in bin")
     ax_rel.set_ylabel("accuracy in bin")
-    ax_rel.set_xlim(0, 1.02)
-    ax_rel.set_ylim(0, 1.02)
+    low = math.floor(max(0.0, low - 0.05) * 10) / 10
+    ax_rel.set_xlim(low, 1.005)
+    ax_rel.set_ylim(low, 1.005)
     ax_rel.grid(True, alpha=0.3)
-    ax_rel.legend(loc="upper left", fontsize=8)
+    ax_rel.legend(loc="best", fontsize=8)
     return fig
 
 
