@@ -141,17 +141,23 @@ def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], int 
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
+    from kdcli.distributed import is_main_process
     from kdcli.report import render_cache, show
     from kdcli.teacher import cache_teacher
 
-    show(render_cache(cache_teacher(cfg)))
+    summary = cache_teacher(cfg)
+    if is_main_process():  # under torchrun every rank returns the same summary; one prints it
+        show(render_cache(summary))
 
 
 def _train_student(cfg: TrainConfig) -> None:
+    from kdcli.distributed import is_main_process
     from kdcli.report import render_train, show
     from kdcli.train import train_student
 
-    show(render_train(train_student(cfg)))
+    summary = train_student(cfg)
+    if is_main_process():
+        show(render_train(summary))
 
 
 def _eval(cfg: EvalConfig) -> int:

@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdcli import log
+from kdcli import distributed, log
 from kdcli.augment import parse_augment
 from kdcli.cache.atomic import remove_partials
 from kdcli.cache.lock import DirLock
-from kdcli.cache.manifest import MANIFEST, new_manifest, plan_differences, read_manifest, shard_name, write_manifest
-from kdcli.cache.reduce import numpy_id_dtype, reduce_logits, to_host
+from kdcli.cache.manifest import (MANIFEST, RANK_MANIFEST_GLOB, contiguous_runs, merge_rank_manifests,
+                                  missing_shards, new_manifest, plan_differences, rank_manifest_name, read_manifest,
+                                  shard_name, split_contiguous, write_manifest)
+from kdcli.cache.reduce import HostCopy, numpy_id_dtype, reduce_logits, storage_arrays
 from kdcli.cache.writer import ShardWriter
 from kdcli.config import CacheConfig
 from kdcli.data import LabelledData, load_data
@@ -79,8 +81,10 @@ def _layout(cfg: CacheConfig, mode: str, num_classes: int, augment) -> dict:
             "shard_size": cfg.shard_size, "compression": None}
 
 
-def _prepare_dir(out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
-    """Decide what to do with ``out``: returns (manifest to continue, first shard to compute)."""
+def _prepare_dir(out: Path, plan: dict, overwrite: bool, *, holes: bool = False) -> tuple[dict, int]:
+    """Decide what to do with ``out``: returns (manifest to continue, first shard to compute; -1: up to date).
+    ``holes=True`` keeps every whole shard, not only the leading ones (a torchrun rank may have stopped before
+    another); the second value is then the number of whole shards kept."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -96,11 +100,11 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
             raise CacheError(f"{out} holds a different cache ({'; '.join(diffs[:3])}); pass --overwrite to "
                              "replace it, or choose another --out")
         if not diffs:
-            whole = _whole_prefix(out, old)
-            if old["complete"] and whole == len(old["shards"]):
+            kept = _whole_shards(out, old) if holes else old["shards"][:_whole_prefix(out, old)]
+            if old["complete"] and len(kept) == len(old["shards"]):
                 return old, -1
-            old["shards"] = old["shards"][:whole]
-            return old, whole
+            old["shards"] = kept
+            return old, len(kept)
         _clear_cache_files(out)
     elif any(p.name != ".lock" for p in out.iterdir()):
         stray = [p.name for p in out.iterdir() if p.name != ".lock"]
@@ -122,8 +126,16 @@ def _whole_prefix(out: Path, manifest: dict) -> int:
     return n
 
 
+def _whole_shards(out: Path, manifest: dict) -> list[dict]:
+    """The listed shards present at their own index with the size the manifest recorded (gaps allowed)."""
+    size = int(manifest["shard_size"])
+    return [s for s in manifest["shards"]
+            if s["row_start"] % size == 0 and s["name"] == shard_name(s["row_start"] // size)
+            and (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]]
+
+
 def _clear_cache_files(out: Path) -> None:
-    for p in list(out.glob("shard-*.h5")) + [out / MANIFEST]:
+    for p in list(out.glob("shard-*.h5")) + list(out.glob(RANK_MANIFEST_GLOB)) + [out / MANIFEST]:
         p.unlink(missing_ok=True)
     remove_partials(out)
 
@@ -132,6 +144,7 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     from kdcli.lm import is_text_spec
 
     if is_text_spec(cfg.data):  # JSONL text: token-level cache of a language model
+        distributed.refuse("cache-teacher with JSONL (language-model) data")
         from kdcli.lm.teacher import cache_teacher_lm
 
         return cache_teacher_lm(cfg)
@@ -157,69 +170,146 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     plan = new_manifest(teacher=info.identity(), data=data.identity(), settings=settings,
                         layout=_layout(cfg, mode, data.num_classes, augment), num_rows=num_rows)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with DirLock(out):
-        removed = remove_partials(out)
-        if removed:
-            log.info(f"removed {len(removed)} partial file(s) left by an interrupted run")
-        manifest, first_shard = _prepare_dir(out, plan, cfg.overwrite)
-        if first_shard < 0:
+    # Under torchrun every rank runs this function: rank 0 holds the directory lock and owns manifest.json; the
+    # shards still to compute are split into one contiguous run per rank, each rank publishes its own shards
+    # (global names, one writer per shard) and records them in its own manifest.rank-N.json; rank 0 merges.
+    ctx = distributed.init(device)
+    device = ctx.device
+    with ExitStack() as stack:
+        manifest, kept = ctx.on_main(lambda: _open_cache(stack, out, plan, cfg.overwrite))
+        if kept < 0:
             log.info(f"cache {out} is complete and up to date ({num_rows} rows, same teacher, data and settings); "
                      "nothing to do")
             return _summary(cfg, manifest, "up-to-date", 0, num_rows, t0, info, device)
-        first_row = first_shard * cfg.shard_size
+        todo = missing_shards(manifest)
+        first_row = num_rows - sum(_shard_rows(i, cfg.shard_size, num_rows) for i in todo)  # rows already cached
         if first_row:
-            log.info(f"resuming {out}: {first_shard} whole shard(s) found, skipping {first_row} of {num_rows} rows")
+            log.info(f"resuming {out}: {kept} whole shard(s) found, skipping {first_row} of {num_rows} rows")
         log.info(f"caching teacher {cfg.teacher} ({info.num_parameters:,} parameters) on {device}: "
                  f"{num_rows} rows ({data.n} samples x {cfg.views} view(s)), mode {mode}"
                  + (f", k={cfg.top_k}" if mode == "topk" else "") + (f", {cfg.samples} draws" if mode == "sample"
-                                                                     else ""))
+                                                                     else "")
+                 + (f"; {ctx.world} processes, {len(todo)} shard(s) split into contiguous runs" if ctx.enabled
+                    else ""))
         model.to(device).eval()
         params = augment_params(data.n, cfg.views, augment, cfg.seed)
-        writer = ShardWriter(out, manifest, shard_size=cfg.shard_size, first_shard=first_shard,
-                             threaded=True)
-        try:
-            _run_teacher(cfg, model, data, device, mode, augment, params, first_row, num_rows, writer)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        manifest["complete"] = True
-        write_manifest(out, manifest)
+        mine = split_contiguous(todo, ctx.rank, ctx.world)
+
+        def compute() -> None:
+            own = {**manifest, "shards": []} if ctx.enabled else manifest
+            name = rank_manifest_name(ctx.rank) if ctx.enabled else MANIFEST
+            writer = ShardWriter(out, own, shard_size=cfg.shard_size, first_shard=mine[0] if mine else 0,
+                                 threaded=True, manifest_name=name)
+            try:
+                for a, b in contiguous_runs(mine):
+                    writer.seek(a)
+                    _run_teacher(cfg, model, data, device, mode, augment, params, a * cfg.shard_size,
+                                 min(b * cfg.shard_size, num_rows), writer)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+
+        ctx.agree(compute)  # every rank's shards are published (or every rank raises the first error)
+        manifest = ctx.on_main(lambda: _finish_cache(out))
     status = "resumed" if first_row else "written"
     return _summary(cfg, manifest, status, num_rows - first_row, first_row, t0, info, device)
 
 
+def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
+    """Rank 0 (or the only process): lock ``out``, clean up, fold in shards an interrupted torchrun recorded."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(DirLock(out))
+    removed = remove_partials(out)
+    if removed:
+        log.info(f"removed {len(removed)} partial file(s) left by an interrupted run")
+    try:
+        merged = merge_rank_manifests(out)
+    except CacheError:  # an unreadable manifest.json: _prepare_dir refuses or (--overwrite) clears it
+        merged = 0
+    if merged:
+        log.info(f"collected {merged} shard(s) recorded by the ranks of an interrupted torchrun run")
+    return _prepare_dir(out, plan, overwrite, holes=True)
+
+
+def _finish_cache(out: Path) -> dict:
+    """Rank 0, after every rank published its shards: one manifest listing them all, ``complete: true``."""
+    merge_rank_manifests(out)
+    manifest = read_manifest(out, require_complete=False)
+    missing = missing_shards(manifest)
+    if missing:
+        raise CacheError(f"cache {out}: shard(s) {missing[:5]} missing after every process finished; re-run the "
+                         "same command to compute them")
+    manifest["complete"] = True
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _shard_rows(i: int, shard_size: int, num_rows: int) -> int:
+    return max(0, min((i + 1) * shard_size, num_rows) - i * shard_size)
+
+
+def batch_ranges(first_row: int, stop_row: int, batch_size: int, shard_size: int):
+    """Teacher batches ``[start, stop)`` over rows ``[first_row, stop_row)``: at most ``batch_size`` rows and never
+    across a shard boundary. Every run (fresh, resumed, any rank of a torchrun) starts at a shard boundary, so a
+    row is always computed in the same batch; sample mode seeds its draws per batch, so caches are identical."""
+    start = first_row
+    while start < stop_row:
+        stop = min(start + batch_size, (start // shard_size + 1) * shard_size, stop_row)
+        yield start, stop
+        start = stop
+
+
 def _run_teacher(cfg: CacheConfig, model, data: LabelledData, device: torch.device, mode: str, augment,
                  params: np.ndarray | None, first_row: int, num_rows: int, writer: ShardWriter) -> None:
+    """Rows ``[first_row, num_rows)``: forward, reduce on the device, copy only the reduced tensors back.
+
+    One batch of lookahead: batch i's copy to the host is queued, then batch i-1 is collected and handed to the
+    writer thread, so on CUDA the host never stalls the device (no sync inside a batch: the NaN/inf check travels
+    back with the reduced tensors). On the CPU the same loop runs with copies that are no-ops."""
     n = data.n
     amp = torch.autocast(device.type, dtype=AMP[cfg.dtype]) if cfg.dtype in AMP else nullcontext()
+    pending = None  # the previous batch: (row arrays, HostCopy of its reduced tensors, aug params)
     with torch.inference_mode(), amp, log.Progress(num_rows - first_row, "cache-teacher") as progress:
-        for start in range(first_row, num_rows, cfg.batch_size):
-            stop = min(start + cfg.batch_size, num_rows)
+        for start, stop in batch_ranges(first_row, num_rows, cfg.batch_size, cfg.shard_size):
             rows = np.arange(start, stop, dtype=np.int64)
             samples = rows % n
-            x = data.x[samples]  # (b, *input_shape)
+            s0 = start % n  # rows of one view are consecutive samples: a view of x, not a gathered copy
+            x = data.x[s0:s0 + len(rows)] if s0 + len(rows) <= n else data.x[samples]  # (b, *input_shape)
             if params is not None:
                 p = torch.from_numpy(params[start:stop])
                 x = augment.apply(x, p)  # view 0 rows have zero params: the identity
+            if device.type == "cuda":
+                x = x.pin_memory()  # a pinned source makes the copy below truly asynchronous
             x = x.to(device, non_blocking=True)
             logits = model(x)  # (b, num_classes)
-            if not torch.isfinite(logits).all():
-                bad = int(start + torch.nonzero(~torch.isfinite(logits).all(dim=1))[0, 0])
-                raise UsageError(f"teacher produced NaN/inf logits at row {bad} (sample {bad % n}); nothing "
-                                 "was written for that shard: check the teacher weights and --dtype")
             gen = None
             if mode == "sample":
                 gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
-            reduced = to_host(reduce_logits(logits, mode, top_k=cfg.top_k, samples=cfg.samples, generator=gen),
-                              data.num_classes)
-            batch = {"row_index": rows, "sample_index": samples.astype(np.int64),
-                     "row_hash": data.row_hash[samples], **reduced}
-            if params is not None:
-                batch["aug_params"] = params[start:stop]
-            writer.add(batch)
-            progress.advance(stop - start)
+            reduced = reduce_logits(logits, mode, top_k=cfg.top_k, samples=cfg.samples, generator=gen)
+            reduced["nonfinite"] = ~torch.isfinite(logits).all(dim=1)  # (b,) checked on the host
+            batch = {"row_index": rows, "sample_index": samples.astype(np.int64), "row_hash": data.row_hash[samples]}
+            extra = {"aug_params": params[start:stop]} if params is not None else {}
+            copy = HostCopy(reduced)
+            if pending is not None:
+                _publish(*pending, writer, progress, data.num_classes, n)
+            pending = (batch, copy, extra)
+        if pending is not None:
+            _publish(*pending, writer, progress, data.num_classes, n)
+
+
+def _publish(batch: dict, copy: HostCopy, extra: dict, writer: ShardWriter, progress, num_classes: int,
+             n: int) -> None:
+    arrays = copy.wait()
+    bad = np.flatnonzero(arrays.pop("nonfinite"))
+    if len(bad):
+        row = int(batch["row_index"][bad[0]])
+        raise UsageError(f"teacher produced NaN/inf logits at row {row} (sample {row % n}); nothing "
+                         "was written for that shard: check the teacher weights and --dtype")
+    writer.add({**batch, **storage_arrays(arrays, num_classes), **extra})
+    progress.advance(len(batch["row_index"]))
 
 
 def _summary(cfg: CacheConfig, manifest: dict, status: str, computed: int, skipped: int, t0: float, info,

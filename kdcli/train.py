@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli import log
+from kdcli import distributed, log
 from kdcli.augment import parse_augment
 from kdcli.cache.atomic import atomic_write_bytes, remove_partials, replace_atomically
 from kdcli.cache.lock import DirLock
-from kdcli.cache.reader import CacheReader
+from kdcli.cache.reader import CacheLoader, CacheReader
 from kdcli.config import TrainConfig, to_dict, write_yaml
 from kdcli.data import LabelledData, load_data
 from kdcli.errors import CacheError, UsageError
@@ -136,11 +137,14 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
             w.mul_(torch.clamp(max_norm / norms, max=1.0))
 
 
-def label_batches(n_keep: np.ndarray, *, batch_size: int, seed: int, epoch: int,
-                  skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled batches of sample indices for label-only training (no cache)."""
+def label_batches(n_keep: np.ndarray, *, batch_size: int, seed: int, epoch: int, skip_batches: int = 0,
+                  rank: int = 0, world: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled batches of sample indices for label-only training (no cache). Under DDP rank ``r`` takes the
+    ``r``-th of ``world`` equal contiguous parts of the epoch's order (at most ``world - 1`` samples sit out)."""
     rng = np.random.default_rng([seed, epoch])
     order = n_keep[rng.permutation(len(n_keep))]
+    part = len(order) // world
+    order = order[rank * part:(rank + 1) * part] if world > 1 else order
     for i, a in enumerate(range(0, len(order), batch_size)):
         if i >= skip_batches:
             yield {"sample_index": order[a:a + batch_size]}
@@ -160,6 +164,7 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
     from kdcli.lm import is_text_spec
 
     if is_text_spec(cfg.data):  # JSONL text: language-model distillation
+        distributed.refuse("train-student with JSONL (language-model) data")
         from kdcli.lm.train import train_student_lm
 
         return train_student_lm(cfg)
@@ -178,20 +183,38 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
     augment = parse_augment(reader.manifest.get("augment") if reader else cfg.augment)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with DirLock(out):
-        ckpt = _prepare_run_dir(cfg, out)
-        return _train(cfg, out, ckpt, alpha, reader, data, augment, device, t_start)
+    # Under torchrun every rank trains (DDP); rank 0 holds the run-dir lock and writes every output.
+    ctx = distributed.init(device)
+    with ExitStack() as stack:
+        main: dict = {}
+
+        def prepare() -> bool:  # rank 0 only
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out} exists and is not a directory")
+            out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(DirLock(out))
+            main["ckpt"] = _prepare_run_dir(cfg, out)
+            return main["ckpt"] is not None
+
+        resuming = ctx.on_main(prepare)
+        ckpt = ctx.agree(lambda: main.get("ckpt") if ctx.is_main or not resuming else
+                         torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True))
+        return _train(cfg, out, ckpt, alpha, reader, data, augment, ctx.device, t_start, ctx)
 
 
 def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader: CacheReader | None,
-           data: LabelledData, augment, device: torch.device, t_start: float) -> TrainSummary:
+           data: LabelledData, augment, device: torch.device, t_start: float,
+           ctx: distributed.Dist | None = None) -> TrainSummary:
+    ctx = ctx or distributed.Dist(device=device)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.student, cfg.student_args, num_classes=data.num_classes,
                               input_shape=data.input_shape)
     model.to(device)
+    if ctx.enabled:  # each rank its own dropout draws (DDP broadcasts rank 0's initial weights to all)
+        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
     resolved = {**to_dict(cfg), "alpha": alpha}
-    write_yaml(resolved, out / CONFIG)
+    if ctx.is_main:
+        write_yaml(resolved, out / CONFIG)
 
     # validation split: a seeded choice of samples, never trained on (all their views are dropped)
     n_val = int(round(cfg.val_fraction * data.n))
@@ -204,7 +227,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
     train_samples = np.flatnonzero(keep)
     views = reader.manifest["views"] if reader else 1
     train_rows = len(train_samples) * views
-    steps_per_epoch = math.ceil(train_rows / cfg.batch_size)
+    # Under DDP each rank trains on an equal share (train_rows // world) per epoch: global batch = batch * world.
+    steps_per_epoch = math.ceil((train_rows // ctx.world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
     opt = _optimizer(cfg, model)
@@ -214,22 +238,31 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
+        if int(ckpt.get("world", 1)) != ctx.world:
+            raise UsageError(f"{out} holds a checkpoint from a run with {ckpt.get('world', 1)} process(es), not "
+                             f"{ctx.world}: resume it with the same torchrun --nproc-per-node, or --overwrite")
+        torch.set_rng_state(ckpt["rng_cpu_ranks"][ctx.rank] if ctx.enabled else ckpt["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+            torch.cuda.set_rng_state(ckpt["rng_cuda_ranks"][ctx.rank] if "rng_cuda_ranks" in ckpt else ckpt["rng_cuda"])
         start_epoch, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
-        acc = {k: float(v) for k, v in ckpt["acc"].items()}
-        _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
+        acc = {k: float(v) for k, v in ckpt["acc"].items()} if ctx.is_main else _zero_acc()  # sums over ranks
+        if ctx.is_main:
+            _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
         log.info(f"resuming {out} at epoch {start_epoch + 1}, step {skip} of {steps_per_epoch} "
                  f"(global step {global_step})")
-    elif (out / METRICS).exists():
+    elif ctx.is_main and (out / METRICS).exists():
         (out / METRICS).unlink()
+    # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if ctx.enabled else model
 
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta)
     log.info(formula)
     log.info(f"student {cfg.student} ({info.num_parameters:,} parameters) on {device}; {train_rows} training rows "
              f"({len(train_samples)} samples x {views} view(s)), {n_val} validation samples; "
-             f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}")
+             f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}"
+             + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled
+                else ""))
     eval_data = load_data(cfg.eval_data, num_classes=data.num_classes) if cfg.eval_data else None
     if eval_data is not None and eval_data.input_shape != data.input_shape:
         raise UsageError(f"--eval-data {cfg.eval_data} has input shape {eval_data.input_shape}, the training data "
@@ -237,15 +270,18 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
     resumed_from = global_step
     last = {}
     x_all, y_all = data.x, data.y
+    loader = None
+    if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
+        loader = CacheLoader(reader, batch_size=cfg.batch_size, seed=cfg.seed, keep=keep if n_val else None,
+                             rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
-        if reader is not None:
-            batches = reader.iter_batches(batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                          keep=keep if n_val else None, skip_batches=skip)
+        if loader is not None:
+            batches = loader.epoch(epoch, skip_batches=skip)
         else:
             batches = label_batches(train_samples, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                    skip_batches=skip)
+                                    skip_batches=skip, rank=ctx.rank, world=ctx.world)
         step_in_epoch = skip
         for batch in batches:
             idx = torch.from_numpy(batch["sample_index"])
@@ -261,7 +297,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + global_step)
                 x = augment.apply(x, augment.sample(len(x), g))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)  # (b, C)
+            logits = net(x)  # (b, C)
             parts = kd_loss(logits, targets, y, temperature=cfg.temperature, alpha=alpha, divergence=cfg.divergence,
                             beta=cfg.jsd_beta)
             opt.zero_grad(set_to_none=True)
@@ -279,11 +315,12 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             step_in_epoch += 1
             global_step += 1
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc)
+                _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc, ctx)
         skip = 0
         acc["seconds"] += time.perf_counter() - t_epoch
+        acc = _reduce_acc(acc, ctx)  # every rank's rows and sums; seconds of the slowest rank
         rows = max(acc["rows"], 1)
-        last = {"epoch": epoch + 1, "step": global_step, "train_loss": acc["loss"] / rows,
+        last = {"epoch": epoch + 1, "step": global_step, "rows": int(acc["rows"]), "train_loss": acc["loss"] / rows,
                 "train_soft": acc["soft"] / rows, "train_hard": acc["hard"] / rows,
                 "train_accuracy": acc["correct"] / rows, "lr": opt.param_groups[0]["lr"],
                 "seconds": acc["seconds"], "rows_per_second": acc["rows"] / max(acc["seconds"], 1e-9)}
@@ -291,7 +328,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             last.update(_heldout_metrics(model, x_all[val_idx], y_all[val_idx], device, "val"))
         if eval_data is not None:
             last.update(_heldout_metrics(model, eval_data.x, eval_data.y, device, "eval"))
-        _append_line(out / METRICS, last)
+        if ctx.is_main:
+            _append_line(out / METRICS, last)
         log.info("epoch {epoch}/{total}: loss {train_loss:.4f} (soft {train_soft:.4f}, hard {train_hard:.4f}), "
                  "train acc {train_accuracy:.4f}".format(total=cfg.epochs, **last)
                  + (f", val acc {last['val_accuracy']:.4f}" if n_val else "")
@@ -299,9 +337,13 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
                  + f", {last['seconds']:.1f}s")
         acc = _zero_acc()
         if epoch + 1 < cfg.epochs:
-            _save_checkpoint(out, cfg, model, opt, sched, device, epoch + 1, 0, global_step, acc)
+            _save_checkpoint(out, cfg, model, opt, sched, device, epoch + 1, 0, global_step, acc, ctx)
 
-    save_run_model(out, model, info)
+    if loader is not None:
+        loader.close()
+    ctx.check_replicas(model)
+    if ctx.is_main:
+        save_run_model(out, model, info)
     summary = TrainSummary(
         run_dir=str(out), loss_formula=formula, epochs=cfg.epochs, steps=global_step, train_rows=train_rows,
         final_train_loss=last.get("train_loss", float("nan")),
@@ -309,13 +351,26 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
         eval_accuracy=last.get("eval_accuracy"), seconds=time.perf_counter() - t_start,
         rows_per_second=last.get("rows_per_second", 0.0), student_parameters=info.num_parameters,
         resumed_from_step=resumed_from)
-    atomic_write_bytes(out / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    if ctx.is_main:
+        atomic_write_bytes(out / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    ctx.barrier()  # every rank returns once the run directory is final
     return summary
+
 
 
 def _zero_acc() -> dict:
     return {"rows": 0.0, "loss": 0.0, "soft": 0.0, "hard": 0.0, "correct": 0.0, "seconds": 0.0}
+
+
+def _reduce_acc(acc: dict, ctx: distributed.Dist | None) -> dict:
+    """Accumulators summed over ranks (``seconds``: the slowest rank's); the identity in one process."""
+    if ctx is None or not ctx.enabled:
+        return acc
+    keys = [k for k in acc if k != "seconds"]
+    sums = ctx.all_reduce([acc[k] for k in keys], "sum")
+    return {**dict(zip(keys, sums)), "seconds": ctx.all_reduce([acc["seconds"]], "max")[0]}
+
 
 
 def _check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> None:
@@ -337,11 +392,23 @@ def _heldout_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device:
 
 
 def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epoch: int, step_in_epoch: int,
-                     global_step: int, acc: dict) -> None:
+                     global_step: int, acc: dict, ctx: distributed.Dist | None = None) -> None:
+    # Under DDP every rank calls this (the same steps): the accumulators are summed and every rank's RNG state
+    # gathered, then rank 0 alone writes the checkpoint.
+    acc = _reduce_acc(acc, ctx)
+    rngs = None
+    if ctx is not None and ctx.enabled:
+        rngs = ctx.all_gather([torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if device.type == "cuda" else []))
+    if ctx is not None and not ctx.is_main:
+        return
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "rng_cpu": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch,
              "global_step": global_step, "acc": acc, "config_hash": config_hash(cfg),
-             "metrics_lines": _count_lines(out / METRICS)}
+             "metrics_lines": _count_lines(out / METRICS), "world": ctx.world if ctx is not None else 1}
+    if rngs is not None:
+        state["rng_cpu_ranks"] = [r[0] for r in rngs]
+        if device.type == "cuda":
+            state["rng_cuda_ranks"] = [r[1] for r in rngs]
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
     tmp = out / (CHECKPOINT + ".partial")

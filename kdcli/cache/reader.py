@@ -3,22 +3,34 @@
 HDF5 files are opened on first use in the process that reads them (h5py handles cannot be pickled and HDF5 is
 not fork-safe), so a reader can be handed to DataLoader workers. Training reads contiguous blocks (one HDF5 read
 each), shuffles a few blocks' rows in memory and yields batches: memory is bounded by
-``block_rows * shuffle_blocks`` rows whatever the cache size, and every read is sequential.
+``block_rows * shuffle_blocks`` rows whatever the cache size, and every read is sequential. By default a block is
+about ``BLOCK_BYTES`` (64 to 8192 rows) and ``SHUFFLE_BLOCKS`` random blocks are shuffled together: a window of at
+most ~8 MiB of rows from 16 places in the cache, whatever the row width (10 classes or 32,000). Peak memory is a
+few windows, flat in the cache size.
+
+Under DDP each rank reads a disjoint, equal share of every epoch (:meth:`CacheReader.epoch_groups`);
+:class:`CacheLoader` reads the groups in persistent DataLoader workers when ``num_workers > 0``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcli.cache.manifest import check_matches_data, read_manifest
 from kdcli.errors import CacheError
 
 ROW_KEYS = ("row_index", "sample_index", "row_hash")
+BLOCK_BYTES = 1 << 19  # one contiguous read
+SHUFFLE_BLOCKS = 16  # blocks whose rows are shuffled together
 MODE_KEYS = {"full": ("logprobs",), "topk": ("topk_ids", "topk_logprobs", "tail_logmass"),
              "sample": ("sample_ids", "sample_counts", "sample_logprobs")}
 
@@ -39,6 +51,8 @@ class CacheReader:
         self.num_classes: int = int(self.manifest["num_classes"])
         self.shards: list[dict] = self.manifest["shards"]
         self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+        self._kept: dict[tuple, np.ndarray] = {}  # memoised kept_rows()
         self._check_cheap()
 
     # -- checks ------------------------------------------------------------------------------------------------
@@ -73,6 +87,8 @@ class CacheReader:
         return state
 
     def _file(self, i: int) -> h5py.File:
+        if self._pid != os.getpid():  # a forked worker never uses the parent's HDF5 handles: it opens its own
+            self._files, self._pid = {}, os.getpid()
         f = self._files.get(i)
         if f is None:
             path = self.dir / self.shards[i]["name"]
@@ -118,34 +134,171 @@ class CacheReader:
         return out
 
     # -- training order ----------------------------------------------------------------------------------------
-    def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int = 8192,
-                     shuffle_blocks: int = 4, keep: np.ndarray | None = None, rank: int = 0, world: int = 1,
-                     skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """One epoch of shuffled batches. The order is a pure function of (seed, epoch, rank, world), so a
-        resumed run can skip the batches it already trained on. ``keep`` (bool per sample) drops rows whose
-        sample is held out (validation)."""
-        rng = np.random.default_rng([seed, epoch])
+    def row_bytes(self) -> int:
+        """Bytes one row occupies in the shards (all of its arrays)."""
+        f = self._file(0)
+        return sum(f[k].dtype.itemsize * int(np.prod(f[k].shape[1:])) for k in self.keys)
+
+    def default_block_rows(self) -> int:
+        return int(np.clip(BLOCK_BYTES // max(self.row_bytes(), 1), 64, 8192))
+
+    def kept_rows(self, block_rows: int, keep: np.ndarray | None) -> np.ndarray:
+        """Rows per block (``self.blocks(block_rows)``) whose sample is kept. With ``keep`` this reads only the
+        ``sample_index`` column, once per (block size, mask): memoised, and computed before workers start."""
         blocks = self.blocks(block_rows)
-        order = rng.permutation(len(blocks))[rank::world]
-        carry: dict[str, np.ndarray] | None = None
-        produced = 0
-        for g in range(0, len(order), shuffle_blocks):
-            group = [self.read_block(blocks[j]) for j in order[g:g + shuffle_blocks]]
-            buf = {k: np.concatenate([b[k] for b in group]) for k in self.keys}
+        if keep is None:
+            return np.array([b.stop - b.start for b in blocks], dtype=np.int64)
+        key = (block_rows, hashlib.blake2b(np.packbits(keep).tobytes(), digest_size=16).hexdigest())
+        if key not in self._kept:
+            self._kept[key] = np.array([int(keep[self._file(b.shard)["sample_index"][b.start:b.stop]].sum())
+                                        for b in blocks], dtype=np.int64)
+        return self._kept[key]
+
+    def epoch_groups(self, *, seed: int, epoch: int, block_rows: int, shuffle_blocks: int = SHUFFLE_BLOCKS,
+                     keep: np.ndarray | None = None, rank: int = 0, world: int = 1) -> list[list[Piece]]:
+        """This rank's reads for one epoch: groups of ``shuffle_blocks`` pieces whose rows are shuffled together.
+
+        Every rank permutes the same blocks with the (seed, epoch) RNG and cuts the permuted stream of kept rows
+        into ``world`` contiguous parts of ``total // world`` rows: disjoint, and equal so that every rank takes the
+        same number of steps (DDP needs that); at most ``world - 1`` rows sit out an epoch, different ones each
+        epoch. A piece is a block, or its part on one side of a cut."""
+        blocks = self.blocks(block_rows)
+        order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+        if world == 1:
+            pieces = [Piece(blocks[j], 0, None) for j in order]
+        else:
+            kept = self.kept_rows(block_rows, keep)[order]
+            ends = np.cumsum(kept)
+            part = int(ends[-1]) // world if len(ends) else 0
+            lo, hi = rank * part, (rank + 1) * part
+            pieces = []
+            for j, e, c in zip(order, ends.tolist(), kept.tolist()):
+                a, b = max(lo, e - c), min(hi, e)
+                if a >= b:
+                    continue
+                a, b = a - (e - c), b - (e - c)  # kept-row offsets inside the block
+                blk = blocks[j]
+                if keep is None:  # kept rows are the block's rows: read exactly this rank's part
+                    pieces.append(Piece(Block(blk.shard, blk.start + a, blk.start + b), 0, None))
+                else:
+                    pieces.append(Piece(blk, a, b))
+        return [pieces[g:g + shuffle_blocks] for g in range(0, len(pieces), shuffle_blocks)]
+
+    def read_group(self, group: list[Piece], *, keep: np.ndarray | None, seed: int, epoch: int, rank: int = 0,
+                   world: int = 1, index: int = 0) -> dict[str, np.ndarray]:
+        """Read a group's pieces (one contiguous read each), drop held-out rows, shuffle the rows in memory. The
+        shuffle is seeded by the group's place in the epoch, so it does not matter which process reads it."""
+        parts = []
+        for piece in group:
+            arrays = self.read_block(piece.block)
             if keep is not None:
-                mask = keep[buf["sample_index"]]
-                buf = {k: v[mask] for k, v in buf.items()}
-            perm = rng.permutation(len(buf["row_index"]))
-            buf = {k: v[perm] for k, v in buf.items()}
-            if carry is not None:
-                buf = {k: np.concatenate([carry[k], buf[k]]) for k in self.keys}
-            n = len(buf["row_index"])
-            full = n - n % batch_size
-            for a in range(0, full, batch_size):
-                if produced >= skip_batches:
-                    yield {k: v[a:a + batch_size] for k, v in buf.items()}
-                produced += 1
-            carry = {k: v[full:] for k, v in buf.items()}
-        if carry is not None and len(carry["row_index"]):
+                mask = keep[arrays["sample_index"]]
+                arrays = {k: v[mask][piece.lo:piece.hi] for k, v in arrays.items()}
+            parts.append(arrays)
+        # one array at a time, each source freed once copied: about one group in memory, not three
+        buf = {k: np.concatenate([p.pop(k) for p in parts]) for k in self.keys}
+        perm = np.random.default_rng([seed, epoch, rank, world, index]).permutation(len(buf["row_index"]))
+        for k in self.keys:
+            buf[k] = buf[k][perm]
+        return buf
+
+    def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int | None = None,
+                     shuffle_blocks: int = SHUFFLE_BLOCKS, keep: np.ndarray | None = None, rank: int = 0,
+                     world: int = 1, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """One epoch of shuffled batches, read in this process. The order is a pure function of (seed, epoch,
+        rank, world), so a resumed run can skip the batches it already trained on. ``keep`` (bool per sample)
+        drops rows whose sample is held out (validation)."""
+        opts = dict(seed=seed, epoch=epoch, keep=keep, rank=rank, world=world)
+        block_rows = block_rows or self.default_block_rows()
+        groups = self.epoch_groups(block_rows=block_rows, shuffle_blocks=shuffle_blocks, **opts)
+        bufs = (self.read_group(g, index=i, **opts) for i, g in enumerate(groups))
+        yield from batches_of(bufs, batch_size, skip_batches)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A block, and which of its kept rows this rank reads (``lo:hi``; ``None``: to the end)."""
+
+    block: Block
+    lo: int
+    hi: int | None
+
+
+def batches_of(bufs: Iterable[dict[str, np.ndarray]], batch_size: int,
+               skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled buffers -> batches of ``batch_size`` rows (the last one shorter); rows left over from one buffer
+    lead the next batch. The first ``skip_batches`` batches are dropped (a resumed epoch)."""
+    carry: dict[str, np.ndarray] | None = None  # fewer than batch_size rows, copied out of their buffer
+    produced = 0
+    bufs = iter(bufs)
+    while (buf := next(bufs, None)) is not None:
+        n, a = len(buf["row_index"]), 0
+        if carry is not None:  # complete the carried rows with the head of this buffer
+            a = min(batch_size - len(carry["row_index"]), n)
+            carry = {k: np.concatenate([carry[k], v[:a]]) for k, v in buf.items()}
+            if len(carry["row_index"]) < batch_size:
+                continue  # the whole buffer went into the carry
             if produced >= skip_batches:
                 yield carry
+            produced, carry = produced + 1, None
+        while n - a >= batch_size:
+            if produced >= skip_batches:  # a copy: no batch the trainer still holds pins a whole group
+                yield {k: v[a:a + batch_size].copy() for k, v in buf.items()}
+            produced, a = produced + 1, a + batch_size
+        if a < n:
+            carry = {k: v[a:].copy() for k, v in buf.items()}
+        del buf  # the next group is read without this one still in memory
+    if carry is not None and len(carry["row_index"]) and produced >= skip_batches:
+        yield carry
+
+
+class GroupStream(IterableDataset):
+    """One rank's epoch as shuffled groups, for a DataLoader: worker ``w`` of ``W`` reads groups ``w, w+W, ...``
+    (opening the shards lazily in its own process) and the DataLoader returns them in order, so the batches are
+    the same for any number of workers. ``epoch`` lives in shared memory: persistent workers read it afresh at
+    the start of every epoch."""
+
+    def __init__(self, reader: CacheReader, *, seed: int, keep: np.ndarray | None, rank: int, world: int,
+                 block_rows: int, shuffle_blocks: int):
+        self.reader, self.seed, self.keep, self.rank, self.world = reader, seed, keep, rank, world
+        self.block_rows, self.shuffle_blocks = block_rows, shuffle_blocks
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        opts = dict(seed=self.seed, epoch=int(self.epoch[0]), keep=self.keep, rank=self.rank, world=self.world)
+        groups = self.reader.epoch_groups(block_rows=self.block_rows, shuffle_blocks=self.shuffle_blocks, **opts)
+        for i in range(worker, len(groups), workers):
+            yield self.reader.read_group(groups[i], index=i, **opts)
+
+
+class CacheLoader:
+    """Epoch after epoch of one rank's batches. ``num_workers > 0`` reads and shuffles the blocks in persistent
+    DataLoader workers (each opens the shards itself); ``0`` reads in this process. Same batches either way."""
+
+    def __init__(self, reader: CacheReader, *, batch_size: int, seed: int, keep: np.ndarray | None = None,
+                 rank: int = 0, world: int = 1, num_workers: int = 0, block_rows: int | None = None,
+                 shuffle_blocks: int = SHUFFLE_BLOCKS):
+        self.batch_size = batch_size
+        block_rows = block_rows or reader.default_block_rows()
+        self.stream = GroupStream(reader, seed=seed, keep=keep, rank=rank, world=world, block_rows=block_rows,
+                                  shuffle_blocks=shuffle_blocks)
+        self._loader = None
+        if world > 1:
+            reader.kept_rows(block_rows, keep)  # read once here, not once per worker
+        if num_workers:
+            reader.close()  # no HDF5 handle crosses into a worker (HDF5 is not fork-safe)
+            self._loader = DataLoader(self.stream, batch_size=None, num_workers=num_workers,
+                                      persistent_workers=True, prefetch_factor=2)
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        self.stream.epoch[0] = epoch
+        if self._loader is None:
+            bufs: Iterable[dict] = iter(self.stream)
+        else:  # the DataLoader hands numpy arrays over as tensors in shared memory: back to numpy, no copy
+            bufs = ({k: v.numpy() for k, v in g.items()} for g in self._loader)
+        yield from batches_of(bufs, self.batch_size, skip_batches)
+
+    def close(self) -> None:
+        self._loader = None  # shuts the persistent workers down

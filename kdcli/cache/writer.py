@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from kdcli.cache.atomic import PARTIAL, replace_atomically
-from kdcli.cache.manifest import shard_name, write_manifest
+from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
 from kdcli.errors import KdError, UsageError
 from kdcli.models import sha256_file
 
@@ -51,9 +51,10 @@ class ShardWriter:
 
     def __init__(self, cache_dir: Path, manifest: dict, *, shard_size: int, first_shard: int = 0,
                  token_keys: frozenset[str] = frozenset(), threaded: bool = True, queue_shards: int = 2,
-                 on_shard: Callable[[dict], None] | None = None):
+                 on_shard: Callable[[dict], None] | None = None, manifest_name: str = MANIFEST):
         self.dir = Path(cache_dir)
         self.manifest = manifest
+        self.manifest_name = manifest_name  # a rank's own manifest.rank-N.json under torchrun
         self.shard_size = shard_size
         self.next_shard = first_shard
         self.token_keys = token_keys
@@ -75,6 +76,13 @@ class ShardWriter:
         self._pending_rows += n
         while self._pending_rows >= self._rows_in(self.next_shard) > 0:
             self._emit(self._rows_in(self.next_shard))
+
+    def seek(self, shard: int) -> None:
+        """Continue at shard ``shard`` (a rank, or a resumed run, computes runs of shards with gaps between)."""
+        if self._pending_rows:
+            raise RuntimeError(f"seek to shard {shard} with {self._pending_rows} rows of shard {self.next_shard} "
+                               "still pending")
+        self.next_shard = shard
 
     def close(self) -> None:
         """Flush the last (short) shard and wait until every shard is published."""
@@ -181,7 +189,7 @@ class ShardWriter:
                  "sha256": sha256_file(path)}
         self.manifest["shards"].append(entry)
         self.manifest["shards"].sort(key=lambda s: s["row_start"])
-        write_manifest(self.dir, self.manifest)
+        write_manifest(self.dir, self.manifest, self.manifest_name)
         if self.on_shard:
             self.on_shard(entry)
 
