@@ -140,7 +140,7 @@ class Dist:
         """After DDP training every rank must hold the same weights; a mismatch is a bug, never silent."""
         if not self.enabled:
             return
-        sums = [float(p.detach().double().sum()) for p in module.parameters()]
+        sums = [float(p.detach().double().sum()).hex() for p in module.parameters()]  # exact; NaN == NaN
         ranks = self.all_gather(sums)
         for r, other in enumerate(ranks[1:], start=1):
             if other != ranks[0]:
