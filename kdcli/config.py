@@ -104,14 +104,16 @@ class TrainConfig:
                                  gt=0.0)
     augment: str | None = opt(None, "On-the-fly augmentation for label-only training, e.g. shift:2. With a cache "
                                     "the student sees exactly the cached views instead.")
-    batch_size: int = opt(128, "Rows per optimizer step.", min=1)
+    batch_size: int = opt(128, "Rows per optimizer step; per process under torchrun (global batch = batch size x "
+                               "processes).", min=1)
     eval_data: str | None = opt(None, "DATA to measure after every epoch (accuracy, NLL, errors in metrics.jsonl), "
                                       "e.g. mnist:test. Never trained on.")
     val_fraction: float = opt(0.0, "Fraction of the data held out for validation (chosen by seed).", min=0.0,
                               lt=1.0)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
     device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
-    num_workers: int = opt(0, "DataLoader worker processes reading the cache.", min=0)
+    num_workers: int = opt(0, "DataLoader worker processes reading the cache (persistent; per process under "
+                              "torchrun). 0: read in the training process.", min=0)
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).",
                                 min=0)
     resume: bool = opt(False, "Continue from the checkpoint in --out.")
