@@ -162,10 +162,25 @@ def fields_of(cls: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
+_ANNOTATION_NAMES = {"dict": dict, "list": list, "str": str, "int": int, "float": float, "bool": bool,
+                     "None": type(None)}
+
+
+def _parse_annotation(text: str) -> Any:
+    """``"int | None"`` -> ``int | None`` by table lookup (never ``eval``): config fields use these names only."""
+    parts = []
+    for name in text.split("|"):
+        name = name.strip().split("[", 1)[0]  # list[str] -> list
+        if name not in _ANNOTATION_NAMES:
+            raise TypeError(f"config field annotation {text!r}: {name!r} is not one of {sorted(_ANNOTATION_NAMES)}")
+        parts.append(_ANNOTATION_NAMES[name])
+    return parts[0] if len(parts) == 1 else typing.Union[tuple(parts)]
+
+
 def _base_type(tp: Any) -> tuple[type, bool]:
     """(underlying type, optional?) for annotations such as ``int | None``."""
     if isinstance(tp, str):
-        tp = eval(tp, {"dict": dict, "list": list, "str": str, "int": int, "float": float, "bool": bool})
+        tp = _parse_annotation(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,14 +145,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for anything but tensors and containers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UsageError(f"refusing to load {path}: not a plain tensor state_dict ({first[:160]})") from None
+        raise UsageError(f"refusing to load {path}: not a plain tensor state_dict ({unpickling_problem(e)}); "
+                         "save the weights with safetensors or as a state_dict of tensors") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"{path} does not hold a state_dict of tensors")
     return obj
+
+
+def unpickling_problem(e: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in a few words (its own message spans a dozen lines)."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it would call {m.group(1)} while loading, and loading never runs code"
+    lines = [x.strip() for x in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if x.strip()]
+    return f"{e.__class__.__name__}: {lines[0][:160]}" if lines else e.__class__.__name__
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -210,7 +221,7 @@ def check_output_width(model: nn.Module, spec: str, num_classes: int, input_shap
 
 def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
     """Write model.safetensors + model.json (and a copy of a plugin's source) into ``run_dir``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     from kdcli.cache.atomic import atomic_write_bytes, replace_atomically
 
@@ -223,9 +234,7 @@ def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
             replace_atomically(run_dir / (PLUGIN_COPY + ".partial"), run_dir / PLUGIN_COPY)
         spec = f"{PLUGIN_COPY}:{name}"  # relative to the run dir: the run is self-contained
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / (WEIGHTS + ".partial")
-    save_file(state, str(tmp))
-    replace_atomically(tmp, run_dir / WEIGHTS)
+    atomic_write_bytes(run_dir / WEIGHTS, safetensors_bytes(state))  # in memory first: disk errors are OSErrors
     meta = {"spec": spec, "args": info.args, "num_classes": info.num_classes, "input_shape": info.input_shape,
             "num_parameters": info.num_parameters}
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
@@ -238,8 +247,14 @@ def load_run_model(run_dir: Path, weights: str | None = None) -> tuple[nn.Module
         num_classes, input_shape = int(meta["num_classes"]), tuple(meta["input_shape"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{run_dir}/{MODEL_JSON} is not a valid kdcli model description: {e}") from None
-    if is_plugin_spec(spec) and not Path(spec.rpartition(":")[0]).is_absolute():
-        spec = f"{run_dir / spec.rpartition(':')[0]}:{spec.rpartition(':')[2]}"
+    if is_plugin_spec(spec):
+        # A run of a file.py student carries its own copy of the plugin (model_source.py) and runs it to rebuild
+        # the model: that is code, by design. Nothing else: a model.json may not name code outside its run dir.
+        src = (run_dir / spec.rpartition(":")[0]).resolve()
+        if Path(spec.rpartition(":")[0]).is_absolute() or run_dir.resolve() not in src.parents:
+            raise UsageError(f"{run_dir}/{MODEL_JSON} names plugin code outside its run directory ({spec}); "
+                             f"kdcli only runs the {PLUGIN_COPY} a run carries")
+        spec = f"{src}:{spec.rpartition(':')[2]}"
     model = _construct(spec, args, num_classes, input_shape)
     wpath = Path(weights) if weights else run_dir / WEIGHTS
     if not wpath.is_file():

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcli.errors import UsageError
+from kdcli.errors import KdError, UsageError
 
 
 def is_plugin_spec(spec: str) -> bool:
@@ -62,3 +62,8 @@ def call_factory(factory: Callable[..., Any], spec: str, kwargs: dict, offered: 
         return factory(**call)
     except TypeError as e:
         raise UsageError(f"{spec}: bad arguments {sorted(call)}: {e}") from e
+    except KdError:
+        raise
+    except Exception as e:  # a bug in the user's code is a usage problem (exit 2), not a kdcli bug (exit 4)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{spec} raised {e.__class__.__name__}: {first} (an error in the plugin's own code)") from e

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcli import distributed, log
+from kdcli import crashpoints, distributed, log
 from kdcli.augment import parse_augment
 from kdcli.cache.atomic import remove_partials
 from kdcli.cache.lock import DirLock
@@ -103,7 +103,8 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, *, holes: bool = False)
             kept = _whole_shards(out, old) if holes else old["shards"][:_whole_prefix(out, old)]
             if old["complete"] and len(kept) == len(old["shards"]):
                 return old, -1
-            old["shards"] = kept
+            old["shards"], old["complete"] = kept, False
+            write_manifest(out, old)  # a damaged complete cache being repaired is incomplete until it is done
             return old, len(kept)
         _clear_cache_files(out)
     elif any(p.name != ".lock" for p in out.iterdir()):
@@ -112,6 +113,9 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, *, holes: bool = False)
             raise UsageError(f"--out {out} is not empty and holds no kdcli cache ({stray[0]}, ...); "
                              "choose an empty or new directory")
         _clear_cache_files(out)
+    # From its first instant the directory says which cache it is building (complete: false, no shards), so a
+    # crash before the first manifest update still resumes instead of finding "a directory with stray shards".
+    write_manifest(out, plan)
     return plan, 0
 
 
@@ -312,6 +316,7 @@ def _publish(batch: dict, copy: HostCopy, extra: dict, writer: ShardWriter, prog
     progress.advance(len(batch["row_index"]))
 
 
+    crashpoints.reached("teacher-batch")  # test-only fault injection (kdcli/crashpoints.py)
 def _summary(cfg: CacheConfig, manifest: dict, status: str, computed: int, skipped: int, t0: float, info,
              device) -> CacheSummary:
     total_bytes = sum(s["bytes"] for s in manifest["shards"])

@@ -14,6 +14,7 @@ trained on and, on the CPU, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -28,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli import distributed, log
+from kdcli import crashpoints, distributed, log
 from kdcli.augment import parse_augment
-from kdcli.cache.atomic import atomic_write_bytes, remove_partials, replace_atomically
+from kdcli.cache.atomic import atomic_write_bytes, is_disk_full, remove_partials
 from kdcli.cache.lock import DirLock
 from kdcli.cache.reader import CacheLoader, CacheReader
 from kdcli.config import TrainConfig, to_dict, write_yaml
 from kdcli.data import LabelledData, load_data
 from kdcli.errors import CacheError, UsageError
 from kdcli.losses import describe, kd_loss, targets_from_arrays
-from kdcli.models import WEIGHTS, build_model, resolve_device, save_run_model
+from kdcli.models import WEIGHTS, build_model, resolve_device, save_run_model, unpickling_problem
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -87,7 +88,7 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> dict | None:
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UsageError(f"cannot load {ckpt_path} as a plain checkpoint ({e.__class__.__name__}); it is "
+            raise UsageError(f"cannot load {ckpt_path} as a plain checkpoint ({unpickling_problem(e)}); it is "
                              "damaged or not kdcli's: remove it or pass --overwrite") from None
         if ckpt.get("config_hash") != config_hash(cfg):
             raise UsageError(f"{out} holds a checkpoint from a run with different settings; use the same options "
@@ -174,9 +175,10 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
         raise UsageError(f"--alpha {alpha:g} weights a teacher term but no --cache was given; pass --cache "
                          "CACHE_DIR or --alpha 0")
     reader = CacheReader(cfg.cache) if cfg.cache else None
-    data = load_data(cfg.data, num_classes=reader.num_classes if reader else None)
+    data = load_data(cfg.data)  # its own label range first: data that does not fit the cache is exit 3, not 2
     if reader is not None:
         reader.check_data(data.identity())
+        data.num_classes = reader.num_classes  # the data's labels fit: the student outputs the cache's classes
         if cfg.augment:
             raise UsageError("--augment applies to label-only training; with --cache the student trains on the "
                              "cached views (build the cache with --views N --augment ...)")
@@ -314,6 +316,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             acc["correct"] += float((logits.argmax(dim=1) == y).sum())
             step_in_epoch += 1
             global_step += 1
+            crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                 _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc, ctx)
         skip = 0
@@ -358,7 +361,6 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
     return summary
 
 
-
 def _zero_acc() -> dict:
     return {"rows": 0.0, "loss": 0.0, "soft": 0.0, "hard": 0.0, "correct": 0.0, "seconds": 0.0}
 
@@ -370,7 +372,6 @@ def _reduce_acc(acc: dict, ctx: distributed.Dist | None) -> dict:
     keys = [k for k in acc if k != "seconds"]
     sums = ctx.all_reduce([acc[k] for k in keys], "sum")
     return {**dict(zip(keys, sums)), "seconds": ctx.all_reduce([acc["seconds"]], "max")[0]}
-
 
 
 def _check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> None:
@@ -411,9 +412,15 @@ def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epo
             state["rng_cuda_ranks"] = [r[1] for r in rngs]
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
-    tmp = out / (CHECKPOINT + ".partial")
-    torch.save(state, tmp)
-    replace_atomically(tmp, out / CHECKPOINT)
+    buf = io.BytesIO()
+    torch.save(state, buf)  # serialised in memory: a failing disk write is then a plain OSError, not torch's
+    try:
+        atomic_write_bytes(out / CHECKPOINT, buf.getbuffer())  # the previous checkpoint stays whole until then
+    except BaseException as e:
+        if is_disk_full(e):
+            raise UsageError(f"no space left on device while writing {out / CHECKPOINT}; free some space and "
+                             "re-run the same command: it resumes from the last whole checkpoint") from None
+        raise
 
 
 def _count_lines(path: Path) -> int:

@@ -62,8 +62,8 @@ def read_manifest(cache_dir: Path, *, require_complete: bool = True, name: str =
     if not Path(cache_dir).is_dir():
         raise CacheError(f"cache directory not found: {cache_dir}")
     if not path.is_file():
-        raise CacheError(f"{cache_dir} has no {MANIFEST}: not a kdcli cache, or cache-teacher never finished a "
-                         "shard (re-run cache-teacher to build it)")
+        raise CacheError(f"{cache_dir} has no {MANIFEST}: not a kdcli cache (or its manifest was deleted: rebuild "
+                         "it with cache-teacher --overwrite)")
     try:
         m = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -13,8 +13,8 @@ token arrays flattened, never padded.
 
 from __future__ import annotations
 
-import errno
-import os
+import hashlib
+import itertools
 import queue
 import threading
 from pathlib import Path
@@ -23,27 +23,49 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from kdcli.cache.atomic import PARTIAL, replace_atomically
+from kdcli import crashpoints
+from kdcli.cache.atomic import PARTIAL, is_disk_full, replace_atomically
 from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
 from kdcli.errors import KdError, UsageError
-from kdcli.models import sha256_file
 
 _STOP = object()
 
 
-def write_shard_file(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write one shard to ``path + .partial``, fsync, rename into place. Uncompressed, contiguous datasets."""
+_images = itertools.count()
+
+
+def shard_image(arrays: dict[str, np.ndarray], attrs: dict) -> bytes:
+    """One shard as the bytes of an HDF5 file (uncompressed, contiguous datasets), built in memory.
+
+    HDF5 never touches the disk: a failing write (full disk, quota, file-size limit) is then a plain ``OSError``
+    from :func:`write_shard_file`, never an HDF5 library error in the middle of a file (measured: h5py writing
+    straight to a file at RLIMIT_FSIZE printed "Exception ignored" tracebacks and the process segfaulted)."""
+    with h5py.File(f"kdcli-shard-image-{next(_images)}", "w", driver="core", backing_store=False) as f:
+        for name, a in arrays.items():
+            f.create_dataset(name, data=a)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.flush()
+        return f.id.get_file_image()
+
+
+def write_shard_file(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> tuple[int, str]:
+    """Write one shard to ``path + .partial``, fsync, rename into place; returns (bytes, sha256)."""
+    image = shard_image(arrays, attrs)
     tmp = path.with_name(path.name + PARTIAL)
     try:
-        with h5py.File(tmp, "w") as f:
-            for name, a in arrays.items():
-                f.create_dataset(name, data=a)
-            for k, v in attrs.items():
-                f.attrs[k] = v
+        with open(tmp, "wb") as f:
+            half = len(image) // 2
+            f.write(image[:half])
+            f.flush()
+            crashpoints.reached("shard-partial")  # test-only: a crash with half a shard on disk
+            f.write(image[half:])
         replace_atomically(tmp, path)
+        crashpoints.reached("shard-renamed")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return len(image), hashlib.sha256(image).hexdigest()
 
 
 class ShardWriter:
@@ -179,17 +201,19 @@ class ShardWriter:
         n = len(arrays["row_index"])
         path = self.dir / name
         try:
-            write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n})
-        except OSError as e:
-            if e.errno == errno.ENOSPC or "No space" in str(e) or "disk" in str(e).lower():
-                raise UsageError(f"no space left on device while writing {path}; free some space and re-run the "
-                                 "same command: the whole shards already written are kept") from None
+            nbytes, digest = write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n})
+            entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": nbytes, "sha256": digest}
+            self.manifest["shards"].append(entry)
+            self.manifest["shards"].sort(key=lambda s: s["row_start"])
+            path = self.dir / self.manifest_name
+            write_manifest(self.dir, self.manifest, self.manifest_name)
+        except (OSError, RuntimeError) as e:
+            if is_disk_full(e):  # `path`: the shard, or the manifest when the shard is already whole
+                raise UsageError(f"no space left on device while writing {path} ({e.__class__.__name__}); free "
+                                 "some space and re-run the same command: the whole shards already written are "
+                                 "kept") from None
             raise
-        entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": os.path.getsize(path),
-                 "sha256": sha256_file(path)}
-        self.manifest["shards"].append(entry)
-        self.manifest["shards"].sort(key=lambda s: s["row_start"])
-        write_manifest(self.dir, self.manifest, self.manifest_name)
+        crashpoints.reached("shard-published")
         if self.on_shard:
             self.on_shard(entry)
 
