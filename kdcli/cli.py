@@ -13,12 +13,12 @@ import signal
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
-from kdcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CheckFailed, KdError
+from kdcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CacheError, CheckFailed, KdError
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
                    "3 cache invalid or mismatched, 4 internal error, 130 interrupted.")
@@ -79,6 +79,12 @@ def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
     except Exception as e:
         if debug:
             raise
+        from kdcli.cache.atomic import is_disk_full
+
+        if is_disk_full(e):  # any write path: a full disk is the environment's problem, not kdcli's (exit 2)
+            _err(f"error: no space left on device ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); free "
+                 "some space and re-run the same command: whole shards/checkpoints already written are kept")
+            raise typer.Exit(EXIT_USAGE) from None
         first = (str(e).splitlines() or [""])[0][:300]
         _err(f"error: internal error {e.__class__.__name__}: {first} (re-run with --debug for the traceback, and "
              "please report it)")
@@ -186,6 +192,39 @@ command(app, "train-student", TrainConfig, _train_student,
 command(app, "eval", EvalConfig, _eval,
         "Example: kdcli eval --model runs/teacher --model runs/student --data mnist:test --cache cache/test "
         "--json")
+
+
+@cache_app.command("verify", epilog="Example: kdcli cache verify cache/mnist --json")
+def cache_verify(
+    cache_dir: Annotated[Path, typer.Argument(show_default=False,
+                                              help="Cache directory (manifest.json + shard-*.h5).")],
+    data: Annotated[Optional[str], typer.Option("--data", metavar="DATA", show_default=False,
+                                                help="Also check every row hash against DATA (classification "
+                                                     "caches).")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of a "
+                                                      "table.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Re-hash every shard against the manifest's sha256 and check its contents: datasets, dtypes and shapes, row
+    coverage and order, finite values, log-probabilities that normalise, the data fingerprint. One row per shard
+    on stdout; exit 0 when everything is right, 3 on any problem."""
+
+    def run() -> None:
+        from kdcli.cache.verify import verify_cache
+        from kdcli.report import print_json, render_verify, show
+
+        report = verify_cache(cache_dir, data)
+        if json:
+            print_json(report)
+        else:
+            show(render_verify(report))
+        for note in report.notes:
+            _err(f"note: {note}")
+        if not report.ok:
+            more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+            raise CacheError(f"cache {cache_dir} failed verification: {report.problems[0]}{more}; {report.fix}")
+
+    run_guarded(debug, run)
 
 
 def _sigterm(signum, frame):  # pragma: no cover - exercised by subprocess tests

@@ -119,3 +119,20 @@ def render_eval(r) -> Table:
 
 def show(table: Table) -> None:
     out_console.print(table)
+
+
+def render_verify(r) -> Table:
+    """``kdcli cache verify``: one row per shard, its problems (if any) in the status column."""
+    t = Table(title=f"cache verify {r.cache_dir}: {'ok' if r.ok else 'FAILED'} ({r.kind}, mode {r.mode}, "
+                    f"{r.rows_verified:,}/{r.num_rows:,} rows verified, {'complete' if r.complete else 'INCOMPLETE'})",
+              title_justify="left")
+    for name, justify in (("shard", "left"), ("rows", "right"), ("bytes", "right"), ("sha256", "center"),
+                          ("status", "left")):
+        t.add_column(name, justify=justify, overflow="fold")
+    for s in r.shards:
+        sha = {True: "ok", False: "MISMATCH", None: "-"}[s.sha256_ok]
+        t.add_row(s.name, f"{s.row_start:,}..{s.row_stop:,}", f"{s.bytes:,}", sha,
+                  "ok" if s.ok else "; ".join(s.problems))
+    if not r.shards:
+        t.add_row("(none)", "", "", "", "the manifest lists no shards")
+    return t

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcli.cache.manifest import check_matches_data, read_manifest
+from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
 
 ROW_KEYS = ("row_index", "sample_index", "row_hash")
@@ -64,8 +65,8 @@ class CacheReader:
             if s["row_start"] != expect:
                 raise CacheError(f"cache {self.dir}: shards do not cover rows contiguously (gap at row {expect})")
             if not p.is_file():
-                raise CacheError(f"cache {self.dir}: shard {s['name']} is missing; rebuild it by re-running "
-                                 "cache-teacher with --overwrite")
+                raise CacheError(f"cache {self.dir}: shard {s['name']} is missing; re-run the same cache-teacher "
+                                 "command to recompute it")
             size = p.stat().st_size
             if size != s["bytes"]:
                 raise CacheError(f"cache {self.dir}: shard {s['name']} has {size} bytes, the manifest says "
@@ -112,10 +113,17 @@ class CacheReader:
     def read_block(self, b: Block) -> dict[str, np.ndarray]:
         f = self._file(b.shard)
         try:
-            return {k: f[k][b.start:b.stop] for k in self.keys}
+            arrays = {k: f[k][b.start:b.stop] for k in self.keys}
         except (KeyError, OSError) as e:
             raise CacheError(f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset "
                              f"({e}); run `kdcli cache verify {self.dir}`") from None
+        # Cheap content checks on every read (row ids, finiteness, normalisation; see kdcli/cache/verify.py):
+        # a damaged block stops the run (exit 3) instead of being trained on.
+        problems = block_problems(self.manifest, arrays, self.shards[b.shard]["row_start"] + b.start)
+        if problems:
+            raise CacheError(f"cache {self.dir}: shard {self.shards[b.shard]['name']} is damaged: {problems[0]}; "
+                             f"run `kdcli cache verify {self.dir}`")
+        return arrays
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Global rows [start, stop) as one dict of arrays (may span shards)."""
