@@ -313,10 +313,10 @@ def _publish(batch: dict, copy: HostCopy, extra: dict, writer: ShardWriter, prog
         raise UsageError(f"teacher produced NaN/inf logits at row {row} (sample {row % n}); nothing "
                          "was written for that shard: check the teacher weights and --dtype")
     writer.add({**batch, **storage_arrays(arrays, num_classes), **extra})
+    crashpoints.reached("teacher-batch")  # test-only fault injection (kdcli/crashpoints.py)
     progress.advance(len(batch["row_index"]))
 
 
-    crashpoints.reached("teacher-batch")  # test-only fault injection (kdcli/crashpoints.py)
 def _summary(cfg: CacheConfig, manifest: dict, status: str, computed: int, skipped: int, t0: float, info,
              device) -> CacheSummary:
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
