@@ -186,6 +186,10 @@ def _damaged_caches(d: Path) -> None:
     with h5py.File(c / s1, "r+") as f:
         f["logprobs"][5, 2] = np.nan
     _rehash(c, s1)
+    c = copy("c_unnormalised")
+    with h5py.File(c / s1, "r+") as f:
+        f["logprobs"][10] = f["logprobs"][10] - np.float16(1.0)  # finite, <= 0, but the row's mass is e^-1
+    _rehash(c, s1)
     c = copy("c_rows_swapped")
     with h5py.File(c / s1, "r+") as f:
         for k in f:
@@ -336,6 +340,9 @@ CASES: dict[str, Case] = {
                                                                r"logprobs has NaN/inf at row 133"),
     "NaN in a shard, manifest re-hashed (cache verify)": Case(lambda d, o: ["cache", "verify", d / "c_nan"], 3,
                                                               r"shard-00001\.h5: logprobs has NaN/inf at row 133"),
+    "log-probs that do not normalise, manifest re-hashed": Case(distill("c_unnormalised"), 3,
+                                                                r"logprobs does not normalise at row 138: "
+                                                                r"logsumexp = -1\.0"),
     "rows swapped in a shard, manifest re-hashed": Case(distill("c_rows_swapped"), 3,
                                                         r"row_index is not continuous: position 131 holds 132"),
     "cache verify of a missing dir": Case(lambda d, o: ["cache", "verify", d / "nope"], 3,

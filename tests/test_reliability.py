@@ -245,6 +245,13 @@ def test_verify_passes_healthy_classification_caches(ws, tmp_path, settings):
     doc = json.loads(r.stdout)  # exactly one JSON document on stdout
     assert doc["ok"] is True and doc["problems"] == [] and doc["rows_verified"] == doc["num_rows"]
     assert all(s["sha256_ok"] and s["ok"] for s in doc["shards"]) and len(doc["shards"]) > 1
+    if settings.get("top_k"):  # a tail log-mass of 0 (all the mass again) breaks normalisation, nothing else
+        with h5py.File(tmp_path / "c" / "shard-00001.h5", "r+") as f:
+            f["tail_logmass"][7] = 0.0
+        rep = verify_cache(tmp_path / "c")
+        assert not rep.ok and rep.shards[1].sha256_ok is False and len(rep.shards[1].problems) == 2
+        assert re.fullmatch(r"top-k log-probs \+ tail log-mass does not normalise at row 57: logsumexp = \+0\.\d+ "
+                            r"\(tolerance 0\.01\)", rep.shards[1].problems[1]), rep.shards[1].problems
 
 
 def test_verify_token_caches(tmp_path):
