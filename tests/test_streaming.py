@@ -304,3 +304,20 @@ def test_batches_of_equals_slicing_the_concatenated_stream():
             for g, w in zip(got, want):
                 for k in w:
                     np.testing.assert_array_equal(g[k], w[k])
+
+
+def test_train_student_with_dataloader_workers_ends_with_the_same_weights(cache, tmp_path, blobs_npz):
+    from safetensors.torch import load_file
+
+    from kdcli.config import TrainConfig
+    from kdcli.train import train_student
+
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train_student(TrainConfig(student="mlp", student_args={"hidden": [16]}, data=str(blobs_npz),
+                                  cache=str(cache.dir), out=str(out), epochs=2, batch_size=64, val_fraction=0.1,
+                                  num_workers=workers))
+        runs[workers] = load_file(out / "model.safetensors")
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[2][k]), k
