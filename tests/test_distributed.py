@@ -77,6 +77,7 @@ def test_torchrun_cache_is_row_identical_to_one_process(setup):
     m1, m2 = read_manifest(d / "c1"), read_manifest(d / "c2")
     assert [(s["name"], s["row_start"], s["row_stop"]) for s in m2["shards"]] == \
         [(s["name"], s["row_start"], s["row_stop"]) for s in m1["shards"]]
+    assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in m1["shards"]]  # even byte-identical
     a, b = CacheReader(d / "c1").read_rows(0, 600), CacheReader(d / "c2").read_rows(0, 600)
     assert set(a) == set(b) and "sample_ids" in a
     for k in a:  # sample mode: the draws too, so every row was computed in the same batch with the same seed
