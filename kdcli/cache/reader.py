@@ -4,9 +4,9 @@ HDF5 files are opened on first use in the process that reads them (h5py handles 
 not fork-safe), so a reader can be handed to DataLoader workers. Training reads contiguous blocks (one HDF5 read
 each), shuffles a few blocks' rows in memory and yields batches: memory is bounded by
 ``block_rows * shuffle_blocks`` rows whatever the cache size, and every read is sequential. By default a block is
-about ``BLOCK_BYTES`` (64 to 8192 rows) and ``SHUFFLE_BLOCKS`` random blocks are shuffled together: a window of at
-most ~8 MiB of rows from 16 places in the cache, whatever the row width (10 classes or 32,000). Peak memory is a
-few windows, flat in the cache size.
+about ``BLOCK_BYTES`` (64 to 8192 rows) and ``SHUFFLE_BLOCKS`` random blocks are shuffled together: a window of
+about 8 MiB of rows from 16 places in the cache (more only for rows over 8 KiB, which still get 64 rows a block).
+Peak memory is a few windows, flat in the cache size.
 
 Under DDP each rank reads a disjoint, equal share of every epoch (:meth:`CacheReader.epoch_groups`);
 :class:`CacheLoader` reads the groups in persistent DataLoader workers when ``num_workers > 0``.
