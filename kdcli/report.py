@@ -76,6 +76,11 @@ def render_train(s) -> Table:
         rows.append(("eval accuracy", f"{s.eval_accuracy:.4f}"))
     rows += [("student parameters", f"{s.student_parameters:,}"),
              ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s in the last epoch)")]
+    if hasattr(s, "tokens_per_second"):  # LM runs: sequences are rows; tokens are what matters
+        rows[-1] = ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s in the last epoch)")
+        rows.insert(4, ("train tokens", f"{s.train_tokens:,} ({s.divergence} divergence)"))
+        if s.eval_perplexity is not None:
+            rows.insert(5, ("eval perplexity", f"{s.eval_perplexity:.2f}"))
     if s.resumed_from_step:
         rows.append(("resumed from step", str(s.resumed_from_step)))
     return key_value_table("train-student", rows)
