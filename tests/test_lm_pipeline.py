@@ -262,3 +262,19 @@ def test_cli_subprocess_prints_one_table_and_bytes_per_token(lm, tmp_path):
     p = run_cli("cache-teacher", "--teacher", lm["teacher"], "--data", tmp_path / "missing.jsonl", "--out",
                 tmp_path / "d", "--top-k", "4")
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: data file not found")
+
+
+def test_damaged_token_cache_stops_training_and_verify_passes_a_good_one(lm, tmp_path):
+    c = tmp_path / "c"
+    cache(lm, c, top_k=8)
+    r = runner.invoke(app, ["cache", "verify", str(c)])
+    assert r.exit_code == 0, r.stderr
+    name = json.loads((c / "manifest.json").read_text())["shards"][1]["name"]
+    with h5py.File(c / name, "r+") as f:  # same size, a NaN where a log-prob was
+        v = f["topk_logprobs"][()]
+        v[3, 0] = np.nan
+        f["topk_logprobs"][...] = v
+    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", "transformer", "--data", str(lm["text"]),
+                            "--out", str(tmp_path / "run"), *sum([["--student-arg", f"{k}={v}"] for k, v in
+                                                                   STUDENT.items()], [])])
+    assert r.exit_code == 3 and "damaged" in r.stderr, r.stderr

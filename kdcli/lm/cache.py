@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from kdcli.cache.reader import ROW_KEYS, CacheReader
+from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
 
 BLOCK_BYTES = 32 << 20
@@ -44,9 +45,17 @@ class TokenCacheReader(CacheReader):
             out["lengths"] = np.diff(off).astype(np.int64)
             for k in self.token_keys:
                 out[k] = f[k][off[0]:off[-1]]
-        except (KeyError, OSError) as e:
+        except (KeyError, OSError, ValueError) as e:
             raise CacheError(f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset ({e}); "
-                             f"rebuild the cache with cache-teacher --overwrite") from None
+                             f"run `kdcli cache verify {self.dir}`") from None
+        # the same cheap content checks as classification reads (row ids, finiteness, normalisation per token)
+        row0 = self.shards[b.shard]["row_start"] + b.start
+        token_rows = np.repeat(np.arange(row0, row0 + len(out["lengths"])), out["lengths"])
+        problems = block_problems(self.manifest, {k: v for k, v in out.items() if k != "lengths"}, row0,
+                                  token_rows=token_rows)
+        if problems:
+            raise CacheError(f"cache {self.dir}: shard {self.shards[b.shard]['name']} is damaged: {problems[0]}; "
+                             f"run `kdcli cache verify {self.dir}`")
         return out
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
