@@ -159,6 +159,9 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     augment = parse_augment(cfg.augment)
     if cfg.views > 1 and augment is None:
         raise UsageError("--views > 1 needs --augment (e.g. shift:2): views would be identical")
+    if not is_run_dir(cfg.teacher) and not cfg.teacher_weights:
+        raise UsageError(f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, or a run directory "
+                         "made by `kdcli train-student`")
     data = load_data(cfg.data, num_classes=teacher_num_classes(cfg.teacher))
     device = resolve_device(cfg.device)
     model, info = build_model(cfg.teacher, cfg.teacher_args, num_classes=data.num_classes,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny models gain nothing from more, and several test processes share 2 cores.
+torch.set_num_threads(1)
 
 
 def make_blobs(n: int = 600, d: int = 8, classes: int = 4, seed: int = 0, noise: float = 1.0):
