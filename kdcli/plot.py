@@ -110,7 +110,12 @@ def build_figure(report):
     ax_err.set_ylabel("errors")
     if drawn:
         if max(max(c.errors) for c in drawn) > 5 * max(1, min(min(c.errors) for c in drawn)):
+            from matplotlib.ticker import FuncFormatter
+
             ax_err.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 60, 100, 200 rather than 6x10^1
+            ax_err.yaxis.set_major_formatter(plain)
+            ax_err.yaxis.set_minor_formatter(plain)
         ax_err.grid(True, which="both", alpha=0.3)
         ax_err.legend()
     missing = [name for c, name in zip(curves, labels) if c is None]
