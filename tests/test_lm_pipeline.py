@@ -278,3 +278,9 @@ def test_damaged_token_cache_stops_training_and_verify_passes_a_good_one(lm, tmp
                             "--out", str(tmp_path / "run"), *sum([["--student-arg", f"{k}={v}"] for k, v in
                                                                    STUDENT.items()], [])])
     assert r.exit_code == 3 and "damaged" in r.stderr, r.stderr
+
+
+def test_a_teacher_without_weights_is_refused(lm, tmp_path):
+    r = runner.invoke(app, ["cache-teacher", "--teacher", "transformer", "--tokenizer", str(lm["tok"]), "--data",
+                            str(lm["text"]), "--out", str(tmp_path / "c"), "--top-k", "4"])
+    assert r.exit_code == 2 and "has no weights" in r.stderr and not (tmp_path / "c").exists()

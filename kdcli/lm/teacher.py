@@ -33,10 +33,11 @@ from kdcli.cache.writer import ShardWriter
 from kdcli.config import CacheConfig
 from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TOKEN_KEYS
-from kdcli.lm.hf import build_lm, default_tokenizer_spec, lm_logits
+from kdcli.lm.hf import BUILTIN_LMS, build_lm, default_tokenizer_spec, lm_logits
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch, read_template, \
     teacher_sequences, tokenizer_identity
 from kdcli.models import resolve_device
+from kdcli.plugins import is_plugin_spec
 from kdcli.teacher import AMP, CacheSummary, _prepare_dir
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
@@ -71,6 +72,9 @@ def cache_teacher_lm(cfg: CacheConfig) -> LMCacheSummary:
         raise UsageError("--mode topk needs --top-k K")
     if cfg.views != 1 or cfg.augment:
         raise UsageError("--views/--augment are for image data; token caches have one view per sequence")
+    if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
+        raise UsageError(f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face "
+                         "directory or .gguf file, or a run directory made by `kdcli train-student`")
     tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.teacher)
     if tok_spec is None:
         raise UsageError(f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file or "
