@@ -107,9 +107,19 @@ def main() -> None:
     ap.add_argument("--student-args", default="d_model=64,n_layers=2,n_heads=4")
     ap.add_argument("--steps", type=int, default=4, help="timed steps for offline vs online")
     ap.add_argument("--keep", action="store_true", help="keep the caches and runs in --out")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only the offline vs online step timing, on the top-64 cache a --keep run left in --out")
     args = ap.parse_args()
     teacher = args.teacher or str(smollm2_gguf())
     out = Path(args.out)  # re-running reuses complete caches (cache-teacher is a no-op on an identical cache)
+    if args.timing_only:
+        student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
+        t = step_times(teacher, out / "cache-topk64", out / "train.jsonl", student_args, batch=8, steps=args.steps,
+                       top_k=64)
+        print(json.dumps(t, indent=2))
+        print(f"offline step {t['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
+              f"{t['online_step_s'] * 1000:.0f} ms: {t['speedup']:.1f}x faster offline")
+        return
     train = write_jsonl(out / "train.jsonl", play_rows("hamlet", args.train_chars))
     heldout = write_jsonl(out / "heldout.jsonl", play_rows("tempest", args.heldout_chars))
     common = ["--teacher", teacher, "--max-length", args.max_length, "--batch-size", 8]
