@@ -99,16 +99,18 @@ def evaluate_lm(cfg: EvalConfig) -> LMEvalReport:
     bs = max(1, min(cfg.batch_size, 16))
     rows_all = np.arange(data.n)
     teacher = None
-    cached: list = []
+
+    def cached(a: int) -> dict:  # the cache's rows [a, a + bs), checked against the data; read again per model
+        batch = reader.read_rows(a, min(a + bs, data.n))  # so memory stays flat whatever the eval set's size
+        if not np.array_equal(batch["sample_index"], rows_all[a:a + bs]):
+            raise CacheError(f"cache {cfg.cache} rows do not line up with {cfg.data}")
+        check_batch(batch, data, reader)
+        return batch
+
     if reader is not None:
         nll_t = 0.0
         for a in range(0, data.n, bs):
-            batch = reader.read_rows(a, min(a + bs, data.n))
-            if not np.array_equal(batch["sample_index"], rows_all[a:a + bs]):
-                raise CacheError(f"cache {cfg.cache} rows do not line up with {cfg.data}")
-            check_batch(batch, data, reader)
-            nll_t -= float(batch["target_logprobs"].astype(np.float64).sum())
-            cached.append(batch)
+            nll_t -= float(cached(a)["target_logprobs"].astype(np.float64).sum())
         n_tok = int(data.num_targets.sum())
         m = reader.manifest
         teacher = {"spec": m["teacher"].get("spec"), "num_parameters": m["teacher"].get("num_parameters"),
@@ -125,7 +127,7 @@ def evaluate_lm(cfg: EvalConfig) -> LMEvalReport:
         tokens = 0
         secs = 0.0
         with torch.inference_mode():
-            for bi, a in enumerate(range(0, data.n, bs)):
+            for a in range(0, data.n, bs):
                 r = rows_all[a:a + bs]
                 seqs = [data.ids[i] for i in r]
                 ids, mask = pad_batch(seqs, pad_id)
@@ -141,7 +143,7 @@ def evaluate_lm(cfg: EvalConfig) -> LMEvalReport:
                 correct += float((sel.argmax(-1) == y).sum())
                 tokens += len(tgt)
                 if reader is not None:
-                    targets = targets_from_arrays(cached[bi], reader.mode, V).to(device)
+                    targets = targets_from_arrays(cached(a), reader.mode, V).to(device)
                     agree += float((sel.argmax(-1) == targets.top1()).sum())
                     kl += float(soft_kl(sel, targets, cfg.temperature).sum())
         mean = nll / max(tokens, 1)

@@ -116,6 +116,8 @@ def train_student_lm(cfg: TrainConfig) -> LMTrainSummary:
                          "CACHE_DIR or --alpha 0")
     if cfg.augment or cfg.max_norm:
         raise UsageError("--augment and --max-norm are for image classifiers, not language models")
+    if cfg.num_workers:
+        log.warn("--num-workers is ignored for language-model caches: batches are read in this process")
     reader = TokenCacheReader(cfg.cache) if cfg.cache else None
     if reader is not None:
         settings = settings_from_manifest(reader.manifest)
