@@ -86,6 +86,11 @@ def render_train(s) -> Table:
     return key_value_table("train-student", rows)
 
 
+def _kl(x: float) -> str:
+    """A KL is >= 0; fp16-stored teacher log-probs can make a model's KL to itself -1e-6 (shown as 0.0000)."""
+    return f"{max(x, 0.0):.4f}"
+
+
 def render_eval(r) -> Table:
     if getattr(r, "kind", None) == "lm":
         from kdcli.lm.evaluate import render_lm_eval
@@ -114,7 +119,7 @@ def render_eval(r) -> Table:
         fmt[1:1] = rows
     if r.cache:
         fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
-                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: f"{m.kl_to_teacher:.4f}")]
+                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: _kl(m.kl_to_teacher))]
     fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: _human_bytes(m.weight_bytes)),
             ("samples/s", lambda m: f"{m.samples_per_second:,.0f}")]
     for name, f in fmt:

@@ -166,7 +166,7 @@ def evaluate_lm(cfg: EvalConfig) -> LMEvalReport:
 def render_lm_eval(r: LMEvalReport):
     from rich.table import Table
 
-    from kdcli.report import _human_bytes
+    from kdcli.report import _human_bytes, _kl
 
     t = Table(title=f"eval on {r.data} ({r.num_sequences:,} sequences, {r.num_tokens:,} predicted tokens)",
               title_justify="left")
@@ -177,7 +177,7 @@ def render_lm_eval(r: LMEvalReport):
            ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
     if r.cache:
         fmt += [("top-1 agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
-                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: f"{m.kl_to_teacher:.4f}")]
+                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: _kl(m.kl_to_teacher))]
     fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: _human_bytes(m.weight_bytes)),
             ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}")]
     for name, f in fmt:
