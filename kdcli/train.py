@@ -104,6 +104,18 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path) -> dict | None:
     return None
 
 
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split: (sorted held-out row ids, bool mask of rows to train on), a pure function of the seed.
+    Held-out samples are never trained on (with augmented views, none of their views are)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx = np.sort(perm[:int(round(fraction * n))])
+    keep = np.ones(n, dtype=bool)
+    keep[val_idx] = False
+    if not keep.any():
+        raise UsageError("--val-fraction leaves nothing to train on")
+    return val_idx, keep
+
+
 def _schedule(cfg: TrainConfig, total_steps: int):
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -219,13 +231,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
         write_yaml(resolved, out / CONFIG)
 
     # validation split: a seeded choice of samples, never trained on (all their views are dropped)
-    n_val = int(round(cfg.val_fraction * data.n))
-    perm = np.random.default_rng(cfg.seed).permutation(data.n)
-    val_idx = np.sort(perm[:n_val])
-    keep = np.ones(data.n, dtype=bool)
-    keep[val_idx] = False
-    if not keep.any():
-        raise UsageError("--val-fraction leaves no training rows")
+    val_idx, keep = holdout(data.n, cfg.val_fraction, cfg.seed)
+    n_val = len(val_idx)
     train_samples = np.flatnonzero(keep)
     views = reader.manifest["views"] if reader else 1
     train_rows = len(train_samples) * views

@@ -36,7 +36,7 @@ from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, lo
     tokenizer_identity
 from kdcli.losses import describe, kd_loss, targets_from_arrays
 from kdcli.models import resolve_device
-from kdcli.train import CONFIG, METRICS, SUMMARY, TrainSummary, _append_line, _optimizer, _prepare_run_dir, \
+from kdcli.train import CONFIG, METRICS, SUMMARY, TrainSummary, _append_line, _optimizer, _prepare_run_dir, holdout, \
     _save_checkpoint, _schedule, _truncate_lines, label_batches
 
 
@@ -162,13 +162,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
     write_yaml({**to_dict(cfg), "alpha": alpha}, out / CONFIG)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    n_val = int(round(cfg.val_fraction * data.n))
-    perm = np.random.default_rng(cfg.seed).permutation(data.n)
-    val_idx = np.sort(perm[:n_val])
-    keep = np.ones(data.n, dtype=bool)
-    keep[val_idx] = False
-    if not keep.any():
-        raise UsageError("--val-fraction leaves no training sequences")
+    val_idx, keep = holdout(data.n, cfg.val_fraction, cfg.seed)
+    n_val = len(val_idx)
     train_rows = np.flatnonzero(keep)
     train_tokens = int(data.num_targets[train_rows].sum())
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
