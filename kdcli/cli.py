@@ -62,6 +62,20 @@ cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Inspect a
 app.add_typer(cache_app, name="cache")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from kdcli import __version__
+
+        sys.stdout.write(f"kdcli {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the kdcli version and exit.")) -> None:
+    """Offline knowledge distillation."""
+
+
 def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
     """Run one stage; map errors to (one stderr line, exit code). Inside the command, so CliRunner sees it."""
     try:

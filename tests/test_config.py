@@ -77,3 +77,10 @@ def test_every_shipped_example_config_validates():
         cfg = resolve(cls, f, {})
         assert isinstance(cfg, cls)
         assert yaml.safe_load(f.read_text())  # non-empty mapping
+
+
+def test_version_flag():
+    from kdcli import __version__
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"kdcli {__version__}"
