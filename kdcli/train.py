@@ -283,6 +283,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
     if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
         loader = CacheLoader(reader, batch_size=cfg.batch_size, seed=cfg.seed, keep=keep if n_val else None,
                              rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers)
+    pending = torch.zeros(4, dtype=torch.float64, device=device)  # loss, soft, hard, correct since the last flush
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -317,15 +318,17 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
                 apply_max_norm(model, cfg.max_norm)
             b = len(y)
             acc["rows"] += b
-            acc["loss"] += float(parts.total.detach()) * b
-            acc["soft"] += float(parts.soft.detach()) * b
-            acc["hard"] += float(parts.hard.detach()) * b
-            acc["correct"] += float((logits.argmax(dim=1) == y).sum())
+            # summed on the device, read back only at checkpoints and epoch ends: no host sync per step on a GPU
+            pending += torch.stack([parts.total.detach().double() * b, parts.soft.detach().double() * b,
+                                    parts.hard.detach().double() * b,
+                                    (logits.argmax(dim=1) == y).sum().double()])
             step_in_epoch += 1
             global_step += 1
             crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                _flush(acc, pending)
                 _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc, ctx)
+        _flush(acc, pending)
         skip = 0
         acc["seconds"] += time.perf_counter() - t_epoch
         acc = _reduce_acc(acc, ctx)  # every rank's rows and sums; seconds of the slowest rank
@@ -366,6 +369,13 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
         (out / CHECKPOINT).unlink(missing_ok=True)
     ctx.barrier()  # every rank returns once the run directory is final
     return summary
+
+
+def _flush(acc: dict, pending: torch.Tensor) -> None:
+    """Add the device-side step sums into the host accumulators and zero them."""
+    for key, value in zip(("loss", "soft", "hard", "correct"), pending.tolist()):
+        acc[key] += value
+    pending.zero_()
 
 
 def _zero_acc() -> dict:
