@@ -242,25 +242,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
 
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
-    start_epoch, skip, global_step, acc = 0, 0, 0, _zero_acc()
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if int(ckpt.get("world", 1)) != ctx.world:
-            raise UsageError(f"{out} holds a checkpoint from a run with {ckpt.get('world', 1)} process(es), not "
-                             f"{ctx.world}: resume it with the same torchrun --nproc-per-node, or --overwrite")
-        torch.set_rng_state(ckpt["rng_cpu_ranks"][ctx.rank] if ctx.enabled else ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda_ranks"][ctx.rank] if "rng_cuda_ranks" in ckpt else ckpt["rng_cuda"])
-        start_epoch, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
-        acc = {k: float(v) for k, v in ckpt["acc"].items()} if ctx.is_main else _zero_acc()  # sums over ranks
-        if ctx.is_main:
-            _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
-        log.info(f"resuming {out} at epoch {start_epoch + 1}, step {skip} of {steps_per_epoch} "
-                 f"(global step {global_step})")
-    elif ctx.is_main and (out / METRICS).exists():
-        (out / METRICS).unlink()
+    start_epoch, skip, global_step, acc = restore(ckpt, out, model, opt, sched, device, ctx, steps_per_epoch)
     # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ctx.enabled else model
@@ -369,6 +351,33 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
         (out / CHECKPOINT).unlink(missing_ok=True)
     ctx.barrier()  # every rank returns once the run directory is final
     return summary
+
+
+def restore(ckpt: dict | None, out: Path, model: nn.Module, opt, sched, device: torch.device,
+            ctx: distributed.Dist, steps_per_epoch: int, fresh_acc=None) -> tuple[int, int, int, dict]:
+    """Load a checkpoint into model, optimizer, scheduler and RNG states (this rank's under DDP) and cut
+    metrics.jsonl back to it; returns (epoch, step in epoch, global step, accumulators). No checkpoint: a fresh
+    start, and a metrics.jsonl left by an earlier attempt is removed. ``fresh_acc()`` makes empty accumulators."""
+    fresh_acc = fresh_acc or _zero_acc
+    if ckpt is None:
+        if ctx.is_main and (out / METRICS).exists():
+            (out / METRICS).unlink()
+        return 0, 0, 0, fresh_acc()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if int(ckpt.get("world", 1)) != ctx.world:
+        raise UsageError(f"{out} holds a checkpoint from a run with {ckpt.get('world', 1)} process(es), not "
+                         f"{ctx.world}: resume it with the same torchrun --nproc-per-node, or --overwrite")
+    torch.set_rng_state(ckpt["rng_cpu_ranks"][ctx.rank] if ctx.enabled else ckpt["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda_ranks"][ctx.rank] if "rng_cuda_ranks" in ckpt else ckpt["rng_cuda"])
+    epoch, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
+    acc = {k: float(v) for k, v in ckpt["acc"].items()} if ctx.is_main else fresh_acc()  # sums over ranks
+    if ctx.is_main:
+        _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
+    log.info(f"resuming {out} at epoch {epoch + 1}, step {skip} of {steps_per_epoch} (global step {global_step})")
+    return epoch, skip, global_step, acc
 
 
 def _flush(acc: dict, pending: torch.Tensor) -> None:

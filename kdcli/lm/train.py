@@ -35,9 +35,10 @@ from kdcli.lm.hf import build_lm, default_tokenizer_spec, lm_logits, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     tokenizer_identity
 from kdcli.losses import describe, kd_loss, targets_from_arrays
+from kdcli.distributed import Dist
 from kdcli.models import resolve_device
 from kdcli.train import CONFIG, METRICS, SUMMARY, TrainSummary, _append_line, _optimizer, _prepare_run_dir, holdout, \
-    _save_checkpoint, _schedule, _truncate_lines, label_batches
+    label_batches, restore, _save_checkpoint, _schedule
 
 
 @dataclass
@@ -171,18 +172,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
 
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
-    start_epoch, skip, global_step, acc = 0, 0, 0, _zero_acc()
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        start_epoch, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
-        acc = {k: float(v) for k, v in ckpt["acc"].items()}
-        _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
-        log.info(f"resuming {out} at epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
-    elif (out / METRICS).exists():
-        (out / METRICS).unlink()
+    start_epoch, skip, global_step, acc = restore(ckpt, out, model, opt, sched, device, Dist(device=device),
+                                                  steps_per_epoch, fresh_acc=_zero_acc)
 
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta)
     log.info(formula + "   (averaged over predicted tokens)")
