@@ -132,7 +132,7 @@ class CacheReader:
             a, b = max(start, s["row_start"]), min(stop, s["row_stop"])
             if a < b:
                 parts.append(self.read_block(Block(i, a - s["row_start"], b - s["row_start"])))
-        return {k: np.concatenate([p[k] for p in parts]) for k in self.keys}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # row and (LM) token arrays alike
 
     def blocks(self, block_rows: int) -> list[Block]:
         out = []

@@ -58,16 +58,6 @@ class TokenCacheReader(CacheReader):
                              f"run `kdcli cache verify {self.dir}`")
         return out
 
-    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        from kdcli.cache.reader import Block
-
-        parts = []
-        for i, s in enumerate(self.shards):
-            a, b = max(start, s["row_start"]), min(stop, s["row_stop"])
-            if a < b:
-                parts.append(self.read_block(Block(i, a - s["row_start"], b - s["row_start"])))
-        return concat(parts)
-
     def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int | None = None,
                      shuffle_blocks: int = 8, keep: np.ndarray | None = None, rank: int = 0, world: int = 1,
                      skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
