@@ -37,8 +37,8 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     from kdcli.lm.cache import TokenCacheReader
     from kdcli.lm.hf import build_lm, lm_logits
     from kdcli.lm.text import load_text, loss_positions, pad_batch
-    from kdcli.lm.train import settings_from_manifest, tokenizer_for_cache
-    from kdcli.losses import kd_loss, targets_from_arrays
+    from kdcli.lm.train import settings_from_manifest, student_loss, tokenizer_for_cache
+    from kdcli.losses import targets_from_arrays
 
     reader = TokenCacheReader(cache_dir)
     tok, _ = tokenizer_for_cache(reader.manifest, None, cache_dir)
@@ -50,19 +50,18 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     t_model, tinfo = build_lm(teacher)
     t_model.eval()
 
-    def student_step(seqs, rows, targets):
+    def student_step(seqs, rows, targets):  # what train-student does per step (kdcli.lm.train.student_loss)
         ids, mask = pad_batch(seqs)
         idx, y = loss_positions(seqs, data.first_target[rows], ids.shape[1])
-        logits = lm_logits(student, torch.from_numpy(ids))
-        sel = logits.reshape(-1, V)[torch.from_numpy(idx)]
-        loss = kd_loss(sel, targets, torch.from_numpy(y), temperature=1.0, alpha=1.0).total
+        parts, _ = student_loss(student, torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(idx),
+                                targets, torch.from_numpy(y), temperature=1.0, alpha=1.0)
         opt.zero_grad()
-        loss.backward()
+        parts.total.backward()
         opt.step()
         return len(y)
 
     batches = list(reader.iter_batches(batch_size=batch, seed=0, epoch=0))[:steps + 1]
-    off, on = [], []
+    off, on, teacher_s = [], [], []
     for i, b in enumerate(batches):
         rows = b["sample_index"]
         seqs = [data.ids[r] for r in rows]
@@ -76,12 +75,14 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
             tl = lm_logits(t_model, torch.from_numpy(ids), torch.from_numpy(mask))
             logp = torch.log_softmax(tl.reshape(-1, V)[torch.from_numpy(idx)].float(), -1)
             red = {k: v for k, v in to_host(reduce_logits(logp, "topk", top_k=top_k), V).items()}
+        t_teacher = time.perf_counter() - t1
         targets = targets_from_arrays(red, "topk", V)
         student_step(seqs, rows, targets)
         t2 = time.perf_counter()
         if i:  # the first step of each kind warms up allocators
             off.append(t1 - t0)
             on.append(t2 - t1)
+            teacher_s.append(t_teacher)
     # the offline timing above excludes the cache read; time the reads of the same batches separately
     t0 = time.perf_counter()
     for _ in reader.iter_batches(batch_size=batch, seed=1, epoch=0):
@@ -91,6 +92,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     online = float(np.mean(on))
     return {"batch_sequences": batch, "tokens_per_batch": int(np.mean([b["lengths"].sum() for b in batches])),
             "offline_step_s": offline, "online_step_s": online, "cache_read_s_per_batch": read_per_batch,
+            "teacher_forward_and_reduce_s": float(np.mean(teacher_s)),
             "speedup": online / offline, "student_parameters": sinfo.num_parameters,
             "teacher_parameters": tinfo.num_parameters}
 

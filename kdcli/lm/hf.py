@@ -90,6 +90,10 @@ class TinyTransformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden(input_ids))  # (b, L, V)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(b, L) ids -> (b, L, d) final hidden states: the logits are ``hidden @ head.weight.T``."""
         b, L = input_ids.shape  # (b, L) int64
         if L > self.max_length:
             raise UsageError(f"sequence of {L} tokens is longer than the transformer's max_length "
@@ -97,7 +101,7 @@ class TinyTransformer(nn.Module):
         x = self.tok(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # (b, L, d)
         for blk in self.blocks:
             x = blk(x)
-        return self.head(self.ln_f(x))  # (b, L, V)
+        return self.ln_f(x)
 
 
 BUILTIN_LMS = {"transformer": TinyTransformer}

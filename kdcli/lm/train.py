@@ -31,10 +31,11 @@ from kdcli.cache.lock import DirLock
 from kdcli.config import TrainConfig, to_dict, write_yaml
 from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TokenCacheReader
-from kdcli.lm.hf import build_lm, default_tokenizer_spec, lm_logits, save_lm_run
+from kdcli.lm.head_loss import head_kd_loss
+from kdcli.lm.hf import TinyTransformer, build_lm, default_tokenizer_spec, lm_logits, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     tokenizer_identity
-from kdcli.losses import describe, kd_loss, targets_from_arrays
+from kdcli.losses import LossParts, Targets, describe, kd_loss, targets_from_arrays
 from kdcli.distributed import Dist
 from kdcli.models import resolve_device
 from kdcli.train import CONFIG, METRICS, SUMMARY, TrainSummary, _append_line, _optimizer, _prepare_run_dir, holdout, \
@@ -97,6 +98,25 @@ def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, b
     mean = nll / max(tokens, 1)
     return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(tokens, 1),
             "tokens": int(tokens)}
+
+
+def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor, targets: Targets | None,
+                 labels: torch.Tensor, *, temperature: float, alpha: float, divergence: str = "forward",
+                 beta: float = 0.5, fused: bool = True) -> tuple[LossParts, int]:
+    """The training loss over the predicted positions ``idx`` of a (b, L) batch, and how many argmaxes hit the label.
+
+    The built-in transformer with forward KL takes the fused path (kdcli.lm.head_loss: output layer and loss in
+    chunks, no (tokens, V) logits kept; same value and gradients); other students and divergences take
+    ``kd_loss`` on the selected logits.
+    """
+    if fused and divergence == "forward" and isinstance(model, TinyTransformer):
+        h = model.hidden(ids)
+        return head_kd_loss(h.reshape(-1, h.shape[-1])[idx], model.head.weight, targets, labels,
+                            temperature=temperature, alpha=alpha)
+    logits = lm_logits(model, ids, mask)
+    sel = logits.reshape(-1, logits.shape[-1])[idx]  # (tokens, V)
+    parts = kd_loss(sel, targets, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
+    return parts, int((sel.detach().argmax(-1) == labels).sum())
 
 
 def check_batch(batch: dict, data: TokenData, reader: TokenCacheReader) -> None:
@@ -205,11 +225,10 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             if reader is not None:
                 check_batch(batch, data, reader)
                 targets = targets_from_arrays(batch, reader.mode, V).to(device)
-            logits = lm_logits(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-            sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(idx).to(device)]  # (tokens, V)
             y = torch.from_numpy(labels).to(device)
-            parts = kd_loss(sel, targets, y, temperature=cfg.temperature, alpha=alpha, divergence=cfg.divergence,
-                            beta=cfg.jsd_beta)
+            parts, correct = student_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
+                                          torch.from_numpy(idx).to(device), targets, y, temperature=cfg.temperature,
+                                          alpha=alpha, divergence=cfg.divergence, beta=cfg.jsd_beta)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
@@ -220,7 +239,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             acc["loss"] += float(parts.total.detach()) * n
             acc["soft"] += float(parts.soft.detach()) * n
             acc["hard"] += float(parts.hard.detach()) * n
-            acc["correct"] += float((sel.detach().argmax(-1) == y).sum())
+            acc["correct"] += correct
             step_in_epoch += 1
             global_step += 1
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:

@@ -1,0 +1,104 @@
+"""The fused output layer + KD loss (kdcli.lm.head_loss) against the autograd path it replaces.
+
+The reference is ``kd_loss(hidden @ W.T, ...)`` differentiated by autograd (itself pinned to
+torch.distributions.kl_divergence in test_losses.py): same value, same soft/hard parts, same gradients for the hidden
+states and the output weight, for every cache mode, temperature and alpha.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdcli.cache.reduce import reduce_logits
+from kdcli.lm.head_loss import head_kd_loss
+from kdcli.losses import kd_loss, targets_from_arrays
+
+N, D, V = 37, 16, 300  # 37 tokens: chunks of 8 leave a ragged last chunk
+
+
+def _targets(mode: str, teacher_logits: torch.Tensor, seed: int = 0):
+    kw = {"top_k": 12} if mode == "topk" else {"samples": 9} if mode == "sample" else {}
+    red = reduce_logits(teacher_logits, mode, generator=torch.Generator().manual_seed(seed), **kw)
+    return targets_from_arrays({k: v.numpy() for k, v in red.items()}, mode, teacher_logits.shape[1])
+
+
+def _both(h0, w0, targets, y, T, alpha, chunk=8):
+    h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = kd_loss(h1 @ w1.T, targets, y, temperature=T, alpha=alpha)
+    ref.total.backward()
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got, correct = head_kd_loss(h2, w2, targets, y, temperature=T, alpha=alpha, chunk=chunk)
+    (got.total * 3.0).backward()  # a non-unit upstream gradient must scale both gradients
+    assert correct == int(((h0 @ w0.T).argmax(1) == y).sum())
+    return ref, got, (h1.grad, w1.grad), (h2.grad / 3.0, w2.grad / 3.0)
+
+
+@pytest.mark.parametrize("mode", ["full", "topk", "sample"])
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_fused_matches_autograd(mode, T, alpha):
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    teacher = torch.randn(N, V, generator=g) * 2.0
+    y = torch.randint(0, V, (N,), generator=g)
+    ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, _targets(mode, teacher), y, T, alpha)
+    assert got.total.item() == pytest.approx(ref.total.item(), rel=1e-5, abs=1e-6)
+    assert got.soft.item() == pytest.approx(ref.soft.item(), rel=1e-5, abs=1e-6)
+    assert got.hard.item() == pytest.approx(ref.hard.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_no_targets_is_plain_cross_entropy():
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, None, y, 1.0, 0.0)
+    assert got.total.item() == pytest.approx(torch.nn.functional.cross_entropy(h @ w.T, y).item(), rel=1e-5)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_when_the_students_tail_underflows_float32():
+    """A student certain of the teacher's top k (the rest ~200 nats lower): its tail mass underflows in float32,
+    and the loss and gradient must still match the log-space autograd path (no inf/NaN)."""
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(N, V, generator=g)
+    targets = _targets("topk", teacher)
+    w = torch.randn(V, D, generator=g) * 0.01
+    w[:, 0] = -20.0
+    w[targets.ids[0], 0] = 20.0  # row 0's top-k ids get logit +200, every other id -200
+    h = torch.randn(N, D, generator=g) * 0.1
+    h[0, 0] = 10.0
+    y = torch.randint(0, V, (N,), generator=g)
+    for T in (1.0, 3.0):
+        ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, targets, y, T, 0.7)
+        assert torch.isfinite(got.total) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+        assert got.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
+        torch.testing.assert_close(gh, gh_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_student_loss_uses_the_fused_path_for_the_builtin_transformer():
+    from kdcli.lm.hf import TinyTransformer
+    from kdcli.lm.train import student_loss
+
+    torch.manual_seed(0)
+    model = TinyTransformer(V, d_model=16, n_layers=1, n_heads=2, max_length=32)
+    ids = torch.randint(0, V, (3, 10))
+    idx = torch.tensor([0, 1, 2, 5, 11, 12, 25, 28])
+    teacher = torch.randn(len(idx), V)
+    y = torch.randint(0, V, (len(idx),))
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        parts, correct = student_loss(model, ids, None, idx, _targets("topk", teacher), y, temperature=2.0,
+                                      alpha=0.6, fused=fused)
+        parts.total.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if fused:
+            fused_parts, fused_correct = parts, correct
+    assert fused_parts.total.item() == pytest.approx(parts.total.item(), rel=1e-5)
+    assert fused_correct == correct
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
