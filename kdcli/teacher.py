@@ -8,7 +8,6 @@ and stored in the shard (``aug_params``), so the student can train on exactly wh
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass

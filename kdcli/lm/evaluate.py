@@ -10,7 +10,6 @@ the teacher itself can be measured: parameters, bytes, tokens per second).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import torch.nn.functional as F
 from kdcli.config import EvalConfig
 from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TokenCacheReader
-from kdcli.lm.hf import build_lm, default_tokenizer_spec, is_lm_run_dir, lm_logits, read_lm_meta
-from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch
-from kdcli.lm.train import check_batch, settings_from_manifest, tokenizer_for_cache
+from kdcli.lm.hf import build_lm, default_tokenizer_spec, is_lm_run_dir, read_lm_meta
+from kdcli.lm.text import TextSettings, load_text, load_tokenizer
+from kdcli.lm.train import check_batch, predicted_logits, settings_from_manifest, tokenizer_for_cache
 from kdcli.losses import soft_kl, targets_from_arrays
 from kdcli.models import resolve_device
 
@@ -127,21 +126,11 @@ def evaluate_lm(cfg: EvalConfig) -> LMEvalReport:
         tokens = 0
         secs = 0.0
         with torch.inference_mode():
-            for a in range(0, data.n, bs):
-                r = rows_all[a:a + bs]
-                seqs = [data.ids[i] for i in r]
-                ids, mask = pad_batch(seqs, pad_id)
-                idx, tgt = loss_positions(seqs, data.first_target[r], ids.shape[1])
-                if not len(idx):
-                    continue
-                t0 = time.perf_counter()
-                logits = lm_logits(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-                sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(idx).to(device)].float()
-                secs += time.perf_counter() - t0
-                y = torch.from_numpy(tgt).to(device)
+            for a, sel, y, dt in predicted_logits(model, data, rows_all, device, bs, pad_id):
+                secs += dt
                 nll += float(F.cross_entropy(sel, y, reduction="sum"))
                 correct += float((sel.argmax(-1) == y).sum())
-                tokens += len(tgt)
+                tokens += len(y)
                 if reader is not None:
                     targets = targets_from_arrays(cached(a), reader.mode, V).to(device)
                     agree += float((sel.argmax(-1) == targets.top1()).sum())

@@ -74,13 +74,11 @@ def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir) -> tupl
     return tok, spec
 
 
-@torch.no_grad()
-def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
-               pad_id: int = 0) -> dict:
-    """Mean next-token NLL, perplexity and top-1 accuracy over the predicted tokens of ``rows``."""
-    was = model.training
-    model.eval()
-    nll = correct = tokens = 0.0
+def predicted_logits(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
+                     pad_id: int = 0):
+    """Yield ``(start, logits, labels, seconds)`` per batch of ``rows``: the model's float logits (n, V) at the
+    batch's predicted positions, their next-token labels (n,), and the forward pass's wall time. Batches with no
+    predicted token are skipped. Call under ``torch.no_grad()`` / ``inference_mode()``."""
     for a in range(0, len(rows), batch_size):
         r = rows[a:a + batch_size]
         seqs = [data.ids[i] for i in r]
@@ -88,12 +86,23 @@ def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, b
         idx, tgt = loss_positions(seqs, data.first_target[r], ids.shape[1])
         if not len(idx):
             continue
+        t0 = time.perf_counter()
         logits = lm_logits(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
         sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(idx).to(device)].float()
-        y = torch.from_numpy(tgt).to(device)
+        yield a, sel, torch.from_numpy(tgt).to(device), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
+               pad_id: int = 0) -> dict:
+    """Mean next-token NLL, perplexity and top-1 accuracy over the predicted tokens of ``rows``."""
+    was = model.training
+    model.eval()
+    nll = correct = tokens = 0.0
+    for _, sel, y, _ in predicted_logits(model, data, rows, device, batch_size, pad_id):
         nll += float(F.cross_entropy(sel, y, reduction="sum"))
         correct += float((sel.argmax(-1) == y).sum())
-        tokens += len(tgt)
+        tokens += len(y)
     model.train(was)
     mean = nll / max(tokens, 1)
     return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(tokens, 1),
