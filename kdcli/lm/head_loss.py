@@ -68,7 +68,7 @@ def _chunk(z: torch.Tensor, z_max: torch.Tensor, targets: Targets | None, y: tor
     if soft:
         s = z / T if T != 1.0 else z
         m = z_max / T
-        g = torch.exp(s - m)  # unnormalised q_T; becomes the gradient in place
+        g = torch.sub(s, m).exp_()  # unnormalised q_T; becomes the gradient in place
         total = g.sum(dim=1, keepdim=True)  # (c, 1)
         lse = m + torch.log(total)
         mult = c_soft + (c_hard if shared else 0.0)  # what multiplies q_T in the gradient
@@ -110,7 +110,7 @@ def _chunk(z: torch.Tensor, z_max: torch.Tensor, targets: Targets | None, y: tor
         if shared:
             lse1 = lse
         else:
-            e = torch.exp(z - z_max)
+            e = torch.sub(z, z_max).exp_()
             total1 = e.sum(dim=1, keepdim=True)
             lse1 = z_max + torch.log(total1)
             e.mul_(c_hard / total1)
