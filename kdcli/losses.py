@@ -88,6 +88,34 @@ def _div_rows(p_log: torch.Tensor, q_log: torch.Tensor, divergence: str, beta: f
     return beta * _kl_rows(p_log, m_log) + (1.0 - beta) * _kl_rows(q_log, m_log)
 
 
+def topk_bucket_logprobs(id_logprobs: torch.Tensor, tail_logmass: torch.Tensor, num_classes: int,
+                         temperature: float) -> torch.Tensor:
+    """The teacher's (b, k + 1) bucket log-probs at T: its k ids and one tail bucket (module docstring)."""
+    T = float(temperature)
+    m = num_classes - id_logprobs.shape[1]
+    if m > 0:
+        tail_w = math.log(m) + (tail_logmass - math.log(m)) / T  # (b,) tempered weight of the tail bucket
+    else:
+        tail_w = torch.full_like(tail_logmass, float("-inf"))
+    return F.log_softmax(torch.cat([id_logprobs / T, tail_w[:, None]], dim=1), dim=1)
+
+
+def sample_weights(counts: torch.Tensor, id_logprobs: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w, p_log, used, n)`` for (b, S) draws: the self-normalised weight of each drawn id (``counts / draws`` at
+    T = 1, reweighted by ``p^(1/T - 1)`` otherwise; 0 on unused slots), log p_T at each drawn id, which slots hold a
+    draw, and the number of draws per row (b, 1)."""
+    T = float(temperature)
+    used = counts > 0
+    neg_inf = torch.full_like(id_logprobs, float("-inf"))
+    logw = torch.where(used, torch.log(counts.clamp_min(1e-30)) + id_logprobs * (1.0 / T - 1.0), neg_inf)
+    w = torch.softmax(logw, dim=1)
+    # log Z_T = log E_{j~p}[p_j^(1/T - 1)], estimated from the same draws (exactly 0 at T = 1)
+    n = counts.sum(dim=1, keepdim=True)
+    log_z = torch.logsumexp(logw, dim=1) - torch.log(n[:, 0])
+    return w, id_logprobs / T - log_z[:, None], used, n
+
+
 def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, divergence: str = "forward",
             beta: float = 0.5) -> torch.Tensor:
     """(b,) divergence between teacher_T and student_T per row, *without* the T^2 factor.
@@ -114,28 +142,14 @@ def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, 
         p_log = F.log_softmax(targets.logprobs / T, dim=-1)
         return _div_rows(p_log, s_log, divergence, beta)
     if targets.mode == "topk":
-        k = targets.ids.shape[1]
-        m = targets.num_classes - k
-        tail = targets.tail_logmass
-        if m > 0:
-            tail_w = math.log(m) + (tail - math.log(m)) / T  # (b,) tempered weight of the tail bucket
-        else:
-            tail_w = torch.full_like(tail, float("-inf"))
-        p_log = F.log_softmax(torch.cat([targets.id_logprobs / T, tail_w[:, None]], dim=1), dim=1)  # (b, k+1)
+        p_log = topk_bucket_logprobs(targets.id_logprobs, targets.tail_logmass, targets.num_classes, T)  # (b, k+1)
         s_top = torch.gather(s_log, 1, targets.ids)  # (b, k)
         s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
         return _div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
     if targets.mode == "sample":
         c = targets.counts  # (b, S)
         lp = targets.id_logprobs  # (b, S) teacher log-prob at T = 1 of each drawn id
-        used = c > 0
-        neg_inf = torch.full_like(lp, float("-inf"))
-        logw = torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0), neg_inf)
-        w = torch.softmax(logw, dim=1)  # (b, S) self-normalised weights; = counts / draws at T = 1
-        # log Z_T = log E_{j~p}[p_j^(1/T - 1)], estimated from the same draws (exactly 0 at T = 1)
-        n = c.sum(dim=1, keepdim=True)
-        log_z = torch.logsumexp(logw, dim=1) - torch.log(n[:, 0])
-        p_log = lp / T - log_z[:, None]  # (b, S) log p_T at each drawn id
+        w, p_log, used, n = sample_weights(c, lp, T)  # (b, S) weights and log p_T at each drawn id
         s_at = torch.gather(s_log, 1, targets.ids)  # (b, S) log q_T at each drawn id
         zero = torch.zeros_like(w)
         if divergence == "forward":

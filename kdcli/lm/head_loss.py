@@ -27,29 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import LossParts, Targets, _div_rows
+from kdcli.losses import LossParts, Targets, _div_rows, sample_weights, topk_bucket_logprobs
 
 TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
-
-
-def _topk_buckets(targets: Targets, rows: slice, T: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's (c, k + 1) bucket log-probs at T (k ids + tail), exactly as losses.soft_kl builds them."""
-    ids_lp = targets.id_logprobs[rows]
-    tail = targets.tail_logmass[rows]
-    m = targets.num_classes - ids_lp.shape[1]
-    tail_w = math.log(m) + (tail - math.log(m)) / T if m > 0 else torch.full_like(tail, float("-inf"))
-    return F.log_softmax(torch.cat([ids_lp / T, tail_w[:, None]], dim=1), dim=1), targets.ids[rows]
-
-
-def _sample_weights(targets: Targets, rows: slice, T: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(w, p_log, used) per drawn id, as losses.soft_kl computes them for the forward KL."""
-    c = targets.counts[rows]
-    lp = targets.id_logprobs[rows]
-    used = c > 0
-    logw = torch.where(used, torch.log(c.clamp_min(1e-30)) + lp * (1.0 / T - 1.0), torch.full_like(lp, -math.inf))
-    w = torch.softmax(logw, dim=1)
-    log_z = torch.logsumexp(logw, dim=1) - torch.log(c.sum(dim=1))
-    return torch.where(used, w, torch.zeros_like(w)), lp / T - log_z[:, None], used
 
 
 def _chunk(z: torch.Tensor, z_max: torch.Tensor, targets: Targets | None, y: torch.Tensor | None, rows: slice,
@@ -78,7 +58,8 @@ def _chunk(z: torch.Tensor, z_max: torch.Tensor, targets: Targets | None, y: tor
             soft_sum = float(torch.where(p > 0, p * (p_log - (s - lse)), torch.zeros_like(p)).sum())
             g.mul_(mult / total).sub_(p, alpha=c_soft)
         elif targets.mode == "topk":
-            p_log, ids = _topk_buckets(targets, rows, T)
+            p_log = topk_bucket_logprobs(targets.id_logprobs[rows], targets.tail_logmass[rows], targets.num_classes, T)
+            ids = targets.ids[rows]
             k = ids.shape[1]
             q_ids = g.gather(1, ids) / total
             g.scatter_(1, ids, 0.0)
@@ -99,7 +80,8 @@ def _chunk(z: torch.Tensor, z_max: torch.Tensor, targets: Targets | None, y: tor
                 g[tiny] = mult * torch.exp(masked - lse[tiny]) - c_soft * p_b[tiny, k][:, None] * within
             g.scatter_(1, ids, mult * q_ids - c_soft * p_b[:, :k])
         elif targets.mode == "sample":
-            w, p_log, used = _sample_weights(targets, rows, T)
+            w, p_log, used, _ = sample_weights(targets.counts[rows], targets.id_logprobs[rows], T)
+            w = torch.where(used, w, torch.zeros_like(w))
             ids = targets.ids[rows]
             s_at = s.gather(1, ids) - lse
             soft_sum = float(torch.where(used, w * (p_log - s_at), torch.zeros_like(w)).sum())
@@ -146,7 +128,7 @@ class _HeadKD(torch.autograd.Function):
             grad_w.addmm_(g.T, hf[rows])
         ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
         stats.update(soft=T * T * soft / max(n, 1), hard=hard / max(n, 1), correct=correct)
-        return h.new_tensor(alpha * stats["soft"] * (targets is not None) + (1.0 - alpha) * stats["hard"])
+        return h.new_tensor(alpha * stats["soft"] + (1.0 - alpha) * stats["hard"])  # each 0 when its term is off
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
