@@ -154,6 +154,17 @@ def _load_model(spec: str, num_classes: int | None, input_shape):
     return build_model(spec, None, num_classes=num_classes, input_shape=input_shape, weights=weights)
 
 
+def threshold_failures(reports: list, cfg: EvalConfig, accuracy_name: str = "accuracy") -> list[str]:
+    """One line per ``--min-accuracy`` / ``--min-agreement`` a model misses (any line makes eval exit 1)."""
+    failures = []
+    for r in reports:
+        if cfg.min_accuracy is not None and r.accuracy < cfg.min_accuracy:
+            failures.append(f"{r.model}: {accuracy_name} {r.accuracy:.4f} < --min-accuracy {cfg.min_accuracy:g}")
+        if cfg.min_agreement is not None and r.agreement < cfg.min_agreement:
+            failures.append(f"{r.model}: agreement {r.agreement:.4f} < --min-agreement {cfg.min_agreement:g}")
+    return failures
+
+
 def evaluate(cfg: EvalConfig) -> EvalReport:
     from kdcli.lm import is_text_spec
 
@@ -224,14 +235,8 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
                                    samples_per_second=data.n / max(secs, 1e-9), before_bias=before,
                                    class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)},
                                    **m))
-    failures = []
-    for r in reports:
-        if cfg.min_accuracy is not None and r.accuracy < cfg.min_accuracy:
-            failures.append(f"{r.model}: accuracy {r.accuracy:.4f} < --min-accuracy {cfg.min_accuracy:g}")
-        if cfg.min_agreement is not None and r.agreement < cfg.min_agreement:
-            failures.append(f"{r.model}: agreement {r.agreement:.4f} < --min-agreement {cfg.min_agreement:g}")
     return EvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, models=reports,
-                      failures=failures, class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
+                      failures=threshold_failures(reports, cfg), class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
                       bias_data=(fit_data.spec if fit_classes else None))
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kdcli.config import EvalConfig
 from kdcli.errors import CacheError, UsageError
+from kdcli.evaluate import threshold_failures
 from kdcli.lm.cache import TokenCacheReader
 from kdcli.lm.hf import build_lm, default_tokenizer_spec, is_lm_run_dir, read_lm_meta
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer
@@ -141,15 +142,9 @@ def evaluate_lm(cfg: EvalConfig) -> LMEvalReport:
             accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
             kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
             weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9)))
-    failures = []
-    for r in reports:
-        if cfg.min_accuracy is not None and r.accuracy < cfg.min_accuracy:
-            failures.append(f"{r.model}: next-token accuracy {r.accuracy:.4f} < --min-accuracy {cfg.min_accuracy:g}")
-        if cfg.min_agreement is not None and r.agreement < cfg.min_agreement:
-            failures.append(f"{r.model}: agreement {r.agreement:.4f} < --min-agreement {cfg.min_agreement:g}")
     return LMEvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, num_sequences=data.n,
-                        num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports, failures=failures,
-                        notes=data.notes)
+                        num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports,
+                        failures=threshold_failures(reports, cfg, "next-token accuracy"), notes=data.notes)
 
 
 def render_lm_eval(r: LMEvalReport):
