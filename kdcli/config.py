@@ -59,6 +59,13 @@ class CacheConfig:
                                     "[-2, 2] on each axis).")
     batch_size: int = opt(512, "Rows per teacher forward pass.", min=1)
     shard_size: int = opt(16384, "Rows per HDF5 shard.", min=1)
+    compression: str = opt("auto", "Lossless shard compression (HDF5 filters: readers decompress transparently). "
+                                   "auto: gzip for token-level (LM) topk/sample caches (~25-40% smaller), none "
+                                   "otherwise (full log-probs decompress ~14x slower than they read; classification "
+                                   "caches are small); gzip: level 4 + byte shuffle, smallest; lzf: + shuffle, faster, "
+                                   "larger, needs h5py to read; none: uncompressed, fastest reads. An existing "
+                                   "cache keeps its own (--overwrite re-writes it).",
+                           choices=("auto", "gzip", "lzf", "none"))
     device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
     dtype: str = opt("fp32", "Teacher forward precision (log-softmax is always computed in fp32).",
                      choices=("fp32", "bf16", "fp16"))

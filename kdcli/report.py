@@ -55,13 +55,13 @@ def render_cache(s) -> Table:
             ("cache", s.cache_dir), ("mode", s.mode), ("sequences", f"{s.num_rows:,}"),
             ("predicted tokens", f"{s.num_tokens:,}"), ("shards", str(s.num_shards)),
             ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token, {s.full_fp16_ratio:,.0f}x smaller "
-                     f"than full fp16 log-probs over {s.vocab_size:,})"),
+                     f"than full fp16 log-probs over {s.vocab_size:,})"), ("compression", s.compression),
             ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
             ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s)")])
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("rows", f"{s.num_rows:,}"),
         ("computed / skipped", f"{s.rows_computed:,} / {s.rows_skipped:,}"), ("shards", str(s.num_shards)),
-        ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"),
+        ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"), ("compression", s.compression),
         ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
         ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s)")])
 

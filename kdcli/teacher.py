@@ -24,7 +24,7 @@ from kdcli.cache.manifest import (MANIFEST, RANK_MANIFEST_GLOB, contiguous_runs,
                                   missing_shards, new_manifest, plan_differences, rank_manifest_name, read_manifest,
                                   shard_name, split_contiguous, write_manifest)
 from kdcli.cache.reduce import HostCopy, numpy_id_dtype, reduce_logits, storage_arrays
-from kdcli.cache.writer import ShardWriter
+from kdcli.cache.writer import ShardWriter, compression_label, resolve_compression
 from kdcli.config import CacheConfig
 from kdcli.data import LabelledData, load_data
 from kdcli.errors import CacheError, UsageError
@@ -49,6 +49,7 @@ class CacheSummary:
     teacher: str
     teacher_parameters: int
     device: str
+    compression: str = "none"  # how the shards are stored (gzip-4+shuffle, lzf+shuffle, none)
 
 
 def teacher_num_classes(spec: str) -> int | None:
@@ -77,7 +78,8 @@ def _layout(cfg: CacheConfig, mode: str, num_classes: int, augment) -> dict:
             "logprob_dtype": "float16", "id_dtype": numpy_id_dtype(num_classes).name if mode != "full" else None,
             "views": cfg.views, "augment": cfg.augment if cfg.views > 1 else None,
             "aug_param_names": list(augment.param_names) if (augment and cfg.views > 1) else [],
-            "shard_size": cfg.shard_size, "compression": None}
+            "shard_size": cfg.shard_size,
+            "compression": resolve_compression(cfg.compression, token=False, mode=mode)}
 
 
 def _prepare_dir(out: Path, plan: dict, overwrite: bool, *, holes: bool = False) -> tuple[dict, int]:
@@ -98,6 +100,16 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, *, holes: bool = False)
         if diffs and not overwrite:
             raise CacheError(f"{out} holds a different cache ({'; '.join(diffs[:3])}); pass --overwrite to "
                              "replace it, or choose another --out")
+        if not diffs and old.get("compression") != plan.get("compression"):
+            # Not part of the cache's identity: the same cache stays reusable and resumable, stored as it was
+            # (the writer follows the manifest it extends); --overwrite re-writes it with the requested setting.
+            was, asked = compression_label(old.get("compression")), compression_label(plan.get("compression"))
+            if overwrite:
+                diffs = [f"compression {was} -> {asked}"]
+                log.info(f"--overwrite: re-writing {out} with compression {asked} (it is stored with {was})")
+            else:
+                log.info(f"note: {out} is stored with compression {was}; keeping it for this cache (requested "
+                         f"{asked}; pass --overwrite to re-write it)")
         if not diffs:
             kept = _whole_shards(out, old) if holes else old["shards"][:_whole_prefix(out, old)]
             if old["complete"] and len(kept) == len(old["shards"]):
@@ -328,4 +340,5 @@ def _summary(cfg: CacheConfig, manifest: dict, status: str, computed: int, skipp
                         rows_computed=computed, rows_skipped=skipped, num_shards=len(manifest["shards"]),
                         bytes=total_bytes, bytes_per_row=total_bytes / max(rows, 1), seconds=secs,
                         rows_per_second=computed / max(secs, 1e-9), teacher=cfg.teacher,
-                        teacher_parameters=info.num_parameters, device=str(device))
+                        teacher_parameters=info.num_parameters, device=str(device),
+                        compression=compression_label(manifest.get("compression")))

@@ -41,7 +41,8 @@ def test_shakespeare_example_runs(tiny_teacher, tmp_path, monkeypatch):
     assert set(res["models"]) == {"distilled", "baseline", "teacher"}
     assert res["models"]["teacher"]["agreement"] == 1.0  # the teacher against its own cache
     assert res["models"]["distilled"]["kl_to_teacher"] < res["models"]["baseline"]["kl_to_teacher"]
-    assert res["cache_bytes_per_token"] > 8 * 4
+    # the top-8 payload is 8 x 4 + 2 = 34 B/token; --compression auto (gzip) stores it losslessly in ~25% less
+    assert 8 * 4 / 2 < res["cache_bytes_per_token"] < res["full_fp16_bytes_per_token"]
 
 
 def test_prompt_distillation_example_runs(tiny_teacher, tmp_path, monkeypatch):

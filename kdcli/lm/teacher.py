@@ -29,7 +29,7 @@ from kdcli.cache.atomic import remove_partials
 from kdcli.cache.lock import DirLock
 from kdcli.cache.manifest import new_manifest, write_manifest
 from kdcli.cache.reduce import numpy_id_dtype, reduce_logits, to_host
-from kdcli.cache.writer import ShardWriter
+from kdcli.cache.writer import ShardWriter, compression_label, resolve_compression
 from kdcli.config import CacheConfig
 from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TOKEN_KEYS
@@ -119,7 +119,8 @@ def cache_teacher_lm(cfg: CacheConfig) -> LMCacheSummary:
               "logprob_dtype": "float16", "id_dtype": id_dtype.name if mode != "full" else None,
               "count_dtype": count_dtype.name if mode == "sample" else None,
               "tail_dtype": "float16" if mode == "topk" else None, "token_keys": list(TOKEN_KEYS[mode]),
-              "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size, "compression": None,
+              "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size,
+              "compression": resolve_compression(cfg.compression, token=True, mode=mode),
               "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind}}
     plan = new_manifest(teacher=info.identity(), data=data.identity(), settings=settings, layout=layout,
                         num_rows=num_rows, tokenizer=tok_id)
@@ -218,4 +219,5 @@ def _summary(cfg, manifest: dict, status: str, computed_rows: int, skipped: int,
                           rows_per_second=computed_rows / max(secs, 1e-9), teacher=cfg.teacher,
                           teacher_parameters=info.num_parameters, device=str(device), num_tokens=tokens,
                           bytes_per_token=bpt, tokens_per_second=computed_tokens / max(secs, 1e-9), vocab_size=V,
-                          full_fp16_ratio=2 * V / max(bpt, 1e-9))
+                          full_fp16_ratio=2 * V / max(bpt, 1e-9),
+                          compression=compression_label(manifest.get("compression")))
