@@ -102,12 +102,19 @@ def main() -> None:
     ap.add_argument("--teacher", default=None)
     ap.add_argument("--out", default="/tmp/kd-bench-lm")
     ap.add_argument("--train-chars", type=int, default=12_000)
+    ap.add_argument("--train-plays", default="hamlet",
+                    help="comma-separated plays the training text is drawn from, an equal share of --train-chars each")
     ap.add_argument("--heldout-chars", type=int, default=4_000)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", default="3e-3")
     ap.add_argument("--student-args", default="d_model=64,n_layers=2,n_heads=4")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated student seeds; every cache mode is trained with each, ratios use the means "
+                         "and the spread of the full-logit runs is printed as the noise floor")
     ap.add_argument("--steps", type=int, default=4, help="timed steps for offline vs online")
+    ap.add_argument("--skip-timing", action="store_true", help="skip the offline vs online step timing")
     ap.add_argument("--keep", action="store_true", help="keep the caches and runs in --out")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the offline vs online step timing, on the top-64 cache a --keep run left in --out")
@@ -122,7 +129,9 @@ def main() -> None:
         print(f"offline step {t['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
               f"{t['online_step_s'] * 1000:.0f} ms: {t['speedup']:.1f}x faster offline")
         return
-    train = write_jsonl(out / "train.jsonl", play_rows("hamlet", args.train_chars))
+    plays = args.train_plays.split(",")
+    train = write_jsonl(out / "train.jsonl",
+                        [r for p in plays for r in play_rows(p, args.train_chars // len(plays))])
     heldout = write_jsonl(out / "heldout.jsonl", play_rows("tempest", args.heldout_chars))
     common = ["--teacher", teacher, "--max-length", args.max_length, "--batch-size", 8]
     modes = {"full": ["--mode", "full"], "topk8": ["--top-k", 8], "topk64": ["--top-k", 64],
@@ -138,24 +147,35 @@ def main() -> None:
     student = []
     for kv in args.student_args.split(","):
         student += ["--student-arg", kv]
-    quality = {}
-    for name in modes:
-        kdcli("train-student", "--student", "transformer", *student, "--cache", out / f"cache-{name}", "--data", train,
-              "--alpha", 1, "--temperature", 1, "--epochs", args.epochs, "--batch-size", 8, "--lr", "3e-3",
-              "--schedule", "cosine", "--seed", 0, "--out", out / f"run-{name}", "--overwrite")
-        rep = kdcli("eval", "--model", out / f"run-{name}", "--data", heldout, "--cache", out / "cache-heldout-full",
-                    "--json", json_out=True)
-        m = rep["models"][0]
-        quality[name] = {"perplexity": m["perplexity"], "kl_to_teacher": m["kl_to_teacher"],
-                         "agreement": m["agreement"]}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    per_seed: dict[str, list[dict]] = {name: [] for name in modes}
+    for seed in seeds:  # seed-major, so a cut-short run still has every mode at the first seed
+        for name in modes:
+            run = out / (f"run-{name}" if len(seeds) == 1 else f"run-{name}-seed{seed}")
+            kdcli("train-student", "--student", "transformer", *student, "--cache", out / f"cache-{name}", "--data",
+                  train, "--alpha", 1, "--temperature", 1, "--epochs", args.epochs, "--batch-size", 8, "--lr",
+                  args.lr, "--schedule", "cosine", "--seed", seed, "--out", run, "--overwrite")
+            rep = kdcli("eval", "--model", run, "--data", heldout, "--cache", out / "cache-heldout-full", "--json",
+                        json_out=True)
+            m = rep["models"][0]
+            per_seed[name].append({"seed": seed, "perplexity": m["perplexity"], "kl_to_teacher": m["kl_to_teacher"],
+                                   "agreement": m["agreement"]})
+            (out / "bench_lm.partial.json").write_text(json.dumps({"sizes": sizes, "per_seed": per_seed}, indent=2))
+    quality = {name: {k: float(sum(r[k] for r in runs) / len(runs)) for k in ("perplexity", "kl_to_teacher",
+                                                                             "agreement")}
+               for name, runs in per_seed.items()}
     ref = quality["full"]
     for q in quality.values():
         q["perplexity_ratio"] = q["perplexity"] / ref["perplexity"]
         q["kl_ratio"] = q["kl_to_teacher"] / ref["kl_to_teacher"]
+    full_runs = per_seed["full"]  # the noise floor: how far apart full-logit students of different seeds land
+    noise = {k: (max(r[k] for r in full_runs) / min(r[k] for r in full_runs)) for k in ("perplexity", "kl_to_teacher")}
     student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
-    timing = step_times(teacher, out / "cache-topk64", train, student_args, batch=8, steps=args.steps, top_k=64)
+    timing = None if args.skip_timing else step_times(teacher, out / "cache-topk64", train, student_args, batch=8,
+                                                      steps=args.steps, top_k=64)
     result = {"teacher": teacher, "train_tokens": sizes["full"]["tokens"], "max_length": args.max_length,
-              "sizes": sizes, "quality": quality, "timing": timing}
+              "epochs": args.epochs, "seeds": seeds, "sizes": sizes, "quality": quality, "per_seed": per_seed,
+              "full_seed_spread": noise, "timing": timing}
     (out / "bench_lm.json").write_text(json.dumps(result, indent=2))
     print(f"\nteacher {Path(teacher).name}, {sizes['full']['tokens']} training tokens, max length {args.max_length}")
     print(f"{'cache':8} {'B/token':>9} {'x smaller':>10} {'ppl':>9} {'ppl/full':>9} {'KL':>8} {'KL/full':>8} "
@@ -164,10 +184,14 @@ def main() -> None:
         s, q = sizes[name], quality[name]
         print(f"{name:8} {s['bytes_per_token']:9.1f} {s['smaller_than_full_fp16']:10.1f} {q['perplexity']:9.2f} "
               f"{q['perplexity_ratio']:9.4f} {q['kl_to_teacher']:8.4f} {q['kl_ratio']:8.4f} {q['agreement']:7.4f}")
-    print(f"offline step {timing['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
-          f"{timing['online_step_s'] * 1000:.0f} ms: {timing['speedup']:.1f}x faster offline "
-          f"({timing['tokens_per_batch']} tokens/batch, student {timing['student_parameters']:,} params, teacher "
-          f"{timing['teacher_parameters']:,})")
+    if len(seeds) > 1:
+        print(f"means over seeds {seeds}; full-logit students of different seeds differ by up to "
+              f"x{noise['perplexity']:.4f} in perplexity and x{noise['kl_to_teacher']:.4f} in KL (the noise floor)")
+    if timing:
+        print(f"offline step {timing['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
+              f"{timing['online_step_s'] * 1000:.0f} ms: {timing['speedup']:.1f}x faster offline "
+              f"({timing['tokens_per_batch']} tokens/batch, student {timing['student_parameters']:,} params, teacher "
+              f"{timing['teacher_parameters']:,})")
     if not args.keep:
         for p in out.glob("cache-*"):
             shutil.rmtree(p, ignore_errors=True)
