@@ -39,6 +39,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     from kdcli.lm.text import load_text, loss_positions, pad_batch
     from kdcli.lm.train import settings_from_manifest, student_loss, tokenizer_for_cache
     from kdcli.losses import targets_from_arrays
+    from kdcli.train import build_optimizer
 
     reader = TokenCacheReader(cache_dir)
     tok, _ = tokenizer_for_cache(reader.manifest, None, cache_dir)
@@ -46,7 +47,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     V = reader.vocab_size
     torch.manual_seed(0)
     student, sinfo = build_lm("transformer", student_args, vocab_size=V)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    opt = build_optimizer("adamw", list(student.parameters()), lr=1e-3)  # as train-student builds it
     t_model, tinfo = build_lm(teacher)
     t_model.eval()
 
@@ -61,13 +62,19 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
         return len(y)
 
     batches = list(reader.iter_batches(batch_size=batch, seed=0, epoch=0))[:steps + 1]
+    # each kind of step runs as a block, as it would in training (interleaving them would hand every offline step
+    # caches just flushed by the 135M-parameter teacher); the first step of each block warms up allocators
     off, on, teacher_s = [], [], []
     for i, b in enumerate(batches):
         rows = b["sample_index"]
         seqs = [data.ids[r] for r in rows]
         t0 = time.perf_counter()
-        targets = targets_from_arrays(b, reader.mode, V)
-        student_step(seqs, rows, targets)
+        student_step(seqs, rows, targets_from_arrays(b, reader.mode, V))
+        if i:
+            off.append(time.perf_counter() - t0)
+    for i, b in enumerate(batches):
+        rows = b["sample_index"]
+        seqs = [data.ids[r] for r in rows]
         t1 = time.perf_counter()
         with torch.inference_mode():  # online: the teacher runs on this batch first
             ids, mask = pad_batch(seqs)
@@ -76,12 +83,9 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
             logp = torch.log_softmax(tl.reshape(-1, V)[torch.from_numpy(idx)].float(), -1)
             red = {k: v for k, v in to_host(reduce_logits(logp, "topk", top_k=top_k), V).items()}
         t_teacher = time.perf_counter() - t1
-        targets = targets_from_arrays(red, "topk", V)
-        student_step(seqs, rows, targets)
-        t2 = time.perf_counter()
-        if i:  # the first step of each kind warms up allocators
-            off.append(t1 - t0)
-            on.append(t2 - t1)
+        student_step(seqs, rows, targets_from_arrays(red, "topk", V))
+        if i:
+            on.append(time.perf_counter() - t1)
             teacher_s.append(t_teacher)
     # the offline timing above excludes the cache read; time the reads of the same batches separately
     t0 = time.perf_counter()

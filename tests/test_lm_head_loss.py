@@ -102,3 +102,41 @@ def test_student_loss_uses_the_fused_path_for_the_builtin_transformer():
     assert fused_correct == correct
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("boost", [4.0, 8.0, 12.0])
+def test_topk_when_the_student_already_holds_most_of_the_mass(boost):
+    """Students that give the teacher's top k 90% .. 1 - 1e-9 of their mass: the tail is then summed directly (not
+    as 1 - sum of the top k, which cancels), and must match the autograd path."""
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.randn(N, V, generator=g)
+    targets = _targets("topk", teacher)
+    w = torch.randn(V, D, generator=g) * 0.1
+    h = torch.randn(N, D, generator=g) * 0.1
+    w[:, 0] = 0.0
+    h[:, 0] = 1.0
+    logits_boost = torch.zeros(N, V).scatter_(1, targets.ids, boost)
+    h = torch.cat([h, torch.eye(N)], dim=1)  # one extra feature per row carries that row's boost
+    w = torch.cat([w, logits_boost.T], dim=1)
+    y = torch.randint(0, V, (N,), generator=g)
+    ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, targets, y, 1.0, 0.8)
+    assert got.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fold_applies_the_row_factor_itself_where_it_cannot_be_deferred():
+    from kdcli.lm.head_loss import _fold
+
+    g0 = torch.rand(4, 10)
+    ids = torch.tensor([[1, 2], [0, 9], [3, 4], [5, 6]])
+    vals = torch.randn(4, 2)
+    want = g0 * torch.tensor([2.0, 0.0, -1.0, 3.0])[:, None]
+    want.scatter_(1, ids, vals)
+    for f in (torch.tensor([2.0, 0.0, -1.0, 3.0]), torch.tensor([2.0, 1e-300, -1.0, 3.0], dtype=torch.float64)):
+        g, scale = _fold(g0.clone().to(f.dtype), f, ids, vals.to(f.dtype))
+        assert scale is None  # a zero factor cannot be divided out
+        torch.testing.assert_close(g.float(), want)
+    g, scale = _fold(g0.clone(), torch.tensor([2.0, 0.5, -1.0, 3.0]), ids, vals)
+    want = g0 * torch.tensor([2.0, 0.5, -1.0, 3.0])[:, None]
+    torch.testing.assert_close(scale[:, None] * g, want.scatter_(1, ids, vals))
