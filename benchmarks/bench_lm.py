@@ -29,7 +29,7 @@ from lm_common import kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
 
 
 def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dict, batch: int, steps: int,
-               top_k: int) -> dict:
+               top_k: int, precision: str = "fp32") -> dict:
     import numpy as np
     import torch
 
@@ -55,7 +55,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
         ids, mask = pad_batch(seqs)
         idx, y = loss_positions(seqs, data.first_target[rows], ids.shape[1])
         parts, _ = student_loss(student, torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(idx),
-                                targets, torch.from_numpy(y), temperature=1.0, alpha=1.0)
+                                targets, torch.from_numpy(y), temperature=1.0, alpha=1.0, precision=precision)
         opt.zero_grad()
         parts.total.backward()
         opt.step()
@@ -89,16 +89,24 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
             teacher_s.append(t_teacher)
     # the offline timing above excludes the cache read; time the reads of the same batches separately
     t0 = time.perf_counter()
-    for _ in reader.iter_batches(batch_size=batch, seed=1, epoch=0):
-        pass
-    read_per_batch = (time.perf_counter() - t0) / max(1, len(batches))
+    n_read = sum(1 for _ in reader.iter_batches(batch_size=batch, seed=1, epoch=0))
+    read_per_batch = (time.perf_counter() - t0) / max(1, n_read)
     offline = float(np.mean(off)) + read_per_batch
     online = float(np.mean(on))
-    return {"batch_sequences": batch, "tokens_per_batch": int(np.mean([b["lengths"].sum() for b in batches])),
+    return {"precision": precision, "steps": len(off), "offline_step_median_s": float(np.median(off)) + read_per_batch,
+            "online_step_median_s": float(np.median(on)), "batch_sequences": batch, "tokens_per_batch": int(np.mean([b["lengths"].sum() for b in batches])),
             "offline_step_s": offline, "online_step_s": online, "cache_read_s_per_batch": read_per_batch,
             "teacher_forward_and_reduce_s": float(np.mean(teacher_s)),
             "speedup": online / offline, "student_parameters": sinfo.num_parameters,
             "teacher_parameters": tinfo.num_parameters}
+
+
+def print_timing(timing: dict) -> None:
+    for precision, t in timing.items():
+        print(f"--precision {precision}: offline step {t['offline_step_s'] * 1000:.0f} ms vs online step (teacher in "
+              f"the loop) {t['online_step_s'] * 1000:.0f} ms: {t['speedup']:.1f}x faster offline "
+              f"({t['tokens_per_batch']} tokens/batch, student {t['student_parameters']:,} params, teacher "
+              f"{t['teacher_parameters']:,}; teacher forward + top-k {t['teacher_forward_and_reduce_s'] * 1000:.0f} ms)")
 
 
 def main() -> None:
@@ -119,6 +127,8 @@ def main() -> None:
                          "and the spread of the full-logit runs is printed as the noise floor")
     ap.add_argument("--steps", type=int, default=4, help="timed steps for offline vs online")
     ap.add_argument("--skip-timing", action="store_true", help="skip the offline vs online step timing")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="student --precision values to time (the same for the offline and the online step)")
     ap.add_argument("--keep", action="store_true", help="keep the caches and runs in --out")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the offline vs online step timing, on the top-64 cache a --keep run left in --out")
@@ -127,11 +137,10 @@ def main() -> None:
     out = Path(args.out)  # re-running reuses complete caches (cache-teacher is a no-op on an identical cache)
     if args.timing_only:
         student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
-        t = step_times(teacher, out / "cache-topk64", out / "train.jsonl", student_args, batch=8, steps=args.steps,
-                       top_k=64)
-        print(json.dumps(t, indent=2))
-        print(f"offline step {t['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
-              f"{t['online_step_s'] * 1000:.0f} ms: {t['speedup']:.1f}x faster offline")
+        timing = {p: step_times(teacher, out / "cache-topk64", out / "train.jsonl", student_args, batch=8,
+                                steps=args.steps, top_k=64, precision=p) for p in args.precisions.split(",")}
+        print(json.dumps(timing, indent=2))
+        print_timing(timing)
         return
     plays = args.train_plays.split(",")
     train = write_jsonl(out / "train.jsonl",
@@ -175,8 +184,9 @@ def main() -> None:
     full_runs = per_seed["full"]  # the noise floor: how far apart full-logit students of different seeds land
     noise = {k: (max(r[k] for r in full_runs) / min(r[k] for r in full_runs)) for k in ("perplexity", "kl_to_teacher")}
     student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
-    timing = None if args.skip_timing else step_times(teacher, out / "cache-topk64", train, student_args, batch=8,
-                                                      steps=args.steps, top_k=64)
+    timing = None if args.skip_timing else {
+        p: step_times(teacher, out / "cache-topk64", train, student_args, batch=8, steps=args.steps, top_k=64,
+                      precision=p) for p in args.precisions.split(",")}
     result = {"teacher": teacher, "train_tokens": sizes["full"]["tokens"], "max_length": args.max_length,
               "epochs": args.epochs, "seeds": seeds, "sizes": sizes, "quality": quality, "per_seed": per_seed,
               "full_seed_spread": noise, "timing": timing}
@@ -192,10 +202,7 @@ def main() -> None:
         print(f"means over seeds {seeds}; full-logit students of different seeds differ by up to "
               f"x{noise['perplexity']:.4f} in perplexity and x{noise['kl_to_teacher']:.4f} in KL (the noise floor)")
     if timing:
-        print(f"offline step {timing['offline_step_s'] * 1000:.0f} ms vs online step (teacher in the loop) "
-              f"{timing['online_step_s'] * 1000:.0f} ms: {timing['speedup']:.1f}x faster offline "
-              f"({timing['tokens_per_batch']} tokens/batch, student {timing['student_parameters']:,} params, teacher "
-              f"{timing['teacher_parameters']:,})")
+        print_timing(timing)
     if not args.keep:
         for p in out.glob("cache-*"):
             shutil.rmtree(p, ignore_errors=True)

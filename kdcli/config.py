@@ -104,6 +104,10 @@ class TrainConfig:
     optimizer: str = opt("adamw", "Optimizer.", choices=("adamw", "adam", "sgd"))
     momentum: float = opt(0.9, "Momentum for sgd.", min=0.0, lt=1.0)
     weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", min=0.0)
+    precision: str = opt("fp32", "fp32: float32 throughout (exact). bf16: mixed precision: matrix products in "
+                                 "bfloat16 (a language-model student's output layer included), weights, optimizer "
+                                 "state, softmax and loss in float32; faster on GPUs and on CPUs with AVX512-BF16 "
+                                 "or AMX, slower where bfloat16 is emulated.", choices=("fp32", "bf16"))
     schedule: str = opt("constant", "Learning-rate schedule over all steps (after warmup).",
                         choices=("constant", "cosine", "linear"))
     warmup_steps: int = opt(0, "Linear warmup steps.", min=0)

@@ -13,6 +13,7 @@ trained on and, on the CPU, ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -140,6 +141,17 @@ def build_optimizer(name: str, params: list, *, lr: float, momentum: float = 0.9
     cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def precision_context(precision: str, device: torch.device):
+    """The autocast context for ``--precision`` (bf16: bfloat16 matrix products, float32 everything autocast keeps
+    in float32); a no-op context for fp32. Warns once where the CPU has no native bfloat16 products."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
+        log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower "
+                 "than --precision fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -296,8 +308,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + global_step)
                 x = augment.apply(x, augment.sample(len(x), g))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)  # (b, C)
-            parts = kd_loss(logits, targets, y, temperature=cfg.temperature, alpha=alpha, divergence=cfg.divergence,
+            with precision_context(cfg.precision, device):
+                logits = net(x)  # (b, C)
+            parts = kd_loss(logits.float(), targets, y, temperature=cfg.temperature, alpha=alpha, divergence=cfg.divergence,
                             beta=cfg.jsd_beta)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()

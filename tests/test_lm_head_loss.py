@@ -140,3 +140,24 @@ def test_fold_applies_the_row_factor_itself_where_it_cannot_be_deferred():
     g, scale = _fold(g0.clone(), torch.tensor([2.0, 0.5, -1.0, 3.0]), ids, vals)
     want = g0 * torch.tensor([2.0, 0.5, -1.0, 3.0])[:, None]
     torch.testing.assert_close(scale[:, None] * g, want.scatter_(1, ids, vals))
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample", "full"])
+def test_bf16_products_stay_close_to_the_float32_loss(mode):
+    """--precision bf16: the same loss and gradients to bfloat16's ~3 significant digits (not bit-exact)."""
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    targets = _targets(mode, torch.randn(N, V, generator=g) * 2.0)
+    y = torch.randint(0, V, (N,), generator=g)
+    out = []
+    for precision in ("fp32", "bf16"):
+        h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        parts, _ = head_kd_loss(h1, w1, targets, y, temperature=2.0, alpha=0.7, chunk=8, precision=precision)
+        parts.total.backward()
+        assert h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+        out.append((parts.total.item(), h1.grad, w1.grad))
+    (l32, gh32, gw32), (l16, gh16, gw16) = out
+    assert l16 == pytest.approx(l32, rel=2e-2)
+    assert l16 != l32  # the products really ran in bfloat16
+    for a, b in ((gh16, gh32), (gw16, gw32)):
+        assert float((a - b).norm() / b.norm()) < 3e-2

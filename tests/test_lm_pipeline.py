@@ -284,3 +284,29 @@ def test_a_teacher_without_weights_is_refused(lm, tmp_path):
     r = runner.invoke(app, ["cache-teacher", "--teacher", "transformer", "--tokenizer", str(lm["tok"]), "--data",
                             str(lm["text"]), "--out", str(tmp_path / "c"), "--top-k", "4"])
     assert r.exit_code == 2 and "has no weights" in r.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("student_kind", ["transformer", "hf"])
+def test_bf16_precision_trains_float32_weights(lm, tmp_path, student_kind):
+    """--precision bf16 (fused head for the built-in transformer, autocast for an HF student): the loss falls and
+    the saved weights stay float32, close to (not equal to) an fp32 run's."""
+    c = tmp_path / "c"
+    cache(lm, c, top_k=8)
+    student = "transformer" if student_kind == "transformer" else str(
+        make_llama(tmp_path / "student", lm["tok"], hidden=16, layers=1, seed=1))
+    args = {"student_args": STUDENT} if student_kind == "transformer" else {}
+    from safetensors.torch import load_file
+
+    weights, summaries = [], []
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        s = train_student(resolve(TrainConfig, None, dict(cache=str(c), student=student, data=str(lm["text"]),
+                                                           epochs=3, batch_size=4, lr=3e-3, temperature=1.0,
+                                                           precision=precision, out=str(run), seed=0, **args)))
+        summaries.append(s)
+        weights.append(load_file(str(run / "model.safetensors")))
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["train_soft"] < lines[0]["train_soft"]
+    assert all(v.dtype == torch.float32 for v in weights[1].values())
+    diffs = [float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]]
+    assert 0 < max(diffs) < 0.05

@@ -40,6 +40,13 @@ def test_learns_the_blobs(tmp_path, blobs_npz):
     assert s.val_accuracy > 0.85
 
 
+def test_bf16_precision_learns_the_blobs_with_float32_weights(tmp_path, blobs_npz):
+    s = train_student(cfg(blobs_npz, tmp_path / "r", epochs=8, lr=3e-3, val_fraction=0.2, precision="bf16"))
+    assert s.val_accuracy > 0.85
+    w = load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert all(v.dtype.is_floating_point and v.element_size() == 4 for v in w.values())
+
+
 def test_finished_run_is_not_clobbered(tmp_path, blobs_npz):
     train_student(cfg(blobs_npz, tmp_path / "r", epochs=1))
     before = (tmp_path / "r" / "model.safetensors").read_bytes()

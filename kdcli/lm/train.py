@@ -39,7 +39,7 @@ from kdcli.losses import LossParts, Targets, describe, kd_loss, targets_from_arr
 from kdcli.distributed import Dist
 from kdcli.models import resolve_device
 from kdcli.train import CONFIG, METRICS, SUMMARY, TrainSummary, _append_line, _optimizer, _prepare_run_dir, holdout, \
-    label_batches, restore, _save_checkpoint, _schedule
+    label_batches, precision_context, restore, _save_checkpoint, _schedule
 
 
 @dataclass
@@ -111,19 +111,20 @@ def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, b
 
 def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor, targets: Targets | None,
                  labels: torch.Tensor, *, temperature: float, alpha: float, divergence: str = "forward",
-                 beta: float = 0.5, fused: bool = True) -> tuple[LossParts, int]:
+                 beta: float = 0.5, fused: bool = True, precision: str = "fp32") -> tuple[LossParts, int]:
     """The training loss over the predicted positions ``idx`` of a (b, L) batch, and how many argmaxes hit the label.
 
     The built-in transformer with forward KL takes the fused path (kdcli.lm.head_loss: output layer and loss in
     chunks, no (tokens, V) logits kept; same value and gradients); other students and divergences take
     ``kd_loss`` on the selected logits.
     """
-    if fused and divergence == "forward" and isinstance(model, TinyTransformer):
-        h = model.hidden(ids)
-        return head_kd_loss(h.reshape(-1, h.shape[-1])[idx], model.head.weight, targets, labels,
-                            temperature=temperature, alpha=alpha)
-    logits = lm_logits(model, ids, mask)
-    sel = logits.reshape(-1, logits.shape[-1])[idx]  # (tokens, V)
+    with precision_context(precision, ids.device):
+        if fused and divergence == "forward" and isinstance(model, TinyTransformer):
+            h = model.hidden(ids)
+            return head_kd_loss(h.reshape(-1, h.shape[-1])[idx], model.head.weight, targets, labels,
+                                temperature=temperature, alpha=alpha, precision=precision)
+        logits = lm_logits(model, ids, mask)
+    sel = logits.reshape(-1, logits.shape[-1])[idx].float()  # (tokens, V)
     parts = kd_loss(sel, targets, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
     return parts, int((sel.detach().argmax(-1) == labels).sum())
 
@@ -237,7 +238,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             y = torch.from_numpy(labels).to(device)
             parts, correct = student_loss(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
                                           torch.from_numpy(idx).to(device), targets, y, temperature=cfg.temperature,
-                                          alpha=alpha, divergence=cfg.divergence, beta=cfg.jsd_beta)
+                                          alpha=alpha, divergence=cfg.divergence, beta=cfg.jsd_beta,
+                                          precision=cfg.precision)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
