@@ -3,16 +3,20 @@
     python benchmarks/bench_lm.py [--teacher SmolLM2.gguf] [--train-chars 12000] [--out /tmp/kd-bench-lm]
 
 Prints (and writes bench_lm.json in --out):
-1. bytes/token of the training cache for full, top-k k=8 and k=64, and sample (--samples draws), and how much
-   smaller each is than full fp16 log-probs.
+1. bytes/token of the training cache (as cache-teacher writes it: top-k and sample gzip-compressed by default) for
+   full, top-k k=8 and k=64, and sample (--samples draws), and how much smaller each is than full fp16 log-probs.
 2. student quality for each cache vs the full-logit reference: the same student (built-in transformer), seed and
    budget (alpha 1, T 1), measured on held-out text against a held-out *full* teacher cache (exact KL):
-   perplexity, KL(teacher || student), top-1 agreement, and each as a ratio to the full-logit student.
-3. step time: an offline step (read a batch from the top-64 cache + student forward/backward/update) vs an online
-   step that runs the teacher on the same batch (teacher forward + top-64 reduction + the same student step).
+   perplexity, KL(teacher || student), top-1 agreement, and each as a ratio to the full-logit student. With
+   --seeds 0,1,... every cache trains once per seed, ratios use the means, and the full-logit students' spread
+   across seeds is printed as the noise floor.
+3. step time, per --precisions (fp32, bf16), in a fresh process: offline steps (read a batch from the top-64 cache +
+   student forward/backward/update) vs online steps that run the teacher on the same batch (teacher forward +
+   top-64 reduction + the same student step), each kind timed as a block of --steps.
 
 Defaults use the packaged SmolLM2-135M-Instruct GGUF teacher and ~3.4k training tokens from Hamlet (held out:
-The Tempest): ~10 minutes on 2 CPU cores, of which most is the teacher's four passes.
+The Tempest): ~10 minutes on 2 CPU cores, of which most is the teacher's five passes. --train-plays draws the
+training text from several plays (the GPU runs in docs/lm.md used 6 and 12).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -139,6 +144,7 @@ def main() -> None:
         student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
         timing = {p: step_times(teacher, out / "cache-topk64", out / "train.jsonl", student_args, batch=8,
                                 steps=args.steps, top_k=64, precision=p) for p in args.precisions.split(",")}
+        (out / "timing.json").write_text(json.dumps(timing, indent=2))
         print(json.dumps(timing, indent=2))
         print_timing(timing)
         return
@@ -183,10 +189,12 @@ def main() -> None:
         q["kl_ratio"] = q["kl_to_teacher"] / ref["kl_to_teacher"]
     full_runs = per_seed["full"]  # the noise floor: how far apart full-logit students of different seeds land
     noise = {k: (max(r[k] for r in full_runs) / min(r[k] for r in full_runs)) for k in ("perplexity", "kl_to_teacher")}
-    student_args = {k: int(v) for k, v in (kv.split("=") for kv in args.student_args.split(","))}
-    timing = None if args.skip_timing else {
-        p: step_times(teacher, out / "cache-topk64", train, student_args, batch=8, steps=args.steps, top_k=64,
-                      precision=p) for p in args.precisions.split(",")}
+    timing = None
+    if not args.skip_timing:  # in a fresh process: this one has read GBs of full-logit caches and trained 4 students
+        subprocess.run([sys.executable, __file__, "--timing-only", "--teacher", teacher, "--out", str(out),
+                        "--steps", str(args.steps), "--precisions", args.precisions, "--student-args",
+                        args.student_args], check=True, stdout=subprocess.DEVNULL)
+        timing = json.loads((out / "timing.json").read_text())
     result = {"teacher": teacher, "train_tokens": sizes["full"]["tokens"], "max_length": args.max_length,
               "epochs": args.epochs, "seeds": seeds, "sizes": sizes, "quality": quality, "per_seed": per_seed,
               "full_seed_spread": noise, "timing": timing}
