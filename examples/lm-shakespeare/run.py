@@ -10,8 +10,8 @@ Steps (each one a kdcli command, printed as it runs):
 4. `eval` on the held-out play: perplexity, next-token accuracy, top-1 agreement and KL to the teacher (from the
    held-out cache), parameters, bytes and tokens/s (the teacher is measured too).
 
-Everything runs on the CPU (~30 minutes on 2 busy cores with the sizes in docs/lm.md). Re-running reuses complete
-caches and finished runs. results.json holds the numbers.
+Everything runs on the CPU (about 5 minutes on 2 quiet cores with the defaults; numbers in docs/lm.md).
+Re-running reuses complete caches and finished runs. results.json holds the numbers.
 """
 
 from __future__ import annotations
