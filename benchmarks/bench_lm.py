@@ -4,7 +4,8 @@
 
 Prints (and writes bench_lm.json in --out):
 1. bytes/token of the training cache (as cache-teacher writes it: top-k and sample gzip-compressed by default) for
-   full, top-k k=8 and k=64, and sample (--samples draws), and how much smaller each is than full fp16 log-probs.
+   full, top-k k=8 and k=64, and sample with each of --samples draws (12 and 24), and how much smaller each is than
+   full fp16 log-probs.
 2. student quality for each cache vs the full-logit reference: the same student (built-in transformer), seed and
    budget (alpha 1, T 1), measured on held-out text against a held-out *full* teacher cache (exact KL):
    perplexity, KL(teacher || student), top-1 agreement, and each as a ratio to the full-logit student. With
@@ -123,7 +124,7 @@ def main() -> None:
                     help="comma-separated plays the training text is drawn from, an equal share of --train-chars each")
     ap.add_argument("--heldout-chars", type=int, default=4_000)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=12)
+    ap.add_argument("--samples", default="12,24", help="comma-separated draws per token, one sample cache each")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", default="3e-3")
     ap.add_argument("--student-args", default="d_model=64,n_layers=2,n_heads=4")
@@ -154,7 +155,7 @@ def main() -> None:
     heldout = write_jsonl(out / "heldout.jsonl", play_rows("tempest", args.heldout_chars))
     common = ["--teacher", teacher, "--max-length", args.max_length, "--batch-size", 8]
     modes = {"full": ["--mode", "full"], "topk8": ["--top-k", 8], "topk64": ["--top-k", 64],
-             "sample": ["--mode", "sample", "--samples", args.samples]}
+             **{f"sample{n}": ["--mode", "sample", "--samples", n] for n in args.samples.split(",")}}
     sizes = {}
     for name, flags in modes.items():
         kdcli("cache-teacher", *common, *flags, "--data", train, "--out", out / f"cache-{name}")
