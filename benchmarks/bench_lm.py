@@ -16,7 +16,7 @@ Prints (and writes bench_lm.json in --out):
    top-64 reduction + the same student step), each kind timed as a block of --steps.
 
 Defaults use the packaged SmolLM2-135M-Instruct GGUF teacher and ~3.4k training tokens from Hamlet (held out:
-The Tempest): ~10 minutes on 2 CPU cores, of which most is the teacher's five passes. --train-plays draws the
+The Tempest): ~10 minutes on 2 CPU cores, of which most is the teacher's six passes. --train-plays draws the
 training text from several plays (the GPU runs in docs/lm.md used 6 and 12).
 """
 
