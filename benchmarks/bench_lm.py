@@ -100,7 +100,8 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     offline = float(np.mean(off)) + read_per_batch
     online = float(np.mean(on))
     return {"precision": precision, "steps": len(off), "offline_step_median_s": float(np.median(off)) + read_per_batch,
-            "online_step_median_s": float(np.median(on)), "batch_sequences": batch, "tokens_per_batch": int(np.mean([b["lengths"].sum() for b in batches])),
+            "online_step_median_s": float(np.median(on)), "batch_sequences": batch,
+            "tokens_per_batch": int(np.mean([b["lengths"].sum() for b in batches])),
             "offline_step_s": offline, "online_step_s": online, "cache_read_s_per_batch": read_per_batch,
             "teacher_forward_and_reduce_s": float(np.mean(teacher_s)),
             "speedup": online / offline, "student_parameters": sinfo.num_parameters,
@@ -112,7 +113,8 @@ def print_timing(timing: dict) -> None:
         print(f"--precision {precision}: offline step {t['offline_step_s'] * 1000:.0f} ms vs online step (teacher in "
               f"the loop) {t['online_step_s'] * 1000:.0f} ms: {t['speedup']:.1f}x faster offline "
               f"({t['tokens_per_batch']} tokens/batch, student {t['student_parameters']:,} params, teacher "
-              f"{t['teacher_parameters']:,}; teacher forward + top-k {t['teacher_forward_and_reduce_s'] * 1000:.0f} ms)")
+              f"{t['teacher_parameters']:,}; teacher forward + top-k "
+              f"{t['teacher_forward_and_reduce_s'] * 1000:.0f} ms)")
 
 
 def main() -> None:

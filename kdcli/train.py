@@ -310,8 +310,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with precision_context(cfg.precision, device):
                 logits = net(x)  # (b, C)
-            parts = kd_loss(logits.float(), targets, y, temperature=cfg.temperature, alpha=alpha, divergence=cfg.divergence,
-                            beta=cfg.jsd_beta)
+            parts = kd_loss(logits.float(), targets, y, temperature=cfg.temperature, alpha=alpha,
+                            divergence=cfg.divergence, beta=cfg.jsd_beta)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()

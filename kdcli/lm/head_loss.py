@@ -52,7 +52,8 @@ def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(x, 1, False, out=out)
 
 
-def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
+          vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradient ``f[:, None] * g`` with ``vals`` at ``ids`` instead, kept as (g', f) with the row factor f left
     for the output-layer products (one V-wide pass saved): g' at ids holds ``vals / f``. Rows where f is 0 or not
     finite cannot be folded; then the factor is applied here and (g, None) returned."""
