@@ -148,10 +148,15 @@ def precision_context(precision: str, device: torch.device):
     in float32); a no-op context for fp32. Warns once where the CPU has no native bfloat16 products."""
     if precision != "bf16":
         return contextlib.nullcontext()
-    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
+    if device.type == "cpu" and not _WARNED_BF16 and not getattr(torch.cpu, "_is_avx512_bf16_supported",
+                                                                 lambda: True)():
+        _WARNED_BF16.append(True)
         log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower "
                  "than --precision fp32")
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+_WARNED_BF16: list[bool] = []  # the warning above, once per process
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -68,3 +68,18 @@ def test_schedules(schedule, expect):
     f = _schedule(TrainConfig(student="m", data="d", out="o", schedule=schedule, warmup_steps=2), total_steps=12)
     assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)  # warmup
     assert [round(f(s), 6) for s in (2, 7, 12)] == pytest.approx(expect, abs=1e-6)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
+    import torch
+
+    import kdcli.train as kt
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(kt, "_WARNED_BF16", [])
+    for _ in range(3):
+        with kt.precision_context("bf16", torch.device("cpu")):
+            pass
+    with kt.precision_context("fp32", torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    assert capsys.readouterr().err.count("AVX512-BF16") == 1
