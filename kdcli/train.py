@@ -14,6 +14,7 @@ trained on and, on the CPU, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -148,15 +149,15 @@ def precision_context(precision: str, device: torch.device):
     in float32); a no-op context for fp32. Warns once where the CPU has no native bfloat16 products."""
     if precision != "bf16":
         return contextlib.nullcontext()
-    if device.type == "cpu" and not _WARNED_BF16 and not getattr(torch.cpu, "_is_avx512_bf16_supported",
-                                                                 lambda: True)():
-        _WARNED_BF16.append(True)
-        log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower "
-                 "than --precision fp32")
+    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
+        _warn_emulated_bf16()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-_WARNED_BF16: list[bool] = []  # the warning above, once per process
+@functools.cache
+def _warn_emulated_bf16() -> None:  # once per process, not once per step
+    log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower than "
+             "--precision fp32")
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

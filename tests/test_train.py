@@ -76,7 +76,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
     import kdcli.train as kt
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(kt, "_WARNED_BF16", [])
+    kt._warn_emulated_bf16.cache_clear()
     for _ in range(3):
         with kt.precision_context("bf16", torch.device("cpu")):
             pass
