@@ -87,7 +87,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
             idx, _ = loss_positions(seqs, data.first_target[rows], ids.shape[1])
             tl = lm_logits(t_model, torch.from_numpy(ids), torch.from_numpy(mask))
             logp = torch.log_softmax(tl.reshape(-1, V)[torch.from_numpy(idx)].float(), -1)
-            red = {k: v for k, v in to_host(reduce_logits(logp, "topk", top_k=top_k), V).items()}
+            red = to_host(reduce_logits(logp, "topk", top_k=top_k), V)
         t_teacher = time.perf_counter() - t1
         student_step(seqs, rows, targets_from_arrays(red, "topk", V))
         if i:

@@ -236,7 +236,8 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
                                    class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)},
                                    **m))
     return EvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, models=reports,
-                      failures=threshold_failures(reports, cfg), class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
+                      failures=threshold_failures(reports, cfg),
+                      class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
                       bias_data=(fit_data.spec if fit_classes else None))
 
 
