@@ -43,7 +43,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     from kdcli.lm.cache import TokenCacheReader
     from kdcli.lm.hf import build_lm, lm_logits
     from kdcli.lm.text import load_text, loss_positions, pad_batch
-    from kdcli.lm.train import settings_from_manifest, student_loss, tokenizer_for_cache
+    from kdcli.tasks.lm import settings_from_manifest, student_loss, tokenizer_for_cache
     from kdcli.losses import targets_from_arrays
     from kdcli.train import build_optimizer
 
@@ -57,7 +57,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     t_model, tinfo = build_lm(teacher)
     t_model.eval()
 
-    def student_step(seqs, rows, targets):  # what train-student does per step (kdcli.lm.train.student_loss)
+    def student_step(seqs, rows, targets):  # what train-student does per step (kdcli.tasks.lm.student_loss)
         ids, mask = pad_batch(seqs)
         idx, y = loss_positions(seqs, data.first_target[rows], ids.shape[1])
         parts, _ = student_loss(student, torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(idx),

@@ -123,6 +123,10 @@ class TrainConfig:
                               lt=1.0)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
     device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
+    fsdp: bool = opt(False, "Under torchrun: shard the student's weights, gradients and optimizer state over the "
+                            "processes (PyTorch FSDP2, one unit per transformer layer) instead of replicating them "
+                            "(DDP), for students too large for one device. Checkpoints and the run dir hold the "
+                            "whole model.")
     num_workers: int = opt(0, "DataLoader worker processes reading the cache (persistent; per process under "
                               "torchrun). 0: read in the training process.", min=0)
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).",

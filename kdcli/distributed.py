@@ -202,12 +202,52 @@ def cleanup() -> None:
     _current = None
 
 
-def refuse(what: str) -> None:
-    """For stages that do not run under torchrun yet: one clear error instead of N processes racing."""
-    if env_world()[1] > 1:
-        raise UsageError(f"{what} does not run under torchrun yet; run it as one process (without torchrun)")
-
-
 def is_main_process() -> bool:
     """Whether this process prints results: rank 0 under torchrun, always otherwise."""
     return env_world()[0] == 0
+
+
+# -- FSDP2: students larger than one device ------------------------------------------------------------------------
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` in place over the process group with FSDP2 (``fully_shard``): each block of its largest
+    ``ModuleList`` (a transformer's layers) is one unit, gathered for its own forward and backward only, then the
+    root (embeddings, head, final norm). Parameters become DTensors; the optimizer must be built afterwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if lists:
+        blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The whole (unsharded) state dict of an FSDP2 model, on rank 0's CPU (other ranks get ``{}``). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_options(cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state of an FSDP2 model (keyed by parameter name), on rank 0's CPU. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=_state_options(cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, model_state: dict, opt_state: dict) -> None:
+    """Load whole state dicts (as :func:`full_model_state` / :func:`full_optimizer_state` wrote them) into an FSDP2
+    model and its optimizer; every rank passes the same dicts and keeps its own shard. Collective."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, model_state, options=_state_options())
+    set_optimizer_state_dict(model, opt, opt_state, options=_state_options())

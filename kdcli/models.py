@@ -271,3 +271,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, tied tensors counted once."""
+    seen: dict[int, int] = {}
+    for t in list(model.state_dict().values()):
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())

@@ -12,6 +12,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kdcli.tasks.base import CacheSummary, TrainSummary
+from kdcli.tasks.classify import EvalReport
+from kdcli.tasks.lm import LMCacheSummary, LMEvalReport, LMTrainSummary
+
 out_console = Console(highlight=False, soft_wrap=True)
 
 
@@ -32,7 +36,7 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -49,24 +53,29 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return t
 
 
-def render_cache(s) -> Table:
-    if hasattr(s, "bytes_per_token"):  # token-level (LM) cache: sizes per predicted token
-        return key_value_table(f"cache-teacher: {s.status}", [
-            ("cache", s.cache_dir), ("mode", s.mode), ("sequences", f"{s.num_rows:,}"),
-            ("predicted tokens", f"{s.num_tokens:,}"), ("shards", str(s.num_shards)),
-            ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token, {s.full_fp16_ratio:,.0f}x smaller "
-                     f"than full fp16 log-probs over {s.vocab_size:,})"), ("compression", s.compression),
-            ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
-            ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s)")])
+def render_cache(s: CacheSummary) -> Table:
+    if isinstance(s, LMCacheSummary):
+        return render_lm_cache(s)
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("rows", f"{s.num_rows:,}"),
         ("computed / skipped", f"{s.rows_computed:,} / {s.rows_skipped:,}"), ("shards", str(s.num_shards)),
-        ("size", f"{_human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"), ("compression", s.compression),
+        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"), ("compression", s.compression),
         ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
         ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s)")])
 
 
-def render_train(s) -> Table:
+def render_lm_cache(s: LMCacheSummary) -> Table:
+    """A token-level (LM) cache: sizes per predicted token."""
+    return key_value_table(f"cache-teacher: {s.status}", [
+        ("cache", s.cache_dir), ("mode", s.mode), ("sequences", f"{s.num_rows:,}"),
+        ("predicted tokens", f"{s.num_tokens:,}"), ("shards", str(s.num_shards)),
+        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token, {s.full_fp16_ratio:,.0f}x smaller "
+                 f"than full fp16 log-probs over {s.vocab_size:,})"), ("compression", s.compression),
+        ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
+        ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s)")])
+
+
+def render_train(s: TrainSummary) -> Table:
     rows = [("run", s.run_dir), ("loss", s.loss_formula), ("epochs / steps", f"{s.epochs} / {s.steps}"),
             ("train rows", f"{s.train_rows:,}"), ("final train loss", f"{s.final_train_loss:.4f}"),
             ("final train accuracy", f"{s.final_train_accuracy:.4f}")]
@@ -76,7 +85,7 @@ def render_train(s) -> Table:
         rows.append(("eval accuracy", f"{s.eval_accuracy:.4f}"))
     rows += [("student parameters", f"{s.student_parameters:,}"),
              ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s in the last epoch)")]
-    if hasattr(s, "tokens_per_second"):  # LM runs: sequences are rows; tokens are what matters
+    if isinstance(s, LMTrainSummary):  # LM runs: sequences are rows; tokens are what matters
         rows[-1] = ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s in the last epoch)")
         rows.insert(4, ("train tokens", f"{s.train_tokens:,} ({s.divergence} divergence)"))
         if s.eval_perplexity is not None:
@@ -86,15 +95,13 @@ def render_train(s) -> Table:
     return key_value_table("train-student", rows)
 
 
-def _kl(x: float) -> str:
+def kl_text(x: float) -> str:
     """A KL is >= 0; fp16-stored teacher log-probs can make a model's KL to itself -1e-6 (shown as 0.0000)."""
     return f"{max(x, 0.0):.4f}"
 
 
-def render_eval(r) -> Table:
-    if getattr(r, "kind", None) == "lm":
-        from kdcli.lm.evaluate import render_lm_eval
-
+def render_eval(r: EvalReport | LMEvalReport) -> Table:
+    if isinstance(r, LMEvalReport):
         return render_lm_eval(r)
     t = Table(title=f"eval on {r.data} ({r.models[0].num_samples:,} rows)", title_justify="left")
     t.add_column("metric", style="bold")
@@ -119,8 +126,8 @@ def render_eval(r) -> Table:
         fmt[1:1] = rows
     if r.cache:
         fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
-                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: _kl(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: _human_bytes(m.weight_bytes)),
+                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: human_bytes(m.weight_bytes)),
             ("samples/s", lambda m: f"{m.samples_per_second:,.0f}")]
     for name, f in fmt:
         t.add_row(name, *[f(m) for m in r.models])
@@ -145,4 +152,25 @@ def render_verify(r) -> Table:
                   "ok" if s.ok else "; ".join(s.problems))
     if not r.shards:
         t.add_row("(none)", "", "", "", "the manifest lists no shards")
+    return t
+
+
+def render_lm_eval(r: LMEvalReport) -> Table:
+    t = Table(title=f"eval on {r.data} ({r.num_sequences:,} sequences, {r.num_tokens:,} predicted tokens)",
+              title_justify="left")
+    t.add_column("metric", style="bold")
+    for m in r.models:
+        t.add_column(m.model, justify="right", overflow="fold")
+    fmt = [("perplexity", lambda m: f"{m.perplexity:.3f}"), ("NLL / token", lambda m: f"{m.nll:.4f}"),
+           ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
+    if r.cache:
+        fmt += [("top-1 agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
+                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: human_bytes(m.weight_bytes)),
+            ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}")]
+    for name, f in fmt:
+        t.add_row(name, *[f(m) for m in r.models])
+    if r.teacher:
+        t.caption = (f"teacher (from the cache, {r.teacher['mode']}): {r.teacher['spec']}, "
+                     f"{r.teacher['num_parameters']:,} parameters, perplexity {r.teacher['perplexity']:.3f}")
     return t

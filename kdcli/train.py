@@ -1,8 +1,12 @@
 """train_student(cfg): cache reader + data -> loss -> optimizer loop -> RUN_DIR.
 
+This is the one training loop for every task: the run dir, checkpoints and resume, DDP under torchrun, device-side
+metric sums, metrics.jsonl and crash points live here; the task (:mod:`kdcli.tasks`) loads the data and the
+student, turns a batch into loss parts, measures held-out data and saves the student.
+
 RUN_DIR holds:
 - ``model.safetensors`` + ``model.json``: the student's weights and how to rebuild it (``kdcli eval`` needs nothing
-  else); ``model_source.py`` too when the student came from a file.py plugin
+  else); ``model_source.py`` too when the student came from a file.py plugin; ``tokenizer/`` for language models
 - ``config.yaml``: the resolved config; ``metrics.jsonl``: one JSON line per epoch; ``summary.json``
 - ``checkpoint.pt`` while training (model, optimizer, scheduler, RNG states, position in the epoch), written
   atomically every ``checkpoint_every`` steps and at each epoch end; removed when the run finishes
@@ -13,8 +17,6 @@ trained on and, on the CPU, ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -22,25 +24,27 @@ import math
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdcli import crashpoints, distributed, log
-from kdcli.augment import parse_augment
 from kdcli.cache.atomic import atomic_write_bytes, is_disk_full, remove_partials
 from kdcli.cache.lock import DirLock
-from kdcli.cache.reader import CacheLoader, CacheReader
+from kdcli.cache.reader import CacheLoader
 from kdcli.config import TrainConfig, to_dict, write_yaml
-from kdcli.data import LabelledData, load_data
-from kdcli.errors import CacheError, UsageError
-from kdcli.losses import describe, kd_loss, targets_from_arrays
-from kdcli.models import WEIGHTS, build_model, resolve_device, save_run_model, unpickling_problem
+from kdcli.errors import UsageError
+from kdcli.losses import describe
+from kdcli.models import WEIGHTS, resolve_device, unpickling_problem
+from kdcli.precision import precision_context
+from kdcli.tasks import TrainJob, TrainSummary, pick_task
+
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "TrainSummary", "apply_max_norm", "build_optimizer",
+           "holdout", "label_batches", "precision_context", "schedule", "train_student"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -48,23 +52,6 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 # Options that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE = ("resume", "overwrite", "num_workers", "checkpoint_every", "device")
-
-
-@dataclass
-class TrainSummary:
-    run_dir: str
-    loss_formula: str
-    epochs: int
-    steps: int
-    train_rows: int
-    final_train_loss: float
-    final_train_accuracy: float
-    val_accuracy: float | None
-    eval_accuracy: float | None
-    seconds: float
-    rows_per_second: float
-    student_parameters: int
-    resumed_from_step: int
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -118,7 +105,9 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]
     return val_idx, keep
 
 
-def _schedule(cfg: TrainConfig, total_steps: int):
+def schedule(cfg: TrainConfig, total_steps: int):
+    """The learning-rate factor per optimizer step: warmup, then constant, linear or cosine decay."""
+
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -144,27 +133,6 @@ def build_optimizer(name: str, params: list, *, lr: float, momentum: float = 0.9
     return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def precision_context(precision: str, device: torch.device):
-    """The autocast context for ``--precision`` (bf16: bfloat16 matrix products, float32 everything autocast keeps
-    in float32); a no-op context for fp32. Warns once where the CPU has no native bfloat16 products."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
-        _warn_emulated_bf16()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-@functools.cache
-def _warn_emulated_bf16() -> None:  # once per process, not once per step
-    log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower than "
-             "--precision fp32")
-
-
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 @torch.no_grad()
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
     """Clip each unit's incoming weight vector to L2 norm <= max_norm (Linear rows, Conv filters)."""
@@ -188,38 +156,18 @@ def label_batches(n_keep: np.ndarray, *, batch_size: int, seed: int, epoch: int,
             yield {"sample_index": order[a:a + batch_size]}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
-    """(n, C) float32 logits on the CPU, in eval mode."""
-    was = model.training
-    model.eval()
-    outs = [model(x[a:a + batch_size].to(device)).float().cpu() for a in range(0, len(x), batch_size)]
-    model.train(was)
-    return torch.cat(outs)
-
-
 def train_student(cfg: TrainConfig) -> TrainSummary:
-    from kdcli.lm import is_text_spec
-
-    if is_text_spec(cfg.data):  # JSONL text: language-model distillation
-        distributed.refuse("train-student with JSONL (language-model) data")
-        from kdcli.lm.train import train_student_lm
-
-        return train_student_lm(cfg)
     t_start = time.perf_counter()
     alpha = cfg.alpha if cfg.alpha is not None else (0.9 if cfg.cache else 0.0)
     if alpha > 0 and not cfg.cache:
         raise UsageError(f"--alpha {alpha:g} weights a teacher term but no --cache was given; pass --cache "
                          "CACHE_DIR or --alpha 0")
-    reader = CacheReader(cfg.cache) if cfg.cache else None
-    data = load_data(cfg.data)  # its own label range first: data that does not fit the cache is exit 3, not 2
-    if reader is not None:
-        reader.check_data(data.identity())
-        data.num_classes = reader.num_classes  # the data's labels fit: the student outputs the cache's classes
-        if cfg.augment:
-            raise UsageError("--augment applies to label-only training; with --cache the student trains on the "
-                             "cached views (build the cache with --views N --augment ...)")
-    augment = parse_augment(reader.manifest.get("augment") if reader else cfg.augment)
+    if cfg.fsdp and distributed.env_world()[1] == 1:
+        raise UsageError("--fsdp shards the student over torchrun processes; launch with `torchrun --standalone "
+                         "--nproc-per-node N -m kdcli train-student ...`, or drop --fsdp")
+    task = pick_task(cfg.data)
+    reader = task.open_cache(cfg.cache) if cfg.cache else None
+    job = task.train_job(cfg, alpha, reader)  # data loaded and checked against the cache; the student comes later
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     # Under torchrun every rank trains (DDP); rank 0 holds the run-dir lock and writes every output.
@@ -238,59 +186,58 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
         resuming = ctx.on_main(prepare)
         ckpt = ctx.agree(lambda: main.get("ckpt") if ctx.is_main or not resuming else
                          torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True))
-        return _train(cfg, out, ckpt, alpha, reader, data, augment, ctx.device, t_start, ctx)
+        return _train(cfg, out, ckpt, alpha, job, t_start, ctx)
 
 
-def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader: CacheReader | None,
-           data: LabelledData, augment, device: torch.device, t_start: float,
-           ctx: distributed.Dist | None = None) -> TrainSummary:
-    ctx = ctx or distributed.Dist(device=device)
+def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: TrainJob, t_start: float,
+           ctx: distributed.Dist) -> TrainSummary:
+    device = ctx.device
     torch.manual_seed(cfg.seed)
-    model, info = build_model(cfg.student, cfg.student_args, num_classes=data.num_classes,
-                              input_shape=data.input_shape)
+    ctx.agree(job.build_student)  # a student that does not fit the data or cache: every rank raises the same
+    model, info, reader = job.model, job.info, job.reader
     model.to(device)
+    if cfg.fsdp:
+        distributed.shard_model(model)  # rank 0's initial weights everywhere: every rank built them from the seed
     if ctx.enabled:  # each rank its own dropout draws (DDP broadcasts rank 0's initial weights to all)
         torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
-    resolved = {**to_dict(cfg), "alpha": alpha}
     if ctx.is_main:
-        write_yaml(resolved, out / CONFIG)
+        write_yaml({**to_dict(cfg), "alpha": alpha}, out / CONFIG)
 
     # validation split: a seeded choice of samples, never trained on (all their views are dropped)
-    val_idx, keep = holdout(data.n, cfg.val_fraction, cfg.seed)
+    val_idx, keep = holdout(job.num_samples, cfg.val_fraction, cfg.seed)
     n_val = len(val_idx)
     train_samples = np.flatnonzero(keep)
-    views = reader.manifest["views"] if reader else 1
-    train_rows = len(train_samples) * views
+    train_rows = len(train_samples) * job.views
+    train_units = job.train_units(train_samples)
     # Under DDP each rank trains on an equal share (train_rows // world) per epoch: global batch = batch * world.
     steps_per_epoch = math.ceil((train_rows // ctx.world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
-    opt = _optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total_steps))
-    start_epoch, skip, global_step, acc = restore(ckpt, out, model, opt, sched, device, ctx, steps_per_epoch)
-    # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass
+    opt = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, total_steps))
+    start_epoch, skip, global_step, acc = restore(ckpt, out, model, opt, sched, device, ctx, steps_per_epoch,
+                                                  sharded=cfg.fsdp)
+    # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass (FSDP2
+    # shards in place: the model is its own wrapper)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if ctx.enabled else model
+        if ctx.enabled and not cfg.fsdp else model
 
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta)
-    log.info(formula)
-    log.info(f"student {cfg.student} ({info.num_parameters:,} parameters) on {device}; {train_rows} training rows "
-             f"({len(train_samples)} samples x {views} view(s)), {n_val} validation samples; "
-             f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}"
+    log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
+    log.info(job.describe(train_samples, n_val) + f"; on {device}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
+             f"batch {cfg.batch_size}"
              + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled
                 else ""))
-    eval_data = load_data(cfg.eval_data, num_classes=data.num_classes) if cfg.eval_data else None
-    if eval_data is not None and eval_data.input_shape != data.input_shape:
-        raise UsageError(f"--eval-data {cfg.eval_data} has input shape {eval_data.input_shape}, the training data "
-                         f"{data.input_shape}")
     resumed_from = global_step
-    last = {}
-    x_all, y_all = data.x, data.y
+    last: dict = {}
     loader = None
     if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
         loader = CacheLoader(reader, batch_size=cfg.batch_size, seed=cfg.seed, keep=keep if n_val else None,
                              rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers)
-    pending = torch.zeros(4, dtype=torch.float64, device=device)  # loss, soft, hard, correct since the last flush
+    # loss, soft, hard (each times the batch's units), correct, since the last flush: summed on the device and
+    # read back only at checkpoints and epoch ends, so a GPU never waits on the host inside an epoch
+    pending = torch.zeros(4, dtype=torch.float64, device=device)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -301,35 +248,17 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
                                     skip_batches=skip, rank=ctx.rank, world=ctx.world)
         step_in_epoch = skip
         for batch in batches:
-            idx = torch.from_numpy(batch["sample_index"])
-            x = x_all[idx]  # (b, *input_shape)
-            y = y_all[idx]  # (b,)
-            targets = None
-            if reader is not None:
-                _check_row_hashes(batch, data, reader)
-                targets = targets_from_arrays(batch, reader.mode, reader.num_classes).to(device)
-                if "aug_params" in batch:
-                    x = augment.apply(x, torch.from_numpy(batch["aug_params"]))
-            elif augment is not None:
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + global_step)
-                x = augment.apply(x, augment.sample(len(x), g))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with precision_context(cfg.precision, device):
-                logits = net(x)  # (b, C)
-            parts = kd_loss(logits.float(), targets, y, temperature=cfg.temperature, alpha=alpha,
-                            divergence=cfg.divergence, beta=cfg.jsd_beta)
+            parts, correct, units = job.step(net, batch, device, global_step)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
             sched.step()
             if cfg.max_norm:
                 apply_max_norm(model, cfg.max_norm)
-            b = len(y)
-            acc["rows"] += b
-            # summed on the device, read back only at checkpoints and epoch ends: no host sync per step on a GPU
-            pending += torch.stack([parts.total.detach().double() * b, parts.soft.detach().double() * b,
-                                    parts.hard.detach().double() * b,
-                                    (logits.argmax(dim=1) == y).sum().double()])
+            acc["rows"] += len(batch["sample_index"])
+            acc["units"] += units
+            pending += torch.stack([parts.total.detach().double() * units, parts.soft.detach().double() * units,
+                                    parts.hard.detach().double() * units, correct.double()])
             step_in_epoch += 1
             global_step += 1
             crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)
@@ -340,38 +269,45 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
         skip = 0
         acc["seconds"] += time.perf_counter() - t_epoch
         acc = _reduce_acc(acc, ctx)  # every rank's rows and sums; seconds of the slowest rank
-        rows = max(acc["rows"], 1)
-        last = {"epoch": epoch + 1, "step": global_step, "rows": int(acc["rows"]), "train_loss": acc["loss"] / rows,
-                "train_soft": acc["soft"] / rows, "train_hard": acc["hard"] / rows,
-                "train_accuracy": acc["correct"] / rows, "lr": opt.param_groups[0]["lr"],
-                "seconds": acc["seconds"], "rows_per_second": acc["rows"] / max(acc["seconds"], 1e-9)}
-        if n_val:
-            last.update(_heldout_metrics(model, x_all[val_idx], y_all[val_idx], device, "val"))
-        if eval_data is not None:
-            last.update(_heldout_metrics(model, eval_data.x, eval_data.y, device, "eval"))
+        units = max(acc["units"], 1)
+        secs = max(acc["seconds"], 1e-9)
+        last = {"epoch": epoch + 1, "step": global_step}
+        if job.unit == "rows":
+            last["rows"] = int(acc["rows"])
+        last.update({"train_loss": acc["loss"] / units, "train_soft": acc["soft"] / units,
+                     "train_hard": acc["hard"] / units, "train_accuracy": acc["correct"] / units,
+                     "lr": opt.param_groups[0]["lr"], "seconds": acc["seconds"], "rows_per_second": acc["rows"] / secs})
+        if job.unit != "rows":
+            last[f"{job.unit}_per_second"] = acc["units"] / secs
+        last.update(job.heldout_metrics(model, val_idx, device))
         if ctx.is_main:
             _append_line(out / METRICS, last)
         log.info("epoch {epoch}/{total}: loss {train_loss:.4f} (soft {train_soft:.4f}, hard {train_hard:.4f}), "
-                 "train acc {train_accuracy:.4f}".format(total=cfg.epochs, **last)
-                 + (f", val acc {last['val_accuracy']:.4f}" if n_val else "")
-                 + (f", eval acc {last['eval_accuracy']:.4f}" if eval_data is not None else "")
-                 + f", {last['seconds']:.1f}s")
+                 .format(total=cfg.epochs, **last) + job.epoch_message(last))
         acc = _zero_acc()
         if epoch + 1 < cfg.epochs:
             _save_checkpoint(out, cfg, model, opt, sched, device, epoch + 1, 0, global_step, acc, ctx)
 
     if loader is not None:
         loader.close()
-    ctx.check_replicas(model)
-    if ctx.is_main:
-        save_run_model(out, model, info)
-    summary = TrainSummary(
+    if cfg.fsdp:  # gather the whole model on rank 0 and save it as a plain (unsharded) student
+        whole = distributed.full_model_state(model)
+        if ctx.is_main:
+            job.build_student()
+            job.model.load_state_dict(whole)
+            job.save(out, job.model)
+    else:
+        ctx.check_replicas(model)
+        if ctx.is_main:
+            job.save(out, model)
+    base = TrainSummary(
         run_dir=str(out), loss_formula=formula, epochs=cfg.epochs, steps=global_step, train_rows=train_rows,
         final_train_loss=last.get("train_loss", float("nan")),
         final_train_accuracy=last.get("train_accuracy", float("nan")), val_accuracy=last.get("val_accuracy"),
         eval_accuracy=last.get("eval_accuracy"), seconds=time.perf_counter() - t_start,
         rows_per_second=last.get("rows_per_second", 0.0), student_parameters=info.num_parameters,
         resumed_from_step=resumed_from)
+    summary = job.summary(base, last, train_units)
     if ctx.is_main:
         atomic_write_bytes(out / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
         (out / CHECKPOINT).unlink(missing_ok=True)
@@ -380,17 +316,24 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, reader:
 
 
 def restore(ckpt: dict | None, out: Path, model: nn.Module, opt, sched, device: torch.device,
-            ctx: distributed.Dist, steps_per_epoch: int, fresh_acc=None) -> tuple[int, int, int, dict]:
+            ctx: distributed.Dist, steps_per_epoch: int, sharded: bool = False) -> tuple[int, int, int, dict]:
     """Load a checkpoint into model, optimizer, scheduler and RNG states (this rank's under DDP) and cut
     metrics.jsonl back to it; returns (epoch, step in epoch, global step, accumulators). No checkpoint: a fresh
-    start, and a metrics.jsonl left by an earlier attempt is removed. ``fresh_acc()`` makes empty accumulators."""
-    fresh_acc = fresh_acc or _zero_acc
+    start, and a metrics.jsonl left by an earlier attempt is removed. ``sharded``: the model is FSDP2-sharded and
+    the checkpoint holds its whole state dicts (every rank keeps its shard)."""
+    fresh_acc = _zero_acc
     if ckpt is None:
         if ctx.is_main and (out / METRICS).exists():
             (out / METRICS).unlink()
         return 0, 0, 0, fresh_acc()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
+    if bool(ckpt.get("fsdp", False)) != sharded:
+        raise UsageError(f"{out} holds a checkpoint from a run {'with' if ckpt.get('fsdp') else 'without'} --fsdp: "
+                         "resume it the same way, or --overwrite")
+    if sharded:
+        distributed.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
+    else:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     if int(ckpt.get("world", 1)) != ctx.world:
         raise UsageError(f"{out} holds a checkpoint from a run with {ckpt.get('world', 1)} process(es), not "
@@ -414,7 +357,7 @@ def _flush(acc: dict, pending: torch.Tensor) -> None:
 
 
 def _zero_acc() -> dict:
-    return {"rows": 0.0, "loss": 0.0, "soft": 0.0, "hard": 0.0, "correct": 0.0, "seconds": 0.0}
+    return {"rows": 0.0, "units": 0.0, "loss": 0.0, "soft": 0.0, "hard": 0.0, "correct": 0.0, "seconds": 0.0}
 
 
 def _reduce_acc(acc: dict, ctx: distributed.Dist | None) -> dict:
@@ -426,24 +369,6 @@ def _reduce_acc(acc: dict, ctx: distributed.Dist | None) -> dict:
     return {**dict(zip(keys, sums)), "seconds": ctx.all_reduce([acc["seconds"]], "max")[0]}
 
 
-def _check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> None:
-    expect = data.row_hash[batch["sample_index"]]
-    bad = np.flatnonzero(expect != batch["row_hash"])
-    if len(bad):
-        i = int(batch["sample_index"][bad[0]])
-        raise CacheError(f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different "
-                         f"content than data row {i}; the cache does not belong to this data")
-
-
-@torch.no_grad()
-def _heldout_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                     prefix: str) -> dict:
-    logits = predict(model, x, device)
-    nll = float(F.cross_entropy(logits, y))
-    correct = int((logits.argmax(1) == y).sum())
-    return {f"{prefix}_accuracy": correct / len(y), f"{prefix}_nll": nll, f"{prefix}_errors": len(y) - correct}
-
-
 def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epoch: int, step_in_epoch: int,
                      global_step: int, acc: dict, ctx: distributed.Dist | None = None) -> None:
     # Under DDP every rank calls this (the same steps): the accumulators are summed and every rank's RNG state
@@ -452,9 +377,13 @@ def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epo
     rngs = None
     if ctx is not None and ctx.enabled:
         rngs = ctx.all_gather([torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if device.type == "cuda" else []))
+    if cfg.fsdp:  # whole state dicts gathered on rank 0 (collectives: every rank takes part)
+        model_state, opt_state = distributed.full_model_state(model), distributed.full_optimizer_state(model, opt)
     if ctx is not None and not ctx.is_main:
         return
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    if not cfg.fsdp:
+        model_state, opt_state = model.state_dict(), opt.state_dict()
+    state = {"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(), "fsdp": cfg.fsdp,
              "rng_cpu": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch,
              "global_step": global_step, "acc": acc, "config_hash": config_hash(cfg),
              "metrics_lines": _count_lines(out / METRICS), "world": ctx.world if ctx is not None else 1}

@@ -81,7 +81,7 @@ def test_topk_when_the_students_tail_underflows_float32():
 
 def test_student_loss_uses_the_fused_path_for_the_builtin_transformer():
     from kdcli.lm.hf import TinyTransformer
-    from kdcli.lm.train import student_loss
+    from kdcli.tasks.lm import student_loss
 
     torch.manual_seed(0)
     model = TinyTransformer(V, d_model=16, n_layers=1, n_heads=2, max_length=32)

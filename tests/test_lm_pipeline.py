@@ -217,7 +217,7 @@ def test_hf_student_and_resume_match_an_uninterrupted_run(lm, tmp_path, monkeypa
     base = dict(cache=str(c), student=str(student), data=str(lm["text"]), epochs=2, batch_size=4, lr=1e-3,
                 divergence="jsd", checkpoint_every=3, temperature=2.0)
     full = train_student(resolve(TrainConfig, None, {**base, "out": str(tmp_path / "full")}))
-    import kdcli.lm.train as lt
+    import kdcli.tasks.lm as lt
 
     calls = {"n": 0}
     real = lt.kd_loss

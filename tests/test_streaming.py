@@ -259,20 +259,6 @@ def test_one_process_without_torchrun(monkeypatch):
     assert env_world() == (1, 2, 1)
 
 
-def test_jsonl_stages_refuse_torchrun(monkeypatch, tmp_path):
-    from kdcli.config import TrainConfig
-    from kdcli.train import train_student
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
-    with pytest.raises(UsageError, match="does not run under torchrun"):
-        cache_teacher(CacheConfig(teacher="x", teacher_weights="w", data=str(tmp_path / "t.jsonl"),
-                                  out=str(tmp_path / "c")))
-    with pytest.raises(UsageError, match="does not run under torchrun"):
-        train_student(TrainConfig(student="x", data=str(tmp_path / "t.jsonl"), out=str(tmp_path / "r")))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_cache_matches_cpu_cache(tmp_path, teacher_run, blobs_npz):
     """On a GPU the reduction runs on the device and only reduced tensors come back (pinned, non-blocking)."""

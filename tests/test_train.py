@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from kdcli.config import CacheConfig, TrainConfig
 from kdcli.errors import UsageError
 from kdcli.teacher import cache_teacher
-from kdcli.train import _schedule, train_student
+from kdcli.train import schedule as lr_schedule, train_student
 
 
 def cfg(blobs_npz, out, **kw):
@@ -65,7 +65,7 @@ def test_alpha_without_cache_is_refused(tmp_path, blobs_npz):
 @pytest.mark.parametrize("schedule,expect", [("constant", [1, 1, 1]), ("cosine", [1, 0.5, 0]),
                                              ("linear", [1, 0.5, 0])])
 def test_schedules(schedule, expect):
-    f = _schedule(TrainConfig(student="m", data="d", out="o", schedule=schedule, warmup_steps=2), total_steps=12)
+    f = lr_schedule(TrainConfig(student="m", data="d", out="o", schedule=schedule, warmup_steps=2), total_steps=12)
     assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)  # warmup
     assert [round(f(s), 6) for s in (2, 7, 12)] == pytest.approx(expect, abs=1e-6)
 
@@ -73,10 +73,10 @@ def test_schedules(schedule, expect):
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
     import torch
 
-    import kdcli.train as kt
+    import kdcli.precision as kt
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    kt._warn_emulated_bf16.cache_clear()
+    kt.warn_emulated_bf16.cache_clear()
     for _ in range(3):
         with kt.precision_context("bf16", torch.device("cpu")):
             pass

@@ -200,15 +200,23 @@ class CacheReader:
         for piece in group:
             arrays = self.read_block(piece.block)
             if keep is not None:
-                mask = keep[arrays["sample_index"]]
-                arrays = {k: v[mask][piece.lo:piece.hi] for k, v in arrays.items()}
+                arrays = self.take(arrays, np.flatnonzero(keep[arrays["sample_index"]])[piece.lo:piece.hi])
             parts.append(arrays)
         # one array at a time, each source freed once copied: about one group in memory, not three
         buf = {k: np.concatenate([p.pop(k) for p in parts]) for k in self.keys}
         perm = np.random.default_rng([seed, epoch, rank, world, index]).permutation(len(buf["row_index"]))
-        for k in self.keys:
-            buf[k] = buf[k][perm]
-        return buf
+        return self.take(buf, perm)
+
+    # -- rows of a read buffer (token caches override these: their token arrays are ragged) --------------------
+    @staticmethod
+    def take(buf: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``rows`` (any order) of a buffer, as new arrays."""
+        return {k: v[rows] for k, v in buf.items()}
+
+    @staticmethod
+    def slice_rows(buf: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+        """Rows ``[a, b)`` of a buffer, copied (a batch the trainer holds must not pin a whole group)."""
+        return {k: v[a:b].copy() for k, v in buf.items()}
 
     def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int | None = None,
                      shuffle_blocks: int = SHUFFLE_BLOCKS, keep: np.ndarray | None = None, rank: int = 0,
@@ -220,7 +228,7 @@ class CacheReader:
         block_rows = block_rows or self.default_block_rows()
         groups = self.epoch_groups(block_rows=block_rows, shuffle_blocks=shuffle_blocks, **opts)
         bufs = (self.read_group(g, index=i, **opts) for i, g in enumerate(groups))
-        yield from batches_of(bufs, batch_size, skip_batches)
+        yield from batches_of(bufs, batch_size, skip_batches, slice_rows=self.slice_rows)
 
 
 @dataclass(frozen=True)
@@ -232,10 +240,11 @@ class Piece:
     hi: int | None
 
 
-def batches_of(bufs: Iterable[dict[str, np.ndarray]], batch_size: int,
-               skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def batches_of(bufs: Iterable[dict[str, np.ndarray]], batch_size: int, skip_batches: int = 0, *,
+               slice_rows=CacheReader.slice_rows) -> Iterator[dict[str, np.ndarray]]:
     """Shuffled buffers -> batches of ``batch_size`` rows (the last one shorter); rows left over from one buffer
-    lead the next batch. The first ``skip_batches`` batches are dropped (a resumed epoch)."""
+    lead the next batch. The first ``skip_batches`` batches are dropped (a resumed epoch). ``slice_rows(buf, a, b)``
+    copies rows ``[a, b)`` out of a buffer (the reader's: token caches slice their ragged arrays by row)."""
     carry: dict[str, np.ndarray] | None = None  # fewer than batch_size rows, copied out of their buffer
     produced = 0
     bufs = iter(bufs)
@@ -243,7 +252,8 @@ def batches_of(bufs: Iterable[dict[str, np.ndarray]], batch_size: int,
         n, a = len(buf["row_index"]), 0
         if carry is not None:  # complete the carried rows with the head of this buffer
             a = min(batch_size - len(carry["row_index"]), n)
-            carry = {k: np.concatenate([carry[k], v[:a]]) for k, v in buf.items()}
+            head = slice_rows(buf, 0, a)
+            carry = {k: np.concatenate([carry[k], head[k]]) for k in buf}
             if len(carry["row_index"]) < batch_size:
                 continue  # the whole buffer went into the carry
             if produced >= skip_batches:
@@ -251,10 +261,10 @@ def batches_of(bufs: Iterable[dict[str, np.ndarray]], batch_size: int,
             produced, carry = produced + 1, None
         while n - a >= batch_size:
             if produced >= skip_batches:  # a copy: no batch the trainer still holds pins a whole group
-                yield {k: v[a:a + batch_size].copy() for k, v in buf.items()}
+                yield slice_rows(buf, a, a + batch_size)
             produced, a = produced + 1, a + batch_size
         if a < n:
-            carry = {k: v[a:].copy() for k, v in buf.items()}
+            carry = slice_rows(buf, a, n)
         del buf  # the next group is read without this one still in memory
     if carry is not None and len(carry["row_index"]) and produced >= skip_batches:
         yield carry
@@ -306,7 +316,7 @@ class CacheLoader:
             bufs: Iterable[dict] = iter(self.stream)
         else:  # the DataLoader hands numpy arrays over as tensors in shared memory: back to numpy, no copy
             bufs = ({k: v.numpy() for k, v in g.items()} for g in self._loader)
-        yield from batches_of(bufs, self.batch_size, skip_batches)
+        yield from batches_of(bufs, self.batch_size, skip_batches, slice_rows=self.stream.reader.slice_rows)
 
     def close(self) -> None:
         self._loader = None  # shuts the persistent workers down

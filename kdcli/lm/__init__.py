@@ -3,11 +3,10 @@
 - :mod:`kdcli.lm.text`     -- tokenizers (HF dir, GGUF file, tokenizer.json), JSONL rows, packing/truncation, row hashes
 - :mod:`kdcli.lm.hf`       -- causal LMs: Hugging Face dirs and GGUF files, the built-in ``transformer`` student
 - :mod:`kdcli.lm.cache`    -- reading token-level shards (flattened tokens + offsets)
-- :mod:`kdcli.lm.teacher`  -- ``cache_teacher_lm``: teacher -> per-token top-k / sample / full -> shards
-- :mod:`kdcli.lm.train`    -- ``train_student_lm``: token-level distillation
-- :mod:`kdcli.lm.evaluate` -- ``evaluate_lm``: perplexity, agreement and KL to the cached teacher
+- :mod:`kdcli.lm.head_loss` -- the student's output layer and the distillation loss fused, chunk by chunk
 
-The generic stages (kdcli.teacher, kdcli.train, kdcli.evaluate) hand over to these when DATA is a ``.jsonl`` file.
+These are inputs to the language-model task (:mod:`kdcli.tasks.lm`), which the one cache pass, training loop and
+eval (kdcli.teacher, kdcli.train, kdcli.evaluate) use when DATA is text.
 Everything here needs the ``hf`` extra only for Hugging Face tokenizers and models (``pip install kdcli[hf]``).
 """
 

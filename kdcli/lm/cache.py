@@ -1,14 +1,14 @@
 """Reading token-level caches (layout kind ``token``): per-row arrays + ``offsets`` + flattened token arrays.
 
-Shard rows ``[a, b)`` cover tokens ``[offsets[a], offsets[b])`` of every token array. Reads are contiguous row
-blocks (one HDF5 read per array), shuffled in memory a few blocks at a time, so memory is bounded by
-``block_rows * shuffle_blocks`` rows whatever the cache size. Files are opened lazily in the reading process.
+Shard rows ``[a, b)`` cover tokens ``[offsets[a], offsets[b])`` of every token array. Training order, the split
+over DDP ranks and DataLoader workers are :class:`~kdcli.cache.reader.CacheReader`'s (contiguous row blocks,
+shuffled in memory a few blocks at a time, memory flat in the cache size); this reader only reads a block's
+ragged arrays and selects rows of them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -16,7 +16,6 @@ from kdcli.cache.reader import ROW_KEYS, CacheReader
 from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
 
-BLOCK_BYTES = 32 << 20
 TOKEN_KEYS = {"full": ("logprobs", "target_logprobs"),
               "topk": ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprobs"),
               "sample": ("sample_ids", "sample_counts", "sample_logprobs", "target_logprobs")}
@@ -58,37 +57,23 @@ class TokenCacheReader(CacheReader):
                              f"run `kdcli cache verify {self.dir}`")
         return out
 
-    def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int | None = None,
-                     shuffle_blocks: int = 8, keep: np.ndarray | None = None, rank: int = 0, world: int = 1,
-                     skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """One epoch of shuffled row batches; the order is a pure function of (seed, epoch, rank, world).
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ROW_KEYS + ("lengths",) + self.token_keys
 
-        By default a block is ~32 MB of cache (at least one batch), so the shuffle buffer stays ~256 MB whether
-        a row holds 64 tokens of top-8 or 512 tokens of full log-probs."""
-        if block_rows is None:
-            block_rows = max(batch_size, int(BLOCK_BYTES // max(self.bytes_per_row, 1)))
-        rng = np.random.default_rng([seed, epoch])
-        blocks = self.blocks(block_rows)
-        order = rng.permutation(len(blocks))[rank::world]
-        carry: dict[str, np.ndarray] | None = None
-        produced = 0
-        for g in range(0, len(order), shuffle_blocks):
-            buf = concat([self.read_block(blocks[j]) for j in order[g:g + shuffle_blocks]])
-            if keep is not None:
-                buf = take_rows(buf, np.flatnonzero(keep[buf["sample_index"]]))
-            buf = take_rows(buf, rng.permutation(len(buf["row_index"])))
-            if carry is not None:
-                buf = concat([carry, buf])
-            n = len(buf["row_index"])
-            full = n - n % batch_size
-            for a in range(0, full, batch_size):
-                if produced >= skip_batches:
-                    yield take_rows(buf, np.arange(a, a + batch_size))
-                produced += 1
-            carry = take_rows(buf, np.arange(full, n))
-        if carry is not None and len(carry["row_index"]):
-            if produced >= skip_batches:
-                yield carry
+    def row_bytes(self) -> int:
+        """Mean bytes per row (sequence) in the shards: rows are ragged."""
+        return max(1, int(self.bytes_per_row))
+
+    @staticmethod
+    def take(buf: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        return take_rows(buf, rows)
+
+    @staticmethod
+    def slice_rows(buf: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+        lengths = buf["lengths"]
+        t0, t1 = int(lengths[:a].sum()), int(lengths[:b].sum())
+        return {k: (v[a:b] if k in ROW_KEYS + ("lengths",) else v[t0:t1]).copy() for k, v in buf.items()}
 
 
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -103,4 +88,3 @@ def take_rows(buf: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndar
     # token index of every selected token: starts[row] + 0..len-1, vectorised
     tok = np.repeat(starts[rows] - np.concatenate([[0], np.cumsum(sel_len)[:-1]]), sel_len) + np.arange(sel_len.sum())
     return {k: (v[rows] if k in ROW_KEYS + ("lengths",) else v[tok]) for k, v in buf.items()}
-

@@ -89,8 +89,11 @@ class TinyTransformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.hidden(input_ids))  # (b, L, V)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                hidden_only: bool = False) -> torch.Tensor:
+        """(b, L, V) logits; ``hidden_only``: the (b, L, d) final hidden states (the fused loss applies the head)."""
+        h = self.hidden(input_ids)
+        return h if hidden_only else self.head(h)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(b, L) ids -> (b, L, d) final hidden states: the logits are ``hidden @ head.weight.T``."""
@@ -228,13 +231,16 @@ def output_width(model: nn.Module) -> int:
     return int(out.shape[-1])
 
 
-def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(b, L) ids -> (b, L, V) logits for any supported LM."""
+def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
+              call: nn.Module | None = None) -> torch.Tensor:
+    """(b, L) ids -> (b, L, V) logits for any supported LM. ``call`` runs the forward pass instead of ``model``
+    (a DDP wrapper around it: the wrapper must see every forward pass to average the gradients)."""
+    call = model if call is None else call
     if isinstance(model, TinyTransformer):
-        return model(ids)
+        return call(ids)
     if getattr(model, "config", None) is not None and hasattr(model, "generation_config"):  # Hugging Face
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    out = model(ids)
+        return call(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out = call(ids)
     out = getattr(out, "logits", out)
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
         raise UsageError(f"model returned {type(out).__name__} {getattr(out, 'shape', '')}; an LM must map (b, L) "

@@ -1,0 +1,28 @@
+"""Tasks: what differs between classification and token-level language modelling, behind one interface.
+
+- :mod:`kdcli.tasks.base`     -- the interface (:class:`Task`, :class:`CacheJob`, :class:`TrainJob`) and the
+  summaries every task returns
+- :mod:`kdcli.tasks.classify` -- classification: tensors + integer labels, one cached row per (sample, view)
+- :mod:`kdcli.tasks.lm`       -- language models: token sequences, one cached entry per predicted token
+
+:func:`pick_task` is the one place that decides which task a run is.
+"""
+
+from __future__ import annotations
+
+from kdcli.lm import is_text_spec
+from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
+
+__all__ = ["CacheJob", "CacheSummary", "Task", "TrainJob", "TrainSummary", "is_text_spec", "pick_task"]
+
+
+def pick_task(data_spec: str | None) -> Task:
+    """The task a DATA spec belongs to: text (:func:`kdcli.lm.is_text_spec`) -> language modelling, anything else
+    -> classification."""
+    if is_text_spec(data_spec):
+        from kdcli.tasks.lm import TokenTask
+
+        return TokenTask()
+    from kdcli.tasks.classify import ClassifyTask
+
+    return ClassifyTask()

@@ -1,0 +1,174 @@
+"""The task interface: what the one cache pass, the one training loop and the one eval ask of a task.
+
+A *task* (classification, token-level language modelling) knows its data, its models and its metrics; the stages
+(:mod:`kdcli.teacher`, :mod:`kdcli.train`, :mod:`kdcli.evaluate`) own everything else: directories, locks, shards,
+the rank split, checkpoints, resume, DDP, device-side metric sums, crash points. Each stage asks the task for one
+*job* object built from its config:
+
+- :class:`CacheJob`  -- the teacher, the manifest plan, and ``forward(rows) -> rows to cache``
+- :class:`TrainJob`  -- the student, the cache reader, and ``step(batch) -> loss parts``, held-out metrics, saving
+- :meth:`Task.evaluate` -- one report for the models named on the command line
+
+:func:`kdcli.tasks.pick_task` chooses the task from the DATA spec; nothing else does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcli.cache.reader import CacheReader
+from kdcli.losses import LossParts
+
+
+@dataclass
+class CacheSummary:
+    cache_dir: str
+    status: str  # "written", "resumed" or "up-to-date"
+    mode: str
+    num_rows: int
+    rows_computed: int
+    rows_skipped: int
+    num_shards: int
+    bytes: int
+    bytes_per_row: float
+    seconds: float
+    rows_per_second: float
+    teacher: str
+    teacher_parameters: int
+    device: str
+    compression: str = "none"  # how the shards are stored (gzip-4+shuffle, lzf+shuffle, none)
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    loss_formula: str
+    epochs: int
+    steps: int
+    train_rows: int
+    final_train_loss: float
+    final_train_accuracy: float
+    val_accuracy: float | None
+    eval_accuracy: float | None
+    seconds: float
+    rows_per_second: float
+    student_parameters: int
+    resumed_from_step: int
+
+
+class CacheJob(ABC):
+    """One ``cache-teacher`` run of one task: built (data and teacher loaded, settings checked) by
+    :meth:`Task.cache_job`; driven by :func:`kdcli.teacher.cache_teacher`."""
+
+    model: nn.Module
+    info: Any  # ModelInfo / LMInfo: ``num_parameters`` and ``identity()``
+    plan: dict  # the manifest this run writes (complete: false, no shards)
+    num_rows: int
+    shard_size: int
+    batch_size: int  # rows per teacher pass; batches never cross a shard
+    token_keys: frozenset[str] = frozenset()  # arrays stored per token (flattened), not per row
+    unit: str = "rows"  # what the progress line counts
+    sampled: bool = False  # forward() draws (sample mode): seeded per batch from (seed, first row)
+
+    @abstractmethod
+    def units(self, start: int, stop: int) -> int:
+        """Progress units in rows ``[start, stop)`` (rows, or predicted tokens)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The log line saying what is cached."""
+
+    @abstractmethod
+    def forward(self, start: int, stop: int, device: torch.device,
+                generator: torch.Generator | None) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Rows ``[start, stop)`` through the teacher: (host arrays per row: ``row_index``, ``sample_index``,
+        ``row_hash``, ...; reduced tensors still on the device, with ``nonfinite`` (rows,) bool). Nothing here may
+        wait for the device: the pass copies the reduced tensors back while the next batch runs."""
+
+    @abstractmethod
+    def storage(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Reduced host arrays -> the dtypes the shards store."""
+
+    @abstractmethod
+    def nonfinite_message(self, row: int) -> str:
+        """The error for NaN/inf teacher output at global row ``row``."""
+
+    @abstractmethod
+    def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> CacheSummary:
+        """The stage's summary: ``base`` with this task's extra fields."""
+
+
+class TrainJob(ABC):
+    """One ``train-student`` run of one task: built by :meth:`Task.train_job`; driven by
+    :func:`kdcli.train.train_student`, which owns the loop, checkpoints, resume, DDP and the run dir."""
+
+    model: nn.Module
+    info: Any
+    reader: CacheReader | None
+    num_samples: int  # rows of the data set (the validation split draws from these)
+    views: int = 1  # cache rows per sample (augmented views)
+    unit: str = "rows"  # what the loss is averaged over and metrics count: "rows" or "tokens"
+
+    @abstractmethod
+    def build_student(self) -> None:
+        """Build ``self.model`` and ``self.info`` (the stage has seeded torch's RNG just before)."""
+
+    @abstractmethod
+    def describe(self, train_samples: np.ndarray, n_val: int) -> str:
+        """The log line naming the student and what it trains on."""
+
+    @abstractmethod
+    def step(self, net: nn.Module, batch: dict[str, np.ndarray], device: torch.device,
+             global_step: int) -> tuple[LossParts, torch.Tensor, int]:
+        """One batch: (loss parts, correct predictions as a device tensor, units in the batch). ``net`` is the
+        model as trained (DDP-wrapped under torchrun): every forward pass goes through it."""
+
+    @abstractmethod
+    def heldout_metrics(self, model: nn.Module, val_idx: np.ndarray, device: torch.device) -> dict:
+        """Validation metrics (``val_*``) on the held-out samples, and ``eval_*`` on ``--eval-data``."""
+
+    @abstractmethod
+    def epoch_message(self, record: dict) -> str:
+        """The per-epoch log line's task part (accuracy, perplexity, throughput)."""
+
+    @abstractmethod
+    def save(self, out: Path, model: nn.Module) -> None:
+        """Write the student into the run dir so that ``eval`` rebuilds it with no other flags."""
+
+    @abstractmethod
+    def summary(self, base: TrainSummary, last: dict, train_units: int) -> TrainSummary:
+        """The stage's summary: ``base`` with this task's extra fields."""
+
+    def train_units(self, train_samples: np.ndarray) -> int:
+        """Units one epoch trains on (rows by default)."""
+        return len(train_samples) * self.views
+
+
+class Task(ABC):
+    """What differs between tasks. Implementations: :mod:`kdcli.tasks.classify`, :mod:`kdcli.tasks.lm`."""
+
+    name: str
+    accuracy_name: str = "accuracy"  # what --min-accuracy checks
+
+    @abstractmethod
+    def cache_job(self, cfg) -> CacheJob:
+        """Check the options, load data and teacher, plan the manifest."""
+
+    @abstractmethod
+    def open_cache(self, cache_dir: str) -> CacheReader:
+        """A reader for a cache of this task (a cache of another task is refused, exit 3)."""
+
+    @abstractmethod
+    def train_job(self, cfg, alpha: float, reader: CacheReader | None) -> TrainJob:
+        """Check the options and load the data (the cache, if any, is already open); the student comes later."""
+
+    @abstractmethod
+    def evaluate(self, cfg, device: torch.device, reader: CacheReader | None) -> Any:
+        """Every ``--model`` on the data (and against the cached teacher): the eval report, ``failures`` empty."""

@@ -1,0 +1,536 @@
+"""Token-level language modelling: one row = one token sequence; the cache stores one entry per *predicted* token.
+
+A row's predicted tokens are never padding, and for prompt/response rows only the response unless
+``--prompt-loss``; token arrays are flattened across rows with an ``offsets`` array. Per token:
+
+- ``topk``:   ``topk_ids`` (k, uint16 when V <= 65,536), ``topk_logprobs`` (k, fp16), ``tail_logmass`` (fp16)
+- ``sample``: ``sample_ids`` (S), ``sample_counts`` (S, uint8 when S <= 255), ``sample_logprobs`` (S, fp16)
+- ``full``:   ``logprobs`` (V, fp16): only sensible for small vocabularies or reference runs
+- always ``target_logprobs`` (fp16): the teacher's log-prob of the token that follows (teacher perplexity from
+  the cache, no teacher needed at eval time)
+
+With ``--teacher-prompt`` the teacher reads its own context before the response; the cached positions are the
+response tokens, identical in the teacher's and the student's sequences (see :mod:`kdcli.lm.text`).
+
+Training averages the loss over a batch's predicted tokens:
+
+    loss = alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, next token)
+
+with D forward KL (default), reverse KL or JSD (``--divergence``). The student reads exactly the token ids the
+cache was built for (same tokenizer, checked by SHA-256; same packing/truncation, from the manifest; every row's
+hash is checked against the cache's). An LM run dir holds what every run dir holds plus ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcli import log
+from kdcli.cache.manifest import new_manifest
+from kdcli.cache.reduce import numpy_id_dtype, reduce_logits
+from kdcli.cache.writer import resolve_compression
+from kdcli.errors import CacheError, UsageError
+from kdcli.lm.cache import TOKEN_KEYS, TokenCacheReader
+from kdcli.lm.head_loss import head_kd_loss
+from kdcli.lm.hf import BUILTIN_LMS, TinyTransformer, build_lm, default_tokenizer_spec, is_lm_run_dir, lm_logits, \
+    read_lm_meta, save_lm_run
+from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
+    read_template, teacher_sequences, tokenizer_identity
+from kdcli.losses import LossParts, Targets, kd_loss, soft_kl, targets_from_arrays
+from kdcli.models import weight_bytes
+from kdcli.plugins import is_plugin_spec
+from kdcli.precision import precision_context
+from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
+
+LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
+SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
+
+
+@dataclass
+class LMCacheSummary(CacheSummary):
+    num_tokens: int = 0
+    bytes_per_token: float = 0.0
+    tokens_per_second: float = 0.0
+    vocab_size: int = 0
+    full_fp16_ratio: float = 0.0  # (V * 2 bytes) / bytes_per_token: how much smaller than full fp16 log-probs
+
+
+@dataclass
+class LMTrainSummary(TrainSummary):
+    train_tokens: int = 0
+    tokens_per_second: float = 0.0
+    divergence: str = "forward"
+    val_perplexity: float | None = None
+    eval_perplexity: float | None = None
+
+
+# -- shared by the stages ------------------------------------------------------------------------------------------
+
+def text_settings(cfg) -> TextSettings:
+    return TextSettings(max_length=cfg.max_length, pack=not cfg.no_pack,
+                        prompt_template=read_template(cfg.prompt_template) or "{prompt}",
+                        prompt_loss=cfg.prompt_loss)
+
+
+def settings_from_manifest(manifest: dict) -> TextSettings:
+    t = manifest["text"]
+    return TextSettings(max_length=int(t["max_length"]), pack=bool(t["pack"]), prompt_template=t["prompt_template"],
+                        prompt_loss=bool(t["prompt_loss"]))
+
+
+def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir) -> tuple[object, str]:
+    """The cache's tokenizer (or ``override``), refusing one whose content differs from what built the cache."""
+    want = manifest.get("tokenizer") or {}
+    spec = override or want.get("spec")
+    if not spec:
+        raise CacheError(f"cache {cache_dir} records no tokenizer; rebuild it with this kdcli")
+    if not Path(spec).exists():
+        raise UsageError(f"the cache's tokenizer {spec} is gone; pass --tokenizer with a copy of it (e.g. the teacher "
+                         "directory or .gguf file)")
+    tok = load_tokenizer(spec)
+    got = tokenizer_identity(tok, spec)
+    if want.get("sha256") and got["sha256"] != want["sha256"]:
+        raise CacheError(f"tokenizer {spec} differs from the one that built cache {cache_dir} (sha256 "
+                         f"{got['sha256'][:12]} vs {want['sha256'][:12]}); the token ids would not line up")
+    return tok, spec
+
+
+def pad_id_of(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def check_batch(batch: dict, data: TokenData, reader: TokenCacheReader) -> None:
+    rows = batch["sample_index"]
+    bad = np.flatnonzero(data.row_hash[rows] != batch["row_hash"])
+    if len(bad):
+        raise CacheError(f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different tokens "
+                         f"than data row {int(rows[bad[0]])}; the cache does not belong to this data")
+    if not np.array_equal(data.num_targets[rows], batch["lengths"]):
+        raise CacheError(f"cache {reader.dir}: cached positions per row do not match the data's predicted tokens")
+
+
+def predicted_logits(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
+                     pad_id: int = 0):
+    """Yield ``(start, logits, labels, seconds)`` per batch of ``rows``: the model's float logits (n, V) at the
+    batch's predicted positions, their next-token labels (n,), and the forward pass's wall time. Batches with no
+    predicted token are skipped. Call under ``torch.no_grad()`` / ``inference_mode()``."""
+    for a in range(0, len(rows), batch_size):
+        r = rows[a:a + batch_size]
+        seqs = [data.ids[i] for i in r]
+        ids, mask = pad_batch(seqs, pad_id)
+        idx, tgt = loss_positions(seqs, data.first_target[r], ids.shape[1])
+        if not len(idx):
+            continue
+        t0 = time.perf_counter()
+        logits = lm_logits(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+        sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(idx).to(device)].float()
+        yield a, sel, torch.from_numpy(tgt).to(device), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
+               pad_id: int = 0) -> dict:
+    """Mean next-token NLL, perplexity and top-1 accuracy over the predicted tokens of ``rows``."""
+    was = model.training
+    model.eval()
+    nll = correct = tokens = 0.0
+    for _, sel, y, _ in predicted_logits(model, data, rows, device, batch_size, pad_id):
+        nll += float(F.cross_entropy(sel, y, reduction="sum"))
+        correct += float((sel.argmax(-1) == y).sum())
+        tokens += len(y)
+    model.train(was)
+    mean = nll / max(tokens, 1)
+    return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(tokens, 1),
+            "tokens": int(tokens)}
+
+
+def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor, targets: Targets | None,
+                 labels: torch.Tensor, *, temperature: float, alpha: float, divergence: str = "forward",
+                 beta: float = 0.5, fused: bool = True, precision: str = "fp32",
+                 net=None) -> tuple[LossParts, torch.Tensor]:
+    """The training loss over the predicted positions ``idx`` of a (b, L) batch, and how many argmaxes hit the
+    label (a tensor on the batch's device: no host sync).
+
+    The built-in transformer with forward KL takes the fused path (kdcli.lm.head_loss: output layer and loss in
+    chunks, no (tokens, V) logits kept; same value and gradients); other students and divergences take
+    ``kd_loss`` on the selected logits, and so does ``fused=False`` (an FSDP-sharded head is only whole inside
+    the model's own forward pass). ``net`` is what the forward pass runs through (the DDP wrapper under
+    torchrun, so gradients are averaged over ranks); ``model`` is the bare module.
+    """
+    net = model if net is None else net
+    with precision_context(precision, ids.device):
+        if fused and divergence == "forward" and isinstance(model, TinyTransformer):
+            h = net(ids, hidden_only=True)  # (b, L, d)
+            parts, correct = head_kd_loss(h.reshape(-1, h.shape[-1])[idx], model.head.weight, targets, labels,
+                                          temperature=temperature, alpha=alpha, precision=precision)
+            return parts, torch.as_tensor(correct, device=ids.device)
+        logits = lm_logits(model, ids, mask, call=net)
+    sel = logits.reshape(-1, logits.shape[-1])[idx].float()  # (tokens, V)
+    parts = kd_loss(sel, targets, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
+    return parts, (sel.detach().argmax(-1) == labels).sum()
+
+
+# -- cache pass ----------------------------------------------------------------------------------------------------
+
+class TokenCacheJob(CacheJob):
+    unit = "tokens"
+
+    def __init__(self, cfg, mode: str):
+        self.cfg, self.mode = cfg, mode
+        if cfg.views != 1 or cfg.augment:
+            raise UsageError("--views/--augment are for image data; token caches have one view per sequence")
+        if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
+            raise UsageError(f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face "
+                             "directory or .gguf file, or a run directory made by `kdcli train-student`")
+        tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.teacher)
+        if tok_spec is None:
+            raise UsageError(f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file "
+                             "or tokenizer.json)")
+        tok = load_tokenizer(tok_spec)
+        self.pad_id = pad_id_of(tok)
+        self.model, self.info = build_lm(cfg.teacher, cfg.teacher_args, vocab_size=len(tok),
+                                         weights=cfg.teacher_weights)
+        self.V = V = self.info.vocab_size
+        if len(tok) > V:
+            raise CacheError(f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
+                             f"{cfg.teacher} has only {V} logits per token; use the teacher's own tokenizer")
+        if mode == "topk" and cfg.top_k >= V:
+            raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {V} vocabulary entries; use --mode full")
+        if mode == "full" and V > 4096:
+            log.warn(f"--mode full stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or --mode "
+                     "sample is ~300x smaller")
+        settings_obj = text_settings(cfg)
+        self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
+        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V)
+        for note in data.notes:
+            log.info(f"note: {note}")
+        self.t_seqs, self.t_first = teacher_sequences(data, tok, teacher_prompt)
+        max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or \
+            getattr(self.model, "max_length", None)
+        self.longest = longest = max(len(s) for s in self.t_seqs)
+        if max_pos and longest > max_pos:
+            raise UsageError(f"the teacher reads sequences up to {longest} tokens but handles at most {max_pos}; "
+                             "lower --max-length or shorten --teacher-prompt")
+        self.num_rows = data.n
+        self.id_dtype = id_dtype = numpy_id_dtype(V)
+        self.count_dtype = count_dtype = np.dtype(np.uint8) if cfg.samples <= 255 else np.dtype(np.uint16)
+        per_token = {"full": 2 * V, "topk": (id_dtype.itemsize + 2) * (cfg.top_k or 0) + 2,
+                     "sample": (id_dtype.itemsize + count_dtype.itemsize + 2) * cfg.samples}[mode] + 2
+        self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
+        self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
+        if self.batch_size < cfg.batch_size:
+            log.info(f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
+                     f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)")
+        self.sampled = mode == "sample"
+        self.token_keys = frozenset(TOKEN_KEYS[mode])
+        settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
+                    "samples": cfg.samples if mode == "sample" else None, "views": 1, "augment": None,
+                    "seed": cfg.seed if mode == "sample" else None, "shard_size": shard_size, "dtype": cfg.dtype,
+                    "teacher_prompt": teacher_prompt, **settings_obj.as_dict()}
+        layout = {"kind": "token", "mode": mode, "num_classes": V, "vocab_size": V,
+                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if mode == "sample" else None,
+                  "logprob_dtype": "float16", "id_dtype": id_dtype.name if mode != "full" else None,
+                  "count_dtype": count_dtype.name if mode == "sample" else None,
+                  "tail_dtype": "float16" if mode == "topk" else None, "token_keys": list(TOKEN_KEYS[mode]),
+                  "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size,
+                  "compression": resolve_compression(cfg.compression, token=True, mode=mode),
+                  "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind}}
+        self.plan = new_manifest(teacher=self.info.identity(), data=data.identity(), settings=settings,
+                                 layout=layout, num_rows=data.n, tokenizer=tokenizer_identity(tok, tok_spec))
+
+    def units(self, start: int, stop: int) -> int:
+        return int(self.data.num_targets[start:stop].sum())
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters, vocabulary {self.V}): "
+                f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode {self.mode}"
+                + (f", k={cfg.top_k}" if self.mode == "topk" else "")
+                + (f", {cfg.samples} draws/token" if self.mode == "sample" else "")
+                + (" (teacher prompt on)" if self.teacher_prompt else ""))
+
+    def forward(self, start, stop, device, generator):
+        seqs = self.t_seqs[start:stop]
+        ids, mask = pad_batch(seqs, self.pad_id)
+        flat_idx, targets = loss_positions(seqs, self.t_first[start:stop], ids.shape[1])
+        lengths = np.array([max(len(s) - int(a), 0) for s, a in zip(seqs, self.t_first[start:stop])], np.int64)
+        if not np.array_equal(lengths, self.data.num_targets[start:stop]):  # the teacher's positions = the student's
+            raise RuntimeError(f"teacher/student position mismatch at rows {start}..{stop}")
+        logits = lm_logits(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+        sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(flat_idx).to(device)]  # (tokens, V)
+        if sel.shape[-1] != self.V:
+            raise CacheError(f"the teacher returned {sel.shape[-1]} logits per token, expected {self.V}")
+        logp = torch.log_softmax(sel.float(), dim=-1)  # (tokens, V) fp32
+        reduced = reduce_logits(logp, self.mode, top_k=self.cfg.top_k, samples=self.cfg.samples, generator=generator)
+        tgt = torch.from_numpy(targets).to(device)
+        reduced["target_logprobs"] = logp.gather(1, tgt[:, None])[:, 0].to(torch.float16)
+        # (rows,) a row is bad if any of its tokens is: summed per row on the device, read with the rest
+        token_row = torch.from_numpy(np.repeat(np.arange(len(seqs)), lengths)).to(device)
+        bad = (~torch.isfinite(sel).all(dim=1)).to(torch.int32)
+        reduced["nonfinite"] = torch.zeros(len(seqs), dtype=torch.int32, device=device).index_add_(
+            0, token_row, bad) > 0
+        rows = np.arange(start, stop, dtype=np.int64)
+        host = {"row_index": rows, "sample_index": rows.copy(), "row_hash": self.data.row_hash[start:stop],
+                "lengths": lengths}
+        return host, reduced
+
+    def storage(self, arrays):
+        out = {}
+        for name, a in arrays.items():
+            if name.endswith("_ids"):
+                a = a.astype(self.id_dtype)
+            elif name == "sample_counts":
+                a = a.astype(self.count_dtype)
+            elif name == "tail_logmass":
+                a = a.astype(np.float16)
+            out[name] = a
+        return out
+
+    def nonfinite_message(self, row: int) -> str:
+        return f"teacher produced NaN/inf logits in row {row} (sequence {row})"
+
+    def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> LMCacheSummary:
+        tokens = int(manifest["data"]["num_targets"])
+        bpt = base.bytes / max(tokens, 1)
+        V = int(manifest["vocab_size"])
+        return LMCacheSummary(**vars(base), num_tokens=tokens, bytes_per_token=bpt,
+                              tokens_per_second=computed_units / max(base.seconds, 1e-9), vocab_size=V,
+                              full_fp16_ratio=2 * V / max(bpt, 1e-9))
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+class TokenTrainJob(TrainJob):
+    unit = "tokens"
+
+    def __init__(self, cfg, alpha: float, reader: TokenCacheReader | None):
+        self.cfg, self.alpha, self.reader = cfg, alpha, reader
+        if cfg.augment or cfg.max_norm:
+            raise UsageError("--augment and --max-norm are for image classifiers, not language models")
+        if reader is not None:
+            settings = settings_from_manifest(reader.manifest)
+            if cfg.max_length and cfg.max_length != settings.max_length:
+                raise UsageError(f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; "
+                                 "drop it (the student trains on the sequences the cache was built for)")
+            tok, self.tok_spec = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir)
+            self.V = reader.vocab_size
+        else:
+            self.tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.student)
+            if self.tok_spec is None:
+                raise UsageError(f"training {cfg.student!r} on text without --cache needs --tokenizer")
+            tok = load_tokenizer(self.tok_spec)
+            settings = TextSettings(max_length=cfg.max_length or 512)
+            self.V = None
+        self.tok, self.pad_id = tok, pad_id_of(tok)
+        self.data = data = load_text(cfg.data, tok, settings, vocab_size=self.V or len(tok))
+        for note in data.notes:
+            log.info(f"note: {note}")
+        if reader is not None:
+            reader.check_data(data.identity())
+        self.num_samples = data.n
+
+    def build_student(self) -> None:
+        cfg, data, V = self.cfg, self.data, self.V
+        args = dict(cfg.student_args)
+        if cfg.student == "transformer":
+            args.setdefault("max_length", max(1024, data.settings.max_length))
+        self.model, self.info = build_lm(cfg.student, args, vocab_size=V or len(self.tok))
+        if V is not None and self.info.vocab_size != V:
+            raise CacheError(f"vocabulary mismatch: the teacher (cache {self.reader.dir}) has {V} logits per token but "
+                             f"the student {cfg.student} has {self.info.vocab_size}; use a student with the teacher's "
+                             "vocabulary")
+        if self.info.vocab_size < len(self.tok):
+            raise UsageError(f"the student has {self.info.vocab_size} logits per token but the tokenizer has "
+                             f"{len(self.tok)} tokens")
+        self.eval_data = None
+        if cfg.eval_data:
+            self.eval_data = load_text(cfg.eval_data, self.tok, data.settings, vocab_size=self.info.vocab_size)
+
+    def train_units(self, train_samples):
+        return int(self.data.num_targets[train_samples].sum())
+
+    def describe(self, train_samples, n_val):
+        return (f"student {self.cfg.student} ({self.info.num_parameters:,} parameters, vocabulary "
+                f"{self.info.vocab_size}); {len(train_samples)} training sequences "
+                f"({self.train_units(train_samples):,} predicted tokens), {n_val} validation"
+                + (f"; cache mode {self.reader.mode}" if self.reader else "") + "; loss averaged over predicted tokens")
+
+    def step(self, net, batch, device, global_step):
+        cfg, data = self.cfg, self.data
+        rows = batch["sample_index"]
+        seqs = [data.ids[i] for i in rows]
+        ids, mask = pad_batch(seqs, self.pad_id)
+        idx, labels = loss_positions(seqs, data.first_target[rows], ids.shape[1])
+        targets = None
+        if self.reader is not None:
+            check_batch(batch, data, self.reader)
+            targets = targets_from_arrays(batch, self.reader.mode, self.V).to(device)
+        y = torch.from_numpy(labels).to(device)
+        parts, correct = student_loss(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
+                                      torch.from_numpy(idx).to(device), targets, y, temperature=cfg.temperature,
+                                      alpha=self.alpha, divergence=cfg.divergence, beta=cfg.jsd_beta,
+                                      precision=cfg.precision, net=net, fused=not cfg.fsdp)
+        return parts, correct, len(labels)
+
+    def heldout_metrics(self, model, val_idx, device):
+        out = {}
+        if len(val_idx):
+            m = perplexity(model, self.data, val_idx, device, pad_id=self.pad_id)
+            out.update({"val_perplexity": m["perplexity"], "val_accuracy": m["accuracy"], "val_nll": m["nll"]})
+        if self.eval_data is not None:
+            m = perplexity(model, self.eval_data, np.arange(self.eval_data.n), device, pad_id=self.pad_id)
+            out.update({"eval_perplexity": m["perplexity"], "eval_accuracy": m["accuracy"], "eval_nll": m["nll"]})
+        return out
+
+    def epoch_message(self, rec):
+        return (f"token acc {rec['train_accuracy']:.4f}"
+                + (f", val ppl {rec['val_perplexity']:.2f}" if "val_perplexity" in rec else "")
+                + (f", eval ppl {rec['eval_perplexity']:.2f}" if "eval_perplexity" in rec else "")
+                + f", {rec['tokens_per_second']:,.0f} tokens/s")
+
+    def save(self, out, model):
+        save_lm_run(out, model, self.info, tokenizer=self.tok, tokenizer_id=tokenizer_identity(self.tok, self.tok_spec),
+                    text=self.data.settings.as_dict())
+
+    def summary(self, base: TrainSummary, last: dict, train_units: int) -> LMTrainSummary:
+        return LMTrainSummary(**vars(base), train_tokens=train_units,
+                              tokens_per_second=last.get("tokens_per_second", 0.0), divergence=self.cfg.divergence,
+                              val_perplexity=last.get("val_perplexity"), eval_perplexity=last.get("eval_perplexity"))
+
+
+# -- eval ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LMModelReport:
+    model: str
+    num_tokens: int
+    perplexity: float
+    nll: float
+    accuracy: float  # next-token top-1 accuracy against the data
+    agreement: float | None  # top-1 agreement with the cached teacher
+    kl_to_teacher: float | None  # mean KL(teacher_T || model_T) per token, from the cache
+    num_parameters: int
+    weight_bytes: int
+    tokens_per_second: float
+
+
+@dataclass
+class LMEvalReport:
+    data: str
+    cache: str | None
+    temperature: float
+    num_sequences: int
+    num_tokens: int
+    teacher: dict | None  # from the cache: spec, parameters, mode, perplexity (from target_logprobs)
+    models: list[LMModelReport]
+    failures: list[str]
+    kind: str = "lm"
+    notes: list[str] = field(default_factory=list)
+
+
+def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, TextSettings, int | None]:
+    """(tokenizer, text settings, V) for eval: the cache's when there is one, else the first model's."""
+    if reader is not None:
+        settings = settings_from_manifest(reader.manifest)
+        if cfg.max_length and cfg.max_length != settings.max_length:
+            raise UsageError(f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; drop it")
+        tok, _ = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir)
+        return tok, settings, reader.vocab_size
+    first = cfg.model[0]
+    tok_spec = cfg.tokenizer or default_tokenizer_spec(first)
+    if tok_spec is None:
+        raise UsageError(f"--model {first!r} carries no tokenizer; pass --tokenizer")
+    tok = load_tokenizer(tok_spec)
+    if is_lm_run_dir(first):
+        t = read_lm_meta(Path(first)).get("text") or {}
+        settings = TextSettings(**{k: t[k] for k in ("max_length", "pack", "prompt_template", "prompt_loss")
+                                   if k in t})
+    else:
+        settings = TextSettings()
+    if cfg.max_length:
+        settings.max_length = cfg.max_length
+    return tok, settings, None
+
+
+class TokenTask(Task):
+    name = "language model"
+    accuracy_name = "next-token accuracy"
+
+    def cache_job(self, cfg) -> TokenCacheJob:
+        mode = cfg.mode or ("topk" if cfg.top_k else "full")
+        if mode == "topk" and not cfg.top_k:
+            raise UsageError("--mode topk needs --top-k K")
+        return TokenCacheJob(cfg, mode)
+
+    def open_cache(self, cache_dir: str) -> TokenCacheReader:
+        return TokenCacheReader(cache_dir)
+
+    def train_job(self, cfg, alpha, reader) -> TokenTrainJob:
+        return TokenTrainJob(cfg, alpha, reader)
+
+    def evaluate(self, cfg, device, reader) -> LMEvalReport:
+        if cfg.plot:
+            raise UsageError("--plot draws classification reliability diagrams; it does not apply to language models")
+        if cfg.class_bias or cfg.bias_data:
+            raise UsageError("--class-bias/--bias-data apply to classification data, not JSONL text")
+        tok, settings, V = eval_text_settings(cfg, reader)
+        data = load_text(cfg.data, tok, settings, vocab_size=V or len(tok))
+        if reader is not None:
+            reader.check_data(data.identity())
+        pad_id = pad_id_of(tok)
+        bs = max(1, min(cfg.batch_size, 16))
+        rows_all = np.arange(data.n)
+        teacher = None
+
+        def cached(a: int) -> dict:  # the cache's rows [a, a + bs), checked against the data; read again per model
+            batch = reader.read_rows(a, min(a + bs, data.n))  # so memory stays flat whatever the eval set's size
+            if not np.array_equal(batch["sample_index"], rows_all[a:a + bs]):
+                raise CacheError(f"cache {cfg.cache} rows do not line up with {cfg.data}")
+            check_batch(batch, data, reader)
+            return batch
+
+        if reader is not None:
+            nll_t = 0.0
+            for a in range(0, data.n, bs):
+                nll_t -= float(cached(a)["target_logprobs"].astype(np.float64).sum())
+            n_tok = int(data.num_targets.sum())
+            m = reader.manifest
+            teacher = {"spec": m["teacher"].get("spec"), "num_parameters": m["teacher"].get("num_parameters"),
+                       "mode": m["mode"], "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
+                       "nll": nll_t / max(n_tok, 1), "teacher_prompt": m.get("text", {}).get("teacher_prompt")}
+        reports = []
+        for spec in cfg.model:
+            model, info = build_lm(spec, None, vocab_size=V or len(tok))
+            if V is not None and info.vocab_size != V:
+                raise CacheError(f"vocabulary mismatch: the teacher (cache {cfg.cache}) has {V} logits per token but "
+                                 f"{spec} has {info.vocab_size}")
+            model.to(device).eval()
+            nll = correct = agree = kl = 0.0
+            tokens = 0
+            secs = 0.0
+            with torch.inference_mode():
+                for a, sel, y, dt in predicted_logits(model, data, rows_all, device, bs, pad_id):
+                    secs += dt
+                    nll += float(F.cross_entropy(sel, y, reduction="sum"))
+                    correct += float((sel.argmax(-1) == y).sum())
+                    tokens += len(y)
+                    if reader is not None:
+                        targets = targets_from_arrays(cached(a), reader.mode, V).to(device)
+                        agree += float((sel.argmax(-1) == targets.top1()).sum())
+                        kl += float(soft_kl(sel, targets, cfg.temperature).sum())
+            mean = nll / max(tokens, 1)
+            reports.append(LMModelReport(
+                model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
+                accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
+                kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
+                weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9)))
+        return LMEvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, num_sequences=data.n,
+                            num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports, failures=[],
+                            notes=data.notes)
