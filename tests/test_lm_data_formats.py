@@ -389,7 +389,8 @@ def junk_parquet_dir(d: Path) -> str:
 CASES = {
     "no assistant turn": (lambda d: bad_chat(d, [{"messages": MULTI[:2]}]),
                           r"bad.jsonl line 1: no assistant turn"),
-    "unknown role": (lambda d: bad_chat(d, [{"messages": MULTI[1:3]}, {"messages": [{"role": "tool", "content": "x"}]}]),
+    "unknown role": (lambda d: bad_chat(d, [{"messages": MULTI[1:3]},
+                                           {"messages": [{"role": "tool", "content": "x"}]}]),
                      r"bad.jsonl line 2: turn 1 has unknown role 'tool'; use one of system, user, assistant"),
     "unknown sharegpt speaker": (lambda d: bad_chat(d, [{"conversations": [{"from": "bot", "value": "x"}]}]),
                                  r"line 1: turn 1 has unknown from 'bot'"),
