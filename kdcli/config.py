@@ -41,8 +41,10 @@ class CacheConfig:
 
     teacher: str = opt(help="Teacher MODEL: a kdcli run dir, a built-in name (mlp, cnn), or path/to/file.py:factory; "
                             "for .jsonl DATA a Hugging Face dir or .gguf file (causal LM).")
-    data: str = opt(help="DATA: mnist:train, file.npz, file.h5, or path/to/file.py:factory; file.jsonl (text, or "
-                         "prompt/response rows) for a token-level LM cache; slice with [a:b].")
+    data: str = opt(help="DATA: mnist:train, file.npz, file.h5, or path/to/file.py:factory; for a token-level LM "
+                         "cache file.jsonl, file.parquet, a directory of .parquet files or a datasets.save_to_disk "
+                         "directory, with text, prompt/response or chat (messages / ShareGPT conversations) rows; "
+                         "slice with [a:b].")
     out: str = opt(help="Cache directory to write (manifest.json + shard-*.h5).")
     teacher_weights: str | None = opt(None, "Weights for the teacher: .safetensors, or a torch state_dict "
                                             "(loaded with weights_only=True).")
@@ -71,18 +73,25 @@ class CacheConfig:
                      choices=("fp32", "bf16", "fp16"))
     seed: int = opt(0, "Seed for augmentation parameters and sampling.")
     overwrite: bool = opt(False, "Replace an existing cache made with different settings.")
-    tokenizer: str | None = opt(None, "LM (.jsonl DATA): tokenizer, a HF dir, .gguf file or tokenizer.json. Default: "
-                                      "the teacher's own.")
+    tokenizer: str | None = opt(None, "LM DATA: tokenizer, a HF dir, .gguf file or tokenizer.json. Default: the "
+                                      "teacher's own.")
     max_length: int = opt(512, "LM: tokens per sequence (text rows are packed into chunks of this length; "
-                               "prompt/response rows are truncated to it).", min=2)
+                               "prompt/response and chat rows are one sequence each, truncated to it).", min=2)
     no_pack: bool = opt(False, "LM: one sequence per text row (truncated to --max-length) instead of packing rows.")
     prompt_template: str = opt("{prompt}", "LM prompt/response rows: what the student reads before the response; "
                                            "{prompt} is the row's prompt. @FILE reads it from a file.")
-    teacher_prompt: str | None = opt(None, "LM prompt distillation: the teacher reads this TEMPLATE ({prompt} = the "
-                                           "row's prompt; @FILE reads a file) before the response; the student never "
-                                           "sees it. Cached positions are the response tokens.")
+    teacher_prompt: str | None = opt(None, "LM prompt distillation: context only the teacher reads (@FILE reads a "
+                                           "file); the student never sees it and the cached positions stay the "
+                                           "student's. Plain TEXT is a teacher-only system prompt: for chat rows a "
+                                           "system message before the row's own (joined into one, TEXT first; it "
+                                           "replaces a template's default system prompt), for prompt/response rows "
+                                           "TEXT and a blank line before the prompt. A TEMPLATE with {prompt} (the "
+                                           "row's prompt; prompt/response rows) replaces the prompt.")
     prompt_loss: bool = opt(False, "LM prompt/response rows: also cache (and train on) the prompt tokens, not only "
-                                   "the response.")
+                                   "the response; chat rows: every token, not only the assistant turns.")
+    chat_template: str | None = opt(None, "LM chat rows: a Jinja chat template FILE that renders them instead of the "
+                                          "tokenizer's own (needed when it has none); its text is recorded in the "
+                                          "cache, so train-student and eval with --cache render the same tokens.")
 
 
 @dataclass
@@ -138,7 +147,7 @@ class TrainConfig:
                           choices=("forward", "reverse", "jsd"))
     jsd_beta: float = opt(0.5, "JSD skew beta: beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q "
                                "(p teacher, q student).", gt=0.0, lt=1.0)
-    tokenizer: str | None = opt(None, "LM (.jsonl DATA) without --cache: tokenizer (HF dir, .gguf, tokenizer.json). "
+    tokenizer: str | None = opt(None, "LM DATA without --cache: tokenizer (HF dir, .gguf, tokenizer.json). "
                                       "With --cache the cache's tokenizer is used.")
     max_length: int | None = opt(None, "LM without --cache: tokens per sequence (default 512). With --cache it comes "
                                        "from the cache.", min=2)
@@ -168,7 +177,7 @@ class EvalConfig:
                                "report shows errors before and after.", repeat=True)
     bias_data: str | None = opt(None, "Labelled DATA on which CLASS=fit biases are chosen, e.g. a held-out slice. "
                                       "Default: the evaluation --data itself (what the paper did; optimistic).")
-    tokenizer: str | None = opt(None, "LM (.jsonl DATA): tokenizer; default: the cache's, else the first model's.")
+    tokenizer: str | None = opt(None, "LM DATA: tokenizer; default: the cache's, else the first model's.")
     max_length: int | None = opt(None, "LM: tokens per sequence; default: the cache's, else the first model's "
                                        "training setting.", min=2)
 

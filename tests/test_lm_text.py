@@ -68,8 +68,14 @@ def test_teacher_prompt_aligns_response_tokens(tok, tmp_path):
     text = write_jsonl(tmp_path / "t.jsonl", text_rows(3))
     with pytest.raises(UsageError, match="prompt/response rows"):
         teacher_sequences(load_text(str(text), tk, TextSettings()), tk, "sys {prompt}")
-    with pytest.raises(UsageError, match="placeholder"):
-        teacher_sequences(data, tk, "no placeholder here")
+    # without a {prompt} placeholder the text is a teacher-only system prompt: text, a blank line, the prompt
+    seqs, first = teacher_sequences(data, tk, "Be terse. {not a field}\n")
+    for i in range(data.n):
+        prefix = tk("Be terse. {not a field}\n\n" + prompt_rows(5)[i]["prompt"], add_special_tokens=False)
+        assert seqs[i].tolist() == prefix["input_ids"] + data.ids[i][data.first_target[i]:].tolist()
+        assert first[i] == len(prefix["input_ids"])
+    with pytest.raises(UsageError, match="placeholder"):  # the student's template still needs one
+        load_text(str(p), tk, TextSettings(prompt_template="no placeholder here"))
 
 
 def test_row_hashes_cover_token_ids_and_positions(tok, tmp_path):

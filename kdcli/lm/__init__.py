@@ -1,20 +1,32 @@
-"""Language models: JSONL text -> token ids, Hugging Face / built-in causal LMs, token-level teacher caches.
+"""Language models: text DATA -> token ids, Hugging Face / built-in causal LMs, token-level teacher caches.
 
-- :mod:`kdcli.lm.text`     -- tokenizers (HF dir, GGUF file, tokenizer.json), JSONL rows, packing/truncation, row hashes
+- :mod:`kdcli.lm.text`     -- tokenizers (HF dir, GGUF file, tokenizer.json); JSONL / Parquet / saved-dataset rows
+  (text, prompt/response, chat); packing/truncation, chat templates, row hashes, the teacher-only prompt
 - :mod:`kdcli.lm.hf`       -- causal LMs: Hugging Face dirs and GGUF files, the built-in ``transformer`` student
 - :mod:`kdcli.lm.cache`    -- reading token-level shards (flattened tokens + offsets)
 - :mod:`kdcli.lm.head_loss` -- the student's output layer and the distillation loss fused, chunk by chunk
 
 These are inputs to the language-model task (:mod:`kdcli.tasks.lm`), which the one cache pass, training loop and
-eval (kdcli.teacher, kdcli.train, kdcli.evaluate) use when DATA is text.
-Everything here needs the ``hf`` extra only for Hugging Face tokenizers and models (``pip install kdcli[hf]``).
+eval (kdcli.teacher, kdcli.train, kdcli.evaluate) use when :func:`is_text_spec` says DATA is text. Hugging Face
+tokenizers and models need the ``hf`` extra (``pip install kdcli[hf]``); Parquet and saved-dataset DATA the
+``data-lm`` extra (pyarrow).
 """
 
 
 def is_text_spec(spec: str | None) -> bool:
-    """True for DATA specs that are JSONL text (optionally sliced: ``file.jsonl[0:100]``)."""
+    """True for DATA specs that are language-model text, optionally sliced (``file.jsonl[0:100]``): a ``.jsonl``
+    or ``.parquet`` file, a directory holding ``.parquet`` files, or a directory written by the ``datasets``
+    package's ``save_to_disk`` (``state.json`` + ``dataset_info.json``; a ``DatasetDict``'s ``dataset_dict.json``,
+    which then asks for one split). Decided from paths and file names: no file is opened, pyarrow is not imported."""
     if not spec:
         return False
+    from pathlib import Path
+
     from kdcli.data import split_slice
 
-    return split_slice(spec)[0].endswith(".jsonl")
+    base = split_slice(spec)[0]
+    if base.endswith(".jsonl"):
+        return True
+    from kdcli.lm.text import arrow_kind
+
+    return arrow_kind(Path(base)) is not None
