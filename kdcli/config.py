@@ -151,6 +151,8 @@ class TrainConfig:
                                       "With --cache the cache's tokenizer is used.")
     max_length: int | None = opt(None, "LM without --cache: tokens per sequence (default 512). With --cache it comes "
                                        "from the cache.", min=2)
+    chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE instead of the "
+                                          "tokenizer's own. With --cache the cache's is used.")
 
 
 @dataclass
@@ -180,6 +182,8 @@ class EvalConfig:
     tokenizer: str | None = opt(None, "LM DATA: tokenizer; default: the cache's, else the first model's.")
     max_length: int | None = opt(None, "LM: tokens per sequence; default: the cache's, else the first model's "
                                        "training setting.", min=2)
+    chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE; default: the "
+                                          "first model's recorded one, else its tokenizer's own.")
 
 
 def fields_of(cls: type) -> list[dataclasses.Field]:

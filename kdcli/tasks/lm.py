@@ -42,7 +42,7 @@ from kdcli.lm.head_loss import head_kd_loss
 from kdcli.lm.hf import BUILTIN_LMS, TinyTransformer, build_lm, default_tokenizer_spec, is_lm_run_dir, lm_logits, \
     read_lm_meta, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
-    read_template, teacher_sequences, tokenizer_identity
+    read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
 from kdcli.losses import LossParts, Targets, kd_loss, soft_kl, targets_from_arrays
 from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
@@ -76,13 +76,11 @@ class LMTrainSummary(TrainSummary):
 def text_settings(cfg) -> TextSettings:
     return TextSettings(max_length=cfg.max_length, pack=not cfg.no_pack,
                         prompt_template=read_template(cfg.prompt_template) or "{prompt}",
-                        prompt_loss=cfg.prompt_loss)
+                        prompt_loss=cfg.prompt_loss, chat_template=read_chat_template(cfg.chat_template))
 
 
 def settings_from_manifest(manifest: dict) -> TextSettings:
-    t = manifest["text"]
-    return TextSettings(max_length=int(t["max_length"]), pack=bool(t["pack"]), prompt_template=t["prompt_template"],
-                        prompt_loss=bool(t["prompt_loss"]))
+    return TextSettings.from_dict(manifest["text"])
 
 
 def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir) -> tuple[object, str]:
@@ -100,6 +98,16 @@ def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir) -> tupl
         raise CacheError(f"tokenizer {spec} differs from the one that built cache {cache_dir} (sha256 "
                          f"{got['sha256'][:12]} vs {want['sha256'][:12]}); the token ids would not line up")
     return tok, spec
+
+
+def check_cache_settings(cfg, settings: TextSettings) -> None:
+    """--max-length / --chat-template given with --cache must be the cache's (the student reads its sequences)."""
+    if cfg.max_length and cfg.max_length != settings.max_length:
+        raise UsageError(f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; drop it "
+                         "(the student trains on the sequences the cache was built for)")
+    if cfg.chat_template and read_chat_template(cfg.chat_template) != settings.chat_template:
+        raise UsageError(f"--chat-template {cfg.chat_template} differs from the chat template the cache was built "
+                         "with; drop it (the cache's is used)")
 
 
 def pad_id_of(tok) -> int:
@@ -125,7 +133,7 @@ def predicted_logits(model, data: TokenData, rows: np.ndarray, device: torch.dev
         r = rows[a:a + batch_size]
         seqs = [data.ids[i] for i in r]
         ids, mask = pad_batch(seqs, pad_id)
-        idx, tgt = loss_positions(seqs, data.first_target[r], ids.shape[1])
+        idx, tgt = loss_positions(seqs, data.first_target[r], ids.shape[1], data.masks(r))
         if not len(idx):
             continue
         t0 = time.perf_counter()
@@ -208,10 +216,11 @@ class TokenCacheJob(CacheJob):
                      "sample is ~300x smaller")
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
-        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V)
+        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True)
         for note in data.notes:
             log.info(f"note: {note}")
-        self.t_seqs, self.t_first = teacher_sequences(data, tok, teacher_prompt)
+        self.view = teacher_view(data, tok, teacher_prompt)  # what the teacher reads; the same predicted tokens
+        self.t_seqs, self.t_first = self.view.seqs, self.view.first_target
         max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or \
             getattr(self.model, "max_length", None)
         self.longest = longest = max(len(s) for s in self.t_seqs)
@@ -259,8 +268,9 @@ class TokenCacheJob(CacheJob):
     def forward(self, start, stop, device, generator):
         seqs = self.t_seqs[start:stop]
         ids, mask = pad_batch(seqs, self.pad_id)
-        flat_idx, targets = loss_positions(seqs, self.t_first[start:stop], ids.shape[1])
-        lengths = np.array([max(len(s) - int(a), 0) for s, a in zip(seqs, self.t_first[start:stop])], np.int64)
+        masks = self.view.masks(range(start, stop))
+        flat_idx, targets = loss_positions(seqs, self.t_first[start:stop], ids.shape[1], masks)
+        lengths = target_counts(seqs, self.t_first[start:stop], masks)
         if not np.array_equal(lengths, self.data.num_targets[start:stop]):  # the teacher's positions = the student's
             raise RuntimeError(f"teacher/student position mismatch at rows {start}..{stop}")
         logits = lm_logits(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
@@ -316,9 +326,7 @@ class TokenTrainJob(TrainJob):
             raise UsageError("--augment and --max-norm are for image classifiers, not language models")
         if reader is not None:
             settings = settings_from_manifest(reader.manifest)
-            if cfg.max_length and cfg.max_length != settings.max_length:
-                raise UsageError(f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; "
-                                 "drop it (the student trains on the sequences the cache was built for)")
+            check_cache_settings(cfg, settings)
             tok, self.tok_spec = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir)
             self.V = reader.vocab_size
         else:
@@ -326,10 +334,11 @@ class TokenTrainJob(TrainJob):
             if self.tok_spec is None:
                 raise UsageError(f"training {cfg.student!r} on text without --cache needs --tokenizer")
             tok = load_tokenizer(self.tok_spec)
-            settings = TextSettings(max_length=cfg.max_length or 512)
+            settings = TextSettings(max_length=cfg.max_length or 512,
+                                    chat_template=read_chat_template(cfg.chat_template))
             self.V = None
         self.tok, self.pad_id = tok, pad_id_of(tok)
-        self.data = data = load_text(cfg.data, tok, settings, vocab_size=self.V or len(tok))
+        self.data = data = load_text(cfg.data, tok, settings, vocab_size=self.V or len(tok), target_masks=True)
         for note in data.notes:
             log.info(f"note: {note}")
         if reader is not None:
@@ -351,7 +360,8 @@ class TokenTrainJob(TrainJob):
                              f"{len(self.tok)} tokens")
         self.eval_data = None
         if cfg.eval_data:
-            self.eval_data = load_text(cfg.eval_data, self.tok, data.settings, vocab_size=self.info.vocab_size)
+            self.eval_data = load_text(cfg.eval_data, self.tok, data.settings, vocab_size=self.info.vocab_size,
+                                       target_masks=True)
 
     def train_units(self, train_samples):
         return int(self.data.num_targets[train_samples].sum())
@@ -367,7 +377,7 @@ class TokenTrainJob(TrainJob):
         rows = batch["sample_index"]
         seqs = [data.ids[i] for i in rows]
         ids, mask = pad_batch(seqs, self.pad_id)
-        idx, labels = loss_positions(seqs, data.first_target[rows], ids.shape[1])
+        idx, labels = loss_positions(seqs, data.first_target[rows], ids.shape[1], data.masks(rows))
         targets = None
         if self.reader is not None:
             check_batch(batch, data, self.reader)
@@ -439,8 +449,7 @@ def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, Te
     """(tokenizer, text settings, V) for eval: the cache's when there is one, else the first model's."""
     if reader is not None:
         settings = settings_from_manifest(reader.manifest)
-        if cfg.max_length and cfg.max_length != settings.max_length:
-            raise UsageError(f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; drop it")
+        check_cache_settings(cfg, settings)
         tok, _ = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir)
         return tok, settings, reader.vocab_size
     first = cfg.model[0]
@@ -449,11 +458,11 @@ def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, Te
         raise UsageError(f"--model {first!r} carries no tokenizer; pass --tokenizer")
     tok = load_tokenizer(tok_spec)
     if is_lm_run_dir(first):
-        t = read_lm_meta(Path(first)).get("text") or {}
-        settings = TextSettings(**{k: t[k] for k in ("max_length", "pack", "prompt_template", "prompt_loss")
-                                   if k in t})
+        settings = TextSettings.from_dict(read_lm_meta(Path(first)).get("text") or {})
     else:
         settings = TextSettings()
+    if cfg.chat_template:
+        settings.chat_template = read_chat_template(cfg.chat_template)
     if cfg.max_length:
         settings.max_length = cfg.max_length
     return tok, settings, None
@@ -481,7 +490,7 @@ class TokenTask(Task):
         if cfg.class_bias or cfg.bias_data:
             raise UsageError("--class-bias/--bias-data apply to classification data, not JSONL text")
         tok, settings, V = eval_text_settings(cfg, reader)
-        data = load_text(cfg.data, tok, settings, vocab_size=V or len(tok))
+        data = load_text(cfg.data, tok, settings, vocab_size=V or len(tok), target_masks=True)
         if reader is not None:
             reader.check_data(data.identity())
         pad_id = pad_id_of(tok)
