@@ -170,10 +170,10 @@ def prune_structured(model: nn.Module, fraction: float) -> list[str]:
     return [name for *_, name in pairs]
 
 
-def quantize_int8(model: nn.Module) -> list[str]:
+def quantize_int8(model: nn.Module, dynamic: bool = False) -> list[str]:
     names = []
     for name, lin in linear_layers(model)[0]:
-        set_submodule(model, name, QuantLinear.from_linear(lin))
+        set_submodule(model, name, QuantLinear.from_linear(lin, dynamic=dynamic))
         names.append(name)
     return names
 
@@ -232,6 +232,8 @@ def _record(cfg: CompressConfig, src: Path, info, quantized: list[str], pruned: 
                            "next bias" if cfg.structured else "l1_unstructured per Linear")
     if cfg.quantize:
         method["quantize"] = "symmetric int8 per output channel, scale = max|w_row|/127 (QuantLinear)"
+        if cfg.quantize == "int8-dynamic":
+            method["activations"] = "int8 per row at run time, scale = max|x_row|/127, torch._int_mm (no grad only)"
     rec = {"quantize": cfg.quantize, "prune": cfg.prune, "structured": bool(cfg.structured),
            "source": str(src.resolve()), "source_sha256": info.weights_sha256, "quantized_layers": quantized,
            "pruned_layers": pruned, "method": method, "kdcli_version": __version__}
@@ -247,7 +249,7 @@ def compress(cfg: CompressConfig) -> CompressSummary:
     model.eval()
     before = ModelSize(count_parameters(model), nonzero_parameters(model), bytes_on_disk(src))
     own, skipped = linear_layers(model)
-    what = "--quantize int8" if cfg.quantize else "--prune"
+    what = f"--quantize {cfg.quantize}" if cfg.quantize else "--prune"
     if not own:
         already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         why = (f"its {len(already)} Linear layers are already int8" + ("; prune before quantising" if cfg.prune
@@ -263,7 +265,7 @@ def compress(cfg: CompressConfig) -> CompressSummary:
                              "removed; drop --structured to prune weights without changing shapes")
     elif cfg.prune is not None:
         pruned = prune_unstructured(model, cfg.prune)
-    quantized = quantize_int8(model) if cfg.quantize == "int8" else []
+    quantized = quantize_int8(model, dynamic=cfg.quantize == "int8-dynamic") if cfg.quantize else []
     info.compression = _record(cfg, src, info, quantized, pruned)
     info.num_parameters = count_parameters(model)
     after_params, after_nonzero = info.num_parameters, nonzero_parameters(model)

@@ -251,7 +251,8 @@ def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
 
 
-def load_run_model(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, ModelInfo]:
+def load_run_model(run_dir: Path | str, weights: str | None = None) -> tuple[nn.Module, ModelInfo]:
+    run_dir = Path(run_dir)
     try:
         meta: dict[str, Any] = json.loads((run_dir / MODEL_JSON).read_text())
         spec, args = meta["spec"], meta.get("args", {})

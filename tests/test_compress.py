@@ -150,6 +150,32 @@ def test_int8_run_round_trip(tmp_path):
     assert s.after.bytes_on_disk == bytes_on_disk(tmp_path / "int8")
 
 
+def test_int8_dynamic_quantises_activations_per_row_at_inference(tmp_path):
+    src = make_run(tmp_path / "run")
+    original, _ = load_run_model(src)
+    compress(cfg(model=str(src), out=str(tmp_path / "dyn"), quantize="int8-dynamic"))
+    model, _ = load_run_model(tmp_path / "dyn")
+    assert json.loads((tmp_path / "dyn" / "model.json").read_text())["compression"]["quantize"] == "int8-dynamic"
+    layer = model.net[1]
+    assert isinstance(layer, QuantLinear) and layer.dynamic
+    x = torch.randn(33, D) * torch.logspace(-2, 1, 33)[:, None]  # rows of very different magnitudes
+    # hand reference: each row to int8 with its own scale, an exact integer product, both scales, the bias
+    xs = x.abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x / xs).clamp(-127, 127)
+    want = (xq.double() @ layer.weight_int8.double().T) * xs.double() * layer.weight_scale.double() + layer.bias.double()
+    with torch.inference_mode():
+        got = layer(x)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    weight_only = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    assert not torch.allclose(got, weight_only, atol=1e-6)  # activations really were rounded
+    assert torch.allclose(layer(x), weight_only, atol=1e-5)  # with gradients on: the weight-only product
+    x = torch.randn(64, D)
+    with torch.inference_mode():
+        ref, out = original.eval()(x), model.eval()(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
 # -- pruning -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction", [0.3, 0.75])
@@ -323,18 +349,23 @@ def test_lm_transformer_structured_int8_eval_and_fine_tune(lm, tmp_path):
     ids = torch.randint(0, 300, (3, 20))
     assert torch.allclose(lm_out(model, ids), lm_out(ref, ids), atol=1e-4)
 
-    s2 = compress(cfg(model=str(lm["tiny"]), out=str(tmp_path / "q"), quantize="int8"))
-    assert len(s2.quantized_layers) == 8 and "head" not in s2.quantized_layers  # qkv, proj, mlp.0, mlp.2 x 2
-    q, _ = load_lm_run(tmp_path / "q")
-    want, got = lm_out(original, ids), lm_out(q, ids)
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    want = lm_out(original, ids)
+    for mode in ("int8", "int8-dynamic"):
+        s2 = compress(cfg(model=str(lm["tiny"]), out=str(tmp_path / mode), quantize=mode))
+        assert len(s2.quantized_layers) == 8 and "head" not in s2.quantized_layers  # qkv, proj, mlp.0, mlp.2 x 2
+        q, _ = load_lm_run(tmp_path / mode)
+        assert q.blocks[0].qkv.dynamic == (mode == "int8-dynamic")
+        got = lm_out(q, ids)
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
-    r = runner.invoke(app, ["eval", "--model", str(lm["tiny"]), "--model", str(tmp_path / "q"), "--model",
-                            str(tmp_path / "s"), "--data", str(lm["text"]), "--json"])
+    r = runner.invoke(app, ["eval", "--model", str(lm["tiny"]), "--model", str(tmp_path / "int8"), "--model",
+                            str(tmp_path / "int8-dynamic"), "--model", str(tmp_path / "s"), "--data", str(lm["text"]),
+                            "--json"])
     assert r.exit_code == 0, r.stderr
     ppl = [m["perplexity"] for m in json.loads(r.stdout)["models"]]
-    assert ppl[1] == pytest.approx(ppl[0], rel=0.05) and all(np.isfinite(ppl))
+    assert ppl[1] == pytest.approx(ppl[0], rel=0.05) and ppl[2] == pytest.approx(ppl[0], rel=0.05)
+    assert all(np.isfinite(ppl))
     r = runner.invoke(app, ["train-student", "--student", str(tmp_path / "s"), "--data", str(lm["text"]), "--out",
                             str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8"])
     assert r.exit_code == 0, r.stderr
@@ -385,7 +416,7 @@ def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, plugin):
         (["--model", str(src), "--out", new, "--structured"], "--structured needs --prune"),
         (["--model", str(src), "--out", new, "--quantize", "int8", "--structured"], "--structured needs --prune"),
         (["--model", str(src), "--out", new], "nothing to do"),
-        (["--model", str(src), "--out", new, "--quantize", "int4"], "'quantize' must be one of int8"),
+        (["--model", str(src), "--out", new, "--quantize", "int4"], "'quantize' must be one of int8, int8-dynamic"),
         (["--model", str(src), "--out", str(tmp_path / "full"), "--quantize", "int8"], "not an empty directory"),
         (["--model", str(src), "--out", str(tmp_path / "afile"), "--quantize", "int8"], "not an empty directory"),
         (["--model", str(src), "--out", str(src), "--quantize", "int8"], "not an empty directory"),
