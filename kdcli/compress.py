@@ -36,11 +36,12 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from kdcli import __version__, log
+from kdcli.cache.atomic import fsync_dir
 from kdcli.compressed import QuantLinear, set_submodule
 from kdcli.config import CompressConfig, to_dict, write_yaml
 from kdcli.errors import KdError, UsageError
 from kdcli.modelstats import bytes_on_disk, nonzero_parameters
-from kdcli.models import count_parameters, is_run_dir
+from kdcli.models import count_parameters, is_run_dir, load_run_model, save_run_model
 
 COMPRESS_CONFIG = "compress.yaml"
 
@@ -204,8 +205,6 @@ def _load(src: Path):
         from kdcli.lm.hf import load_lm_run
 
         return "lm", *load_lm_run(src)
-    from kdcli.models import load_run_model
-
     return "classify", *load_run_model(src)
 
 
@@ -218,8 +217,6 @@ def _save(kind: str, src: Path, dest: Path, model: nn.Module, info) -> None:
         save_lm_run(dest, model, info, tokenizer=load_tokenizer(str(src)), tokenizer_id=meta.get("tokenizer"),
                     text=meta.get("text"))
     else:
-        from kdcli.models import save_run_model
-
         save_run_model(dest, model, info)
 
 
@@ -251,10 +248,13 @@ def compress(cfg: CompressConfig) -> CompressSummary:
     own, skipped = linear_layers(model)
     what = f"--quantize {cfg.quantize}" if cfg.quantize else "--prune"
     if not own:
-        already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-        why = (f"its {len(already)} Linear layers are already int8" + ("; prune before quantising" if cfg.prune
-                                                                          else "") if already else
-               "it has no nn.Linear layer" + (f" of its own ({skipped[0]})" if skipped else ""))
+        already = sum(isinstance(m, QuantLinear) for m in model.modules())
+        if already:
+            why = f"its {already} Linear layers are already int8" + ("; prune before quantising" if cfg.prune else "")
+        elif skipped:
+            why = f"it has no nn.Linear layer of its own ({skipped[0]})"
+        else:
+            why = "it has no nn.Linear layer"
         raise UsageError(f"{what}: nothing to compress in {cfg.model}: {why}")
     pruned: list[str] = []
     if cfg.prune is not None and cfg.structured:
@@ -278,9 +278,12 @@ def compress(cfg: CompressConfig) -> CompressSummary:
         _save(kind, src, tmp, model, info)
         write_yaml(to_dict(cfg), tmp / COMPRESS_CONFIG)
         _check_reload(kind, tmp, model)
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename(2) would replace it too, but say what happens
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)  # onto nothing, or onto the empty directory checked above
+        except OSError as e:
+            raise UsageError(f"--out {cfg.out} could not be replaced ({e.strerror}): did something write to it "
+                             "meanwhile?") from None
+        fsync_dir(out_parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
