@@ -162,7 +162,8 @@ def test_int8_dynamic_quantises_activations_per_row_at_inference(tmp_path):
     # hand reference: each row to int8 with its own scale, an exact integer product, both scales, the bias
     xs = x.abs().amax(1, keepdim=True) / 127
     xq = torch.round(x / xs).clamp(-127, 127)
-    want = (xq.double() @ layer.weight_int8.double().T) * xs.double() * layer.weight_scale.double() + layer.bias.double()
+    want = (xq.double() @ layer.weight_int8.double().T) * xs.double() * layer.weight_scale.double()
+    want = want + layer.bias.double()
     with torch.inference_mode():
         got = layer(x)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
