@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from kdcli.config import CacheConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
+from kdcli.config import CacheConfig, CompressConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
 from kdcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CacheError, CheckFailed, KdError
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
@@ -198,6 +198,17 @@ def _eval(cfg: EvalConfig) -> int:
     return CheckFailed.exit_code if report.failures else 0
 
 
+def _compress(cfg: CompressConfig) -> None:
+    from kdcli.compress import compress, render_compress
+    from kdcli.report import print_json, show
+
+    summary = compress(cfg)
+    if cfg.json:
+        print_json(summary)
+    else:
+        show(render_compress(summary))
+
+
 command(app, "cache-teacher", CacheConfig, _cache_teacher,
         "Example: kdcli cache-teacher --teacher runs/teacher --data mnist:train --out cache/mnist --top-k 5")
 command(app, "train-student", TrainConfig, _train_student,
@@ -206,6 +217,9 @@ command(app, "train-student", TrainConfig, _train_student,
 command(app, "eval", EvalConfig, _eval,
         "Example: kdcli eval --model runs/teacher --model runs/student --data mnist:test --cache cache/test "
         "--json")
+command(app, "compress", CompressConfig, _compress,
+        "Example: kdcli compress --model runs/student --out runs/student-int8 --prune 0.5 --structured "
+        "--quantize int8")
 
 
 @cache_app.command("verify", epilog="Example: kdcli cache verify cache/mnist --json")

@@ -186,6 +186,30 @@ class EvalConfig:
                                           "first model's recorded one, else its tokenizer's own.")
 
 
+@dataclass
+class CompressConfig:
+    """Shrink a trained run: magnitude pruning and/or int8 Linear weights; the result is a run dir for eval and
+    train-student --student (fine-tuning)."""
+
+    model: str = opt(help="The kdcli run dir to compress (a classification or language-model student).")
+    out: str = opt(help="Run dir to write (must not exist, or be empty).")
+    quantize: str | None = opt(None, "int8: every nn.Linear weight as int8 with one float32 scale per output "
+                                     "channel (symmetric; biases, embeddings, norms and convolutions stay float), "
+                                     "computed as a float product: the same logits on every device. int8-dynamic: "
+                                     "the same weights, and at inference each input row quantised to int8 too, "
+                                     "multiplied in integers: faster on CPU, slightly less exact. Weights tied to "
+                                     "another tensor (an LM head tied to its embedding) are left alone.",
+                               choices=("int8", "int8-dynamic"))
+    prune: float | None = opt(None, "Magnitude pruning: zero this FRACTION of each nn.Linear weight (smallest |w|; "
+                                    "with --structured, of each hidden layer's output units). Applied before "
+                                    "--quantize.", gt=0.0, lt=1.0)
+    structured: bool = opt(False, "With --prune: remove whole output units (rows, smallest L2 norm) of every Linear "
+                                  "followed, through element-wise activations/dropout, by another Linear in an "
+                                  "nn.Sequential, and the matching inputs of that next Linear: the model really "
+                                  "shrinks.")
+    json: bool = opt(False, "Print exactly one JSON document on stdout instead of a table.")
+
+
 def fields_of(cls: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdcli.compressed import finish_compressed, quantized_weight_count, rebuild_compressed
 from kdcli.errors import UsageError
 from kdcli.plugins import call_factory, is_plugin_spec, load_factory
 
@@ -92,6 +93,8 @@ class ModelInfo:
     input_shape: list[int] = field(default_factory=list)
     weights_sha256: str | None = None
     num_parameters: int = 0
+    source: dict | None = None  # a model loaded from a run dir: that run's model.json (its recipe)
+    compression: dict | None = None  # kdcli compress's record (kdcli/compressed.py), carried into later runs
 
     def identity(self) -> dict:
         return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
@@ -99,7 +102,8 @@ class ModelInfo:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, int8-quantised weights (buffers of QuantLinear) included; tied tensors once."""
+    return sum(p.numel() for p in model.parameters()) + quantized_weight_count(model)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -225,7 +229,12 @@ def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
 
     from kdcli.cache.atomic import atomic_write_bytes, replace_atomically
 
-    spec = info.spec
+    spec, args = info.spec, info.args
+    if info.source is not None:  # started from a run dir (fine-tuning, compress): keep that run's recipe
+        spec, args = info.source["spec"], info.source.get("args", {})
+        path, _, name = spec.rpartition(":")
+        if is_plugin_spec(spec) and not Path(path).is_absolute():
+            spec = f"{Path(info.spec) / path}:{name}"  # its model_source.py, relative to that run dir
     if is_plugin_spec(spec):
         _, src = load_factory(spec)
         name = spec.rpartition(":")[2]
@@ -235,12 +244,15 @@ def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
         spec = f"{PLUGIN_COPY}:{name}"  # relative to the run dir: the run is self-contained
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / WEIGHTS, safetensors_bytes(state))  # in memory first: disk errors are OSErrors
-    meta = {"spec": spec, "args": info.args, "num_classes": info.num_classes, "input_shape": info.input_shape,
+    meta = {"spec": spec, "args": args, "num_classes": info.num_classes, "input_shape": info.input_shape,
             "num_parameters": info.num_parameters}
+    if info.compression:
+        meta["compression"] = info.compression
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
 
 
-def load_run_model(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, ModelInfo]:
+def load_run_model(run_dir: Path | str, weights: str | None = None) -> tuple[nn.Module, ModelInfo]:
+    run_dir = Path(run_dir)
     try:
         meta: dict[str, Any] = json.loads((run_dir / MODEL_JSON).read_text())
         spec, args = meta["spec"], meta.get("args", {})
@@ -259,9 +271,13 @@ def load_run_model(run_dir: Path, weights: str | None = None) -> tuple[nn.Module
     wpath = Path(weights) if weights else run_dir / WEIGHTS
     if not wpath.is_file():
         raise UsageError(f"{run_dir} has no {WEIGHTS}: the run did not finish (resume it with --resume)")
+    compression = meta.get("compression")
+    rebuild_compressed(model, compression, wpath)  # int8 modules and pruned shapes, read from the weights file
     load_weights(model, wpath)
+    finish_compressed(model, compression)
     info = ModelInfo(spec=str(run_dir), args={}, num_classes=num_classes, input_shape=list(input_shape),
-                     weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model))
+                     weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model), source=meta,
+                     compression=compression)
     return model, info
 
 

@@ -76,3 +76,29 @@ def test_run_dir_round_trip_with_plugin_copy(tmp_path):
     m2, info2 = load_run_model(run)
     x = torch.randn(2, 3)
     assert torch.equal(m(x), m2(x)) and info2.num_parameters == 8
+
+
+def test_a_run_started_from_a_run_keeps_the_recipe(tmp_path):
+    """Fine-tuning (train-student --student RUN) saves the model RUN was built from, not a path to RUN."""
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "net.py").write_text("import torch\ndef make(num_classes, width=4):\n"
+                                "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, "
+                                "num_classes))\n")
+    for spec, args in (("mlp", {"hidden": [5]}), (f"{src}/net.py:make", {"width": 6})):
+        first, second = tmp_path / "first", tmp_path / "second"
+        for d in (first, second):
+            d.mkdir(exist_ok=True)
+        m, info = build_model(spec, args, num_classes=2, input_shape=(3,))
+        save_run_model(first, m, info)
+        m1, info1 = build_model(str(first), None, num_classes=2, input_shape=(3,))  # as train-student does
+        save_run_model(second, m1, info1)
+        meta = json.loads((second / "model.json").read_text())
+        assert meta["args"] == args and meta["spec"] == ("mlp" if spec == "mlp" else "model_source.py:make")
+        if spec != "mlp":
+            assert (second / "model_source.py").read_text() == (src / "net.py").read_text()
+        m2, _ = load_run_model(second)
+        x = torch.randn(2, 3)
+        assert torch.equal(m(x), m2(x))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcli.compressed import finish_compressed, rebuild_compressed
 from kdcli.errors import UsageError
 from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, _transformers
 from kdcli.models import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
@@ -122,6 +123,7 @@ class LMInfo:
     num_parameters: int = 0
     hf_config: dict | None = None  # for HF models: config.to_dict(), to rebuild without the original files
     source: dict | None = None  # for kind "run": the run dir's model.json (how to rebuild it)
+    compression: dict | None = None  # kdcli compress's record (kdcli/compressed.py), carried into later runs
 
     def identity(self) -> dict:
         return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
@@ -304,6 +306,7 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
     from kdcli.models import PLUGIN_COPY
 
     spec, kind, args, hf_config = info.spec, info.kind, info.args, info.hf_config
+    compression = info.compression
     if kind == "run":  # a student that started from an earlier run keeps that run's recipe
         src = info.source or {}
         spec, kind, args, hf_config = src["spec"], src["model_kind"], src.get("args", {}), src.get("hf_config")
@@ -327,6 +330,8 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
     meta = {"kind": "lm", "spec": spec, "model_kind": kind, "args": args, "vocab_size": info.vocab_size,
             "num_parameters": info.num_parameters, "hf_config": hf_config, "tokenizer": tokenizer_id,
             "text": text}
+    if compression:
+        meta["compression"] = compression
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
 
 
@@ -359,6 +364,8 @@ def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, L
     wpath = Path(weights) if weights else Path(run_dir) / WEIGHTS
     if not wpath.is_file():
         raise UsageError(f"{run_dir} has no {WEIGHTS}: the run did not finish (resume it with --resume)")
+    compression = meta.get("compression")
+    rebuild_compressed(model, compression, wpath)  # int8 modules and pruned shapes, read from the weights file
     try:
         missing, unexpected = load_model(model, str(wpath), strict=False)
     except Exception as e:
@@ -366,9 +373,10 @@ def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, L
     if unexpected or [m for m in missing if not _tied(model, m)]:
         raise UsageError(f"weights {wpath} do not fit the model: missing {list(missing)[:3]}, unexpected "
                          f"{list(unexpected)[:3]}")
+    finish_compressed(model, compression)
     info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
                   weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model),
-                  hf_config=meta.get("hf_config"), source=meta)
+                  hf_config=meta.get("hf_config"), source=meta, compression=compression)
     return model, info
 
 
