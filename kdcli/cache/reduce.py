@@ -154,7 +154,7 @@ def priority_sample(logp: torch.Tensor, k: int, generator: torch.Generator | Non
     # priority = logp - log u, u = 1 - r, r ~ [0, 1): built in place in one (rows, C) buffer
     key = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=logp.dtype)
     key.neg_().log1p_().neg_().add_(logp if log_pi is None else log_pi)  # (rows, C) log priorities
-    key = torch.nan_to_num(key, nan=float("-inf"))  # NaN logits are refused by the caller after the fact
+    key = key.masked_fill_(torch.isnan(key), float("-inf"))  # NaN logits are refused by the caller after the fact
     if k < c:
         top, idx = torch.topk(key, k + 1, dim=-1)  # (rows, K + 1), largest first
         ids, log_tau = idx[:, :k], top[:, k]
