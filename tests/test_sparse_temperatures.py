@@ -369,11 +369,12 @@ def test_layout_and_manifest_helpers():
     assert stored_temperatures({}) == {"temperatures": (1.0,), "sampler_temperatures": (1.0,)}  # an older cache
     m = _manifest("priority")
     assert stored_temperatures(m) == {"temperatures": TEMPS, "sampler_temperatures": (1.0,)}
-    want = _expected_datasets(m)
-    block = _block("priority", samples=24)
-    for key in mode_keys("priority", TEMPS):
-        dt, trail = want[key]
-        assert block[key].dtype == dt and block[key].shape[1:] == trail, key
+    for mode, kw in (("topk", {"top_k": 16}), ("sample", {"samples": 24}), ("priority", {"samples": 24})):
+        want = _expected_datasets(_manifest(mode))  # what `cache verify` expects is what reduce_logits writes
+        block = _block(mode, **kw)
+        for key in mode_keys(mode, TEMPS):
+            dt, trail = want[key]
+            assert block[key].dtype == dt and block[key].shape[1:] == trail, key
 
 
 @pytest.mark.parametrize("mode,kw", [("topk", {"top_k": 16}), ("sample", {"samples": 24}),
@@ -399,3 +400,14 @@ def test_block_checks_pass_a_sound_block_and_name_damage(mode, kw):
         damaged = {**block, "priority_tau": block["priority_tau"].copy()}
         damaged["priority_tau"][4] = np.nan
         assert "priority_tau" in block_problems(m, damaged, 0)[0]
+
+
+def test_parse_temperatures_for_the_config():
+    from kdcli.config import parse_temperatures
+
+    assert parse_temperatures("4, 2") == (1.0, 2.0, 4.0)
+    assert parse_temperatures([1, 2.5]) == (1.0, 2.5)
+    assert parse_temperatures(3) == (1.0, 3.0)
+    for bad in ("1,x", "0", "-2", [True], "inf", "nan"):
+        with pytest.raises(UsageError, match="temperatures"):
+            parse_temperatures(bad)

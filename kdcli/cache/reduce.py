@@ -18,7 +18,9 @@ Notation: p = softmax(z) (the teacher at T = 1), q_T = softmax(z / T) = p^(1/T) 
                 ``p_i / u_i`` are kept: ``priority_ids`` (rows, K) and ``priority_logprobs`` (rows, K), sorted by
                 log-prob (largest first), and ``priority_tau`` (rows,) = log tau, tau the (K + 1)-th largest
                 priority (-inf when K >= C: every class is kept). ``sum_kept max(p_i, tau) f(i)`` is then an unbiased
-                estimate of ``sum_i p_i f(i)`` for every f (the K items are sampled without replacement).
+                estimate of ``sum_i p_i f(i)`` for every f (the K items are sampled without replacement). With
+                ``sampler_temperatures`` the priorities are ``pi_i / u_i`` for a mixture pi of tempered teachers
+                (:func:`sampler_logprobs`) and tau is in pi's units.
 
 **Per-temperature statistics** (``temperatures``): T = 1 needs nothing more (the arrays above are exact or
 unbiased there). For every other listed T, in the order of :func:`stat_temperatures`, one column of a
@@ -135,7 +137,11 @@ def sampler_logprobs(logp: torch.Tensor, sampler_temperatures: Iterable[float] |
         raise ValueError(f"sampler temperatures {missing} must be among the stored temperatures {list(stored)}")
     if ts == (1.0,):
         return logp
-    return torch.logsumexp(torch.stack([torch.log_softmax(logp / t, dim=-1) for t in ts]), dim=0) - math.log(len(ts))
+    acc = None
+    for t in ts:  # logaddexp one temperature at a time: two (rows, C) buffers, not one per temperature
+        lq = torch.log_softmax(logp / t, dim=-1)
+        acc = lq if acc is None else torch.logaddexp(acc, lq, out=acc)
+    return acc.sub_(math.log(len(ts)))
 
 
 def priority_sample(logp: torch.Tensor, k: int, generator: torch.Generator | None = None,
