@@ -89,10 +89,12 @@ def reduce_logits(logits: torch.Tensor, mode: str, *, top_k: int | None = None, 
         tail = torch.logsumexp(rest, dim=-1)  # (rows,) log mass outside the top k (-inf when k == C)
         out = {"topk_ids": ids.to(torch.int32), "topk_logprobs": vals.to(LOGPROB_DTYPE),
                "tail_logmass": tail.to(torch.float32)}
-        if ts:  # log(1 - sum_topk q_T) = logsumexp_{i not in top k}(logp_i / T) - log Z_T, per T
-            out["tail_logmass_t"] = torch.stack(
-                [torch.logsumexp(rest / t, dim=-1) - torch.logsumexp(logp / t, dim=-1) for t in ts],
-                dim=-1).to(STAT_DTYPES["tail_logmass_t"])
+        if ts:  # log(1 - sum_topk q_T) = logsumexp_{i not in top k}(logp_i / T) - log Z_T, per T; one V-wide pass
+            cols = []  # each: log Z_T is that tail sum logaddexp'd with the k-wide sum over the top k
+            for t in ts:
+                rest_t = torch.logsumexp(rest / t, dim=-1)
+                cols.append(rest_t - torch.logaddexp(rest_t, torch.logsumexp(vals / t, dim=-1)))
+            out["tail_logmass_t"] = torch.stack(cols, dim=-1).to(STAT_DTYPES["tail_logmass_t"])
         return out
     if mode == "sample":
         s = int(samples)
