@@ -315,6 +315,23 @@ def parse_kv(items: list[str], key: str) -> dict:
     return out
 
 
+def parse_temperatures(value: Any, key: str = "temperatures") -> tuple[float, ...]:
+    """``"1,2,4"``, ``4``, ``[1, 2, 4]`` or ``["1", "2"]`` -> sorted distinct temperatures, 1 always included (a
+    sparse cache is exact at T = 1 for free). A value that is not a positive, finite number is a UsageError naming
+    ``key``. For ``cache-teacher --temperatures`` (and ``--sampler-temperatures``)."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    out = {1.0}
+    for item in items:
+        try:
+            t = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            t = float("nan")
+        if isinstance(item, bool) or not (t > 0 and t != float("inf")):
+            raise UsageError(f"config key '{key}' must list positive temperatures, e.g. 1,2,4; got {item!r}")
+        out.add(t)
+    return tuple(sorted(out))
+
+
 def resolve(cls: type, config_path: str | Path | None = None, overrides: dict | None = None):
     """Build a validated ``cls`` from defaults < YAML file < flag overrides (``None`` means "not given")."""
     known = {f.name: f for f in fields_of(cls)}

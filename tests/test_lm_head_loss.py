@@ -17,32 +17,40 @@ from kdcli.losses import kd_loss, targets_from_arrays
 N, D, V = 37, 16, 300  # 37 tokens: chunks of 8 leave a ragged last chunk
 
 
-def _targets(mode: str, teacher_logits: torch.Tensor, seed: int = 0):
-    kw = {"top_k": 12} if mode == "topk" else {"samples": 9} if mode == "sample" else {}
-    red = reduce_logits(teacher_logits, mode, generator=torch.Generator().manual_seed(seed), **kw)
-    return targets_from_arrays({k: v.numpy() for k, v in red.items()}, mode, teacher_logits.shape[1])
+TEMPS = (1.0, 2.0, 2.5, 3.0)  # the temperatures the test caches store
 
 
-def _both(h0, w0, targets, y, T, alpha, chunk=8):
+def _targets(mode: str, teacher_logits: torch.Tensor, seed: int = 0, temperatures=TEMPS, **extra):
+    kw = {"top_k": 12} if mode == "topk" else {"samples": 9} if mode in ("sample", "priority") else {}
+    red = reduce_logits(teacher_logits, mode, generator=torch.Generator().manual_seed(seed), temperatures=temperatures,
+                        **kw, **extra)
+    return targets_from_arrays({k: v.numpy() for k, v in red.items()}, mode, teacher_logits.shape[1],
+                               temperatures=temperatures, **extra)
+
+
+def _both(h0, w0, targets, y, T, alpha, chunk=8, approximate=False):
     h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    ref = kd_loss(h1 @ w1.T, targets, y, temperature=T, alpha=alpha)
+    ref = kd_loss(h1 @ w1.T, targets, y, temperature=T, alpha=alpha, approximate=approximate)
     ref.total.backward()
     h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    got, correct = head_kd_loss(h2, w2, targets, y, temperature=T, alpha=alpha, chunk=chunk)
+    got, correct = head_kd_loss(h2, w2, targets, y, temperature=T, alpha=alpha, chunk=chunk, approximate=approximate)
     (got.total * 3.0).backward()  # a non-unit upstream gradient must scale both gradients
     assert correct == int(((h0 @ w0.T).argmax(1) == y).sum())
     return ref, got, (h1.grad, w1.grad), (h2.grad / 3.0, w2.grad / 3.0)
 
 
-@pytest.mark.parametrize("mode", ["full", "topk", "sample"])
-@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("mode", ["full", "topk", "sample", "priority"])
+@pytest.mark.parametrize("T,stored", [(1.0, True), (2.5, True), (2.5, False)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_fused_matches_autograd(mode, T, alpha):
+def test_fused_matches_autograd(mode, T, stored, alpha):
+    """At a stored T (sample and priority: unnormalised weights) and, for T = 2.5 on a cache storing T = 1 only,
+    with the approximation (self-normalised weights, uniform top-k tail)."""
     g = torch.Generator().manual_seed(1)
     h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.5
     teacher = torch.randn(N, V, generator=g) * 2.0
     y = torch.randint(0, V, (N,), generator=g)
-    ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, _targets(mode, teacher), y, T, alpha)
+    targets = _targets(mode, teacher, seed=11, temperatures=TEMPS if stored else (1.0,))
+    ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, targets, y, T, alpha, approximate=not stored)
     assert got.total.item() == pytest.approx(ref.total.item(), rel=1e-5, abs=1e-6)
     assert got.soft.item() == pytest.approx(ref.soft.item(), rel=1e-5, abs=1e-6)
     assert got.hard.item() == pytest.approx(ref.hard.item(), rel=1e-5, abs=1e-6)
@@ -142,7 +150,7 @@ def test_fold_applies_the_row_factor_itself_where_it_cannot_be_deferred():
     torch.testing.assert_close(scale[:, None] * g, want.scatter_(1, ids, vals))
 
 
-@pytest.mark.parametrize("mode", ["topk", "sample", "full"])
+@pytest.mark.parametrize("mode", ["topk", "sample", "full", "priority"])
 def test_bf16_products_stay_close_to_the_float32_loss(mode):
     """--precision bf16: the same loss and gradients to bfloat16's ~3 significant digits (not bit-exact)."""
     g = torch.Generator().manual_seed(5)

@@ -33,10 +33,10 @@ def logits(rows=6, C=40, seed=0, scale=3.0):
     return torch.randn(rows, C, generator=g, dtype=torch.float64).float() * scale
 
 
-def targets(mode, t_logits, **kw):
-    red = reduce_logits(t_logits, mode, **kw)
+def targets(mode, t_logits, temperatures=None, **kw):
+    red = reduce_logits(t_logits, mode, temperatures=temperatures, **kw)
     arrays = {k: v.numpy() for k, v in red.items()}
-    return targets_from_arrays(arrays, mode, t_logits.shape[1])
+    return targets_from_arrays(arrays, mode, t_logits.shape[1], temperatures=temperatures or (1.0,))
 
 
 @pytest.mark.parametrize("divergence", DIVS)
@@ -60,10 +60,13 @@ def test_jsd_hand_value():
 
 @pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("T", [1.0, 3.0])
-def test_topk_with_one_class_outside_is_exact(divergence, T):
-    # k = C - 1: the tail bucket is a single class, so the bucketed divergence is the full one at every T
+@pytest.mark.parametrize("stored", [True, False])
+def test_topk_with_one_class_outside_is_exact(divergence, T, stored):
+    # k = C - 1: the tail bucket is a single class, so the bucketed divergence is the full one at every T, from the
+    # stored tempered tail mass and (a uniform spread over one class being exact) from the approximation alike
     t, s = logits(C=12, seed=3), logits(C=12, seed=4)
-    got = soft_kl(s, targets("topk", t, top_k=11), T, divergence)
+    tg = targets("topk", t, top_k=11, temperatures=(T,) if stored else None)
+    got = soft_kl(s, tg, T, divergence, approximate=not stored)
     assert torch.allclose(got, reference(t, s, T, divergence).float(), atol=3e-3, rtol=3e-3)
 
 
@@ -112,13 +115,15 @@ def test_sample_mode_gradient_is_unbiased_at_T1(divergence):
 
 @pytest.mark.parametrize("divergence", DIVS)
 def test_sample_mode_is_consistent_at_T_not_1(divergence):
-    # T != 1 reweights the draws by p^(1/T - 1), self-normalised: biased by O(1/S), consistent. R sets of S = 2000
-    # draws: the mean must be within 5 standard errors (+ 0.01 for the O(1/S) bias) of the full value.
+    # The approximation at a T the cache does not store (approximate=True) reweights the draws by p^(1/T - 1),
+    # self-normalised: biased by O(1/S), consistent. R sets of S = 2000 draws: the mean must be within 5 standard
+    # errors (+ 0.01 for the O(1/S) bias) of the full value. (Stored T: tests/test_sparse_temperatures.py.)
     R, S, C = 200, 2000, 25
     t = logits(rows=1, C=C, seed=11, scale=1.5)
     s = logits(rows=1, C=C, seed=12, scale=1.5)
     g = torch.Generator().manual_seed(2)
-    est = soft_kl(s.expand(R, C), targets("sample", t.expand(R, C), samples=S, generator=g), 2.0, divergence).double()
+    est = soft_kl(s.expand(R, C), targets("sample", t.expand(R, C), samples=S, generator=g), 2.0, divergence,
+                  approximate=True).double()
     full = reference(t, s, 2.0, divergence).item()
     se = est.std().item() / math.sqrt(R)
     assert abs(est.mean().item() - full) < 5 * se + 0.01, (est.mean().item(), full, se)

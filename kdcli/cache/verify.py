@@ -4,7 +4,9 @@
 checks each shard's datasets (names, dtypes, shapes, row ranges), that rows are covered exactly once and in order
 (``row_index`` continuity, ``sample_index`` = row mod samples), that values are finite and log-probabilities
 normalise (``full``: logsumexp over the classes ~ 0; ``topk``: logsumexp(top-k log-probs ∪ tail log-mass) ~ 0;
-``sample``: counts add up to the draws), and that the view-0 row hashes reproduce the data fingerprint recorded
+``sample``: counts add up to the draws; ``priority``: the kept mass is at most 1), that the per-temperature
+statistics are possible (a tempered tail mass <= 1 and, for T > 1, at least the T = 1 tail mass; log Z_T between
+0 and (1 - 1/T) log C), and that the view-0 row hashes reproduce the data fingerprint recorded
 in the manifest. With ``data`` it also checks every row hash against that dataset. Problems are collected per
 shard, never raised one by one: the report says everything that is wrong.
 
@@ -28,7 +30,8 @@ import numpy as np
 
 from kdcli.cache.atomic import PARTIAL
 from kdcli.cache.lock import LOCK
-from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
+from kdcli.cache.manifest import (MODE_KEYS, RANK_MANIFEST_GLOB, STAT_DTYPE_NAMES, STAT_KEYS, read_manifest,
+                                  shard_name, stat_temperatures)
 from kdcli.errors import CacheError
 
 NORM_TOL = 1e-2
@@ -38,8 +41,6 @@ the total mass by at most entropy * 2^-12 (< 3e-3 for a 50k vocabulary); anythin
 CHUNK_ELEMENTS = 1 << 22  # values per read while verifying: memory stays flat whatever the shard size
 
 ROW_DTYPES = {"row_index": np.int64, "sample_index": np.int64, "row_hash": np.uint64}
-MODE_KEYS = {"full": ("logprobs",), "topk": ("topk_ids", "topk_logprobs", "tail_logmass"),
-             "sample": ("sample_ids", "sample_counts", "sample_logprobs")}
 
 
 @dataclass
@@ -158,6 +159,72 @@ def _topk_problems(ids, lp, tail, num_classes: int, where) -> list[str]:
     return out
 
 
+def _priority_problems(ids, lp, log_tau, num_classes: int, where) -> list[str]:
+    """Kept ids in range and distinct, log-probs <= 0 (-inf: a class of probability 0, kept only when fewer than K
+    have any), sorted largest first, kept mass <= 1; log tau not NaN and not +inf."""
+    out = []
+    if ids.size and int(ids.max()) >= num_classes:
+        out.append(f"priority_ids has id {int(ids.max())} >= {num_classes} classes at "
+                   f"{where(_first(ids >= num_classes))}")
+    if ids.shape[-1] > 1:
+        srt = np.sort(ids.astype(np.int64), axis=-1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=-1)
+        if dup.any():
+            out.append(f"priority_ids repeats an id at {where(int(np.flatnonzero(dup)[0]))}")
+    bad = np.isnan(lp) | (lp > 0) | (lp == np.inf)
+    if bad.any():
+        return out + [f"priority_logprobs has NaN or a positive log-probability at {where(_first(bad))}"]
+    with np.errstate(invalid="ignore"):
+        unsorted = np.diff(lp, axis=-1) > 0 if lp.shape[-1] > 1 else np.zeros((len(lp), 1), bool)
+    if unsorted.any():
+        out.append(f"priority_logprobs are not sorted (largest first) at {where(_first(unsorted))}")
+    over = _lse(lp) > NORM_TOL
+    if over.any():
+        out.append(f"priority_logprobs hold more than all the probability mass at {where(_first(over))}")
+    t = np.asarray(log_tau, dtype=np.float32)
+    if (np.isnan(t) | (t == np.inf)).any():
+        out.append(f"priority_tau is NaN or +inf at {where(_first(np.isnan(t) | (t == np.inf)))}")
+    return out
+
+
+def _stat_problems(manifest: dict, key: str, stats: np.ndarray, tail: np.ndarray | None, num_classes: int,
+                   where) -> list[str]:
+    """The per-temperature statistics must be possible values: ``tail_logmass_t`` <= 0 and, at T > 1, >= the T = 1
+    tail (tempering never moves mass into the top k; <= at T < 1); ``*_logz_t`` between 0 and (1 - 1/T) log C
+    (Z_T = sum p^(1/T) is 1 for a one-hot p and C^(1 - 1/T) for a uniform one)."""
+    ts = stat_temperatures(manifest.get("temperatures"))
+    x = np.asarray(stats, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != len(ts):
+        return [f"{key} has shape {x.shape}, expected (rows, {len(ts)}) for T = {', '.join(f'{t:g}' for t in ts)}"]
+    if np.isnan(x).any():
+        return [f"{key} has NaN at {where(_first(np.isnan(x)))}"]
+    if key == "tail_logmass_t":
+        slack = NORM_TOL + 2.0 ** -10 * np.abs(np.where(np.isfinite(x), x, 0))  # float16 rounding
+        bad = x > slack
+        if tail is not None:
+            t1 = np.asarray(tail, dtype=np.float32)[:, None]
+            with np.errstate(invalid="ignore"):
+                off = np.where(np.asarray(ts)[None, :] > 1, x < t1 - slack, x > t1 + slack)
+            bad |= off & np.isfinite(t1)
+        if bad.any():
+            i = _first(bad)
+            j = int(np.flatnonzero(bad[i])[0])
+            t1 = f"{float(tail[i]):+.4f}" if tail is not None else "not stored"
+            return [f"{key} is not a possible tempered tail mass at {where(i)} (log {float(x[i, j]):+.4f} at "
+                    f"T = {ts[j]:g}; log tail at T = 1: {t1})"]
+        return []
+    lo = np.minimum(0.0, (1 - 1 / np.asarray(ts)) * np.log(num_classes))[None, :] - NORM_TOL
+    hi = np.maximum(0.0, (1 - 1 / np.asarray(ts)) * np.log(num_classes))[None, :] + NORM_TOL
+    with np.errstate(invalid="ignore"):
+        bad = ~((x >= lo) & (x <= hi))
+    if bad.any():
+        i = _first(bad)
+        j = int(np.flatnonzero(bad[i])[0])
+        return [f"{key} = {float(x[i, j]):.4f} at {where(i)} is outside [{float(lo[0, j]):.3f}, "
+                f"{float(hi[0, j]):.3f}], the possible log Z_T at T = {ts[j]:g} for {num_classes} classes"]
+    return []
+
+
 def block_problems(manifest: dict, arrays: dict[str, np.ndarray], row_start: int,
                    token_rows: np.ndarray | None = None) -> list[str]:
     """Problems in the rows ``[row_start, row_start + n)`` of a cache (empty list: the block looks right).
@@ -228,6 +295,12 @@ def block_problems(manifest: dict, arrays: dict[str, np.ndarray], row_start: int
             out.append(f"sample_ids are not distinct and ascending at "
                        f"{where(_first(both & (i64[:, 1:] <= i64[:, :-1])))}")
         out += _logprob_problems("sample_logprobs", lp, where, valid=used)
+    elif mode == "priority":
+        out += _priority_problems(arrays["priority_ids"], _f32(arrays["priority_logprobs"]), arrays["priority_tau"],
+                                  num_classes, where)
+    stat_key = STAT_KEYS.get(mode)
+    if stat_key in arrays:
+        out += _stat_problems(manifest, stat_key, arrays[stat_key], arrays.get("tail_logmass"), num_classes, where)
     if "target_logprobs" in arrays:
         out += _logprob_problems("target_logprobs", arrays["target_logprobs"], where)
     return out
@@ -255,6 +328,14 @@ def _expected_datasets(m: dict) -> dict[str, tuple[np.dtype | None, tuple | None
         out["sample_ids"] = (id_dt, (s,))
         out["sample_counts"] = (np.dtype(m.get("count_dtype") or np.uint16), (s,))
         out["sample_logprobs"] = (f16, (s,))
+    elif mode == "priority":
+        out["priority_ids"] = (id_dt, (s,))
+        out["priority_logprobs"] = (f16, (s,))
+        out["priority_tau"] = (np.dtype(m.get("tau_dtype") or np.float32), ())
+    stats = stat_temperatures(m.get("temperatures"))
+    if mode in STAT_KEYS and stats:
+        key = STAT_KEYS[mode]
+        out[key] = (np.dtype(m.get("stat_dtype") or STAT_DTYPE_NAMES[key]), (len(stats),))
     if token:
         out["target_logprobs"] = (f16, ())
     return out

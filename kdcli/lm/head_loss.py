@@ -10,11 +10,13 @@ backward pass is two small multiplications. It is exact: the same value and grad
 
 Gradients with respect to the logits z (s = z / T, q = softmax(s), N predicted tokens):
 
-- soft term ``alpha * T^2 * KL(p || q) / N`` (forward KL only) is ``alpha * T / N * (q - p~)``, where p~ is the
-  teacher distribution the mode defines: ``full`` the softmax of the cached log-probs at T; ``sample`` the
-  self-normalised draw weights on the drawn ids, 0 elsewhere; ``topk`` the bucket probability on each of the k ids
+- soft term ``alpha * T^2 * KL(p || q) / N`` (forward KL only) is ``alpha * T / N * (W q - p~)``, where p~ is the
+  teacher (estimate) the mode defines and W its total: ``full`` the softmax of the cached log-probs at T (W = 1);
+  ``sample`` and ``priority`` the weights of :func:`kdcli.losses.id_weights` on the stored ids, 0 elsewhere:
+  unnormalised (W = their row sum, an unbiased estimate of 1) at a stored T, self-normalised (W = 1) for ``sample``
+  at T = 1 and for the approximation at an unstored T; ``topk`` the bucket probability on each of the k ids
   and, on every other id m, the teacher's tail mass spread as the student spreads its own:
-  ``p_tail * q_m / q_tail``.
+  ``p_tail * q_m / q_tail`` (W = 1).
 - hard term ``(1 - alpha) * CE / N`` is ``(1 - alpha) / N * (softmax(z) - onehot(label))``.
 
 Reverse KL and JSD (and students whose output layer is not a plain ``hidden @ W.T``) use the autograd path.
@@ -28,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import LossParts, Targets, _div_rows, sample_weights, topk_bucket_logprobs
+from kdcli.losses import LossParts, Targets, _div_rows, id_weights, teacher_buckets
 
 TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
 
@@ -63,8 +65,8 @@ def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
 
 
 def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y: torch.Tensor | None, rows: slice,
-           T: float, c_soft: float, c_hard: float) -> tuple[torch.Tensor, torch.Tensor | None, float, float,
-                                                            torch.Tensor | None]:
+           T: float, c_soft: float, c_hard: float,
+           approximate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float, float, torch.Tensor | None]:
     """The gradient of the loss w.r.t. one chunk of logits z (c, V), the chunk's summed KL and CE, and for each row
     whether its label is the argmax (a label tied for the largest logit counts as hit).
 
@@ -107,7 +109,7 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
         soft_sum = float(torch.where(p > 0, p * (p_log - (s - lse[:, None])), torch.zeros_like(p)).sum())
         g, f = qT.mul_(mult).sub_(p, alpha=c_soft), None
     elif mode == "topk":
-        p_log = topk_bucket_logprobs(targets.id_logprobs[rows], targets.tail_logmass[rows], targets.num_classes, T)
+        p_log = teacher_buckets(targets.rows(rows), T, approximate)
         ids = targets.ids[rows]
         k = ids.shape[1]
         q_ids = qT.gather(1, ids)
@@ -132,13 +134,18 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
                 masked - (lse[tiny] + tail_log[tiny])[:, None])
             f[tiny] = 1.0
         g, f = _fold(qT, f, ids, mult * q_ids - c_soft * p_b[:, :k])
-    elif mode == "sample":
-        w, p_log, used, _ = sample_weights(targets.counts[rows], targets.id_logprobs[rows], T)
+    elif mode in ("sample", "priority"):
+        w, p_log, used, W = id_weights(targets.rows(rows), T, approximate)  # W: None where w sums to 1
         w = torch.where(used, w, torch.zeros_like(w))
         ids = targets.ids[rows]
         s_at = s.gather(1, ids) - lse[:, None]
         soft_sum = float(torch.where(used, w * (p_log - s_at), torch.zeros_like(w)).sum())
-        g, f = qT.scatter_add_(1, ids, -(c_soft / mult) * w), torch.full((c,), mult, dtype=z.dtype, device=z.device)
+        if W is None:
+            g, f = qT.scatter_add_(1, ids, -(c_soft / mult) * w), torch.full((c,), mult, dtype=z.dtype,
+                                                                              device=z.device)
+        else:  # unnormalised weights: q_T is multiplied by c_soft * W (+ c_hard when the softmax is shared)
+            f = c_soft * W + (c_hard if shared else 0.0)
+            g = qT.scatter_add_(1, ids, -(c_soft / f)[:, None] * w)
     else:
         raise ValueError(f"unknown target mode {mode!r}")
     if hard:
@@ -153,7 +160,7 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
 
 class _HeadKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, y, T, alpha, chunk, stats, bf16):  # noqa: D102 (see head_kd_loss)
+    def forward(ctx, h, weight, targets, y, T, alpha, chunk, stats, bf16, approximate):  # noqa: D102 (see head_kd_loss)
         n = h.shape[0]
         hf, wf = h.float(), weight.float()
         if bf16:  # the three products in bfloat16; softmax, loss and the gradients' sums over chunks in float32
@@ -175,7 +182,8 @@ class _HeadKD(torch.autograd.Function):
                 z = zbuf[:c].copy_(torch.matmul(hb[rows], wb.T, out=zb[:c]))
             else:
                 z = torch.matmul(hf[rows], wf.T, out=zbuf[:c])  # (c, V)
-            g, scale, s_sum, h_sum, hit = _chunk(z, [b[:c] for b in bufs], targets, y, rows, T, c_soft, c_hard)
+            g, scale, s_sum, h_sum, hit = _chunk(z, [b[:c] for b in bufs], targets, y, rows, T, c_soft, c_hard,
+                                                 approximate)
             if hit is not None:
                 correct += int(hit.sum())
             soft += s_sum
@@ -198,22 +206,23 @@ class _HeadKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None, None
 
 
 def head_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None,
-                 *, temperature: float, alpha: float, chunk: int = 128,
-                 precision: str = "fp32") -> tuple[LossParts, int]:
+                 *, temperature: float, alpha: float, chunk: int = 128, precision: str = "fp32",
+                 approximate: bool = False) -> tuple[LossParts, int]:
     """``kd_loss(hidden @ weight.T, targets, labels, ...)`` with forward KL, and the number of tokens whose argmax
     is the label, without keeping (N, V) logits: (N, d) hidden states at the predicted positions, (V, d) weight.
 
     ``precision="bf16"`` runs the three products (logits, and the gradients for the hidden states and the weight)
     in bfloat16 with float32 softmax, loss and sums over chunks: ~1.5x faster on CPUs with AVX512-BF16, not exact
-    (logits carry bfloat16's ~3 significant digits)."""
+    (logits carry bfloat16's ~3 significant digits). ``approximate``: as for :func:`~kdcli.losses.kd_loss` (sparse
+    targets at a temperature they do not store)."""
     stats: dict = {}
     with torch.autocast(hidden.device.type, enabled=False):  # the precision is chosen here, not by autocast
         total = _HeadKD.apply(hidden, weight, targets, labels, float(temperature), float(alpha), int(chunk), stats,
-                              precision == "bf16")
+                              precision == "bf16", bool(approximate))
     soft = total.new_tensor(stats["soft"] if targets is not None and alpha > 0 else 0.0)
     hard = total.new_tensor(stats["hard"] if labels is not None and alpha < 1 else 0.0)
     return LossParts(total=total, soft=soft, hard=hard), stats["correct"]
