@@ -51,10 +51,17 @@ class CacheConfig:
     teacher_args: dict = opt({}, "Keyword arguments for the teacher factory (KEY=VALUE, values parsed as YAML).",
                              repeat=True)
     mode: str | None = opt(None, "What to store per row: full (all classes), topk (K ids + log-probs + tail "
-                                 "log-mass) or sample (ids drawn from the teacher with counts). Default: topk "
-                                 "when --top-k is given, else full.", choices=("full", "topk", "sample"))
+                                 "log-mass), sample (ids drawn from the teacher with counts) or priority (priority "
+                                 "sampling: --samples ids without replacement + a threshold; less variance than "
+                                 "sample). Default: topk when --top-k is given, else full.",
+                           choices=("full", "topk", "sample", "priority"))
     top_k: int | None = opt(None, "K for --mode topk.", min=1)
-    samples: int = opt(16, "Draws per row for --mode sample.", min=1, max=65535)
+    samples: int = opt(16, "--mode sample: draws per row (stored as distinct ids + counts); --mode priority: ids kept "
+                           "per row.", min=1, max=65535)
+    temperatures: str = opt("1,2,4", "Temperatures at which a topk/sample/priority cache is exact (topk: the true "
+                                     "tempered tail mass) or unbiased (sample/priority: log Z_T), comma-separated; "
+                                     "1 is always included. train-student/eval at another T refuse unless "
+                                     "--approximate-temperature. Full caches are exact at every T.")
     views: int = opt(1, "Augmented views per sample, each cached with its augmentation parameters "
                         "(view 0 is the plain input).", min=1)
     augment: str | None = opt(None, "Augmentation for views >= 1, e.g. shift:2 (random pixel shift in "
@@ -106,6 +113,10 @@ class TrainConfig:
                              repeat=True)
     cache: str | None = opt(None, "Teacher cache directory. Without it the student trains on labels alone.")
     temperature: float = opt(4.0, "Softmax temperature T for the soft term.", gt=0.0)
+    approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
+                                               "store (see cache-teacher --temperatures): topk then assumes the "
+                                               "tail spread like the student's, sample/priority self-normalise the "
+                                               "draws -- biased, printed in the loss line.")
     alpha: float | None = opt(None, "Weight of the soft term: loss = alpha*T^2*KL(teacher_T || student_T) + "
                                     "(1-alpha)*CE(labels). Default 0.9 with --cache, 0 without.", min=0.0, max=1.0)
     epochs: int = opt(10, "Passes over the training rows.", min=1)
@@ -164,6 +175,10 @@ class EvalConfig:
     data: str = opt(help="Evaluation DATA, e.g. mnist:test.")
     cache: str | None = opt(None, "Teacher cache over the same DATA: adds agreement and KL to the teacher.")
     temperature: float = opt(1.0, "Temperature for the KL to the teacher.", gt=0.0)
+    approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
+                                               "store (see cache-teacher --temperatures): topk then assumes the "
+                                               "tail spread like the student's, sample/priority self-normalise the "
+                                               "draws -- biased, printed in the loss line.")
     batch_size: int = opt(1024, "Rows per forward pass.", min=1)
     device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
     json: bool = opt(False, "Print exactly one JSON document on stdout instead of a table.")

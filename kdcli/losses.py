@@ -195,7 +195,7 @@ def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 DIVERGENCES = ("forward", "reverse", "jsd")
 
 
-def _div_rows(p_log: torch.Tensor, q_log: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+def div_rows(p_log: torch.Tensor, q_log: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """Divergence per row between two normalised distributions given as log-probs (teacher p, student q)."""
     if divergence == "forward":
         return _kl_rows(p_log, q_log)
@@ -347,12 +347,12 @@ def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, 
     s_log = F.log_softmax(student_logits.float() / T, dim=-1)  # (b, C)
     if targets.mode == "full":
         p_log = F.log_softmax(targets.logprobs / T, dim=-1)
-        return _div_rows(p_log, s_log, divergence, beta)
+        return div_rows(p_log, s_log, divergence, beta)
     if targets.mode == "topk":
         p_log = teacher_buckets(targets, T, approximate)  # (b, k+1)
         s_top = torch.gather(s_log, 1, targets.ids)  # (b, k)
         s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
-        return _div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
+        return div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
     if targets.mode in ("sample", "priority"):
         w, p_log, used, _ = id_weights(targets, T, approximate)  # (b, S) weights and log p_T at each id
         s_at = torch.gather(s_log, 1, targets.ids)  # (b, S) log q_T at each id

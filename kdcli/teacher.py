@@ -106,8 +106,9 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     with ExitStack() as stack:
         manifest, kept = ctx.on_main(lambda: _open_cache(stack, out, job.plan, cfg.overwrite))
         if kept < 0:
-            log.info(f"cache {out} is complete and up to date ({num_rows:,} rows, {job.units(0, num_rows):,} "
-                     f"{job.unit}, same teacher, data and settings); nothing to do")
+            size = f"{num_rows:,} rows" + (f", {job.units(0, num_rows):,} {job.unit}" if job.unit != "rows" else "")
+            log.info(f"cache {out} is complete and up to date ({size}, same teacher, data and settings); nothing "
+                     "to do")
             return _summary(cfg, job, manifest, "up-to-date", 0, num_rows, 0, t0, device)
         todo = missing_shards(manifest)
         todo_rows = [(i * shard_size, min((i + 1) * shard_size, num_rows)) for i in todo]

@@ -36,12 +36,14 @@ from kdcli import crashpoints, distributed, log
 from kdcli.cache.atomic import atomic_write_bytes, is_disk_full, remove_partials
 from kdcli.cache.lock import DirLock
 from kdcli.cache.reader import CacheLoader
+from kdcli.cache.manifest import stored_temperatures
 from kdcli.config import TrainConfig, to_dict, write_yaml
 from kdcli.errors import UsageError
 from kdcli.losses import describe
 from kdcli.models import WEIGHTS, resolve_device, unpickling_problem
 from kdcli.precision import precision_context
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
+from kdcli.tasks.base import check_cache_temperature
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "TrainSummary", "apply_max_norm", "build_optimizer",
            "holdout", "label_batches", "precision_context", "schedule", "train_student"]
@@ -167,6 +169,8 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
                          "--nproc-per-node N -m kdcli train-student ...`, or drop --fsdp")
     task = pick_task(cfg.data)
     reader = task.open_cache(cfg.cache) if cfg.cache else None
+    if reader is not None and alpha > 0:
+        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature)
     job = task.train_job(cfg, alpha, reader)  # data loaded and checked against the cache; the student comes later
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -223,7 +227,10 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ctx.enabled and not cfg.fsdp else model
 
-    formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta)
+    formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta,
+                       mode=reader.mode if reader else None,
+                       temperatures=stored_temperatures(reader.manifest)["temperatures"] if reader else None,
+                       approximate=cfg.approximate_temperature)
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
     log.info(job.describe(train_samples, n_val) + f"; on {device}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
              f"batch {cfg.batch_size}"

@@ -25,15 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcli.cache.manifest import check_matches_data, read_manifest
+from kdcli.cache.manifest import check_matches_data, mode_keys, read_manifest
 from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
 
 ROW_KEYS = ("row_index", "sample_index", "row_hash")
 BLOCK_BYTES = 1 << 19  # one contiguous read
 SHUFFLE_BLOCKS = 16  # blocks whose rows are shuffled together
-MODE_KEYS = {"full": ("logprobs",), "topk": ("topk_ids", "topk_logprobs", "tail_logmass"),
-             "sample": ("sample_ids", "sample_counts", "sample_logprobs")}
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ class CacheReader:
     @property
     def keys(self) -> tuple[str, ...]:
         extra = ("aug_params",) if self.manifest.get("aug_param_names") else ()
-        return ROW_KEYS + extra + MODE_KEYS[self.mode]
+        return ROW_KEYS + extra + mode_keys(self.mode, self.manifest.get("temperatures"))
 
     def read_block(self, b: Block) -> dict[str, np.ndarray]:
         f = self._file(b.shard)

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcli.cache.manifest import mode_keys
 from kdcli.cache.reader import ROW_KEYS, CacheReader
 from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
 
-TOKEN_KEYS = {"full": ("logprobs", "target_logprobs"),
-              "topk": ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprobs"),
-              "sample": ("sample_ids", "sample_counts", "sample_logprobs", "target_logprobs")}
+
+
+def token_keys(mode: str, temperatures=None) -> tuple[str, ...]:
+    """The arrays a token cache stores per predicted token: the mode's (for its stored temperatures) and the
+    teacher's log-prob of the token that follows."""
+    return mode_keys(mode, temperatures) + ("target_logprobs",)
 
 
 class TokenCacheReader(CacheReader):
@@ -34,7 +38,7 @@ class TokenCacheReader(CacheReader):
 
     @property
     def token_keys(self) -> tuple[str, ...]:
-        return TOKEN_KEYS[self.mode]
+        return token_keys(self.mode, self.manifest.get("temperatures"))
 
     def read_block(self, b) -> dict[str, np.ndarray]:
         f = self._file(b.shard)

@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import LossParts, Targets, _div_rows, id_weights, teacher_buckets
+from kdcli.losses import LossParts, Targets, div_rows, id_weights, teacher_buckets
 
 TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
 
@@ -125,7 +125,7 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
             masked = s[tiny].scatter(1, ids[tiny], -math.inf)
             tail_log[tiny] = torch.logsumexp(masked, dim=1) - lse[tiny]
         s_buckets = torch.cat([s.gather(1, ids) - lse[:, None], tail_log[:, None]], dim=1)
-        soft_sum = float(_div_rows(p_log, s_buckets, "forward", 0.5).sum())
+        soft_sum = float(div_rows(p_log, s_buckets, "forward", 0.5).sum())
         p_b = p_log.exp()
         # every other id m: mult * q_m - c_soft * p_tail * q_m / q_tail = f * q_m
         f = mult - c_soft * p_b[:, k] / tail_log.exp()

@@ -28,7 +28,7 @@ from torch import nn
 
 from kdcli.compressed import finish_compressed, rebuild_compressed
 from kdcli.errors import UsageError
-from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, _transformers
+from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, transformers_module
 from kdcli.models import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
 from kdcli.plugins import call_factory, is_plugin_spec, load_factory
 
@@ -171,7 +171,7 @@ def _hf_weights_sha(p: Path) -> str | None:
 
 
 def _load_hf(spec: str) -> nn.Module:
-    tf = _transformers()
+    tf = transformers_module()
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"model not found: {spec}")
@@ -210,7 +210,7 @@ def _quiet_gguf():
 
 
 def hf_from_config(config: dict) -> nn.Module:
-    tf = _transformers()
+    tf = transformers_module()
     try:
         cfg_cls = tf.CONFIG_MAPPING[config["model_type"]]
     except KeyError:

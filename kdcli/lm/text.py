@@ -67,7 +67,7 @@ TOKENIZER_DIR = "tokenizer"  # inside a kdcli LM run dir
 
 # -- tokenizers --------------------------------------------------------------------------------------------------
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -82,7 +82,7 @@ def _transformers():
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer_cached(spec: str, mtime: float):
-    tf = _transformers()
+    tf = transformers_module()
     p = Path(spec)
     try:
         if p.is_dir() and (p / TOKENIZER_DIR).is_dir() and (p / "model.json").is_file():

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcli.cache.manifest import stored_temperatures, temperature_layout
 from kdcli.cache.reader import CacheReader
-from kdcli.losses import LossParts
+from kdcli.config import parse_temperatures
+from kdcli.errors import UsageError
+from kdcli.losses import LossParts, Targets, check_temperature, targets_from_arrays
 
 
 @dataclass
@@ -63,6 +66,34 @@ class TrainSummary:
     resumed_from_step: int
 
 
+SPARSE_MODES = ("topk", "sample", "priority")
+
+
+def temperature_plan(cfg, mode: str) -> tuple[tuple[float, ...] | None, dict, dict]:
+    """For ``cache-teacher``: (the temperatures a sparse cache stores statistics for, the manifest layout keys
+    recording them, the settings entry that makes them part of the cache's identity). Full caches are exact at
+    every T and record nothing (their manifests stay as they were)."""
+    if mode not in SPARSE_MODES:
+        return None, {}, {}
+    temps = parse_temperatures(cfg.temperatures)
+    return temps, temperature_layout(mode, temps), {"temperatures": list(temps)}
+
+
+def check_cache_temperature(reader: CacheReader, temperature: float, approximate: bool) -> None:
+    """Refuse (exit 2, naming the stored temperatures) a sparse cache at a T it cannot serve exactly/unbiased,
+    unless the documented approximation was asked for. Called before anything is written."""
+    stored = stored_temperatures(reader.manifest)["temperatures"]
+    try:
+        check_temperature(reader.mode, stored, temperature, approximate)
+    except UsageError as e:
+        raise UsageError(f"cache {reader.dir}: {e}") from None
+
+
+def cache_targets(reader: CacheReader, arrays: dict) -> Targets:
+    """The teacher targets of a batch read from ``reader`` (with the temperatures its manifest records)."""
+    return targets_from_arrays(arrays, reader.mode, reader.num_classes, **stored_temperatures(reader.manifest))
+
+
 class CacheJob(ABC):
     """One ``cache-teacher`` run of one task: built (data and teacher loaded, settings checked) by
     :meth:`Task.cache_job`; driven by :func:`kdcli.teacher.cache_teacher`."""
@@ -75,7 +106,7 @@ class CacheJob(ABC):
     batch_size: int  # rows per teacher pass; batches never cross a shard
     token_keys: frozenset[str] = frozenset()  # arrays stored per token (flattened), not per row
     unit: str = "rows"  # what the progress line counts
-    sampled: bool = False  # forward() draws (sample mode): seeded per batch from (seed, first row)
+    sampled: bool = False  # forward() draws (sample, priority): seeded per batch from (seed, first row)
 
     @abstractmethod
     def units(self, start: int, stop: int) -> int:

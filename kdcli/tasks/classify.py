@@ -25,10 +25,10 @@ from kdcli.cache.reduce import numpy_id_dtype, reduce_logits, storage_arrays
 from kdcli.cache.writer import resolve_compression
 from kdcli.data import LabelledData, load_data
 from kdcli.errors import CacheError, UsageError
-from kdcli.losses import LossParts, kd_loss, soft_kl, targets_from_arrays
+from kdcli.losses import kd_loss, soft_kl
 from kdcli.models import MODEL_JSON, build_model, is_run_dir, save_run_model, weight_bytes
 from kdcli.precision import precision_context
-from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
+from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_targets, temperature_plan
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -72,19 +72,21 @@ class ClassifyCacheJob(CacheJob):
             raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {data.num_classes} classes; use --mode "
                              "full")
         self.num_rows = data.n * cfg.views
-        self.shard_size, self.batch_size, self.sampled = cfg.shard_size, cfg.batch_size, mode == "sample"
+        self.shard_size, self.batch_size = cfg.shard_size, cfg.batch_size
+        self.sampled = mode in ("sample", "priority")
+        self.temperatures, temp_layout, temp_settings = temperature_plan(cfg, mode)
         settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
-                    "samples": cfg.samples if mode == "sample" else None, "views": cfg.views,
+                    "samples": cfg.samples if self.sampled else None, "views": cfg.views,
                     "augment": cfg.augment if cfg.views > 1 else None,
-                    "seed": cfg.seed if (cfg.views > 1 or mode == "sample") else None,
-                    "shard_size": cfg.shard_size, "dtype": cfg.dtype}
+                    "seed": cfg.seed if (cfg.views > 1 or self.sampled) else None,
+                    "shard_size": cfg.shard_size, "dtype": cfg.dtype, **temp_settings}
         layout = {"kind": "classification", "mode": mode, "num_classes": data.num_classes,
-                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if mode == "sample" else None,
+                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if self.sampled else None,
                   "logprob_dtype": "float16", "id_dtype": numpy_id_dtype(data.num_classes).name if mode != "full"
                   else None, "views": cfg.views, "augment": cfg.augment if cfg.views > 1 else None,
                   "aug_param_names": list(self.augment.param_names) if (self.augment and cfg.views > 1) else [],
                   "shard_size": cfg.shard_size,
-                  "compression": resolve_compression(cfg.compression, token=False, mode=mode)}
+                  "compression": resolve_compression(cfg.compression, token=False, mode=mode), **temp_layout}
         self.plan = new_manifest(teacher=self.info.identity(), data=data.identity(), settings=settings,
                                  layout=layout, num_rows=self.num_rows)
         self.params = augment_params(data.n, cfg.views, self.augment, cfg.seed)
@@ -111,7 +113,7 @@ class ClassifyCacheJob(CacheJob):
             x = x.pin_memory()  # a pinned source makes the copy below truly asynchronous
         logits = self.model(x.to(device, non_blocking=True))  # (b, num_classes)
         reduced = reduce_logits(logits, self.mode, top_k=self.cfg.top_k, samples=self.cfg.samples,
-                                generator=generator)
+                                generator=generator, temperatures=self.temperatures)
         reduced["nonfinite"] = ~torch.isfinite(logits).all(dim=1)  # (b,) checked on the host
         host = {"row_index": rows, "sample_index": samples.astype(np.int64), "row_hash": data.row_hash[samples]}
         if self.params is not None:
@@ -191,7 +193,7 @@ class ClassifyTrainJob(TrainJob):
         targets = None
         if self.reader is not None:
             check_row_hashes(batch, data, self.reader)
-            targets = targets_from_arrays(batch, self.reader.mode, self.reader.num_classes).to(device)
+            targets = cache_targets(self.reader, batch).to(device)
             if "aug_params" in batch:
                 x = self.augment.apply(x, torch.from_numpy(batch["aug_params"]))
         elif self.augment is not None:
@@ -201,7 +203,7 @@ class ClassifyTrainJob(TrainJob):
         with precision_context(cfg.precision, device):
             logits = net(x)  # (b, C)
         parts = kd_loss(logits.float(), targets, y, temperature=cfg.temperature, alpha=self.alpha,
-                        divergence=cfg.divergence, beta=cfg.jsd_beta)
+                        divergence=cfg.divergence, beta=cfg.jsd_beta, approximate=cfg.approximate_temperature)
         return parts, (logits.detach().argmax(dim=1) == y).sum(), len(y)
 
     def heldout_metrics(self, model, val_idx, device):
@@ -392,7 +394,7 @@ class ClassifyTask(Task):
             if not np.array_equal(rows["sample_index"], np.arange(data.n)) or not np.array_equal(
                     rows["row_hash"], data.row_hash):
                 raise CacheError(f"cache {cfg.cache} rows do not line up with {cfg.data}")
-            targets = targets_from_arrays(rows, reader.mode, reader.num_classes)
+            targets = cache_targets(reader, rows)
         bias_spec = parse_class_bias(cfg.class_bias, data.num_classes)
         fit_classes = [c for c, b in bias_spec.items() if b == "fit"]
         if cfg.bias_data and not fit_classes:
@@ -430,7 +432,7 @@ class ClassifyTask(Task):
             agreement = kl = None
             if targets is not None:
                 agreement = float((logits.argmax(1) == targets.top1()).float().mean())
-                kl = float(soft_kl(logits, targets, cfg.temperature).mean())
+                kl = float(soft_kl(logits, targets, cfg.temperature, approximate=cfg.approximate_temperature).mean())
             reports.append(ModelReport(
                 model=spec, num_samples=data.n, agreement=agreement, kl_to_teacher=kl,
                 num_parameters=info.num_parameters,

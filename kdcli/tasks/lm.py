@@ -37,17 +37,17 @@ from kdcli.cache.manifest import new_manifest
 from kdcli.cache.reduce import numpy_id_dtype, reduce_logits
 from kdcli.cache.writer import resolve_compression
 from kdcli.errors import CacheError, UsageError
-from kdcli.lm.cache import TOKEN_KEYS, TokenCacheReader
+from kdcli.lm.cache import TokenCacheReader, token_keys
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.lm.hf import BUILTIN_LMS, TinyTransformer, build_lm, default_tokenizer_spec, is_lm_run_dir, lm_logits, \
     read_lm_meta, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
-from kdcli.losses import LossParts, Targets, kd_loss, soft_kl, targets_from_arrays
+from kdcli.losses import LossParts, Targets, kd_loss, soft_kl
 from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
 from kdcli.precision import precision_context
-from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
+from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_targets, temperature_plan
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -161,8 +161,8 @@ def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, b
 
 def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor, targets: Targets | None,
                  labels: torch.Tensor, *, temperature: float, alpha: float, divergence: str = "forward",
-                 beta: float = 0.5, fused: bool = True, precision: str = "fp32",
-                 net=None) -> tuple[LossParts, torch.Tensor]:
+                 beta: float = 0.5, fused: bool = True, precision: str = "fp32", net=None,
+                 approximate: bool = False) -> tuple[LossParts, torch.Tensor]:
     """The training loss over the predicted positions ``idx`` of a (b, L) batch, and how many argmaxes hit the
     label (a tensor on the batch's device: no host sync).
 
@@ -177,11 +177,13 @@ def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch
         if fused and divergence == "forward" and isinstance(model, TinyTransformer):
             h = net(ids, hidden_only=True)  # (b, L, d)
             parts, correct = head_kd_loss(h.reshape(-1, h.shape[-1])[idx], model.head.weight, targets, labels,
-                                          temperature=temperature, alpha=alpha, precision=precision)
+                                          temperature=temperature, alpha=alpha, precision=precision,
+                                          approximate=approximate)
             return parts, torch.as_tensor(correct, device=ids.device)
         logits = lm_logits(model, ids, mask, call=net)
     sel = logits.reshape(-1, logits.shape[-1])[idx].float()  # (tokens, V)
-    parts = kd_loss(sel, targets, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
+    parts = kd_loss(sel, targets, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                    approximate=approximate)
     return parts, (sel.detach().argmax(-1) == labels).sum()
 
 
@@ -230,24 +232,28 @@ class TokenCacheJob(CacheJob):
         self.num_rows = data.n
         self.id_dtype = id_dtype = numpy_id_dtype(V)
         self.count_dtype = count_dtype = np.dtype(np.uint8) if cfg.samples <= 255 else np.dtype(np.uint16)
-        per_token = {"full": 2 * V, "topk": (id_dtype.itemsize + 2) * (cfg.top_k or 0) + 2,
-                     "sample": (id_dtype.itemsize + count_dtype.itemsize + 2) * cfg.samples}[mode] + 2
+        self.sampled = mode in ("sample", "priority")
+        self.temperatures, temp_layout, temp_settings = temperature_plan(cfg, mode)
+        n_stats = len(temp_layout.get("stat_temperatures") or ())
+        per_token = {"full": 2 * V, "topk": (id_dtype.itemsize + 2) * (cfg.top_k or 0) + 2 + 2 * n_stats,
+                     "sample": (id_dtype.itemsize + count_dtype.itemsize + 2) * cfg.samples + 4 * n_stats,
+                     "priority": (id_dtype.itemsize + 2) * cfg.samples + 4 + 4 * n_stats}[mode] + 2
         self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
         self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
         if self.batch_size < cfg.batch_size:
             log.info(f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
                      f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)")
-        self.sampled = mode == "sample"
-        self.token_keys = frozenset(TOKEN_KEYS[mode])
+        keys = token_keys(mode, self.temperatures)
+        self.token_keys = frozenset(keys)
         settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
-                    "samples": cfg.samples if mode == "sample" else None, "views": 1, "augment": None,
-                    "seed": cfg.seed if mode == "sample" else None, "shard_size": shard_size, "dtype": cfg.dtype,
-                    "teacher_prompt": teacher_prompt, **settings_obj.as_dict()}
+                    "samples": cfg.samples if self.sampled else None, "views": 1, "augment": None,
+                    "seed": cfg.seed if self.sampled else None, "shard_size": shard_size, "dtype": cfg.dtype,
+                    "teacher_prompt": teacher_prompt, **settings_obj.as_dict(), **temp_settings}
         layout = {"kind": "token", "mode": mode, "num_classes": V, "vocab_size": V,
-                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if mode == "sample" else None,
+                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if self.sampled else None,
                   "logprob_dtype": "float16", "id_dtype": id_dtype.name if mode != "full" else None,
                   "count_dtype": count_dtype.name if mode == "sample" else None,
-                  "tail_dtype": "float16" if mode == "topk" else None, "token_keys": list(TOKEN_KEYS[mode]),
+                  "tail_dtype": "float16" if mode == "topk" else None, "token_keys": list(keys), **temp_layout,
                   "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size,
                   "compression": resolve_compression(cfg.compression, token=True, mode=mode),
                   "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind}}
@@ -278,7 +284,8 @@ class TokenCacheJob(CacheJob):
         if sel.shape[-1] != self.V:
             raise CacheError(f"the teacher returned {sel.shape[-1]} logits per token, expected {self.V}")
         logp = torch.log_softmax(sel.float(), dim=-1)  # (tokens, V) fp32
-        reduced = reduce_logits(logp, self.mode, top_k=self.cfg.top_k, samples=self.cfg.samples, generator=generator)
+        reduced = reduce_logits(logp, self.mode, top_k=self.cfg.top_k, samples=self.cfg.samples, generator=generator,
+                                temperatures=self.temperatures)
         tgt = torch.from_numpy(targets).to(device)
         reduced["target_logprobs"] = logp.gather(1, tgt[:, None])[:, 0].to(torch.float16)
         # (rows,) a row is bad if any of its tokens is: summed per row on the device, read with the rest
@@ -381,12 +388,13 @@ class TokenTrainJob(TrainJob):
         targets = None
         if self.reader is not None:
             check_batch(batch, data, self.reader)
-            targets = targets_from_arrays(batch, self.reader.mode, self.V).to(device)
+            targets = cache_targets(self.reader, batch).to(device)
         y = torch.from_numpy(labels).to(device)
         parts, correct = student_loss(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
                                       torch.from_numpy(idx).to(device), targets, y, temperature=cfg.temperature,
                                       alpha=self.alpha, divergence=cfg.divergence, beta=cfg.jsd_beta,
-                                      precision=cfg.precision, net=net, fused=not cfg.fsdp)
+                                      precision=cfg.precision, net=net, fused=not cfg.fsdp,
+                                      approximate=cfg.approximate_temperature)
         return parts, correct, len(labels)
 
     def heldout_metrics(self, model, val_idx, device):
@@ -531,9 +539,10 @@ class TokenTask(Task):
                     correct += float((sel.argmax(-1) == y).sum())
                     tokens += len(y)
                     if reader is not None:
-                        targets = targets_from_arrays(cached(a), reader.mode, V).to(device)
+                        targets = cache_targets(reader, cached(a)).to(device)
                         agree += float((sel.argmax(-1) == targets.top1()).sum())
-                        kl += float(soft_kl(sel, targets, cfg.temperature).sum())
+                        kl += float(soft_kl(sel, targets, cfg.temperature,
+                                            approximate=cfg.approximate_temperature).sum())
             mean = nll / max(tokens, 1)
             reports.append(LMModelReport(
                 model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
