@@ -310,3 +310,18 @@ def test_bf16_precision_trains_float32_weights(lm, tmp_path, student_kind):
     assert all(v.dtype == torch.float32 for v in weights[1].values())
     diffs = [float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]]
     assert 0 < max(diffs) < 0.05
+
+
+@pytest.mark.parametrize("command", ["cache-teacher", "train-student"])
+def test_out_naming_a_file_is_a_usage_error_for_text_data_too(lm, tmp_path, command):
+    """Was exit 4 ("internal error ... please report it") for .jsonl data, 2 for classification data."""
+    target = tmp_path / "taken.txt"
+    target.write_text("not a directory\n")
+    common = ["--data", str(lm["text"]), "--out", str(target)]
+    args = ["--teacher", str(lm["teacher"]), "--max-length", "32", *common] if command == "cache-teacher" else \
+        ["--student", "transformer", *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
+         "--tokenizer", str(lm["tok"]), *common]
+    r = runner.invoke(app, [command, *args])
+    assert r.exit_code == 2, r.stderr
+    assert f"--out {target} exists and is not a directory" in r.stderr and "internal error" not in r.stderr
+    assert target.read_text() == "not a directory\n"  # untouched
