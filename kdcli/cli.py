@@ -29,6 +29,21 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _click_exception(name: str) -> type[Exception]:
+    """Click's exception class ``name`` (``UsageError``, ``ClickException``), found among the bases of the public
+    ``typer.BadParameter``. Typer < 0.26 re-exports click's own classes, Typer >= 0.26 those of its private vendored
+    copy (``typer._click``); kdcli names neither module, so it works with both (see tests/test_layering.py)."""
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == name:
+            return cls
+    raise ImportError(f"typer {typer.__version__}: typer.BadParameter has no base class {name}; kdcli needs a typer "
+                      "whose BadParameter derives from click's UsageError (pip install 'typer>=0.16')")
+
+
+USAGE_ERROR = _click_exception("UsageError")
+CLICK_EXCEPTION = _click_exception("ClickException")
+
+
 class OneLineErrors(typer.core.TyperGroup):
     """Click's usage errors (bad flag, wrong type) as one ``error:`` line and exit 2, like kdcli's own."""
 
@@ -37,16 +52,16 @@ class OneLineErrors(typer.core.TyperGroup):
             rv = super().main(args=args, prog_name=prog_name or "kdcli", complete_var=complete_var,
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
-        except typer._click.exceptions.UsageError as e:
+        except USAGE_ERROR as e:
             cmd = e.ctx.command_path if e.ctx is not None else "kdcli"
             _err(f"error: {e.format_message()} (see '{cmd} --help')")
             code = EXIT_USAGE
-        except typer._click.exceptions.Abort:
+        except typer.Abort:  # Ctrl-C / EOF while parsing
             _err("interrupted")
             code = EXIT_INTERRUPTED
         except typer.Exit as e:
             code = e.exit_code
-        except typer._click.exceptions.ClickException as e:
+        except CLICK_EXCEPTION as e:
             _err(f"error: {e.format_message()}")
             code = e.exit_code
         if standalone_mode:
@@ -54,8 +69,9 @@ class OneLineErrors(typer.core.TyperGroup):
         return code
 
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+# name: the program name CliRunner shows too (it would say "root"); python -m kdcli passes "kdcli" itself.
+app = typer.Typer(cls=OneLineErrors, name="kdcli", add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline knowledge distillation: run the teacher once, cache its log-probabilities, train "
                        "any number of students from the cache. " + EXIT_CODES_HELP)
 cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Inspect and check teacher caches.")
@@ -210,7 +226,7 @@ command(app, "eval", EvalConfig, _eval,
 
 @cache_app.command("verify", epilog="Example: kdcli cache verify cache/mnist --json")
 def cache_verify(
-    cache_dir: Annotated[Path, typer.Argument(show_default=False,
+    cache_dir: Annotated[Path, typer.Argument(show_default=False, metavar="CACHE_DIR",
                                               help="Cache directory (manifest.json + shard-*.h5).")],
     data: Annotated[Optional[str], typer.Option("--data", metavar="DATA", show_default=False,
                                                 help="Also check every row hash against DATA (classification "
