@@ -69,6 +69,32 @@ class OneLineErrors(typer.core.TyperGroup):
         return code
 
 
+class OneValuePerOption(typer.core.TyperCommand):
+    """Refuses an option given twice when it takes one value (``--cache a --cache b``), which click would silently
+    resolve to the last. Options that take several values (``--model``, ``--student-arg``) are repeatable."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:  # (shell completion parses half-typed lines: let it)
+            # The command's own parser, on a copy: it lists every option once per occurrence, in order, and only
+            # splits tokens (no values converted, no callbacks run). Its errors are the ones the real parse raises.
+            try:
+                _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            except USAGE_ERROR as e:  # e.g. "Option '--model' requires an argument": click leaves ctx out, and
+                e.ctx = e.ctx or ctx  # the hint would name 'kdcli --help' instead of this command's
+                raise
+            if not any(p.is_eager for p in order):  # --help (eager) wins, as it does alone
+                seen: dict[int, int] = {}
+                for p in order:
+                    seen[id(p)] = seen.get(id(p), 0) + 1
+                for p in order:
+                    if seen[id(p)] > 1 and p.param_type_name == "option" and not p.multiple:
+                        name, n = "/".join(p.opts + p.secondary_opts), seen[id(p)]
+                        what = "is a switch" if p.is_flag else "takes one value, and kdcli does not silently keep " \
+                                                               "the last"
+                        raise USAGE_ERROR(f"{name} given {n} times; it {what}: give it once", ctx=ctx)
+        return super().parse_args(ctx, args)
+
+
 # name: the program name CliRunner shows too (it would say "root"); python -m kdcli passes "kdcli" itself.
 app = typer.Typer(cls=OneLineErrors, name="kdcli", add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -173,7 +199,7 @@ def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], int 
     cmd.__annotations__ = {p.name: p.annotation for p in params}
     cmd.__doc__ = (cls.__doc__ or "").strip()
     cmd.__name__ = name.replace("-", "_")
-    target.command(name, epilog=epilog)(cmd)
+    target.command(name, cls=OneValuePerOption, epilog=epilog)(cmd)
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
@@ -224,7 +250,7 @@ command(app, "eval", EvalConfig, _eval,
         "--json")
 
 
-@cache_app.command("verify", epilog="Example: kdcli cache verify cache/mnist --json")
+@cache_app.command("verify", cls=OneValuePerOption, epilog="Example: kdcli cache verify cache/mnist --json")
 def cache_verify(
     cache_dir: Annotated[Path, typer.Argument(show_default=False, metavar="CACHE_DIR",
                                               help="Cache directory (manifest.json + shard-*.h5).")],

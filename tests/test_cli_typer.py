@@ -80,6 +80,7 @@ def test_version():
     (["cache", "verify"], "cache verify", r"Missing argument 'CACHE_DIR'"),
     (["cache", "verify", "a", "b"], "cache verify", r"unexpected extra argument(\(s\))? \(b\)"),
     (["cache", "nope"], "cache", r"No such command '?nope'?"),
+    (["eval", "--model"], "eval", r"Option '--model' requires an argument"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, where, pattern, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
