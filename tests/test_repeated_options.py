@@ -1,5 +1,6 @@
 """No silent last-wins: an option that takes one value, given twice, is an error (exit 2, one line naming it) on
 every command; options that take several values (list and KEY=VALUE fields: --model, --student-arg, ...) repeat.
+The same for keys: a YAML --config key, or a KEY of a KEY=VALUE option, given twice is an error too.
 
 Which options repeat is read from the config dataclasses (the schema: list and dict fields), not from click, and
 every option click knows is checked against it, so a new option is covered the day it is added. More cases, with
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import run_cli
 from kdcli.cli import app
-from kdcli.config import CacheConfig, EvalConfig, TrainConfig, field_type, fields_of
+from kdcli.config import CacheConfig, EvalConfig, TrainConfig, field_type, fields_of, read_yaml
 
 runner = CliRunner()
 CONFIGS = {"cache-teacher": CacheConfig, "train-student": TrainConfig, "eval": EvalConfig}
@@ -122,4 +123,40 @@ def test_a_real_process_refuses_a_repeated_cache(argv, tmp_path):
     assert p.stderr.splitlines() == [
         f"error: --cache given 2 times; it takes one value, and kdcli does not silently keep the last: give it once "
         f"(see 'kdcli {argv[0]} --help')"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the same rule for keys: in a YAML --config and inside a repeatable KEY=VALUE option --------------------------
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("epochs: 1\nlr: 0.1\nepochs: 2\n", "at line 3, column 1: key 'epochs' given twice (first at line 1)"),
+    ("student_args:\n  hidden: [8]\n  hidden: [16]\n", "at line 3, column 3: key 'hidden' given twice (first at "
+                                                       "line 2)"),
+    ("{epochs: 1, epochs: 2}\n", "at line 1, column 13: key 'epochs' given twice (first at line 1)"),
+])
+def test_a_yaml_key_given_twice_is_refused(yaml_text, message, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text)
+    r = runner.invoke(app, ["train-student", "--config", str(cfg), "--student", "mlp", "--data",
+                            str(tmp_path / "d.npz"), "--out", str(tmp_path / "out")])
+    assert (r.exit_code, r.stderr) == (2, f"error: malformed YAML in {cfg} {message}; give it once\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    """``<<: *base`` then an explicit key is YAML's own override, not a repetition."""
+    (tmp_path / "m.yaml").write_text("base: &b {epochs: 1, lr: 0.1}\n<<: *b\nepochs: 3\n")
+    assert read_yaml(tmp_path / "m.yaml") == {"base": {"epochs": 1, "lr": 0.1}, "epochs": 3, "lr": 0.1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-student", "--student", "mlp", "--student-arg", "hidden=[8]", "--student-arg", "hidden=[16]", "--data",
+      "d.npz", "--out", "o"], "error: --student-arg hidden=... given twice; give each KEY once"),
+    (["eval", "--model", "m", "--class-bias", "3=1.0", "--class-bias", "3=fit", "--data", "d.npz"],
+     "error: --class-bias 3=... given twice; give each KEY once"),
+])
+def test_a_key_given_twice_in_a_key_value_option_is_refused(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, argv)
+    assert (r.exit_code, r.stderr) == (2, message + "\n")
     assert list(tmp_path.iterdir()) == []
