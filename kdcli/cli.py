@@ -54,7 +54,10 @@ class OneLineErrors(typer.core.TyperGroup):
             code = rv if isinstance(rv, int) else 0
         except USAGE_ERROR as e:
             cmd = e.ctx.command_path if e.ctx is not None else "kdcli"
-            _err(f"error: {e.format_message()} (see '{cmd} --help')")
+            if type(e).__name__ == "NoArgsIsHelpError":  # `kdcli` / `kdcli cache` alone: the help, not an "error:"
+                _err(e.format_message())
+            else:
+                _err(f"error: {e.format_message()} (see '{cmd} --help')")
             code = EXIT_USAGE
         except typer.Abort:  # Ctrl-C / EOF while parsing
             _err("interrupted")

@@ -130,3 +130,12 @@ def test_a_real_process_reports_usage_errors_in_one_line(tmp_path):
     p = run_cli("--version", cwd=tmp_path)
     assert (p.returncode, p.stdout) == (0, f"kdcli {__version__}\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [[], ["cache"]])
+def test_a_group_alone_shows_its_help(argv):
+    r = runner.invoke(app, argv)
+    assert r.exit_code in (0, 2), r.output  # Click < 8.2: help on stdout, exit 0; since: on stderr, exit 2
+    shown = r.stdout + r.stderr
+    assert shown.startswith(f"Usage: kdcli {' '.join(argv)}".rstrip() + " [OPTIONS] COMMAND"), shown[:200]
+    assert "error:" not in shown and "Traceback" not in shown
