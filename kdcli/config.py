@@ -293,8 +293,30 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+class _OneValuePerKey(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (never executes code) that refuses a key given twice in one mapping, which PyYAML would
+    silently resolve to the last -- the YAML side of the CLI's no-last-wins rule (kdcli/cli.py)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                again = key in first
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first[key] + 1}); give it once",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Parse a YAML mapping with ``yaml.safe_load`` (never executes code)."""
+    """Parse a YAML mapping with ``yaml.SafeLoader`` (never executes code); a key given twice is an error."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -303,7 +325,7 @@ def read_yaml(path: str | Path) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read config file {p}: {e.__class__.__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_OneValuePerKey)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         loc = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -323,6 +345,8 @@ def parse_kv(items: list[str], key: str) -> dict:
         name, sep, raw = item.partition("=")
         if not sep or not name.strip():
             raise UsageError(f"--{key.replace('_', '-')} expects KEY=VALUE, got {item!r}")
+        if name.strip() in out:  # --student-arg hidden=[8] --student-arg hidden=[16]: no silent last-wins
+            raise UsageError(f"--{key.replace('_', '-')} {name.strip()}=... given twice; give each KEY once")
         try:
             out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
