@@ -267,8 +267,16 @@ def test_no_module_uses_another_modules_private_names():
                     "it where both can use it):\n  " + "\n  ".join(private), pytrace=False)
 
 
+# Private third-party names kdcli uses on purpose, each with why and what happens when it is gone.
+ALLOWED_PRIVATE = {
+    "torch._int_mm": "the int8 x int8 -> int32 matmul behind `compress --quantize int8-dynamic` (what PyTorch's own "
+                     "dynamic quantisation and torchao call); no public equivalent in torch 2.13. kdcli/compressed.py "
+                     "checks for it and falls back to the float product where a torch lacks it.",
+}
+
+
 def test_no_private_modules_of_third_party_packages():
-    private = analyse(read_package()).third_party_private
+    private = [p for p in analyse(read_package()).third_party_private if p.rpartition(": ")[2] not in ALLOWED_PRIVATE]
     if private:
         pytest.fail(f"{len(private)} use(s) of a third-party package's private module/name (they change or vanish "
                     "between releases; use the package's public API):\n  " + "\n  ".join(private), pytrace=False)
