@@ -100,6 +100,42 @@ def kl_text(x: float) -> str:
     return f"{max(x, 0.0):.4f}"
 
 
+def human_seconds(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
+    """The compression report's rows (size, speed, the change in accuracy), each model against the first one.
+
+    Each model after the first says how many times smaller/larger and faster/slower it is than the first --model
+    (the teacher, in a teacher -> student -> compressed comparison); rows whose values every model lacks (no files, --latency-repeats 0) are left out.
+    """
+    first = models[0]
+    SPEED = ("faster", "slower")
+
+    def ratio(a, b, words, m):
+        if m is first or not a or not b:
+            return ""
+        return f" ({a / b:.2f}× {words[0]})" if a >= b else f" ({b / a:.2f}× {words[1]})"
+
+    rows: list[tuple[str, Any]] = [("non-zero parameters", lambda m: f"{m.nonzero_parameters:,}")]
+    if any(m.bytes_on_disk is not None for m in models):
+        rows.append(("bytes on disk", lambda m: "-" if m.bytes_on_disk is None else
+                     human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, ("smaller", "larger"), m)))
+    if any(m.latency_batch1_s is not None for m in models):
+        rows.append(("latency/row, batch 1", lambda m: human_seconds(m.latency_batch1_s)
+                     + ratio(first.latency_batch1_s, m.latency_batch1_s, SPEED, m)))
+        if any(m.latency_batch_size != 1 for m in models):
+            rows.append((f"latency/row, batch {first.latency_batch_size:,}",
+                         lambda m: human_seconds(m.latency_batch_s)
+                         + ratio(first.latency_batch_s, m.latency_batch_s, SPEED, m)))
+    if len(models) > 1:
+        rows.append((f"{accuracy_name} Δ vs first", lambda m: f"{m.accuracy - first.accuracy:+.4f}"))
+    return rows
+
+
 def render_eval(r: EvalReport | LMEvalReport) -> Table:
     if isinstance(r, LMEvalReport):
         return render_lm_eval(r)
@@ -127,7 +163,8 @@ def render_eval(r: EvalReport | LMEvalReport) -> Table:
     if r.cache:
         fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
                 (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: human_bytes(m.weight_bytes)),
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, "accuracy"),
+            ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
             ("samples/s", lambda m: f"{m.samples_per_second:,.0f}")]
     for name, f in fmt:
         t.add_row(name, *[f(m) for m in r.models])
@@ -166,7 +203,8 @@ def render_lm_eval(r: LMEvalReport) -> Table:
     if r.cache:
         fmt += [("top-1 agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
                 (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: human_bytes(m.weight_bytes)),
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, "next-token accuracy"),
+            ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
             ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}")]
     for name, f in fmt:
         t.add_row(name, *[f(m) for m in r.models])
