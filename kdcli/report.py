@@ -136,15 +136,18 @@ def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
     return rows
 
 
+def column_names(models: list) -> list[str]:
+    """One column per model: its folder or file name, or the whole spec when two names would be the same."""
+    names = [Path(m.model).name or m.model for m in models]
+    return [m.model for m in models] if len(set(names)) < len(names) else names
+
+
 def render_eval(r: EvalReport | LMEvalReport) -> Table:
     if isinstance(r, LMEvalReport):
         return render_lm_eval(r)
     t = Table(title=f"eval on {r.data} ({r.models[0].num_samples:,} rows)", title_justify="left")
     t.add_column("metric", style="bold")
-    names = [Path(m.model).name or m.model for m in r.models]
-    if len(set(names)) < len(names):  # two runs with the same folder name: show the paths
-        names = [m.model for m in r.models]
-    for name in names:
+    for name in column_names(r.models):
         t.add_column(name, justify="right", overflow="fold")
     fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
            ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
@@ -196,8 +199,8 @@ def render_lm_eval(r: LMEvalReport) -> Table:
     t = Table(title=f"eval on {r.data} ({r.num_sequences:,} sequences, {r.num_tokens:,} predicted tokens)",
               title_justify="left")
     t.add_column("metric", style="bold")
-    for m in r.models:
-        t.add_column(m.model, justify="right", overflow="fold")
+    for name in column_names(r.models):
+        t.add_column(name, justify="right", overflow="fold")
     fmt = [("perplexity", lambda m: f"{m.perplexity:.3f}"), ("NLL / token", lambda m: f"{m.nll:.4f}"),
            ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
     if r.cache:

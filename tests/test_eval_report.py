@@ -90,7 +90,10 @@ def test_classifier_report_fields(runs):
     assert int8["agreement"] > 0.9 and int8["kl_to_teacher"] > 0
 
 
-def test_table_shows_the_comparison_against_the_first_model(runs):
+def test_table_shows_the_comparison_against_the_first_model(runs, monkeypatch):
+    from kdcli import report
+
+    monkeypatch.setattr(report.out_console, "width", 200)  # no wrapped cells
     r = runner.invoke(app, ["eval", "--model", str(runs / "student"), "--model", str(runs / "pq"), "--data",
                             str(runs / "blobs.npz"), "--batch-size", "64", "--latency-repeats", "1"])
     assert r.exit_code == 0, r.stderr
@@ -114,7 +117,8 @@ def test_builtin_model_with_weights_file_counts_the_file(runs, tmp_path):
     assert rep["models"][0]["bytes_on_disk"] == weights.stat().st_size
 
 
-def test_lm_report_fields(tmp_path):
+def test_lm_report_fields(tmp_path, monkeypatch):
+    from kdcli import report
     from lm_helpers import make_tokenizer, text_rows, write_jsonl
 
     tok = make_tokenizer(tmp_path / "tok")
@@ -135,6 +139,13 @@ def test_lm_report_fields(tmp_path):
         assert m["bytes_on_disk"] == model_file_bytes(tmp_path / name) + tokenizer_bytes
     assert small["nonzero_parameters"] < full["nonzero_parameters"] and small["bytes_on_disk"] < full["bytes_on_disk"]
     assert np.isfinite(small["perplexity"])
+    monkeypatch.setattr(report.out_console, "width", 200)  # no wrapped cells
+    r = runner.invoke(app, ["eval", "--model", str(tmp_path / "lm"), "--model", str(tmp_path / "lm8"), "--data",
+                            str(text), "--batch-size", "4"])
+    assert r.exit_code == 0, r.stderr
+    for row in ("non-zero parameters", "bytes on disk", "× smaller", "latency/row, batch 1", "latency/row, batch 4",
+                "next-token accuracy Δ vs first"):
+        assert row in r.stdout, row
 
 
 def test_latency_reuses_the_eval_pass_timings_and_tops_up_small_sets():
