@@ -109,28 +109,29 @@ def human_seconds(s: float) -> str:
 def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
     """The compression report's rows (size, speed, the change in accuracy), each model against the first one.
 
-    Each model after the first says how many times smaller/larger and faster/slower it is than the first --model
-    (the teacher, in a teacher -> student -> compressed comparison); rows whose values every model lacks (no files, --latency-repeats 0) are left out.
+    Each model after the first shows in brackets how many times smaller (bytes) or faster (latency) it is than the
+    first --model (the teacher, in a teacher -> student -> compressed comparison): below 1 means larger / slower.
+    Rows whose values every model lacks (no files, --latency-repeats 0) are left out.
     """
     first = models[0]
-    SPEED = ("faster", "slower")
 
-    def ratio(a, b, words, m):
+    def ratio(a, b, m):
         if m is first or not a or not b:
             return ""
-        return f" ({a / b:.2f}× {words[0]})" if a >= b else f" ({b / a:.2f}× {words[1]})"
+        r = a / b
+        return f" ({r:.2f}×)" if r < 10 else f" ({r:.1f}×)" if r < 100 else f" ({r:,.0f}×)"
 
     rows: list[tuple[str, Any]] = [("non-zero parameters", lambda m: f"{m.nonzero_parameters:,}")]
     if any(m.bytes_on_disk is not None for m in models):
-        rows.append(("bytes on disk", lambda m: "-" if m.bytes_on_disk is None else
-                     human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, ("smaller", "larger"), m)))
+        rows.append(("bytes on disk (× smaller)", lambda m: "-" if m.bytes_on_disk is None else
+                     human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, m)))
     if any(m.latency_batch1_s is not None for m in models):
-        rows.append(("latency/row, batch 1", lambda m: human_seconds(m.latency_batch1_s)
-                     + ratio(first.latency_batch1_s, m.latency_batch1_s, SPEED, m)))
+        rows.append(("latency/row, batch 1 (× faster)", lambda m: human_seconds(m.latency_batch1_s)
+                     + ratio(first.latency_batch1_s, m.latency_batch1_s, m)))
         if any(m.latency_batch_size != 1 for m in models):
-            rows.append((f"latency/row, batch {first.latency_batch_size:,}",
-                         lambda m: human_seconds(m.latency_batch_s)
-                         + ratio(first.latency_batch_s, m.latency_batch_s, SPEED, m)))
+            rows.append((f"latency/row, batch {first.latency_batch_size:,} (× faster)",
+                         lambda m: human_seconds(m.latency_batch_s) + ratio(first.latency_batch_s, m.latency_batch_s,
+                                                                              m)))
     if len(models) > 1:
         rows.append((f"{accuracy_name} Δ vs first", lambda m: f"{m.accuracy - first.accuracy:+.4f}"))
     return rows

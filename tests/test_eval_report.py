@@ -98,8 +98,10 @@ def test_table_shows_the_comparison_against_the_first_model(runs, monkeypatch):
                             str(runs / "blobs.npz"), "--batch-size", "64", "--latency-repeats", "1"])
     assert r.exit_code == 0, r.stderr
     for row in ("non-zero parameters", "bytes on disk", "latency/row, batch 1", "latency/row, batch 64",
-                "accuracy Δ vs first", "× smaller"):
+                "accuracy Δ vs first", "bytes on disk (× smaller)"):
         assert row in r.stdout, row
+    ratio = model_file_bytes(runs / "student") / model_file_bytes(runs / "pq")
+    assert f"({ratio:.2f}×)" in r.stdout  # the compressed run's size against the first model's
 
 
 def test_latency_repeats_0_skips_latency(runs):
@@ -143,7 +145,7 @@ def test_lm_report_fields(tmp_path, monkeypatch):
     r = runner.invoke(app, ["eval", "--model", str(tmp_path / "lm"), "--model", str(tmp_path / "lm8"), "--data",
                             str(text), "--batch-size", "4"])
     assert r.exit_code == 0, r.stderr
-    for row in ("non-zero parameters", "bytes on disk", "× smaller", "latency/row, batch 1", "latency/row, batch 4",
+    for row in ("non-zero parameters", "bytes on disk (× smaller)", "×)", "latency/row, batch 1", "latency/row, batch 4",
                 "next-token accuracy Δ vs first"):
         assert row in r.stdout, row
 

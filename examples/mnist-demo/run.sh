@@ -28,6 +28,7 @@ else
   T_EPOCHS=8; S_EPOCHS=30; F_EPOCHS=5
 fi
 mkdir -p "$OUT"
+[ -t 1 ] || export COLUMNS="${COLUMNS:-130}"  # stdout to a file or pipe: room for the 5-model table (rich's default 80)
 STUDENT=(--student mlp --student-arg "hidden=[128]" --data "$TRANSFER" --epochs "$S_EPOCHS" --seed 0)
 
 kdcli train-student --student mlp --student-arg "hidden=[1200,1200]" --student-arg dropout=0.3 \
