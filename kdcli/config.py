@@ -199,6 +199,10 @@ class EvalConfig:
                                        "training setting.", min=2)
     chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE; default: the "
                                           "first model's recorded one, else its tokenizer's own.")
+    latency_repeats: int = opt(1, "Latency per row at batch 1 and at --batch-size (LM: the eval batch, at most 16 "
+                                  "sequences): the median of at least N timed forward passes per batch size, after "
+                                  "a warm-up (the eval pass's own full batches count, so a large eval set costs no "
+                                  "extra pass). More repeats steady the numbers; 0 skips the measurement.", min=0)
 
 
 @dataclass

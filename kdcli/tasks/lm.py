@@ -47,7 +47,8 @@ from kdcli.losses import LossParts, Targets, kd_loss, soft_kl
 from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
 from kdcli.precision import precision_context
-from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_targets, temperature_plan
+from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_targets, size_and_speed, \
+    temperature_plan
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -437,6 +438,13 @@ class LMModelReport:
     num_parameters: int
     weight_bytes: int
     tokens_per_second: float
+    # the compression report, as in ModelReport; a row is a sequence of the eval data's first batch (padded to its
+    # longest), latency_batch_size of them at most 16
+    nonzero_parameters: int | None = None
+    bytes_on_disk: int | None = None
+    latency_batch_size: int | None = None
+    latency_batch1_s: float | None = None
+    latency_batch_s: float | None = None
 
 
 @dataclass
@@ -544,11 +552,17 @@ class TokenTask(Task):
                         kl += float(soft_kl(sel, targets, cfg.temperature,
                                             approximate=cfg.approximate_temperature).sum())
             mean = nll / max(tokens, 1)
+            # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
+            lat_ids, _ = pad_batch([data.ids[i] for i in range(min(bs, data.n))], pad_id)
+            stats = size_and_speed(model, spec if Path(spec).exists() else None, torch.from_numpy(lat_ids),
+                                   len(lat_ids), cfg.latency_repeats, forward=lambda m, ids: lm_logits(m, ids),
+                                   warm=True)
             reports.append(LMModelReport(
                 model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
                 accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
                 kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
-                weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9)))
+                weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
+                **stats))
         return LMEvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, num_sequences=data.n,
                             num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports, failures=[],
                             notes=data.notes)
