@@ -50,11 +50,12 @@ FILTERS = ("gzip", "lzf")
 
 def resolve_compression(requested: str, *, token: bool, mode: str) -> dict | None:
     """The manifest's ``compression`` entry for ``--compression requested`` (None: uncompressed). ``auto`` is gzip
-    for token-level (LM) ``topk``/``sample`` caches and none otherwise: full-vocabulary log-probs shrink ~33% with
-    gzip but decompress ~14x slower than an uncompressed read (measured), and classification rows are small."""
+    for token-level (LM) ``topk``/``sample``/``priority`` caches and none otherwise: full-vocabulary log-probs
+    shrink ~33% with gzip but decompress ~14x slower than an uncompressed read (measured), and classification rows
+    are small."""
     name = requested
     if requested == "auto":
-        name = "gzip" if token and mode in ("topk", "sample") else "none"
+        name = "gzip" if token and mode in ("topk", "sample", "priority") else "none"
     if name == "none":
         return None
     if name not in FILTERS:
