@@ -144,6 +144,7 @@ def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, 
     priority: K), None for full/topk; the table shows it beside B/row."""
     from rich.console import Console
 
+    from kdcli.cache.reader import mean_unique_ids
     from kdcli.report import render_cache
 
     def make(name, **kw):
@@ -157,6 +158,11 @@ def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, 
             counts.append((h["sample_counts"][()] > 0).sum(1))
     distinct = np.concatenate(counts)
     assert len(distinct) == s.num_rows and s.unique_ids == pytest.approx(distinct.mean()) and 1 <= s.unique_ids < 40
+    # the writer's per-shard count in the manifest and, for a cache without it, counting the column agree
+    m = read_manifest(tmp_path / "s")
+    assert sum(e["distinct_ids"] for e in m["shards"]) == distinct.sum()
+    older = {**m, "shards": [{k: v for k, v in e.items() if k != "distinct_ids"} for e in m["shards"]]}
+    assert mean_unique_ids(tmp_path / "s", older) == pytest.approx(distinct.mean())
     p = make("p", mode="priority", samples=3)
     assert p.unique_ids == 3.0
     assert make("f").unique_ids is None and make("t", top_k=2).unique_ids is None

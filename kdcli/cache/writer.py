@@ -263,6 +263,8 @@ class ShardWriter:
             nbytes, digest = write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n},
                                               self.manifest.get("compression"))
             entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": nbytes, "sha256": digest}
+            if "sample_counts" in arrays:  # distinct ids stored in this shard, for the summary (reader.mean_unique_ids)
+                entry["distinct_ids"] = int(np.count_nonzero(arrays["sample_counts"]))
             self.manifest["shards"].append(entry)
             self.manifest["shards"].sort(key=lambda s: s["row_start"])
             path = self.dir / self.manifest_name
