@@ -69,9 +69,10 @@ class CacheConfig:
     batch_size: int = opt(512, "Rows per teacher forward pass.", min=1)
     shard_size: int = opt(16384, "Rows per HDF5 shard.", min=1)
     compression: str = opt("auto", "Lossless shard compression (HDF5 filters: readers decompress transparently). "
-                                   "auto: gzip for token-level (LM) topk/sample caches (~25-40% smaller), none "
-                                   "otherwise (full log-probs decompress ~14x slower than they read; classification "
-                                   "caches are small); gzip: level 4 + byte shuffle, smallest; lzf: + shuffle, faster, "
+                                   "auto: gzip for token-level (LM) topk/sample/priority caches (~25-40% "
+                                   "smaller), none otherwise (full log-probs decompress ~14x slower than they read; "
+                                   "classification caches are small); gzip: level 4 + byte shuffle, smallest; lzf: "
+                                   "+ shuffle, faster, "
                                    "larger, needs h5py to read; none: uncompressed, fastest reads. An existing "
                                    "cache keeps its own (--overwrite re-writes it).",
                            choices=("auto", "gzip", "lzf", "none"))
@@ -149,6 +150,10 @@ class TrainConfig:
                             "whole model.")
     num_workers: int = opt(0, "DataLoader worker processes reading the cache (persistent; per process under "
                               "torchrun). 0: read in the training process.", min=0)
+    block_rows: int = opt(0, "Cache rows per contiguous read (block); the training order shuffles blocks, then rows "
+                             "within groups of blocks. 0: auto (about 512 KiB a block, so it depends on the cache "
+                             "mode). Give the same N to caches of different modes to train on the same batches.",
+                          min=0)
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).",
                                 min=0)
     resume: bool = opt(False, "Continue from the checkpoint in --out.")

@@ -59,7 +59,9 @@ def render_cache(s: CacheSummary) -> Table:
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("rows", f"{s.num_rows:,}"),
         ("computed / skipped", f"{s.rows_computed:,} / {s.rows_skipped:,}"), ("shards", str(s.num_shards)),
-        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"), ("compression", s.compression),
+        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row"
+                 + (f", {s.unique_ids:.1f} distinct ids/row" if s.unique_ids is not None else "") + ")"),
+        ("compression", s.compression),
         ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
         ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s)")])
 
@@ -69,8 +71,10 @@ def render_lm_cache(s: LMCacheSummary) -> Table:
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("sequences", f"{s.num_rows:,}"),
         ("predicted tokens", f"{s.num_tokens:,}"), ("shards", str(s.num_shards)),
-        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token, {s.full_fp16_ratio:,.0f}x smaller "
-                 f"than full fp16 log-probs over {s.vocab_size:,})"), ("compression", s.compression),
+        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token"
+                 + (f" for {s.unique_ids:.1f} distinct ids/token" if s.unique_ids is not None else "")
+                 + f", {s.full_fp16_ratio:,.0f}x smaller than full fp16 log-probs over {s.vocab_size:,})"),
+        ("compression", s.compression),
         ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
         ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s)")])
 

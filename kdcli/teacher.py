@@ -21,6 +21,7 @@ from kdcli.cache.lock import DirLock
 from kdcli.cache.manifest import (MANIFEST, RANK_MANIFEST_GLOB, contiguous_runs, merge_rank_manifests,
                                   missing_shards, plan_differences, rank_manifest_name, read_manifest, shard_name,
                                   split_contiguous, write_manifest)
+from kdcli.cache.reader import mean_unique_ids
 from kdcli.cache.reduce import HostCopy
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig
@@ -226,5 +227,6 @@ def _summary(cfg: CacheConfig, job: CacheJob, manifest: dict, status: str, compu
                         bytes=total_bytes, bytes_per_row=total_bytes / max(rows, 1), seconds=secs,
                         rows_per_second=computed / max(secs, 1e-9), teacher=cfg.teacher,
                         teacher_parameters=job.info.num_parameters, device=str(device),
-                        compression=compression_label(manifest.get("compression")))
+                        compression=compression_label(manifest.get("compression")),
+                        unique_ids=mean_unique_ids(cfg.out, manifest))
     return job.summary(base, manifest, computed_units)

@@ -241,7 +241,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
     loader = None
     if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
         loader = CacheLoader(reader, batch_size=cfg.batch_size, seed=cfg.seed, keep=keep if n_val else None,
-                             rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers)
+                             rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers,
+                             block_rows=cfg.block_rows or None)
     # loss, soft, hard (each times the batch's units), correct, since the last flush: summed on the device and
     # read back only at checkpoints and epoch ends, so a GPU never waits on the host inside an epoch
     pending = torch.zeros(4, dtype=torch.float64, device=device)
@@ -264,8 +265,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                 apply_max_norm(model, cfg.max_norm)
             acc["rows"] += len(batch["sample_index"])
             acc["units"] += units
-            pending += torch.stack([parts.total.detach().double() * units, parts.soft.detach().double() * units,
-                                    parts.hard.detach().double() * units, correct.double()])
+            # (the same float64 values as stacking each part.double() * units: fewer small ops per step)
+            pending[:3] += torch.stack([parts.total, parts.soft, parts.hard]).detach().double() * units
+            pending[3] += correct
             step_in_epoch += 1
             global_step += 1
             crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)

@@ -81,6 +81,9 @@ class CacheSummary:
     teacher_parameters: int
     device: str
     compression: str = "none"  # how the shards are stored (gzip-4+shuffle, lzf+shuffle, none)
+    # sample / priority caches: distinct teacher ids stored per row (per predicted token in a token cache), the
+    # mean over the cache (kdcli.cache.reader.mean_unique_ids); None for full and topk
+    unique_ids: float | None = None
 
 
 @dataclass
