@@ -224,7 +224,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                                                   sharded=cfg.fsdp)
     # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass (FSDP2
     # shards in place: the model is its own wrapper)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+    net = torch.nn.parallel.DistributedDataParallel(job.forward_module(model),
+                                                    device_ids=[device] if device.type == "cuda" else None) \
         if ctx.enabled and not cfg.fsdp else model
 
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta,
