@@ -93,6 +93,9 @@ def test_llama_student_run_dir_is_a_hugging_face_model_dir(ws):
     # kdcli's own eval reads it with no other flag than the data (its tokenizer is the run dir's)
     rep = evaluate(resolve(EvalConfig, None, {"model": [str(run)], "data": str(ws["data"]), "cache": str(ws["cache"])}))
     assert rep.models[0].kl_to_teacher > 0 and rep.models[0].num_parameters == s.student_parameters
+    # and without a cache: the tokenizer and text settings come from the run dir
+    alone = evaluate(resolve(EvalConfig, None, {"model": [str(run)], "data": str(ws["data"])}))
+    assert alone.models[0].perplexity == pytest.approx(rep.models[0].perplexity, rel=1e-6)
 
 
 def test_large_students_are_saved_in_shards_that_transformers_loads(ws, monkeypatch):

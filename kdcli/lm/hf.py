@@ -426,8 +426,8 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
     if layout == "kdcli" and is_hf_model(model) and not compression:
         layout = "hf"
         hf_config = model.config.to_dict()
+    _clear_hf_files(run_dir)  # an earlier run in this dir may have had another layout
     if layout != "kdcli":
-        _clear_hf_files(run_dir)
         stage = run_dir / ".hf-staging"
         shutil.rmtree(stage, ignore_errors=True)
         if layout == "adapter":
