@@ -338,3 +338,32 @@ def test_peft_without_the_package_names_the_extra(ws, tmp_path, monkeypatch):
                             str(ws["base"]), "--peft", "lora", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "kdcli[peft]" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_ddp_prompt_tuned_run_resumes_to_the_uninterrupted_adapter(ws):
+    """2 processes (gloo): the soft prompt is computed inside the DDP-wrapped forward (LMForward), so its gradient
+    is averaged over ranks; a run killed after step 3 resumes to the uninterrupted run's adapter, bit for bit."""
+    import subprocess
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcli"]
+    common = ["train-student", "--cache", ws["cache"], "--data", ws["data"], "--student", ws["base"], "--peft",
+              "prompt", "--peft-arg", "num_virtual_tokens=3", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2",
+              "--checkpoint-every", "2", "--seed", "4"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out, extra_env=None):
+        return subprocess.run([*torchrun, *map(str, common), "--out", str(out)], capture_output=True, text=True,
+                              env={**env, **(extra_env or {})}, timeout=300)
+
+    full, cut = ws["d"] / "ddp-full", ws["d"] / "ddp-cut"
+    p = launch(full)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "global batch 8" in p.stderr and "--peft prompt: 48 trainable" in p.stderr
+    assert launch(cut, {"KDCLI_TEST_KILL_AT": "train-step:3"}).returncode != 0
+    assert (cut / "checkpoint.pt").exists()
+    p = launch(cut)
+    assert p.returncode == 0 and "resuming" in p.stderr, p.stderr[-2000:]
+    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(cut / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rep = evaluate(resolve(EvalConfig, None, {"model": [str(full)], "data": str(ws["data"]), "cache": str(ws["cache"])}))
+    assert rep.models[0].num_tokens > 0
