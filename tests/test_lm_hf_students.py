@@ -111,6 +111,12 @@ def test_large_students_are_saved_in_shards_that_transformers_loads(ws, monkeypa
     ours, _ = load_lm_run(run)
     a, b = hf.state_dict(), ours.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from kdcli.modelstats import bytes_on_disk  # compress/eval's size: every model file, no training leftovers
+
+    model_files = [*shards, *(run / n for n in ("model.safetensors.index.json", "config.json",
+                                                "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                                                "model.json"))]
+    assert bytes_on_disk(run) == sum(f.stat().st_size for f in model_files)
     # a later save of the same run dir unsharded leaves no stale shard behind
     monkeypatch.setattr(hf_mod, "HF_SHARD_SIZE", "5GB")
     train(ws, "sharded", student=str(ws["base"]), epochs=1, overwrite=True)
