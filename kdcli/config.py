@@ -113,6 +113,16 @@ class TrainConfig:
     student_args: dict = opt({}, "Keyword arguments for the student factory (KEY=VALUE, values parsed as YAML).",
                              repeat=True)
     cache: str | None = opt(None, "Teacher cache directory. Without it the student trains on labels alone.")
+    peft: str | None = opt(None, "Language models: train a parameter-efficient adapter of a pretrained Hugging Face "
+                                 "student (needs the peft extra) instead of all its weights. lora: low-rank updates "
+                                 "of its linear layers; prompt: a learned prompt embedding (soft prompt) before "
+                                 "every sequence.", choices=("lora", "prompt"))
+    peft_args: dict = opt({}, "Adapter settings (KEY=VALUE, values parsed as YAML): lora: r (8), lora_alpha (8), "
+                              "lora_dropout, target_modules=[q_proj,v_proj]; prompt: num_virtual_tokens (16), "
+                              "init_text=TEXT (start from a hard prompt's embeddings).", repeat=True)
+    peft_save: str | None = opt(None, "What a --peft run dir holds: merged (LoRA default: the adapted model, "
+                                      "loadable without peft) or adapter (the adapter alone, naming its base; the "
+                                      "only choice for prompt tuning).", choices=("merged", "adapter"))
     temperature: float = opt(4.0, "Softmax temperature T for the soft term.", gt=0.0)
     approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
                                                "store (see cache-teacher --temperatures): topk then assumes the "

@@ -94,6 +94,9 @@ def render_train(s: TrainSummary) -> Table:
         rows.insert(4, ("train tokens", f"{s.train_tokens:,} ({s.divergence} divergence)"))
         if s.eval_perplexity is not None:
             rows.insert(5, ("eval perplexity", f"{s.eval_perplexity:.2f}"))
+        if s.trainable_parameters is not None:
+            i = next(i for i, r in enumerate(rows) if r[0] == "student parameters")
+            rows[i] = ("student parameters", f"{s.student_parameters:,} ({s.trainable_parameters:,} trainable)")
     if s.resumed_from_step:
         rows.append(("resumed from step", str(s.resumed_from_step)))
     return key_value_table("train-student", rows)

@@ -7,6 +7,7 @@ student, turns a batch into loss parts, measures held-out data and saves the stu
 RUN_DIR holds:
 - ``model.safetensors`` + ``model.json``: the student's weights and how to rebuild it (``kdcli eval`` needs nothing
   else); ``model_source.py`` too when the student came from a file.py plugin; ``tokenizer/`` for language models
+  (a Hugging Face LM student's run dir is a Hugging Face model directory instead: kdcli.lm.hf.save_lm_run)
 - ``config.yaml``: the resolved config; ``metrics.jsonl``: one JSON line per epoch; ``summary.json``
 - ``checkpoint.pt`` while training (model, optimizer, scheduler, RNG states, position in the epoch), written
   atomically every ``checkpoint_every`` steps and at each epoch end; removed when the run finishes
@@ -224,7 +225,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                                                   sharded=cfg.fsdp)
     # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass (FSDP2
     # shards in place: the model is its own wrapper)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+    net = torch.nn.parallel.DistributedDataParallel(job.forward_module(model),
+                                                    device_ids=[device] if device.type == "cuda" else None) \
         if ctx.enabled and not cfg.fsdp else model
 
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta,

@@ -214,6 +214,11 @@ class TrainJob(ABC):
     def summary(self, base: TrainSummary, last: dict, train_units: int) -> TrainSummary:
         """The stage's summary: ``base`` with this task's extra fields."""
 
+    def forward_module(self, model: nn.Module) -> nn.Module:
+        """What a DDP wrapper wraps (its forward is what :meth:`step` calls through ``net``): ``model`` itself by
+        default; the LM task wraps it so one forward can return hidden states for the fused loss."""
+        return model
+
     def train_units(self, train_samples: np.ndarray) -> int:
         """Units one epoch trains on (rows by default)."""
         return len(train_samples) * self.views
