@@ -156,9 +156,10 @@ class TrainConfig:
                             "whole model.")
     gradient_checkpointing: bool = opt(False, "LM students: keep only each transformer layer's input during the "
                                               "forward pass and recompute the rest in the backward pass (Hugging "
-                                              "Face students: gradient_checkpointing_enable(); the built-in "
+                                              "Face students: their own activation checkpointing; the built-in "
                                               "transformer: torch.utils.checkpoint per block). Less activation "
-                                              "memory, ~1 extra forward pass of time, the same gradients.")
+                                              "memory, ~1 extra forward pass of time, the same gradients. Not for "
+                                              "classification students.")
     num_workers: int = opt(0, "DataLoader worker processes reading the cache (persistent; per process under "
                               "torchrun). 0: read in the training process.", min=0)
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).",
