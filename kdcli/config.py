@@ -77,8 +77,15 @@ class CacheConfig:
                                    "cache keeps its own (--overwrite re-writes it).",
                            choices=("auto", "gzip", "lzf", "none"))
     device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
-    dtype: str = opt("fp32", "Teacher forward precision (log-softmax is always computed in fp32).",
+    dtype: str = opt("fp32", "Teacher precision: a Hugging Face teacher (dir or .gguf) is loaded with its weights "
+                              "in this dtype (bf16/fp16 halve its memory); other teachers run their forward pass "
+                              "under autocast. Log-softmax is always computed in fp32.",
                      choices=("fp32", "bf16", "fp16"))
+    teacher_device_map: str = opt("none", "LM: auto loads a Hugging Face teacher with accelerate's "
+                                          "device_map=\"auto\": spread over every visible GPU, then CPU memory, for "
+                                          "teachers larger than one device (needs accelerate: pip install "
+                                          "'kdcli[hf]'); --device is then where log-softmax and the reduction run. "
+                                          "none: the whole teacher on --device.", choices=("none", "auto"))
     seed: int = opt(0, "Seed for augmentation parameters and sampling.")
     overwrite: bool = opt(False, "Replace an existing cache made with different settings.")
     tokenizer: str | None = opt(None, "LM DATA: tokenizer, a HF dir, .gguf file or tokenizer.json. Default: the "
@@ -158,6 +165,12 @@ class TrainConfig:
                             "processes (PyTorch FSDP2, one unit per transformer layer) instead of replicating them "
                             "(DDP), for students too large for one device. Checkpoints and the run dir hold the "
                             "whole model.")
+    gradient_checkpointing: bool = opt(False, "LM students: keep only each transformer layer's input during the "
+                                              "forward pass and recompute the rest in the backward pass (Hugging "
+                                              "Face students: their own activation checkpointing; the built-in "
+                                              "transformer: torch.utils.checkpoint per block). Less activation "
+                                              "memory, ~1 extra forward pass of time, the same gradients. Not for "
+                                              "classification students.")
     num_workers: int = opt(0, "DataLoader worker processes reading the cache (persistent; per process under "
                               "torchrun). 0: read in the training process.", min=0)
     block_rows: int = opt(0, "Cache rows per contiguous read (block); the training order shuffles blocks, then rows "

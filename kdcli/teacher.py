@@ -97,6 +97,12 @@ def _clear_cache_files(out: Path) -> None:
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     t0 = time.perf_counter()
     job = pick_task(cfg.data).cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
+    if cfg.teacher_device_map != "none" and not job.placed:
+        raise UsageError(f"--teacher-device-map {cfg.teacher_device_map} spreads a Hugging Face language-model "
+                         "teacher over the devices; this teacher is not one: drop the flag")
+    if job.placed and distributed.env_world()[1] > 1:
+        raise UsageError("--teacher-device-map spreads one teacher over every GPU of a single process; run "
+                         "cache-teacher without torchrun (or drop the flag to split the rows over processes)")
     num_rows, shard_size = job.num_rows, job.shard_size
     out = Path(cfg.out)
     # Under torchrun every rank runs this function: rank 0 holds the directory lock and owns manifest.json; the
@@ -119,7 +125,9 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         log.info(job.describe() + f" on {device}"
                  + (f"; {ctx.world} processes, {len(todo)} shard(s) split into contiguous runs" if ctx.enabled
                     else ""))
-        job.model.to(device).eval()
+        if not job.placed:
+            job.model.to(device)
+        job.model.eval()
         mine = split_contiguous(todo, ctx.rank, ctx.world)
 
         def compute() -> None:

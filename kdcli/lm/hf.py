@@ -3,7 +3,8 @@
 LM MODEL specs:
 
 - ``path/to/hf_dir`` (with ``config.json``): ``AutoModelForCausalLM.from_pretrained(dir)``, offline
-- ``path/to/model.gguf``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` (de-quantized to fp32)
+- ``path/to/model.gguf``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` (de-quantized to fp32, or
+  to the ``dtype`` asked for)
 - ``transformer``: the built-in decoder-only student (:class:`TinyTransformer`); its vocabulary is the teacher's
 - ``llama``: a freshly initialised Hugging Face ``LlamaForCausalLM`` sized by ``--student-arg`` (:func:`llama_student`):
   a built-in student whose run dir transformers, vLLM and llama.cpp's converter read as they are
@@ -18,6 +19,10 @@ A run dir of a Hugging Face student (``layout: hf`` in model.json) IS a Hugging 
 ``config.json``, ``model.safetensors`` (sharded past :data:`HF_SHARD_SIZE`), ``generation_config.json`` and the
 tokenizer files; a peft adapter run (``layout: adapter``) holds ``adapter_config.json`` + ``adapter_model.safetensors``
 and names its base. Run dirs of earlier kdcli (``model.safetensors`` + ``tokenizer/``) still load.
+
+Big teachers: a Hugging Face model loads with its weights in ``dtype`` (``bf16``/``fp16`` halve its memory) and,
+with ``device_map="auto"``, spread by accelerate over the visible GPUs and CPU memory; such a model is placed
+already (never ``.to(device)``) and reads its inputs on :func:`input_device`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kdcli.compressed import finish_compressed, rebuild_compressed
 from kdcli.errors import UsageError
@@ -100,6 +106,13 @@ class TinyTransformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    gradient_checkpointing = False  # set by gradient_checkpointing_enable(): recompute each block in backward
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """As Hugging Face models do: keep only each block's input, recompute the block in the backward pass
+        (torch.utils.checkpoint, non-reentrant; dropout draws are replayed exactly)."""
+        self.gradient_checkpointing = True
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 hidden_only: bool = False) -> torch.Tensor:
         """(b, L, V) logits; ``hidden_only``: the (b, L, d) final hidden states (the fused loss applies the head)."""
@@ -113,8 +126,9 @@ class TinyTransformer(nn.Module):
             raise UsageError(f"sequence of {L} tokens is longer than the transformer's max_length "
                              f"{self.max_length}; pass --student-arg max_length={L} or a smaller --max-length")
         x = self.tok(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # (b, L, d)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         return self.ln_f(x)
 
 
@@ -160,10 +174,17 @@ class LMInfo:
     hf_config: dict | None = None  # for HF models: config.to_dict(), to rebuild without the original files
     source: dict | None = None  # for kind "run": the run dir's model.json (how to rebuild it)
     compression: dict | None = None  # kdcli compress's record (kdcli/compressed.py), carried into later runs
+    load_dtype: str | None = None  # HF models: the dtype the weights were loaded in (float32, bfloat16, float16)
+    device_map: dict | None = None  # HF teachers placed by accelerate: module -> device
 
     def identity(self) -> dict:
-        return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
-                "num_parameters": self.num_parameters, "vocab_size": self.vocab_size}
+        out = {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
+               "num_parameters": self.num_parameters, "vocab_size": self.vocab_size}
+        if self.load_dtype not in (None, "float32"):
+            out["load_dtype"] = self.load_dtype
+        if self.device_map is not None:
+            out["device_map"] = self.device_map  # where it ran, not part of the cache's identity
+        return out
 
 
 def is_lm_run_dir(spec: str) -> bool:
@@ -206,18 +227,24 @@ def _hf_weights_sha(p: Path) -> str | None:
     return h.hexdigest()
 
 
-def _load_hf(spec: str) -> nn.Module:
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # cache-teacher --dtype
+DEVICE_MAPS = ("none", "auto")  # cache-teacher --teacher-device-map
+
+
+def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none") -> nn.Module:
     tf = transformers_module()
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"model not found: {spec}")
+    kw: dict[str, Any] = {"dtype": LOAD_DTYPES[dtype], "local_files_only": True}
+    if device_map != "none":
+        kw["device_map"] = device_map
     try:
         if p.suffix == ".gguf":
             with _quiet_gguf():
-                model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                                dtype=torch.float32, local_files_only=True)
+                model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kw)
         else:
-            model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+            model = tf.AutoModelForCausalLM.from_pretrained(str(p), **kw)
     except ImportError as e:
         raise UsageError(f"loading {spec} needs a missing package ({e})", hint=HF_HINT) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -243,6 +270,58 @@ def _quiet_gguf():
         yield
     finally:
         g.tqdm = saved
+
+
+def check_device_map(spec: str, device_map: str) -> None:
+    """Refuse (exit 2) a device map this model cannot take: only Hugging Face dirs / .gguf files, with accelerate."""
+    if device_map == "none":
+        return
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    if is_lm_run_dir(spec) or not is_hf_spec(spec):
+        raise UsageError(f"--teacher-device-map {device_map} spreads a Hugging Face teacher (a directory with "
+                         f"config.json or a .gguf file) over the devices; {spec!r} is not one: drop the flag")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError(f"--teacher-device-map {device_map} needs the accelerate package", hint=HF_HINT)
+
+
+def is_placed(model: nn.Module) -> bool:
+    """Whether accelerate placed the model (``device_map``): it must not be moved with ``.to(device)``."""
+    return getattr(model, "hf_device_map", None) is not None or getattr(model, "_kdcli_placed", False)
+
+
+def input_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Where a (possibly accelerate-placed) model reads its token ids: its input embedding's device, or the first
+    GPU of its device map when that embedding is offloaded (accelerate moves offloaded weights in per call)."""
+    if not is_placed(model):
+        return default
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    dev = getattr(getattr(emb, "weight", None), "device", None)
+    if dev is not None and dev.type != "meta":
+        return dev
+    gpus = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)]
+    return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+
+
+def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
+    """``train-student --gradient-checkpointing``: Hugging Face models and the built-in transformer (a plugin model
+    that offers ``gradient_checkpointing_enable()`` too); anything else is refused (exit 2)."""
+    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns there
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(new or enable) or getattr(model, "supports_gradient_checkpointing", True) is False:
+        raise UsageError(f"--gradient-checkpointing: student {spec!r} does not support it (Hugging Face models "
+                         "and the built-in transformer do; a file.py:factory model must define "
+                         "gradient_checkpointing_enable()); drop the flag")
+    # non-reentrant: works when the embeddings are frozen (LoRA, prompt tuning) and replays dropout draws
+    if isinstance(model, TinyTransformer):
+        enable()
+    elif callable(new):
+        new(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def hf_from_config(config: dict) -> nn.Module:
@@ -345,9 +424,12 @@ class LMForward(nn.Module):
 
 
 def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = None,
-             weights: str | None = None) -> tuple[nn.Module, LMInfo]:
-    """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students."""
+             weights: str | None = None, dtype: str = "fp32", device_map: str = "none") -> tuple[nn.Module, LMInfo]:
+    """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students. ``dtype`` and
+    ``device_map`` apply to Hugging Face models only (weights loaded in that dtype; placed by accelerate); other
+    models load in fp32 on the CPU, and a device map for them is refused."""
     args = dict(args or {})
+    check_device_map(spec, device_map)
     if is_lm_run_dir(spec):
         if args:
             raise UsageError(f"{spec} is a kdcli run directory; it rebuilds itself, drop the model arguments")
@@ -371,9 +453,14 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
     elif is_hf_spec(spec):
         if args:
             raise UsageError(f"{spec} is a pretrained Hugging Face model; it takes no model arguments")
-        model = _load_hf(spec)
+        model = _load_hf(spec, dtype, device_map)
         info = LMInfo(spec=spec, kind="hf", weights_sha256=_hf_weights_sha(Path(spec)),
                       hf_config=model.config.to_dict())
+        info.load_dtype = str(LOAD_DTYPES[dtype]).removeprefix("torch.")
+        if device_map != "none":
+            model._kdcli_placed = True  # on a CPU-only machine accelerate places it all on the CPU, with no map
+            info.device_map = {str(k): str(v) for k, v in (getattr(model, "hf_device_map", None) or {"": "cpu"}
+                                                           ).items()}
     elif Path(spec).is_dir():
         raise UsageError(f"{spec} is neither a Hugging Face model directory (no config.json) nor a kdcli LM run dir")
     else:

@@ -144,6 +144,7 @@ class CacheJob(ABC):
     token_keys: frozenset[str] = frozenset()  # arrays stored per token (flattened), not per row
     unit: str = "rows"  # what the progress line counts
     sampled: bool = False  # forward() draws (sample, priority): seeded per batch from (seed, first row)
+    placed: bool = False  # the model is placed already (accelerate's device map): the pass never moves it
 
     @abstractmethod
     def units(self, start: int, stop: int) -> int:

@@ -40,8 +40,9 @@ from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TokenCacheReader, token_keys
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
-from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_tokenizer_spec, fused_head_weight, \
-    is_lm_run_dir, lm_hidden, lm_logits, read_lm_meta, save_lm_run
+from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_tokenizer_spec, \
+    enable_gradient_checkpointing, fused_head_weight, input_device, is_lm_run_dir, is_placed, lm_hidden, lm_logits, \
+    read_lm_meta, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
 from kdcli.losses import LossParts, Targets, kd_loss, soft_kl
@@ -226,7 +227,9 @@ class TokenCacheJob(CacheJob):
         tok = load_tokenizer(tok_spec)
         self.pad_id = pad_id_of(tok)
         self.model, self.info = build_lm(cfg.teacher, cfg.teacher_args, vocab_size=len(tok),
-                                         weights=cfg.teacher_weights)
+                                         weights=cfg.teacher_weights, dtype=cfg.dtype,
+                                         device_map=cfg.teacher_device_map)
+        self.placed = is_placed(self.model)  # accelerate placed it: the pass must not move it
         self.V = V = self.info.vocab_size
         if len(tok) > V:
             raise CacheError(f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
@@ -269,6 +272,8 @@ class TokenCacheJob(CacheJob):
                     "samples": cfg.samples if self.sampled else None, "views": 1, "augment": None,
                     "seed": cfg.seed if self.sampled else None, "shard_size": shard_size, "dtype": cfg.dtype,
                     "teacher_prompt": teacher_prompt, **settings_obj.as_dict(), **temp_settings}
+        if self.info.load_dtype not in (None, "float32"):  # weights stored in bf16/fp16, not only autocast
+            settings["weights_dtype"] = cfg.dtype
         layout = {"kind": "token", "mode": mode, "num_classes": V, "vocab_size": V,
                   "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if self.sampled else None,
                   "logprob_dtype": "float16", "id_dtype": id_dtype.name if mode != "full" else None,
@@ -289,7 +294,9 @@ class TokenCacheJob(CacheJob):
                 f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode {self.mode}"
                 + (f", k={cfg.top_k}" if self.mode == "topk" else "")
                 + (f", {cfg.samples} draws/token" if self.mode == "sample" else "")
-                + (" (teacher prompt on)" if self.teacher_prompt else ""))
+                + (" (teacher prompt on)" if self.teacher_prompt else "")
+                + (f"; weights in {self.info.load_dtype}" if self.info.load_dtype not in (None, "float32") else "")
+                + (f"; placed by accelerate ({_placement(self.info.device_map)})" if self.placed else ""))
 
     def forward(self, start, stop, device, generator):
         seqs = self.t_seqs[start:stop]
@@ -299,8 +306,10 @@ class TokenCacheJob(CacheJob):
         lengths = target_counts(seqs, self.t_first[start:stop], masks)
         if not np.array_equal(lengths, self.data.num_targets[start:stop]):  # the teacher's positions = the student's
             raise RuntimeError(f"teacher/student position mismatch at rows {start}..{stop}")
-        logits = lm_logits(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(flat_idx).to(device)]  # (tokens, V)
+        at = input_device(self.model, device)  # a model spread by accelerate reads on its first device
+        logits = lm_logits(self.model, torch.from_numpy(ids).to(at), torch.from_numpy(mask).to(at))
+        sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(flat_idx).to(logits.device)]  # (tokens, V)
+        sel = sel.to(device)  # the reduction runs on --device (a no-op unless the teacher's head sits elsewhere)
         if sel.shape[-1] != self.V:
             raise CacheError(f"the teacher returned {sel.shape[-1]} logits per token, expected {self.V}")
         logp = torch.log_softmax(sel.float(), dim=-1)  # (tokens, V) fp32
@@ -340,6 +349,17 @@ class TokenCacheJob(CacheJob):
         return LMCacheSummary(**vars(base), num_tokens=tokens, bytes_per_token=bpt,
                               tokens_per_second=computed_units / max(base.seconds, 1e-9), vocab_size=V,
                               full_fp16_ratio=2 * V / max(bpt, 1e-9))
+
+
+def _placement(device_map: dict | None) -> str:
+    """{'model.layers.0': '0', ..., 'lm_head': 'cpu'} -> 'cuda:0 12 modules, cpu 3 modules'."""
+    counts: dict[str, int] = {}
+    for dev in (device_map or {}).values():
+        name = f"cuda:{dev}" if str(dev).isdigit() else str(dev)
+        counts[name] = counts.get(name, 0) + 1
+    if list(device_map or {}) == [""]:
+        return f"all on {next(iter(counts))}"
+    return ", ".join(f"{d} {n} module{'s' * (n != 1)}" for d, n in counts.items()) or "cpu"
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -384,6 +404,8 @@ class TokenTrainJob(TrainJob):
                 args.setdefault(name, getattr(self.tok, name, None))
         peft = self.peft_save
         self.model, self.info = build_lm(cfg.student, args, vocab_size=V or len(self.tok))
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, cfg.student)
         if V is not None and self.info.vocab_size != V:
             raise CacheError(f"vocabulary mismatch: the teacher (cache {self.reader.dir}) has {V} logits per token but "
                              f"the student {cfg.student} has {self.info.vocab_size}; use a student with the teacher's "
