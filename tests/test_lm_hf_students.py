@@ -373,3 +373,34 @@ def test_ddp_prompt_tuned_run_resumes_to_the_uninterrupted_adapter(ws):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rep = evaluate(resolve(EvalConfig, None, {"model": [str(full)], "data": str(ws["data"]), "cache": str(ws["cache"])}))
     assert rep.models[0].num_tokens > 0
+
+
+def test_a_dequantized_gguf_model_saves_like_any_hf_model(tmp_path):
+    """transformers de-quantizes a GGUF file into plain Linear layers when no GGUF kernel package is installed but
+    keeps its quantizer attached, so save_pretrained refused ("quantized with gguf and is not serializable") and a
+    LoRA student started from the SmolLM2 GGUF could not be saved merged. kdcli drops that marker (only then)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kdcli.lm import hf
+
+    class GgufHfQuantizer:  # the attributes kdcli looks at, as transformers 5.x sets them for a de-quantized file
+        packed_modules: dict = {}
+
+        def is_serializable(self, *a, **k):
+            return False
+
+    model = AutoModelForCausalLM.from_pretrained(str(make_llama(tmp_path / "m", make_tokenizer(tmp_path / "tok"))))
+    model.hf_quantizer = GgufHfQuantizer()
+    hf._drop_dequantized_gguf_marker(model)
+    assert model.hf_quantizer is None
+    model.save_pretrained(str(tmp_path / "saved"))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    packed = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    packed.hf_quantizer = GgufHfQuantizer()
+    packed.hf_quantizer.packed_modules = {"model.layers.0.mlp.up_proj": object()}  # still packed: left alone
+    hf._drop_dequantized_gguf_marker(packed)
+    assert packed.hf_quantizer is not None

@@ -243,6 +243,7 @@ def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none") -> nn.Mod
         if p.suffix == ".gguf":
             with _quiet_gguf():
                 model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kw)
+            _drop_dequantized_gguf_marker(model)
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(str(p), **kw)
     except ImportError as e:
@@ -251,6 +252,24 @@ def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none") -> nn.Mod
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         raise UsageError(f"cannot load a causal LM from {spec}: {first}") from None
     return model
+
+
+def _drop_dequantized_gguf_marker(model: nn.Module) -> None:
+    """A GGUF file transformers de-quantized into plain float weights (every layer a plain Linear: no GGUF kernel
+    package here) still carries its GGUF quantizer, which makes ``save_pretrained`` refuse ("quantized with gguf and
+    is not serializable") and marks it untrainable. Such a model is an ordinary float model: drop the marker, so a
+    GGUF student's run dir is saved like any Hugging Face student's. Models that keep packed GGUF layers are left
+    as they are."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None or type(q).__name__ != "GgufHfQuantizer" or getattr(q, "packed_modules", None):
+        return
+    if any(type(m).__name__ == "GgufLinear" for m in model.modules()):
+        return
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False) and not isinstance(getattr(type(model), "is_quantized", None), property):
+        model.is_quantized = False
 
 
 @contextlib.contextmanager
