@@ -169,7 +169,8 @@ class FusedReader(CacheReader):
 
     def describe(self) -> str:
         parts = ", ".join(f"{w:.3g} x {r.dir}" for r, w in zip(self.readers, self.weights))
-        return f"{self.combine} of {len(self.readers)} teachers ({parts})"
+        what = "mean" if self.combine == "mean" else "geometric mean"
+        return f"{what} of {len(self.readers)} teachers ({parts})"
 
     # -- checks ------------------------------------------------------------------------------------------------
     def check_data(self, data_identity: dict) -> None:
