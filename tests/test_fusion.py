@@ -295,3 +295,35 @@ def test_lm_caches_with_other_text_settings_are_refused(lm):
     r = invoke("eval", "--model", lm["student"], "--data", lm["data"], "--cache", d / "c0", "--cache", d / "c_len")
     assert r.exit_code == 3, r.output
     assert "data fingerprint differ" in r.output or "text settings" in r.output
+
+
+def test_yaml_cache_is_a_string_or_a_list(tmp_path):
+    from kdcli.config import resolve
+
+    (tmp_path / "one.yaml").write_text("cache: c/a\n")
+    (tmp_path / "two.yaml").write_text("cache: [c/a, c/b]\ncache_weights: '2,1'\ncombine: geometric\n")
+    (tmp_path / "none.yaml").write_text("cache: null\n")
+    base = {"student": "mlp", "data": "x.npz", "out": "o"}
+    assert resolve(TrainConfig, tmp_path / "one.yaml", base).cache == ["c/a"]
+    two = resolve(TrainConfig, tmp_path / "two.yaml", base)
+    assert (two.cache, two.cache_weights, two.combine) == (["c/a", "c/b"], "2,1", "geometric")
+    assert resolve(TrainConfig, tmp_path / "none.yaml", base).cache == []
+    assert TrainConfig(student="mlp", data="x", out="o", cache="c/a").cache == ["c/a"]  # the Python API
+    assert resolve(EvalConfig, tmp_path / "two.yaml", {"model": ["m"], "data": "x"}).cache == ["c/a", "c/b"]
+
+
+def test_dataloader_workers_read_the_same_fused_batches(cls):
+    from kdcli.cache.reader import CacheLoader
+
+    def batches(workers):
+        loader = CacheLoader(_fused(cls), batch_size=40, seed=2, num_workers=workers, block_rows=64)
+        try:
+            return [(b["row_index"].copy(), b["logprobs"].copy()) for b in loader.epoch(0)]
+        finally:
+            loader.close()
+
+    here, there = batches(0), batches(1)
+    assert len(here) == len(there) == math.ceil(300 / 40)
+    for (ra, la), (rb, lb) in zip(here, there):
+        np.testing.assert_array_equal(ra, rb)
+        np.testing.assert_array_equal(la, lb)
