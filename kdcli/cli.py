@@ -29,6 +29,21 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _click_exception(name: str) -> type[Exception]:
+    """Click's exception class ``name`` (``UsageError``, ``ClickException``), found among the bases of the public
+    ``typer.BadParameter``. Typer < 0.26 re-exports click's own classes, Typer >= 0.26 those of its private vendored
+    copy (``typer._click``); kdcli names neither module, so it works with both (see tests/test_layering.py)."""
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == name:
+            return cls
+    raise ImportError(f"typer {typer.__version__}: typer.BadParameter has no base class {name}; kdcli needs a typer "
+                      "whose BadParameter derives from click's UsageError (pip install 'typer>=0.16')")
+
+
+USAGE_ERROR = _click_exception("UsageError")
+CLICK_EXCEPTION = _click_exception("ClickException")
+
+
 class OneLineErrors(typer.core.TyperGroup):
     """Click's usage errors (bad flag, wrong type) as one ``error:`` line and exit 2, like kdcli's own."""
 
@@ -37,16 +52,19 @@ class OneLineErrors(typer.core.TyperGroup):
             rv = super().main(args=args, prog_name=prog_name or "kdcli", complete_var=complete_var,
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
-        except typer._click.exceptions.UsageError as e:
+        except USAGE_ERROR as e:
             cmd = e.ctx.command_path if e.ctx is not None else "kdcli"
-            _err(f"error: {e.format_message()} (see '{cmd} --help')")
+            if type(e).__name__ == "NoArgsIsHelpError":  # `kdcli` / `kdcli cache` alone: the help, not an "error:"
+                _err(e.format_message())
+            else:
+                _err(f"error: {e.format_message()} (see '{cmd} --help')")
             code = EXIT_USAGE
-        except typer._click.exceptions.Abort:
+        except typer.Abort:  # Ctrl-C / EOF while parsing
             _err("interrupted")
             code = EXIT_INTERRUPTED
         except typer.Exit as e:
             code = e.exit_code
-        except typer._click.exceptions.ClickException as e:
+        except CLICK_EXCEPTION as e:
             _err(f"error: {e.format_message()}")
             code = e.exit_code
         if standalone_mode:
@@ -54,8 +72,35 @@ class OneLineErrors(typer.core.TyperGroup):
         return code
 
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+class OneValuePerOption(typer.core.TyperCommand):
+    """Refuses an option given twice when it takes one value (``--cache a --cache b``), which click would silently
+    resolve to the last. Options that take several values (``--model``, ``--student-arg``) are repeatable."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:  # (shell completion parses half-typed lines: let it)
+            # The command's own parser, on a copy: it lists every option once per occurrence, in order, and only
+            # splits tokens (no values converted, no callbacks run). Its errors are the ones the real parse raises.
+            try:
+                _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            except USAGE_ERROR as e:  # e.g. "Option '--model' requires an argument": click leaves ctx out, and
+                e.ctx = e.ctx or ctx  # the hint would name 'kdcli --help' instead of this command's
+                raise
+            if not any(p.is_eager for p in order):  # --help (eager) wins, as it does alone
+                seen: dict[int, int] = {}
+                for p in order:
+                    seen[id(p)] = seen.get(id(p), 0) + 1
+                for p in order:
+                    if seen[id(p)] > 1 and p.param_type_name == "option" and not p.multiple:
+                        name, n = "/".join(p.opts + p.secondary_opts), seen[id(p)]
+                        what = "is a switch" if p.is_flag else "takes one value, and kdcli does not silently keep " \
+                                                               "the last"
+                        raise USAGE_ERROR(f"{name} given {n} times; it {what}: give it once", ctx=ctx)
+        return super().parse_args(ctx, args)
+
+
+# name: the program name CliRunner shows too (it would say "root"); python -m kdcli passes "kdcli" itself.
+app = typer.Typer(cls=OneLineErrors, name="kdcli", add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline knowledge distillation: run the teacher once, cache its log-probabilities, train "
                        "any number of students from the cache. " + EXIT_CODES_HELP)
 cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Inspect and check teacher caches.")
@@ -157,7 +202,7 @@ def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], int 
     cmd.__annotations__ = {p.name: p.annotation for p in params}
     cmd.__doc__ = (cls.__doc__ or "").strip()
     cmd.__name__ = name.replace("-", "_")
-    target.command(name, epilog=epilog)(cmd)
+    target.command(name, cls=OneValuePerOption, epilog=epilog)(cmd)
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
@@ -222,9 +267,9 @@ command(app, "compress", CompressConfig, _compress,
         "--quantize int8")
 
 
-@cache_app.command("verify", epilog="Example: kdcli cache verify cache/mnist --json")
+@cache_app.command("verify", cls=OneValuePerOption, epilog="Example: kdcli cache verify cache/mnist --json")
 def cache_verify(
-    cache_dir: Annotated[Path, typer.Argument(show_default=False,
+    cache_dir: Annotated[Path, typer.Argument(show_default=False, metavar="CACHE_DIR",
                                               help="Cache directory (manifest.json + shard-*.h5).")],
     data: Annotated[Optional[str], typer.Option("--data", metavar="DATA", show_default=False,
                                                 help="Also check every row hash against DATA (classification "

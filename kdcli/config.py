@@ -69,15 +69,23 @@ class CacheConfig:
     batch_size: int = opt(512, "Rows per teacher forward pass.", min=1)
     shard_size: int = opt(16384, "Rows per HDF5 shard.", min=1)
     compression: str = opt("auto", "Lossless shard compression (HDF5 filters: readers decompress transparently). "
-                                   "auto: gzip for token-level (LM) topk/sample caches (~25-40% smaller), none "
-                                   "otherwise (full log-probs decompress ~14x slower than they read; classification "
-                                   "caches are small); gzip: level 4 + byte shuffle, smallest; lzf: + shuffle, faster, "
+                                   "auto: gzip for token-level (LM) topk/sample/priority caches (~25-40% "
+                                   "smaller), none otherwise (full log-probs decompress ~14x slower than they read; "
+                                   "classification caches are small); gzip: level 4 + byte shuffle, smallest; lzf: "
+                                   "+ shuffle, faster, "
                                    "larger, needs h5py to read; none: uncompressed, fastest reads. An existing "
                                    "cache keeps its own (--overwrite re-writes it).",
                            choices=("auto", "gzip", "lzf", "none"))
     device: str = opt("auto", "auto uses CUDA when available.", choices=DEVICES)
-    dtype: str = opt("fp32", "Teacher forward precision (log-softmax is always computed in fp32).",
+    dtype: str = opt("fp32", "Teacher precision: a Hugging Face teacher (dir or .gguf) is loaded with its weights "
+                              "in this dtype (bf16/fp16 halve its memory); other teachers run their forward pass "
+                              "under autocast. Log-softmax is always computed in fp32.",
                      choices=("fp32", "bf16", "fp16"))
+    teacher_device_map: str = opt("none", "LM: auto loads a Hugging Face teacher with accelerate's "
+                                          "device_map=\"auto\": spread over every visible GPU, then CPU memory, for "
+                                          "teachers larger than one device (needs accelerate: pip install "
+                                          "'kdcli[hf]'); --device is then where log-softmax and the reduction run. "
+                                          "none: the whole teacher on --device.", choices=("none", "auto"))
     seed: int = opt(0, "Seed for augmentation parameters and sampling.")
     overwrite: bool = opt(False, "Replace an existing cache made with different settings.")
     tokenizer: str | None = opt(None, "LM DATA: tokenizer, a HF dir, .gguf file or tokenizer.json. Default: the "
@@ -118,6 +126,16 @@ class TrainConfig:
     combine: str = opt("mean", "With several --cache: mean fuses the teachers' probabilities (a mixture, Hinton et "
                                "al. 2015's ensemble), geometric their log-probabilities (weighted, renormalised).",
                        choices=("mean", "geometric"))
+    peft: str | None = opt(None, "Language models: train a parameter-efficient adapter of a pretrained Hugging Face "
+                                 "student (needs the peft extra) instead of all its weights. lora: low-rank updates "
+                                 "of its linear layers; prompt: a learned prompt embedding (soft prompt) before "
+                                 "every sequence.", choices=("lora", "prompt"))
+    peft_args: dict = opt({}, "Adapter settings (KEY=VALUE, values parsed as YAML): lora: r (8), lora_alpha (8), "
+                              "lora_dropout, target_modules=[q_proj,v_proj]; prompt: num_virtual_tokens (16), "
+                              "init_text=TEXT (start from a hard prompt's embeddings).", repeat=True)
+    peft_save: str | None = opt(None, "What a --peft run dir holds: merged (LoRA default: the adapted model, "
+                                      "loadable without peft) or adapter (the adapter alone, naming its base; the "
+                                      "only choice for prompt tuning).", choices=("merged", "adapter"))
     temperature: float = opt(4.0, "Softmax temperature T for the soft term.", gt=0.0)
     approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
                                                "store (see cache-teacher --temperatures): topk then assumes the "
@@ -153,8 +171,18 @@ class TrainConfig:
                             "processes (PyTorch FSDP2, one unit per transformer layer) instead of replicating them "
                             "(DDP), for students too large for one device. Checkpoints and the run dir hold the "
                             "whole model.")
+    gradient_checkpointing: bool = opt(False, "LM students: keep only each transformer layer's input during the "
+                                              "forward pass and recompute the rest in the backward pass (Hugging "
+                                              "Face students: their own activation checkpointing; the built-in "
+                                              "transformer: torch.utils.checkpoint per block). Less activation "
+                                              "memory, ~1 extra forward pass of time, the same gradients. Not for "
+                                              "classification students.")
     num_workers: int = opt(0, "DataLoader worker processes reading the cache (persistent; per process under "
                               "torchrun). 0: read in the training process.", min=0)
+    block_rows: int = opt(0, "Cache rows per contiguous read (block); the training order shuffles blocks, then rows "
+                             "within groups of blocks. 0: auto (about 512 KiB a block, so it depends on the cache "
+                             "mode). Give the same N to caches of different modes to train on the same batches.",
+                          min=0)
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).",
                                 min=0)
     resume: bool = opt(False, "Continue from the checkpoint in --out.")
@@ -216,6 +244,10 @@ class EvalConfig:
                                        "training setting.", min=2)
     chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE; default: the "
                                           "first model's recorded one, else its tokenizer's own.")
+    latency_repeats: int = opt(1, "Latency per row at batch 1 and at --batch-size (LM: the eval batch, at most 16 "
+                                  "sequences): the median of at least N timed forward passes per batch size, after "
+                                  "a warm-up (the eval pass's own full batches count, so a large eval set costs no "
+                                  "extra pass). More repeats steady the numbers; 0 skips the measurement.", min=0)
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, str):  # one directory (the Python API, older configs): a list of one
@@ -318,8 +350,30 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+class _OneValuePerKey(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (never executes code) that refuses a key given twice in one mapping, which PyYAML would
+    silently resolve to the last -- the YAML side of the CLI's no-last-wins rule (kdcli/cli.py)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                again = key in first
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first[key] + 1}); give it once",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Parse a YAML mapping with ``yaml.safe_load`` (never executes code)."""
+    """Parse a YAML mapping with ``yaml.SafeLoader`` (never executes code); a key given twice is an error."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -328,7 +382,7 @@ def read_yaml(path: str | Path) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read config file {p}: {e.__class__.__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_OneValuePerKey)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         loc = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -348,6 +402,8 @@ def parse_kv(items: list[str], key: str) -> dict:
         name, sep, raw = item.partition("=")
         if not sep or not name.strip():
             raise UsageError(f"--{key.replace('_', '-')} expects KEY=VALUE, got {item!r}")
+        if name.strip() in out:  # --student-arg hidden=[8] --student-arg hidden=[16]: no silent last-wins
+            raise UsageError(f"--{key.replace('_', '-')} {name.strip()}=... given twice; give each KEY once")
         try:
             out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

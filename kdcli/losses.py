@@ -188,7 +188,7 @@ def targets_from_arrays(arrays: dict, mode: str, num_classes: int, *, temperatur
 def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """sum_i p_i (log p_i - log q_i) per row, with 0 * log 0 = 0."""
     p = p_log.exp()
-    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
+    terms = torch.where(p > 0, p * (p_log - q_log), 0.0)  # a scalar 0: no zeros tensor per call
     return terms.sum(dim=-1)
 
 
@@ -387,17 +387,23 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch
     language models a "row" is one predicted token. ``approximate``: allow sparse targets at a temperature they do
     not store (module docstring); without it that is a UsageError.
     """
+    # Without ``weight`` every row counts once: the sums skip the multiplication by ones (x * 1 == x, so the
+    # values and gradients are bit-identical) and the denominator is the row count. Each of these small ops costs
+    # more in dispatch than in arithmetic for a classifier's (b, 10) logits: the step of a small student is
+    # dominated by their number (benchmarks/bench_spine.py).
     b = student_logits.shape[0]
-    w = torch.ones(b, device=student_logits.device) if weight is None else weight.float()
-    denom = w.sum().clamp_min(1.0)
-    zero = student_logits.sum() * 0.0
-    soft = zero
+    w = None if weight is None else weight.float()
+    denom = float(max(b, 1)) if w is None else w.sum().clamp_min(1.0)
+    soft = hard = None
     if targets is not None and alpha > 0:
         kl = soft_kl(student_logits, targets, temperature, divergence, beta, approximate=approximate)
-        soft = (temperature ** 2) * (kl * w).sum() / denom
-    hard = zero
+        soft = (temperature ** 2) * (kl if w is None else kl * w).sum() / denom
     if labels is not None and alpha < 1:
-        hard = (F.cross_entropy(student_logits.float(), labels, reduction="none") * w).sum() / denom
+        ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
+        hard = (ce if w is None else ce * w).sum() / denom
+    if soft is None or hard is None:
+        zero = student_logits.sum() * 0.0
+        soft, hard = (zero if soft is None else soft), (zero if hard is None else hard)
     return LossParts(total=alpha * soft + (1.0 - alpha) * hard, soft=soft, hard=hard)
 
 

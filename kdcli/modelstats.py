@@ -21,6 +21,8 @@ from kdcli.compressed import QuantLinear
 # config.yaml are not the model). Names are those of kdcli/models.py and kdcli/lm/text.py.
 RUN_MODEL_FILES = ("model.json", "model.safetensors", "model_source.py")
 RUN_MODEL_DIRS = ("tokenizer",)
+RUN_LEFTOVERS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.yaml", "compress.yaml", ".lock",
+                 ".hf-staging")  # in a run dir, not part of the model
 
 
 def nonzero_parameters(model: nn.Module) -> int:
@@ -36,9 +38,11 @@ def _tree_bytes(path: Path) -> int:
 def bytes_on_disk(path: str | Path) -> int:
     """Bytes of the files a model is made of.
 
-    A kdcli run dir (``model.json``): its model files only (model.json, model.safetensors, model_source.py,
-    tokenizer/), not training leftovers (checkpoint, metrics, config). Any other directory (e.g. a Hugging Face
-    model dir): every file under it. A file (``.gguf``, ``.safetensors``): its size.
+    A kdcli run dir (``model.json``): every file but training leftovers (checkpoint, metrics, summary, configs,
+    unfinished ``*.partial`` files): model.json + model.safetensors (+ model_source.py, tokenizer/) in kdcli's
+    layout; config.json, the weights (all shards) and the tokenizer files of a Hugging Face run dir; the adapter
+    of a peft run. Any other directory (e.g. a Hugging Face model dir): every file under it. A file (``.gguf``,
+    ``.safetensors``): its size.
     """
     p = Path(path)
     if p.is_file():
@@ -46,8 +50,8 @@ def bytes_on_disk(path: str | Path) -> int:
     if not p.is_dir():
         raise FileNotFoundError(f"no model at {p}")
     if (p / RUN_MODEL_FILES[0]).is_file():
-        return sum((p / f).stat().st_size for f in RUN_MODEL_FILES if (p / f).is_file()) + \
-            sum(_tree_bytes(p / d) for d in RUN_MODEL_DIRS if (p / d).is_dir())
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.relative_to(p).parts[0] not in
+                   RUN_LEFTOVERS and not f.name.endswith(".partial"))
     return _tree_bytes(p)
 
 

@@ -59,7 +59,9 @@ def render_cache(s: CacheSummary) -> Table:
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("rows", f"{s.num_rows:,}"),
         ("computed / skipped", f"{s.rows_computed:,} / {s.rows_skipped:,}"), ("shards", str(s.num_shards)),
-        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row)"), ("compression", s.compression),
+        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_row:.1f} B/row"
+                 + (f", {s.unique_ids:.1f} distinct ids/row" if s.unique_ids is not None else "") + ")"),
+        ("compression", s.compression),
         ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
         ("time", f"{s.seconds:.1f} s ({s.rows_per_second:,.0f} rows/s)")])
 
@@ -69,8 +71,10 @@ def render_lm_cache(s: LMCacheSummary) -> Table:
     return key_value_table(f"cache-teacher: {s.status}", [
         ("cache", s.cache_dir), ("mode", s.mode), ("sequences", f"{s.num_rows:,}"),
         ("predicted tokens", f"{s.num_tokens:,}"), ("shards", str(s.num_shards)),
-        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token, {s.full_fp16_ratio:,.0f}x smaller "
-                 f"than full fp16 log-probs over {s.vocab_size:,})"), ("compression", s.compression),
+        ("size", f"{human_bytes(s.bytes)} ({s.bytes_per_token:.1f} B/token"
+                 + (f" for {s.unique_ids:.1f} distinct ids/token" if s.unique_ids is not None else "")
+                 + f", {s.full_fp16_ratio:,.0f}x smaller than full fp16 log-probs over {s.vocab_size:,})"),
+        ("compression", s.compression),
         ("teacher", f"{s.teacher} ({s.teacher_parameters:,} params) on {s.device}"),
         ("time", f"{s.seconds:.1f} s ({s.tokens_per_second:,.0f} tokens/s)")])
 
@@ -90,6 +94,9 @@ def render_train(s: TrainSummary) -> Table:
         rows.insert(4, ("train tokens", f"{s.train_tokens:,} ({s.divergence} divergence)"))
         if s.eval_perplexity is not None:
             rows.insert(5, ("eval perplexity", f"{s.eval_perplexity:.2f}"))
+        if s.trainable_parameters is not None:
+            i = next(i for i, r in enumerate(rows) if r[0] == "student parameters")
+            rows[i] = ("student parameters", f"{s.student_parameters:,} ({s.trainable_parameters:,} trainable)")
     if s.resumed_from_step:
         rows.append(("resumed from step", str(s.resumed_from_step)))
     return key_value_table("train-student", rows)
@@ -100,15 +107,55 @@ def kl_text(x: float) -> str:
     return f"{max(x, 0.0):.4f}"
 
 
+def human_seconds(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
+    """The compression report's rows (size, speed, the change in accuracy), each model against the first one.
+
+    Each model after the first shows in brackets how many times smaller (bytes) or faster (latency) it is than the
+    first --model (the teacher, in a teacher -> student -> compressed comparison): below 1 means larger / slower.
+    Rows whose values every model lacks (no files, --latency-repeats 0) are left out.
+    """
+    first = models[0]
+
+    def ratio(a, b, m):
+        if m is first or not a or not b:
+            return ""
+        r = a / b
+        return f" ({r:.2f}×)" if r < 10 else f" ({r:.1f}×)" if r < 100 else f" ({r:,.0f}×)"
+
+    rows: list[tuple[str, Any]] = [("non-zero parameters", lambda m: f"{m.nonzero_parameters:,}")]
+    if any(m.bytes_on_disk is not None for m in models):
+        rows.append(("bytes on disk (× smaller)", lambda m: "-" if m.bytes_on_disk is None else
+                     human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, m)))
+    if any(m.latency_batch1_s is not None for m in models):
+        rows.append(("latency/row, batch 1 (× faster)", lambda m: human_seconds(m.latency_batch1_s)
+                     + ratio(first.latency_batch1_s, m.latency_batch1_s, m)))
+        if any(m.latency_batch_size != 1 for m in models):
+            rows.append((f"latency/row, batch {first.latency_batch_size:,} (× faster)",
+                         lambda m: human_seconds(m.latency_batch_s) + ratio(first.latency_batch_s, m.latency_batch_s,
+                                                                              m)))
+    if len(models) > 1:
+        rows.append((f"{accuracy_name} Δ vs first", lambda m: f"{m.accuracy - first.accuracy:+.4f}"))
+    return rows
+
+
+def column_names(models: list) -> list[str]:
+    """One column per model: its folder or file name, or the whole spec when two names would be the same."""
+    names = [Path(m.model).name or m.model for m in models]
+    return [m.model for m in models] if len(set(names)) < len(names) else names
+
+
 def render_eval(r: EvalReport | LMEvalReport) -> Table:
     if isinstance(r, LMEvalReport):
         return render_lm_eval(r)
     t = Table(title=f"eval on {r.data} ({r.models[0].num_samples:,} rows)", title_justify="left")
     t.add_column("metric", style="bold")
-    names = [Path(m.model).name or m.model for m in r.models]
-    if len(set(names)) < len(names):  # two runs with the same folder name: show the paths
-        names = [m.model for m in r.models]
-    for name in names:
+    for name in column_names(r.models):
         t.add_column(name, justify="right", overflow="fold")
     fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
            ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
@@ -127,7 +174,8 @@ def render_eval(r: EvalReport | LMEvalReport) -> Table:
     if r.cache:
         fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
                 (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: human_bytes(m.weight_bytes)),
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, "accuracy"),
+            ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
             ("samples/s", lambda m: f"{m.samples_per_second:,.0f}")]
     for name, f in fmt:
         t.add_row(name, *[f(m) for m in r.models])
@@ -159,14 +207,15 @@ def render_lm_eval(r: LMEvalReport) -> Table:
     t = Table(title=f"eval on {r.data} ({r.num_sequences:,} sequences, {r.num_tokens:,} predicted tokens)",
               title_justify="left")
     t.add_column("metric", style="bold")
-    for m in r.models:
-        t.add_column(m.model, justify="right", overflow="fold")
+    for name in column_names(r.models):
+        t.add_column(name, justify="right", overflow="fold")
     fmt = [("perplexity", lambda m: f"{m.perplexity:.3f}"), ("NLL / token", lambda m: f"{m.nll:.4f}"),
            ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
     if r.cache:
         fmt += [("top-1 agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
                 (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), ("weights", lambda m: human_bytes(m.weight_bytes)),
+    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, "next-token accuracy"),
+            ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
             ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}")]
     for name, f in fmt:
         t.add_row(name, *[f(m) for m in r.models])

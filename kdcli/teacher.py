@@ -21,6 +21,7 @@ from kdcli.cache.lock import DirLock
 from kdcli.cache.manifest import (MANIFEST, RANK_MANIFEST_GLOB, contiguous_runs, merge_rank_manifests,
                                   missing_shards, plan_differences, rank_manifest_name, read_manifest, shard_name,
                                   split_contiguous, write_manifest)
+from kdcli.cache.reader import mean_unique_ids
 from kdcli.cache.reduce import HostCopy
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig
@@ -96,6 +97,12 @@ def _clear_cache_files(out: Path) -> None:
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     t0 = time.perf_counter()
     job = pick_task(cfg.data).cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
+    if cfg.teacher_device_map != "none" and not job.placed:
+        raise UsageError(f"--teacher-device-map {cfg.teacher_device_map} spreads a Hugging Face language-model "
+                         "teacher over the devices; this teacher is not one: drop the flag")
+    if job.placed and distributed.env_world()[1] > 1:
+        raise UsageError("--teacher-device-map spreads one teacher over every GPU of a single process; run "
+                         "cache-teacher without torchrun (or drop the flag to split the rows over processes)")
     num_rows, shard_size = job.num_rows, job.shard_size
     out = Path(cfg.out)
     # Under torchrun every rank runs this function: rank 0 holds the directory lock and owns manifest.json; the
@@ -118,7 +125,9 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         log.info(job.describe() + f" on {device}"
                  + (f"; {ctx.world} processes, {len(todo)} shard(s) split into contiguous runs" if ctx.enabled
                     else ""))
-        job.model.to(device).eval()
+        if not job.placed:
+            job.model.to(device)
+        job.model.eval()
         mine = split_contiguous(todo, ctx.rank, ctx.world)
 
         def compute() -> None:
@@ -226,5 +235,6 @@ def _summary(cfg: CacheConfig, job: CacheJob, manifest: dict, status: str, compu
                         bytes=total_bytes, bytes_per_row=total_bytes / max(rows, 1), seconds=secs,
                         rows_per_second=computed / max(secs, 1e-9), teacher=cfg.teacher,
                         teacher_parameters=job.info.num_parameters, device=str(device),
-                        compression=compression_label(manifest.get("compression")))
+                        compression=compression_label(manifest.get("compression")),
+                        unique_ids=mean_unique_ids(cfg.out, manifest))
     return job.summary(base, manifest, computed_units)

@@ -7,6 +7,7 @@ student, turns a batch into loss parts, measures held-out data and saves the stu
 RUN_DIR holds:
 - ``model.safetensors`` + ``model.json``: the student's weights and how to rebuild it (``kdcli eval`` needs nothing
   else); ``model_source.py`` too when the student came from a file.py plugin; ``tokenizer/`` for language models
+  (a Hugging Face LM student's run dir is a Hugging Face model directory instead: kdcli.lm.hf.save_lm_run)
 - ``config.yaml``: the resolved config; ``metrics.jsonl``: one JSON line per epoch; ``summary.json``
 - ``checkpoint.pt`` while training (model, optimizer, scheduler, RNG states, position in the epoch), written
   atomically every ``checkpoint_every`` steps and at each epoch end; removed when the run finishes
@@ -225,7 +226,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                                                   sharded=cfg.fsdp)
     # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass (FSDP2
     # shards in place: the model is its own wrapper)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+    net = torch.nn.parallel.DistributedDataParallel(job.forward_module(model),
+                                                    device_ids=[device] if device.type == "cuda" else None) \
         if ctx.enabled and not cfg.fsdp else model
 
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta,
@@ -245,7 +247,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
     loader = None
     if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
         loader = CacheLoader(reader, batch_size=cfg.batch_size, seed=cfg.seed, keep=keep if n_val else None,
-                             rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers)
+                             rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers,
+                             block_rows=cfg.block_rows or None)
     # loss, soft, hard (each times the batch's units), correct, since the last flush: summed on the device and
     # read back only at checkpoints and epoch ends, so a GPU never waits on the host inside an epoch
     pending = torch.zeros(4, dtype=torch.float64, device=device)
@@ -268,8 +271,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                 apply_max_norm(model, cfg.max_norm)
             acc["rows"] += len(batch["sample_index"])
             acc["units"] += units
-            pending += torch.stack([parts.total.detach().double() * units, parts.soft.detach().double() * units,
-                                    parts.hard.detach().double() * units, correct.double()])
+            # (the same float64 values as stacking each part.double() * units: fewer small ops per step)
+            pending[:3] += torch.stack([parts.total, parts.soft, parts.hard]).detach().double() * units
+            pending[3] += correct
             step_in_epoch += 1
             global_step += 1
             crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)

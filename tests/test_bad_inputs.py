@@ -239,9 +239,27 @@ CASES: dict[str, Case] = {
     "YAML that is not a mapping": Case(yaml_train("- 1\n- 2\n"), 2, r"must hold a mapping of option: value"),
     "unknown YAML key": Case(yaml_train("tempreature: 2\n"), 2,
                              r"unknown config key 'tempreature' .*did you mean 'temperature'"),
+    "YAML key given twice": Case(yaml_train("alpha: 0.5\nepochs: 1\nalpha: 0.9\n"), 2,
+                                 r"at line 3, column 1: key 'alpha' given twice \(first at line 1\); give it once"),
+    "KEY given twice in --student-arg": Case(train("--student-arg", "hidden=[8]", "--student-arg", "hidden=[16]"), 2,
+                                             r"--student-arg hidden=\.\.\. given twice; give each KEY once"),
     "wrong type in YAML": Case(yaml_train("epochs: ten\n"), 2, r"config key 'epochs' must be an integer, got str"),
     "wrong type flag": Case(train("--lr", "fast"), 2, r"Invalid value for '--lr'"),
-    "unknown flag": Case(train("--tempreature", 2), 2, r"No such option: --tempreature"),
+    "unknown flag": Case(train("--tempreature", 2), 2, r"No such option:? '?--tempreature"),
+    # an option that takes one value, given twice: refused before anything runs (no silent last-wins)
+    "repeated --cache (train-student)": Case(lambda d, o: distill("cache")(d, o) + ["--cache", d / "c_nan"], 2,
+                                             r"--cache given 2 times; it takes one value, and kdcli does not "
+                                             r"silently keep the last: give it once"),
+    "repeated --cache (eval)": Case(lambda d, o: ["eval", "--model", d / "student", "--data", d / "blobs.npz",
+                                                  "--cache", d / "cache", "--cache", d / "cache"], 2,
+                                    r"--cache given 2 times"),
+    "repeated --out (cache-teacher), the last an existing cache": Case(
+        lambda d, o: cache_cmd("--overwrite")(d, o) + ["--out", d / "cache"], 2, r"--out given 2 times"),
+    "repeated --overwrite (train-student) into a finished run": Case(
+        lambda d, o: train("--overwrite", "--overwrite")(d, d / "student"), 2, r"--overwrite given 2 times; it is "
+                                                                                r"a switch"),
+    "repeated --data (cache verify)": Case(lambda d, o: ["cache", "verify", d / "cache", "--data", d / "blobs.npz",
+                                                         "--data", d / "other.npz"], 2, r"--data given 2 times"),
     "missing required option": Case(lambda d, o: ["train-student", "--student", "mlp", "--out", o], 2,
                                     r"missing required option --data"),
     "alpha above 1": Case(distill("cache", "--alpha", 1.5), 2, r"config key 'alpha' must be <= 1; got 1\.5"),

@@ -137,3 +137,35 @@ def test_untrained_builtin_teacher_is_refused(tmp_path, blobs_npz):
     with pytest.raises(UsageError, match="no weights"):
         cache_teacher(CacheConfig(teacher="mlp", data=str(blobs_npz), out=str(tmp_path / "c")))
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, teacher_run, blobs_npz):
+    """cache-teacher's summary: ``unique_ids`` = distinct ids stored per row (sample: counted from the stored counts;
+    priority: K), None for full/topk; the table shows it beside B/row."""
+    from rich.console import Console
+
+    from kdcli.cache.reader import mean_unique_ids
+    from kdcli.report import render_cache
+
+    def make(name, **kw):
+        return cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / name),
+                                         shard_size=256, **kw))
+
+    s = make("s", mode="sample", samples=40)
+    counts = []
+    for f in sorted((tmp_path / "s").glob("*.h5")):
+        with h5py.File(f, "r") as h:
+            counts.append((h["sample_counts"][()] > 0).sum(1))
+    distinct = np.concatenate(counts)
+    assert len(distinct) == s.num_rows and s.unique_ids == pytest.approx(distinct.mean()) and 1 <= s.unique_ids < 40
+    # the writer's per-shard count in the manifest and, for a cache without it, counting the column agree
+    m = read_manifest(tmp_path / "s")
+    assert sum(e["distinct_ids"] for e in m["shards"]) == distinct.sum()
+    older = {**m, "shards": [{k: v for k, v in e.items() if k != "distinct_ids"} for e in m["shards"]]}
+    assert mean_unique_ids(tmp_path / "s", older) == pytest.approx(distinct.mean())
+    p = make("p", mode="priority", samples=3)
+    assert p.unique_ids == 3.0
+    assert make("f").unique_ids is None and make("t", top_k=2).unique_ids is None
+    con = Console(record=True, width=200)
+    con.print(render_cache(s))
+    assert f"{s.bytes_per_row:.1f} B/row, {s.unique_ids:.1f} distinct ids/row" in con.export_text()

@@ -461,3 +461,49 @@ def test_cli_bad_parquet_exits_2_with_one_line_and_writes_nothing(toks, tmp_path
     p = bad_chat(tmp_path, [{"messages": MULTI[:2]}])
     r = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher), "--data", p, "--out", str(out)])
     assert r.exit_code == 2 and "line 1: no assistant turn" in r.stderr and not out.exists()
+
+
+def test_multi_turn_chat_parquet_through_cache_train_and_eval(toks, tmp_path):
+    """Multi-turn chat rows (per-token target masks) through the one pipeline: the cache holds exactly the
+    assistant tokens of every turn, the teacher's log-prob at each equals the teacher run directly, train-student
+    trains on the same positions (row hashes and counts checked per batch) and eval reads the run."""
+    import torch
+
+    from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
+    from kdcli.evaluate import evaluate
+    from kdcli.lm.cache import TokenCacheReader
+    from kdcli.teacher import cache_teacher
+    from kdcli.train import train_student
+
+    teacher = make_llama(tmp_path / "teacher", toks["root"] / "bare")  # its tokenizer has no chat template
+    template = write_file(tmp_path / "chatml.jinja", CHATML)
+    rows = chat_rows(8, multi=True)
+    spec = write_formats(tmp_path / "rows", rows)["parquet"]
+    cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher), data=spec, out=str(tmp_path / "c"), top_k=4,
+                                                  max_length=128, chat_template=str(template))))
+    reader = TokenCacheReader(tmp_path / "c")
+    cached = reader.read_rows(0, reader.num_rows)
+    tok = toks["bare"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
+    at = 0
+    for i, row in enumerate(rows):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        ids, mask = render_chat(tok, msgs, CHATML)
+        targets = np.flatnonzero(mask)
+        assert cached["lengths"][i] == len(targets)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = logp[torch.tensor(targets - 1), torch.tensor(np.asarray(ids)[targets])].numpy()
+        got = cached["target_logprobs"][at:at + len(targets)].astype(np.float32)
+        assert np.allclose(got, want, atol=2e-2), i
+        at += len(targets)
+    assert sum(len(m["content"]) > 0 for r in rows for m in r["messages"] if m["role"] == "assistant") > len(rows)
+    summary = train_student(resolve(TrainConfig, None, dict(
+        cache=str(tmp_path / "c"), data=spec, out=str(tmp_path / "run"), student="transformer",
+        student_args={"d_model": 16, "n_layers": 1, "n_heads": 2}, epochs=1, batch_size=4, temperature=2.0)))
+    assert summary.train_tokens == int(cached["lengths"].sum())
+    report = evaluate(resolve(EvalConfig, None, dict(model=[str(tmp_path / "run")], data=spec,
+                                                     cache=str(tmp_path / "c"))))
+    assert report.models[0].num_tokens == int(cached["lengths"].sum()) and 0 <= report.models[0].agreement <= 1

@@ -103,6 +103,25 @@ def test_sample_cache_counts_and_bytes(lm, tmp_path):
     payload = sum(q[k].nbytes for q in parts for k in ("sample_ids", "sample_counts", "sample_logprobs",
                                                          "target_logprobs"))
     assert payload / s.num_tokens == 62 and s.bytes_per_token > 62
+    # the summary's distinct ids per token, counted independently from the stored counts
+    distinct = np.concatenate([(q["sample_counts"] > 0).sum(1) for q in parts])
+    assert len(distinct) == s.num_tokens and s.unique_ids == pytest.approx(distinct.mean())
+    assert 1 <= s.unique_ids < 12  # a peaked teacher repeats ids: fewer distinct ids than draws
+
+
+def test_sparse_caches_are_gzipped_and_report_distinct_ids_per_token(lm, tmp_path):
+    """auto compression gzips every sparse token cache (priority too); the table shows B/token beside the distinct
+    ids per token (sample and priority only)."""
+    pri = cache(lm, tmp_path / "p", mode="priority", samples=6)
+    assert pri.compression.startswith("gzip") and pri.unique_ids == 6.0
+    smp = cache(lm, tmp_path / "s", mode="sample", samples=24)
+    top = cache(lm, tmp_path / "t", top_k=8)
+    assert smp.compression.startswith("gzip") and top.unique_ids is None
+    from kdcli.report import render_cache
+    from rich.console import Console
+    con = Console(record=True, width=200)
+    con.print(render_cache(smp))
+    assert f"{smp.bytes_per_token:.1f} B/token for {smp.unique_ids:.1f} distinct ids/token" in con.export_text()
 
 
 def test_rerun_is_a_noop_and_other_settings_refuse(lm, tmp_path):
@@ -310,3 +329,18 @@ def test_bf16_precision_trains_float32_weights(lm, tmp_path, student_kind):
     assert all(v.dtype == torch.float32 for v in weights[1].values())
     diffs = [float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]]
     assert 0 < max(diffs) < 0.05
+
+
+@pytest.mark.parametrize("command", ["cache-teacher", "train-student"])
+def test_out_naming_a_file_is_a_usage_error_for_text_data_too(lm, tmp_path, command):
+    """Was exit 4 ("internal error ... please report it") for .jsonl data, 2 for classification data."""
+    target = tmp_path / "taken.txt"
+    target.write_text("not a directory\n")
+    common = ["--data", str(lm["text"]), "--out", str(target)]
+    args = ["--teacher", str(lm["teacher"]), "--max-length", "32", *common] if command == "cache-teacher" else \
+        ["--student", "transformer", *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
+         "--tokenizer", str(lm["tok"]), *common]
+    r = runner.invoke(app, [command, *args])
+    assert r.exit_code == 2, r.stderr
+    assert f"--out {target} exists and is not a directory" in r.stderr and "internal error" not in r.stderr
+    assert target.read_text() == "not a directory\n"  # untouched

@@ -249,9 +249,11 @@ def test_verify_passes_healthy_classification_caches(ws, tmp_path, settings):
         with h5py.File(tmp_path / "c" / "shard-00001.h5", "r+") as f:
             f["tail_logmass"][7] = 0.0
         rep = verify_cache(tmp_path / "c")
-        assert not rep.ok and rep.shards[1].sha256_ok is False and len(rep.shards[1].problems) == 2
+        # ... and (with the default --temperatures 1,2,4) no longer fits the stored tempered tail mass either
+        assert not rep.ok and rep.shards[1].sha256_ok is False and len(rep.shards[1].problems) == 3
         assert re.fullmatch(r"top-k log-probs \+ tail log-mass does not normalise at row 57: logsumexp = \+0\.\d+ "
                             r"\(tolerance 0\.01\)", rep.shards[1].problems[1]), rep.shards[1].problems
+        assert rep.shards[1].problems[2].startswith("tail_logmass_t is not a possible tempered tail mass at row 57")
 
 
 def test_verify_token_caches(tmp_path):

@@ -64,6 +64,40 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_epoch(cache, with_val):
     assert not np.array_equal(other, whole)  # each epoch its own order
 
 
+def test_block_rows_gives_caches_of_every_mode_the_same_batches(tmp_path, teacher_run, blobs_npz, monkeypatch):
+    """train-student --block-rows N: the read blocks (so the batches) are the same for every cache mode; without it
+    the block size follows each mode's bytes per row. benchmarks/bench_lm.py relies on this to compare modes."""
+    import kdcli.train
+    from kdcli.config import TrainConfig
+    from kdcli.train import train_student
+
+    readers = {}
+    for mode, extra in (("full", {}), ("sample", {"mode": "sample", "samples": 600})):
+        cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / mode),
+                                  shard_size=256, **extra))
+        readers[mode] = CacheReader(tmp_path / mode)
+    # 600 draws: ~3.6 KiB a row (~145 rows a block) against ~40 B (a whole 256-row shard): the automatic blocks differ
+    assert readers["full"].default_block_rows() != readers["sample"].default_block_rows()
+
+    def order(reader, block_rows):
+        loader = CacheLoader(reader, batch_size=32, seed=4, block_rows=block_rows)
+        return [b["sample_index"] for b in loader.epoch(1)]
+
+    fixed = {m: order(r, 40) for m, r in readers.items()}
+    assert all(np.array_equal(a, b) for a, b in zip(fixed["full"], fixed["sample"], strict=True))
+    auto = {m: np.concatenate(order(r, None)) for m, r in readers.items()}
+    assert not np.array_equal(auto["full"], auto["sample"])
+
+    seen = []  # train-student hands --block-rows to the loader (0: auto)
+    real = kdcli.train.CacheLoader
+    monkeypatch.setattr(kdcli.train, "CacheLoader", lambda *a, **kw: seen.append(kw["block_rows"]) or real(*a, **kw))
+    for n in (40, 0):
+        train_student(TrainConfig(student="mlp", student_args={"hidden": [8]}, data=str(blobs_npz),
+                                  cache=str(tmp_path / "sample"), out=str(tmp_path / f"run{n}"), epochs=1,
+                                  block_rows=n))
+    assert seen == [40, None]
+
+
 def test_loader_workers_give_the_same_batches_every_epoch(cache):
     keep = np.ones(600, dtype=bool)
     keep[::7] = False

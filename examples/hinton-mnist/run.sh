@@ -24,10 +24,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${1:-$ROOT/hinton-out}"
-if ! command -v kdcli >/dev/null 2>&1; then
-  echo "error: kdcli is not on PATH; install it first: pip install -e '$ROOT[plot]' (see the README)" >&2
-  exit 2
-fi
+source "$ROOT/examples/env.sh"
+kdcli_env  # kdcli on PATH, else ./.venv (the quick start's), else print the one command to run
+kdcli_need matplotlib plot "step 5 (eval --plot)"
 
 if [ "${QUICK:-0}" = 1 ]; then
   TRAIN="mnist:train[:1000]"; TEST="mnist:test[:500]"

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_common import kdcli, smollm2_gguf, write_jsonl  # noqa: E402
+from lm_common import ensure_project_env, kdcli, smollm2_gguf, write_jsonl  # noqa: E402
+
+ensure_project_env()  # kdcli, else the quick start's .venv (re-run with it), else the command to run
 
 SYSTEM = "You are a pirate captain. Answer every question in pirate speak, starting with 'Arr!'"
 USER = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"

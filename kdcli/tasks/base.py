@@ -29,6 +29,40 @@ from kdcli.cache.reader import CacheReader
 from kdcli.config import parse_temperatures
 from kdcli.errors import UsageError
 from kdcli.losses import LossParts, Targets, check_temperature, targets_from_arrays
+from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
+
+
+LATENCY_WARMUP = 1  # untimed forwards at batch 1 before the timed ones (eval --latency-repeats)
+
+
+def size_and_speed(model: nn.Module, path: str | None, example: torch.Tensor, batch_size: int, repeats: int,
+                   forward=None, pass_times: list[float] = (), warm: bool = False) -> dict:
+    """The compression report's fields of one eval model (see ModelReport / LMModelReport).
+
+    ``path``: the files the model was loaded from (a run dir, an HF dir, a .gguf or weights file), or None for a
+    model built from a name (no files: bytes_on_disk is None). Latency per row, median of the timed forwards,
+    with :func:`~kdcli.modelstats.latency_per_row` on rows of ``example`` (the eval data's first batch):
+
+    - at batch 1: ``repeats`` timed forwards after ``LATENCY_WARMUP`` untimed ones;
+    - at ``batch_size``: ``pass_times`` (seconds of the eval pass's own forwards at that many rows, its first
+      forward left out as the warm-up), topped up to ``repeats`` timings with forwards on ``example``; ``warm``:
+      the eval pass has just run this model at this batch size (no warm-up forward needed). Large eval sets thus
+      cost no extra forward, small ones ``repeats``.
+
+    ``repeats`` 0 skips the measurement (the latency fields are then None).
+    """
+    out = {"nonzero_parameters": nonzero_parameters(model),
+           "bytes_on_disk": bytes_on_disk(path) if path is not None and Path(path).exists() else None,
+           "latency_batch_size": batch_size, "latency_batch1_s": None, "latency_batch_s": None}
+    if repeats > 0:
+        out["latency_batch1_s"] = latency_per_row(model, example, (1,), repeats=repeats, warmup=LATENCY_WARMUP,
+                                                  forward=forward)[1]
+        per_row = [t / batch_size for t in pass_times]
+        while len(per_row) < repeats:
+            per_row += latency_per_row(model, example, (batch_size,), repeats=1, forward=forward,
+                                       warmup=0 if warm or per_row else LATENCY_WARMUP).values()
+        out["latency_batch_s"] = float(np.median(per_row))
+    return out
 
 
 @dataclass
@@ -48,6 +82,9 @@ class CacheSummary:
     teacher_parameters: int
     device: str
     compression: str = "none"  # how the shards are stored (gzip-4+shuffle, lzf+shuffle, none)
+    # sample / priority caches: distinct teacher ids stored per row (per predicted token in a token cache), the
+    # mean over the cache (kdcli.cache.reader.mean_unique_ids); None for full and topk
+    unique_ids: float | None = None
 
 
 @dataclass
@@ -126,6 +163,7 @@ class CacheJob(ABC):
     token_keys: frozenset[str] = frozenset()  # arrays stored per token (flattened), not per row
     unit: str = "rows"  # what the progress line counts
     sampled: bool = False  # forward() draws (sample, priority): seeded per batch from (seed, first row)
+    placed: bool = False  # the model is placed already (accelerate's device map): the pass never moves it
 
     @abstractmethod
     def units(self, start: int, stop: int) -> int:
@@ -195,6 +233,11 @@ class TrainJob(ABC):
     @abstractmethod
     def summary(self, base: TrainSummary, last: dict, train_units: int) -> TrainSummary:
         """The stage's summary: ``base`` with this task's extra fields."""
+
+    def forward_module(self, model: nn.Module) -> nn.Module:
+        """What a DDP wrapper wraps (its forward is what :meth:`step` calls through ``net``): ``model`` itself by
+        default; the LM task wraps it so one forward can return hidden states for the fused loss."""
+        return model
 
     def train_units(self, train_samples: np.ndarray) -> int:
         """Units one epoch trains on (rows by default)."""

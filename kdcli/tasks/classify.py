@@ -29,7 +29,7 @@ from kdcli.losses import kd_loss, soft_kl
 from kdcli.models import MODEL_JSON, build_model, is_run_dir, save_run_model, weight_bytes
 from kdcli.precision import precision_context
 from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_targets,
-                              temperature_plan)
+                              size_and_speed, temperature_plan)
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -162,6 +162,12 @@ def check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> No
 class ClassifyTrainJob(TrainJob):
     def __init__(self, cfg, alpha: float, reader: CacheReader | None):
         self.cfg, self.alpha, self.reader = cfg, alpha, reader
+        if cfg.peft or cfg.peft_args or cfg.peft_save:
+            raise UsageError("--peft (LoRA, prompt tuning) adapts pretrained language models; a classification "
+                             "student trains all its weights: drop --peft/--peft-arg/--peft-save")
+        if cfg.gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing is for language-model students (Hugging Face models, the "
+                             "built-in transformer); classification students are small enough without it: drop it")
         self.data = data = load_data(cfg.data)  # its own label range first: a misfit is exit 3, not 2
         if reader is not None:
             reader.check_data(data.identity())
@@ -250,6 +256,14 @@ class ModelReport:
     per_class_errors: list[int] = field(default_factory=list)  # misclassified rows of each true class
     class_bias: dict[str, float] | None = None  # --class-bias as applied to the logits (fitted values resolved)
     before_bias: dict | None = None  # errors, accuracy, nll, per_class_errors without the class bias
+    # the compression report (size_and_speed): non-zero parameters (int8 weights included), bytes of the model's
+    # files (None for a built-in name without files), median seconds per row at batch 1 and at latency_batch_size
+    # (None with --latency-repeats 0)
+    nonzero_parameters: int | None = None
+    bytes_on_disk: int | None = None
+    latency_batch_size: int | None = None
+    latency_batch1_s: float | None = None
+    latency_batch_s: float | None = None
 
 
 @dataclass
@@ -356,9 +370,16 @@ def load_eval_model(spec: str, num_classes: int | None, input_shape):
 
 
 @torch.inference_mode()
-def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(n, C) float32 logits on the CPU."""
-    return torch.cat([model(x[a:a + batch_size].to(device)).float().cpu() for a in range(0, len(x), batch_size)])
+def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
+                   times: list[float] | None = None) -> torch.Tensor:
+    """(n, C) float32 logits on the CPU; ``times`` (if given) gets the seconds of each full ``batch_size`` batch."""
+    out = []
+    for a in range(0, len(x), batch_size):
+        t0 = time.perf_counter()
+        out.append(model(x[a:a + batch_size].to(device)).float().cpu())
+        if times is not None and len(out[-1]) == batch_size:
+            times.append(time.perf_counter() - t0)
+    return torch.cat(out)
 
 
 # -- the task ------------------------------------------------------------------------------------------------------
@@ -410,12 +431,17 @@ class ClassifyTask(Task):
             log.warn("--class-bias CLASS=fit chooses the bias on the evaluation data itself (as Hinton et al. did), "
                      "so the corrected numbers are optimistic; pass --bias-data DATA to choose it on held-out rows")
         reports = []
+        lat_batch = min(cfg.batch_size, data.n)
         for spec in cfg.model:
             model, info = load_eval_model(spec, data.num_classes, data.input_shape)
             model.to(device).eval()
             t0 = time.perf_counter()
-            logits = batched_logits(model, data.x, cfg.batch_size, device)  # (n, C)
+            pass_times: list[float] = []
+            logits = batched_logits(model, data.x, lat_batch, device, pass_times)  # (n, C)
             secs = time.perf_counter() - t0
+            files = spec if is_run_dir(spec) else spec.rsplit("@", 1)[1]  # a run dir, or MODEL@WEIGHTS's file
+            stats = size_and_speed(model, files, data.x[:lat_batch], lat_batch, cfg.latency_repeats,
+                                   pass_times=pass_times[1:], warm=True)
             applied = before = None
             if bias_spec:
                 applied = {c: b for c, b in bias_spec.items() if b != "fit"}
@@ -439,7 +465,7 @@ class ClassifyTask(Task):
                 num_parameters=info.num_parameters,
                 weight_bytes=weight_bytes(model),
                 samples_per_second=data.n / max(secs, 1e-9), before_bias=before,
-                class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)}, **m))
+                class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)}, **m, **stats))
         return EvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, models=reports, failures=[],
                           class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
                           bias_data=(fit_data.spec if fit_classes else None))

@@ -39,7 +39,9 @@ from kdcli.cache.writer import resolve_compression
 from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TokenCacheReader, token_keys
 from kdcli.lm.head_loss import head_kd_loss
-from kdcli.lm.hf import BUILTIN_LMS, TinyTransformer, build_lm, default_tokenizer_spec, is_lm_run_dir, lm_logits, \
+from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
+from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_tokenizer_spec, \
+    enable_gradient_checkpointing, fused_head_weight, input_device, is_lm_run_dir, is_placed, lm_hidden, lm_logits, \
     read_lm_meta, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
@@ -48,7 +50,7 @@ from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
 from kdcli.precision import precision_context
 from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_targets,
-                              temperature_plan)
+                              size_and_speed, temperature_plan)
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -70,6 +72,7 @@ class LMTrainSummary(TrainSummary):
     divergence: str = "forward"
     val_perplexity: float | None = None
     eval_perplexity: float | None = None
+    trainable_parameters: int | None = None  # --peft: the adapter's parameters (student_parameters: all)
 
 
 # -- shared by the stages ------------------------------------------------------------------------------------------
@@ -109,6 +112,21 @@ def check_cache_settings(cfg, settings: TextSettings) -> None:
     if cfg.chat_template and read_chat_template(cfg.chat_template) != settings.chat_template:
         raise UsageError(f"--chat-template {cfg.chat_template} differs from the chat template the cache was built "
                          "with; drop it (the cache's is used)")
+
+
+def check_peft_options(cfg) -> str | None:
+    """What a --peft run dir will hold ("merged" or "adapter"), None without --peft; refuses inconsistent flags."""
+    if cfg.peft is None:
+        if cfg.peft_args or cfg.peft_save:
+            raise UsageError("--peft-arg/--peft-save configure an adapter: add --peft lora or --peft prompt")
+        return None
+    if cfg.fsdp:
+        raise UsageError("--peft trains a small adapter; it does not combine with --fsdp (use DDP: drop --fsdp)")
+    if cfg.peft == "prompt" and cfg.peft_save == "merged":
+        raise UsageError("a soft prompt cannot be merged into the weights; drop --peft-save (a prompt-tuned run dir "
+                         "holds the adapter and names its base)")
+    peft_module()  # installed? (exit 2 naming the extra)
+    return cfg.peft_save or ("merged" if cfg.peft == "lora" else "adapter")
 
 
 def pad_id_of(tok) -> int:
@@ -167,17 +185,19 @@ def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch
     """The training loss over the predicted positions ``idx`` of a (b, L) batch, and how many argmaxes hit the
     label (a tensor on the batch's device: no host sync).
 
-    The built-in transformer with forward KL takes the fused path (kdcli.lm.head_loss: output layer and loss in
-    chunks, no (tokens, V) logits kept; same value and gradients); other students and divergences take
-    ``kd_loss`` on the selected logits, and so does ``fused=False`` (an FSDP-sharded head is only whole inside
-    the model's own forward pass). ``net`` is what the forward pass runs through (the DDP wrapper under
-    torchrun, so gradients are averaged over ranks); ``model`` is the bare module.
+    Forward KL on a student whose logits are ``hidden @ W.T`` (the built-in transformer, a Hugging Face student
+    with a plain Linear head: :func:`kdcli.lm.hf.fused_head_weight`) takes the fused path (kdcli.lm.head_loss:
+    output layer and loss in chunks, no (tokens, V) logits kept; same value and gradients); other students and
+    divergences take ``kd_loss`` on the selected logits, and so does ``fused=False`` (an FSDP-sharded head is only
+    whole inside the model's own forward pass). ``net`` is what the forward pass runs through: a DDP wrapper
+    around ``LMForward(model)`` under torchrun, so gradients are averaged over ranks; ``model`` is the bare module.
     """
     net = model if net is None else net
     with precision_context(precision, ids.device):
-        if fused and divergence == "forward" and isinstance(model, TinyTransformer):
-            h = net(ids, hidden_only=True)  # (b, L, d)
-            parts, correct = head_kd_loss(h.reshape(-1, h.shape[-1])[idx], model.head.weight, targets, labels,
+        weight = fused_head_weight(model) if fused and divergence == "forward" else None
+        if weight is not None:
+            h = lm_hidden(model, ids, mask) if net is model else net(ids, mask, hidden_only=True)  # (b, L, d)
+            parts, correct = head_kd_loss(h.reshape(-1, h.shape[-1])[idx], weight, targets, labels,
                                           temperature=temperature, alpha=alpha, precision=precision,
                                           approximate=approximate)
             return parts, torch.as_tensor(correct, device=ids.device)
@@ -207,7 +227,9 @@ class TokenCacheJob(CacheJob):
         tok = load_tokenizer(tok_spec)
         self.pad_id = pad_id_of(tok)
         self.model, self.info = build_lm(cfg.teacher, cfg.teacher_args, vocab_size=len(tok),
-                                         weights=cfg.teacher_weights)
+                                         weights=cfg.teacher_weights, dtype=cfg.dtype,
+                                         device_map=cfg.teacher_device_map)
+        self.placed = is_placed(self.model)  # accelerate placed it: the pass must not move it
         self.V = V = self.info.vocab_size
         if len(tok) > V:
             raise CacheError(f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
@@ -250,6 +272,8 @@ class TokenCacheJob(CacheJob):
                     "samples": cfg.samples if self.sampled else None, "views": 1, "augment": None,
                     "seed": cfg.seed if self.sampled else None, "shard_size": shard_size, "dtype": cfg.dtype,
                     "teacher_prompt": teacher_prompt, **settings_obj.as_dict(), **temp_settings}
+        if self.info.load_dtype not in (None, "float32"):  # weights stored in bf16/fp16, not only autocast
+            settings["weights_dtype"] = cfg.dtype
         layout = {"kind": "token", "mode": mode, "num_classes": V, "vocab_size": V,
                   "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if self.sampled else None,
                   "logprob_dtype": "float16", "id_dtype": id_dtype.name if mode != "full" else None,
@@ -270,7 +294,9 @@ class TokenCacheJob(CacheJob):
                 f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode {self.mode}"
                 + (f", k={cfg.top_k}" if self.mode == "topk" else "")
                 + (f", {cfg.samples} draws/token" if self.mode == "sample" else "")
-                + (" (teacher prompt on)" if self.teacher_prompt else ""))
+                + (" (teacher prompt on)" if self.teacher_prompt else "")
+                + (f"; weights in {self.info.load_dtype}" if self.info.load_dtype not in (None, "float32") else "")
+                + (f"; placed by accelerate ({_placement(self.info.device_map)})" if self.placed else ""))
 
     def forward(self, start, stop, device, generator):
         seqs = self.t_seqs[start:stop]
@@ -280,8 +306,10 @@ class TokenCacheJob(CacheJob):
         lengths = target_counts(seqs, self.t_first[start:stop], masks)
         if not np.array_equal(lengths, self.data.num_targets[start:stop]):  # the teacher's positions = the student's
             raise RuntimeError(f"teacher/student position mismatch at rows {start}..{stop}")
-        logits = lm_logits(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(flat_idx).to(device)]  # (tokens, V)
+        at = input_device(self.model, device)  # a model spread by accelerate reads on its first device
+        logits = lm_logits(self.model, torch.from_numpy(ids).to(at), torch.from_numpy(mask).to(at))
+        sel = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(flat_idx).to(logits.device)]  # (tokens, V)
+        sel = sel.to(device)  # the reduction runs on --device (a no-op unless the teacher's head sits elsewhere)
         if sel.shape[-1] != self.V:
             raise CacheError(f"the teacher returned {sel.shape[-1]} logits per token, expected {self.V}")
         logp = torch.log_softmax(sel.float(), dim=-1)  # (tokens, V) fp32
@@ -323,6 +351,17 @@ class TokenCacheJob(CacheJob):
                               full_fp16_ratio=2 * V / max(bpt, 1e-9))
 
 
+def _placement(device_map: dict | None) -> str:
+    """{'model.layers.0': '0', ..., 'lm_head': 'cpu'} -> 'cuda:0 12 modules, cpu 3 modules'."""
+    counts: dict[str, int] = {}
+    for dev in (device_map or {}).values():
+        name = f"cuda:{dev}" if str(dev).isdigit() else str(dev)
+        counts[name] = counts.get(name, 0) + 1
+    if list(device_map or {}) == [""]:
+        return f"all on {next(iter(counts))}"
+    return ", ".join(f"{d} {n} module{'s' * (n != 1)}" for d, n in counts.items()) or "cpu"
+
+
 # -- training ------------------------------------------------------------------------------------------------------
 
 class TokenTrainJob(TrainJob):
@@ -345,6 +384,7 @@ class TokenTrainJob(TrainJob):
             settings = TextSettings(max_length=cfg.max_length or 512,
                                     chat_template=read_chat_template(cfg.chat_template))
             self.V = None
+        self.peft_save = check_peft_options(cfg)  # before the run dir is touched
         self.tok, self.pad_id = tok, pad_id_of(tok)
         self.data = data = load_text(cfg.data, tok, settings, vocab_size=self.V or len(tok), target_masks=True)
         for note in data.notes:
@@ -358,7 +398,14 @@ class TokenTrainJob(TrainJob):
         args = dict(cfg.student_args)
         if cfg.student == "transformer":
             args.setdefault("max_length", max(1024, data.settings.max_length))
+        if cfg.student in HF_BUILTINS:
+            args.setdefault("max_position_embeddings", max(1024, data.settings.max_length))
+            for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                args.setdefault(name, getattr(self.tok, name, None))
+        peft = self.peft_save
         self.model, self.info = build_lm(cfg.student, args, vocab_size=V or len(self.tok))
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, cfg.student)
         if V is not None and self.info.vocab_size != V:
             raise CacheError(f"vocabulary mismatch: the teacher (cache {self.reader.dir}) has {V} logits per token but "
                              f"the student {cfg.student} has {self.info.vocab_size}; use a student with the teacher's "
@@ -366,10 +413,32 @@ class TokenTrainJob(TrainJob):
         if self.info.vocab_size < len(self.tok):
             raise UsageError(f"the student has {self.info.vocab_size} logits per token but the tokenizer has "
                              f"{len(self.tok)} tokens")
+        if is_peft_model(self.model):
+            raise UsageError(f"student {cfg.student} is a peft adapter run; train its base instead (--student "
+                             f"{(self.info.source or {}).get('peft', {}).get('base')}), with --peft to train an adapter")
+        self.adapter = None
+        self.trainable = None
+        if peft is not None:
+            self.model = add_adapter(self.model, cfg.peft, cfg.peft_args, tokenizer=self.tok, student=cfg.student)
+            trainable, total = trainable_counts(self.model)
+            self.trainable = trainable
+            self.info.num_parameters = total
+            log.info(f"--peft {cfg.peft}: {trainable:,} trainable of {total:,} parameters "
+                     f"({100 * trainable / max(total, 1):.2f}%)")
+            base = str(Path(cfg.student).resolve()) if Path(cfg.student).exists() else None
+            if peft == "adapter" and base is None:
+                raise UsageError(f"--peft-save adapter names the adapter's base, but the built-in student "
+                                 f"{cfg.student!r} has no saved weights; adapt a pretrained student (a Hugging Face "
+                                 "directory or a run dir) or, for LoRA, --peft-save merged")
+            self.adapter = {"method": cfg.peft, "args": dict(cfg.peft_args), "save": peft, "base": base,
+                            "base_sha256": self.info.weights_sha256}
         self.eval_data = None
         if cfg.eval_data:
             self.eval_data = load_text(cfg.eval_data, self.tok, data.settings, vocab_size=self.info.vocab_size,
                                        target_masks=True)
+
+    def forward_module(self, model):
+        return LMForward(model)
 
     def train_units(self, train_samples):
         return int(self.data.num_targets[train_samples].sum())
@@ -416,12 +485,13 @@ class TokenTrainJob(TrainJob):
 
     def save(self, out, model):
         save_lm_run(out, model, self.info, tokenizer=self.tok, tokenizer_id=tokenizer_identity(self.tok, self.tok_spec),
-                    text=self.data.settings.as_dict())
+                    text=self.data.settings.as_dict(), adapter=self.adapter)
 
     def summary(self, base: TrainSummary, last: dict, train_units: int) -> LMTrainSummary:
         return LMTrainSummary(**vars(base), train_tokens=train_units,
                               tokens_per_second=last.get("tokens_per_second", 0.0), divergence=self.cfg.divergence,
-                              val_perplexity=last.get("val_perplexity"), eval_perplexity=last.get("eval_perplexity"))
+                              val_perplexity=last.get("val_perplexity"), eval_perplexity=last.get("eval_perplexity"),
+                              trainable_parameters=self.trainable)
 
 
 # -- eval ----------------------------------------------------------------------------------------------------------
@@ -438,6 +508,13 @@ class LMModelReport:
     num_parameters: int
     weight_bytes: int
     tokens_per_second: float
+    # the compression report, as in ModelReport; a row is a sequence of the eval data's first batch (padded to its
+    # longest), latency_batch_size of them at most 16
+    nonzero_parameters: int | None = None
+    bytes_on_disk: int | None = None
+    latency_batch_size: int | None = None
+    latency_batch1_s: float | None = None
+    latency_batch_s: float | None = None
 
 
 @dataclass
@@ -545,11 +622,17 @@ class TokenTask(Task):
                         kl += float(soft_kl(sel, targets, cfg.temperature,
                                             approximate=cfg.approximate_temperature).sum())
             mean = nll / max(tokens, 1)
+            # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
+            lat_ids, _ = pad_batch([data.ids[i] for i in range(min(bs, data.n))], pad_id)
+            stats = size_and_speed(model, spec if Path(spec).exists() else None, torch.from_numpy(lat_ids),
+                                   len(lat_ids), cfg.latency_repeats, forward=lambda m, ids: lm_logits(m, ids),
+                                   warm=True)
             reports.append(LMModelReport(
                 model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
                 accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
                 kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
-                weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9)))
+                weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
+                **stats))
         return LMEvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, num_sequences=data.n,
                             num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports, failures=[],
                             notes=data.notes)

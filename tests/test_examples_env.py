@@ -1,0 +1,124 @@
+"""The newcomer path: every example finds the project's own environment (the .venv the quick start creates) when
+kdcli is not on PATH / not importable, or prints the one command to run (exit 2).
+
+Each example is copied into a scratch repository layout (examples/env.sh, examples/lm_common.py beside it) whose
+``.venv/bin`` holds stand-ins that record their arguments: nothing is installed or trained (< 2 s in all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHELL_EXAMPLES = ["mnist-demo", "hinton-mnist"]
+PY_EXAMPLES = ["lm-shakespeare", "lm-prompt-distill"]
+BARE_PATH = "/usr/bin:/bin"  # no kdcli there
+
+
+def scratch_repo(tmp_path: Path, venv: bool, python_ok: bool = True) -> Path:
+    """A copy of examples/ (scripts and their helpers) under tmp_path/repo, with or without a stand-in .venv."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", repo / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    if venv:
+        bin_dir = repo / ".venv" / "bin"
+        bin_dir.mkdir(parents=True)
+        log = tmp_path / "calls.log"
+        for name, code in (("kdcli", 0), ("python", 0 if python_ok else 1)):
+            exe = bin_dir / name
+            exe.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\nexit {code}\n')
+            exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return repo
+
+
+def calls(tmp_path: Path) -> list[str]:
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def run_sh(repo: Path, example: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PATH=BARE_PATH, QUICK="1")
+    return subprocess.run(["bash", str(repo / "examples" / example / "run.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def run_py(repo: Path, example: str) -> subprocess.CompletedProcess:
+    # -I -S: no site-packages and no PYTHONPATH, so kdcli is not importable (as with a system python3)
+    env = {k: v for k, v in os.environ.items() if k not in ("KDCLI_EXAMPLE_REEXEC", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-I", "-S", str(repo / "examples" / example / "run.py"), "--help"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("example", SHELL_EXAMPLES)
+def test_shell_example_uses_the_quick_start_venv(tmp_path, example):
+    repo = scratch_repo(tmp_path, venv=True)
+    proc = run_sh(repo, example, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    kdcli_calls = [c for c in calls(tmp_path) if c.startswith("kdcli ")]
+    assert kdcli_calls and kdcli_calls[0].startswith("kdcli train-student")  # every command ran from .venv/bin
+    assert "installing" not in proc.stderr
+
+
+def test_hinton_example_names_the_plot_extra_when_matplotlib_is_missing(tmp_path):
+    repo = scratch_repo(tmp_path, venv=True, python_ok=False)  # the venv's python fails `import matplotlib`
+    proc = run_sh(repo, "hinton-mnist", tmp_path)
+    assert proc.returncode == 2 and not [c for c in calls(tmp_path) if c.startswith("kdcli ")]
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: ") and f"run: {repo}/.venv/bin/python -m pip install -e '{repo}[plot]'" in line
+
+
+def test_shell_example_without_kdcli_or_venv_prints_the_one_command(tmp_path):
+    repo = scratch_repo(tmp_path, venv=False)
+    proc = run_sh(repo, "hinton-mnist", tmp_path)
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: kdcli is not on PATH") and line.endswith(f"bash {repo}/examples/mnist-demo/run.sh")
+
+
+@pytest.mark.parametrize("example", PY_EXAMPLES)
+def test_python_example_reruns_itself_with_the_venv_python(tmp_path, example):
+    repo = scratch_repo(tmp_path, venv=True)
+    proc = run_py(repo, example)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(tmp_path) == [f"python {repo / 'examples' / example / 'run.py'} --help"]
+
+
+@pytest.mark.parametrize("example", PY_EXAMPLES)
+def test_python_example_without_kdcli_or_venv_prints_the_one_command(tmp_path, example):
+    repo = scratch_repo(tmp_path, venv=False)
+    proc = run_py(repo, example)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: kdcli is not installed") and line.endswith(
+        f"bash {repo}/examples/mnist-demo/run.sh")
+
+
+def test_mnist_demo_commands_parse(tmp_path):
+    """Every kdcli command the demo runs (quick and full mode) is accepted by the CLI's parser: a renamed option
+    breaks this test, not the demo."""
+    import shlex
+
+    import typer
+
+    from kdcli.cli import app
+
+    commands = typer.main.get_command(app).commands
+    for quick in ("1", "0"):
+        repo = scratch_repo(tmp_path / quick, venv=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+        env.update(PATH=BARE_PATH, QUICK=quick)
+        proc = subprocess.run(["bash", str(repo / "examples/mnist-demo/run.sh"), str(tmp_path / "out")], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        argvs = [shlex.split(c)[1:] for c in calls(tmp_path / quick) if c.startswith("kdcli ")]
+        assert [a[0] for a in argvs].count("compress") == 3 and argvs[-1][0] == "eval"
+        assert argvs[-1].count("--model") == 5
+        for name, *rest in argvs:
+            commands[name].make_context(name, rest)  # raises on an unknown option or a bad value
