@@ -108,3 +108,24 @@ def test_benchmark_runs_tiny(tiny_teacher, tmp_path, monkeypatch, capsys):
     assert set(res["quality"]) == {"full", "topk8", "topk64", "sample"}
     assert res["quality"]["full"]["kl_ratio"] == 1.0 and res["timing"]["speedup"] > 0
     assert "faster offline" in capsys.readouterr().out
+
+
+@needs_shakespeare
+def test_chat_distill_example_runs(tiny_teacher, tmp_path, monkeypatch):
+    """examples/lm-chat-distill at a tiny size: chat rows from the plays, teacher-only persona, LoRA and full
+    students from one cache, eval, and transformers loading both run dirs and generating."""
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    run_script(ROOT / "examples/lm-chat-distill/run.py", "--out", out, "--teacher", tiny_teacher, "--train-rows", 6,
+               "--heldout-rows", 3, "--max-length", 150, "--speech-chars", 40, "--epochs", 1, "--max-new-tokens", 4, "--full-student-args",
+               "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,intermediate_size=32",
+               monkeypatch=monkeypatch)
+    res = json.loads((out / "results.json").read_text())
+    assert res["heldout_rows"] == 3 and res["heldout_assistant_tokens"] > 0
+    assert set(res["models"]) == {"before (SmolLM2, unprompted)", "LoRA student", "full student"}
+    assert all(m["kl_to_teacher"] >= 0 for m in res["models"].values())
+    assert set(res["replies (transformers.generate)"]) == {"lora", "full"}
+    m = json.loads((out / "cache-train" / "manifest.json").read_text())
+    assert m["text"]["data_kind"] == "chat" and "Hamlet" in m["settings"]["teacher_prompt"]
+    for run in ("lora", "full"):  # Hugging Face model directories
+        assert (out / run / "config.json").is_file() and (out / run / "model.safetensors").is_file()
