@@ -119,7 +119,13 @@ class TrainConfig:
     out: str = opt(help="Run directory to write (weights, config, metrics, checkpoints).")
     student_args: dict = opt({}, "Keyword arguments for the student factory (KEY=VALUE, values parsed as YAML).",
                              repeat=True)
-    cache: str | None = opt(None, "Teacher cache directory. Without it the student trains on labels alone.")
+    cache: list = opt([], "Teacher cache directory. Without it the student trains on labels alone. Repeat to fuse "
+                          "several teachers (full caches over the same data: see --combine).", repeat=True)
+    cache_weights: str | None = opt(None, "With several --cache: their weights, comma-separated in the same order "
+                                          "(e.g. 0.5,0.3,0.2; >= 0, normalised to sum to 1). Default: equal.")
+    combine: str = opt("mean", "With several --cache: mean fuses the teachers' probabilities (a mixture, Hinton et "
+                               "al. 2015's ensemble), geometric their log-probabilities (weighted, renormalised).",
+                       choices=("mean", "geometric"))
     peft: str | None = opt(None, "Language models: train a parameter-efficient adapter of a pretrained Hugging Face "
                                  "student (needs the peft extra) instead of all its weights. lora: low-rank updates "
                                  "of its linear layers; prompt: a learned prompt embedding (soft prompt) before "
@@ -193,6 +199,12 @@ class TrainConfig:
     chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE instead of the "
                                           "tokenizer's own. With --cache the cache's is used.")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, str):  # one directory (the Python API, older configs): a list of one
+            self.cache = [self.cache]
+        elif self.cache is None:
+            self.cache = []
+
 
 @dataclass
 class EvalConfig:
@@ -201,7 +213,12 @@ class EvalConfig:
     model: list = opt(help="A kdcli run dir (or a built-in/file.py MODEL with --model-weights). Repeat to compare.",
                       repeat=True)
     data: str = opt(help="Evaluation DATA, e.g. mnist:test.")
-    cache: str | None = opt(None, "Teacher cache over the same DATA: adds agreement and KL to the teacher.")
+    cache: list = opt([], "Teacher cache over the same DATA: adds agreement and KL to the teacher. Repeat to "
+                          "measure against the fused teacher (see --combine).", repeat=True)
+    cache_weights: str | None = opt(None, "With several --cache: their weights, comma-separated in the same order "
+                                          "(normalised to sum to 1). Default: equal.")
+    combine: str = opt("mean", "With several --cache: mean (mixture of the teachers' probabilities) or geometric "
+                               "(weighted mean of log-probabilities, renormalised).", choices=("mean", "geometric"))
     temperature: float = opt(1.0, "Temperature for the KL to the teacher.", gt=0.0)
     approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
                                                "store (see cache-teacher --temperatures): topk then assumes the "
@@ -231,6 +248,12 @@ class EvalConfig:
                                   "sequences): the median of at least N timed forward passes per batch size, after "
                                   "a warm-up (the eval pass's own full batches count, so a large eval set costs no "
                                   "extra pass). More repeats steady the numbers; 0 skips the measurement.", min=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, str):  # one directory (the Python API, older configs): a list of one
+            self.cache = [self.cache]
+        elif self.cache is None:
+            self.cache = []
 
 
 @dataclass
@@ -301,6 +324,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     if value is None:
         if optional:
             return None
+        if tp is list and f.default_factory is not REQUIRED:  # type: ignore[misc]
+            return []  # a repeatable option given as null: none (what a label-only run's config.yaml records)
         raise UsageError(f"config key '{key}' must be {_type_name(tp)}, got null")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

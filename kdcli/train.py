@@ -35,6 +35,7 @@ from torch import nn
 
 from kdcli import crashpoints, distributed, log
 from kdcli.cache.atomic import atomic_write_bytes, is_disk_full, remove_partials
+from kdcli.cache.fused import FusedReader
 from kdcli.cache.lock import DirLock
 from kdcli.cache.reader import CacheLoader
 from kdcli.cache.manifest import stored_temperatures
@@ -44,7 +45,7 @@ from kdcli.losses import describe
 from kdcli.models import WEIGHTS, resolve_device, unpickling_problem
 from kdcli.precision import precision_context
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
-from kdcli.tasks.base import check_cache_temperature
+from kdcli.tasks.base import check_cache_temperature, open_teacher
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "TrainSummary", "apply_max_norm", "build_optimizer",
            "holdout", "label_batches", "precision_context", "schedule", "train_student"]
@@ -169,7 +170,7 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
         raise UsageError("--fsdp shards the student over torchrun processes; launch with `torchrun --standalone "
                          "--nproc-per-node N -m kdcli train-student ...`, or drop --fsdp")
     task = pick_task(cfg.data)
-    reader = task.open_cache(cfg.cache) if cfg.cache else None
+    reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None and alpha > 0:
         check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature)
     job = task.train_job(cfg, alpha, reader)  # data loaded and checked against the cache; the student comes later
@@ -234,6 +235,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                        temperatures=stored_temperatures(reader.manifest)["temperatures"] if reader else None,
                        approximate=cfg.approximate_temperature)
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
+    if isinstance(reader, FusedReader):
+        log.info(f"teacher: the {reader.describe()}; exact (full caches, fused per "
+                 f"{'token' if job.unit == 'tokens' else 'row'})")
     log.info(job.describe(train_samples, n_val) + f"; on {device}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
              f"batch {cfg.batch_size}"
              + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled

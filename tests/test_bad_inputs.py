@@ -247,12 +247,12 @@ CASES: dict[str, Case] = {
     "wrong type flag": Case(train("--lr", "fast"), 2, r"Invalid value for '--lr'"),
     "unknown flag": Case(train("--tempreature", 2), 2, r"No such option:? '?--tempreature"),
     # an option that takes one value, given twice: refused before anything runs (no silent last-wins)
-    "repeated --cache (train-student)": Case(lambda d, o: distill("cache")(d, o) + ["--cache", d / "c_nan"], 2,
-                                             r"--cache given 2 times; it takes one value, and kdcli does not "
-                                             r"silently keep the last: give it once"),
-    "repeated --cache (eval)": Case(lambda d, o: ["eval", "--model", d / "student", "--data", d / "blobs.npz",
-                                                  "--cache", d / "cache", "--cache", d / "cache"], 2,
-                                    r"--cache given 2 times"),
+    "fused caches, a weight per cache missing (train-student)": Case(
+        lambda d, o: distill("cache")(d, o) + ["--cache", d / "cache", "--cache-weights", "1,2,3"], 2,
+        r"--cache-weights has 3 value\(s\) but 2 --cache value\(s\) were given"),
+    "fused caches, the second damaged (eval: every --cache is read, none silently dropped)": Case(
+        lambda d, o: ["eval", "--model", d / "student", "--data", d / "blobs.npz", "--cache", d / "cache",
+                      "--cache", d / "c_nan"], 3, r"c_nan: shard .* is damaged"),
     "repeated --out (cache-teacher), the last an existing cache": Case(
         lambda d, o: cache_cmd("--overwrite")(d, o) + ["--out", d / "cache"], 2, r"--out given 2 times"),
     "repeated --overwrite (train-student) into a finished run": Case(

@@ -56,6 +56,21 @@ def test_prompt_distillation_example_runs(tiny_teacher, tmp_path, monkeypatch):
     assert "pirate" in m["settings"]["teacher_prompt"] and m["text"]["prompt_loss"] is False
 
 
+def test_multi_prompt_fusion_example_runs(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(ROOT / "examples/multi-prompt-fusion/run.py", "--out", out, "--teacher", tiny_teacher, "--train", 6,
+               "--heldout", 3, "--epochs", 1, "--lr", "1e-4", monkeypatch=monkeypatch)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["students"]) == {"terse", "geographer", "assistant", "fused-mean", "fused-geometric"}
+    prompts = {json.loads((out / f"cache-{n}-train" / "manifest.json").read_text())["settings"]["teacher_prompt"]
+               for n in ("terse", "geographer", "assistant")}
+    assert len(prompts) == 3  # one teacher, three teacher-only system prompts
+    # each student is measured against its own teacher: the fused teacher is none of the single ones
+    singles = [res["students"][n]["teacher_perplexity"] for n in ("terse", "geographer", "assistant")]
+    assert all(abs(res["students"]["fused-mean"]["teacher_perplexity"] - t) > 1e-6 for t in singles)
+    assert res["best_single_prompt"] in ("terse", "geographer", "assistant")
+
+
 @pytest.mark.slow
 @needs_shakespeare
 def test_smollm2_gguf_teacher_token_cache(tmp_path):

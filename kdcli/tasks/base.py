@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kdcli.cache.manifest import stored_temperatures, temperature_layout
+from kdcli.cache.fused import open_fused
 from kdcli.cache.reader import CacheReader
 from kdcli.config import parse_temperatures
 from kdcli.errors import UsageError
@@ -124,6 +125,24 @@ def check_cache_temperature(reader: CacheReader, temperature: float, approximate
         check_temperature(reader.mode, stored, temperature, approximate)
     except UsageError as e:
         raise UsageError(f"cache {reader.dir}: {e}") from None
+
+
+def open_teacher(task: "Task", cfg) -> CacheReader | None:
+    """The teacher of ``train-student`` / ``eval``: None without ``--cache``, the cache given once, or the fused
+    teacher of several (:mod:`kdcli.cache.fused`: refused, exit 3 naming the first difference, unless they cover
+    the same data, classes/vocabulary, tokenizer and rows)."""
+    if not cfg.cache:
+        if cfg.cache_weights:
+            raise UsageError("--cache-weights weights several --cache values; none was given")
+        return None
+    return open_fused([task.open_cache(c) for c in cfg.cache], cfg.cache_weights, cfg.combine)
+
+
+def cache_label(cfg) -> str | list[str] | None:
+    """What eval reports as its cache: the directory, or the list of fused ones."""
+    if not cfg.cache:
+        return None
+    return cfg.cache[0] if len(cfg.cache) == 1 else list(cfg.cache)
 
 
 def cache_targets(reader: CacheReader, arrays: dict) -> Targets:

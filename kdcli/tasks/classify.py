@@ -28,8 +28,8 @@ from kdcli.errors import CacheError, UsageError
 from kdcli.losses import kd_loss, soft_kl
 from kdcli.models import MODEL_JSON, build_model, is_run_dir, save_run_model, weight_bytes
 from kdcli.precision import precision_context
-from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_targets, size_and_speed, \
-    temperature_plan
+from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_targets,
+                              size_and_speed, temperature_plan)
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -269,7 +269,7 @@ class ModelReport:
 @dataclass
 class EvalReport:
     data: str
-    cache: str | None
+    cache: str | list[str] | None  # the cache, or the fused caches
     temperature: float
     models: list[ModelReport]
     failures: list[str]
@@ -415,7 +415,7 @@ class ClassifyTask(Task):
             rows = reader.read_rows(0, data.n)  # view 0 of every sample
             if not np.array_equal(rows["sample_index"], np.arange(data.n)) or not np.array_equal(
                     rows["row_hash"], data.row_hash):
-                raise CacheError(f"cache {cfg.cache} rows do not line up with {cfg.data}")
+                raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
             targets = cache_targets(reader, rows)
         bias_spec = parse_class_bias(cfg.class_bias, data.num_classes)
         fit_classes = [c for c, b in bias_spec.items() if b == "fit"]
@@ -466,6 +466,6 @@ class ClassifyTask(Task):
                 weight_bytes=weight_bytes(model),
                 samples_per_second=data.n / max(secs, 1e-9), before_bias=before,
                 class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)}, **m, **stats))
-        return EvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, models=reports, failures=[],
+        return EvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, models=reports, failures=[],
                           class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
                           bias_data=(fit_data.spec if fit_classes else None))

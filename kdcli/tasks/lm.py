@@ -49,8 +49,8 @@ from kdcli.losses import LossParts, Targets, kd_loss, soft_kl
 from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
 from kdcli.precision import precision_context
-from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_targets, size_and_speed, \
-    temperature_plan
+from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_targets,
+                              size_and_speed, temperature_plan)
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -520,7 +520,7 @@ class LMModelReport:
 @dataclass
 class LMEvalReport:
     data: str
-    cache: str | None
+    cache: str | list[str] | None  # the cache, or the fused caches
     temperature: float
     num_sequences: int
     num_tokens: int
@@ -587,7 +587,7 @@ class TokenTask(Task):
         def cached(a: int) -> dict:  # the cache's rows [a, a + bs), checked against the data; read again per model
             batch = reader.read_rows(a, min(a + bs, data.n))  # so memory stays flat whatever the eval set's size
             if not np.array_equal(batch["sample_index"], rows_all[a:a + bs]):
-                raise CacheError(f"cache {cfg.cache} rows do not line up with {cfg.data}")
+                raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
             check_batch(batch, data, reader)
             return batch
 
@@ -604,7 +604,7 @@ class TokenTask(Task):
         for spec in cfg.model:
             model, info = build_lm(spec, None, vocab_size=V or len(tok))
             if V is not None and info.vocab_size != V:
-                raise CacheError(f"vocabulary mismatch: the teacher (cache {cfg.cache}) has {V} logits per token but "
+                raise CacheError(f"vocabulary mismatch: the teacher (cache {reader.dir}) has {V} logits per token but "
                                  f"{spec} has {info.vocab_size}")
             model.to(device).eval()
             nll = correct = agree = kl = 0.0
@@ -633,6 +633,6 @@ class TokenTask(Task):
                 kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
                 weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
                 **stats))
-        return LMEvalReport(data=cfg.data, cache=cfg.cache, temperature=cfg.temperature, num_sequences=data.n,
+        return LMEvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, num_sequences=data.n,
                             num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports, failures=[],
                             notes=data.notes)
