@@ -42,7 +42,7 @@ def test_exact_files_written(pipeline):
     lines = (d / "distilled" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 31))
     cfg = yaml.safe_load((d / "distilled" / "config.yaml").read_text())
-    assert cfg["alpha"] == 0.9 and cfg["temperature"] == 4.0 and cfg["cache"] == str(d / "cache")
+    assert cfg["alpha"] == 0.9 and cfg["temperature"] == 4.0 and cfg["cache"] == [str(d / "cache")]  # a list: fusable
 
 
 def test_formula_printed_and_stdout_is_the_result(pipeline):
