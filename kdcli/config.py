@@ -35,6 +35,13 @@ def opt(default: Any = REQUIRED, help: str = "", *, min: float | None = None, ma
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def cache_list(value) -> list:
+    """``--cache`` as a list: one directory (the Python API, older configs) is a list of one, None an empty one."""
+    if isinstance(value, str):
+        return [value]
+    return [] if value is None else value
+
+
 @dataclass
 class CacheConfig:
     """Run the teacher once over DATA and write its log-probabilities to a cache directory."""
@@ -200,10 +207,7 @@ class TrainConfig:
                                           "tokenizer's own. With --cache the cache's is used.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.cache, str):  # one directory (the Python API, older configs): a list of one
-            self.cache = [self.cache]
-        elif self.cache is None:
-            self.cache = []
+        self.cache = cache_list(self.cache)
 
 
 @dataclass
@@ -250,10 +254,7 @@ class EvalConfig:
                                   "extra pass). More repeats steady the numbers; 0 skips the measurement.", min=0)
 
     def __post_init__(self) -> None:
-        if isinstance(self.cache, str):  # one directory (the Python API, older configs): a list of one
-            self.cache = [self.cache]
-        elif self.cache is None:
-            self.cache = []
+        self.cache = cache_list(self.cache)
 
 
 @dataclass
