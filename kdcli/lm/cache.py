@@ -80,10 +80,6 @@ class TokenCacheReader(CacheReader):
         return {k: (v[a:b] if k in ROW_KEYS + ("lengths",) else v[t0:t1]).copy() for k, v in buf.items()}
 
 
-def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 def take_rows(buf: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """Select rows (any order) of a ragged batch: row arrays by index, token arrays by each row's token range."""
     lengths = buf["lengths"]
