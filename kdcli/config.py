@@ -127,7 +127,8 @@ class TrainConfig:
     student_args: dict = opt({}, "Keyword arguments for the student factory (KEY=VALUE, values parsed as YAML).",
                              repeat=True)
     cache: list = opt([], "Teacher cache directory. Without it the student trains on labels alone. Repeat to fuse "
-                          "several teachers (full caches over the same data: see --combine).", repeat=True)
+                          "several teachers over the same data (full caches: exact at every T; topk, sample or "
+                          "priority caches: --combine mean at T = 1; see docs/fusion.md).", repeat=True)
     cache_weights: str | None = opt(None, "With several --cache: their weights, comma-separated in the same order "
                                           "(e.g. 0.5,0.3,0.2; >= 0, normalised to sum to 1). Default: equal.")
     combine: str = opt("mean", "With several --cache: mean fuses the teachers' probabilities (a mixture, Hinton et "

@@ -37,7 +37,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport | LMEvalReport:
     device = resolve_device(cfg.device)
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None:
-        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature)
+        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature, evaluating=True)
     if cfg.min_agreement is not None and reader is None:
         raise UsageError("--min-agreement needs --cache (the teacher's outputs)")
     report = task.evaluate(cfg, device, reader)

@@ -83,18 +83,28 @@ class Targets:
     stats: torch.Tensor | None = None  # (b, len(temperatures) - 1): per stored T != 1, in order
     temperatures: tuple = (1.0,)
     sampler_temperatures: tuple = (1.0,)
+    padded: bool = False  # topk: slots whose id_logprobs are -inf are unused (their classes are in the tail)
+    parts: tuple | None = None  # mixture: one Targets (sample or priority) per fused teacher ...
+    part_weights: tuple | None = None  # ... and its weight (they sum to 1)
+
+    def _map(self, f) -> "Targets":
+        kw = {k: (f(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        if self.parts is not None:
+            kw["parts"] = tuple(p._map(f) for p in self.parts)
+        return Targets(**kw)
 
     def to(self, device: torch.device) -> "Targets":
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
-        return Targets(**moved)
+        return self._map(lambda v: v.to(device, non_blocking=True))
 
     def rows(self, sl: slice) -> "Targets":
         """The same targets for rows ``sl`` only (views, no copies)."""
-        return Targets(**{k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return self._map(lambda v: v[sl])
 
     def top1(self) -> torch.Tensor:
-        """(b,) the teacher's most likely class (for sample mode: the most drawn id)."""
+        """(b,) the teacher's most likely class (for sample mode: the most drawn id; for fused topk targets: the
+        most likely of the ids every teacher kept)."""
+        if self.mode == "mixture":
+            raise ValueError("a mixture of sampled teachers has no known top-1 class")
         if self.mode == "full":
             return self.logprobs.argmax(dim=-1)
         if self.mode in ("topk", "priority"):  # ids sorted by log-prob, largest first
@@ -212,18 +222,22 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def topk_bucket_logprobs(id_logprobs: torch.Tensor, tail_logmass: torch.Tensor, num_classes: int,
-                         temperature: float, tail_logmass_t: torch.Tensor | None = None) -> torch.Tensor:
+                         temperature: float, tail_logmass_t: torch.Tensor | None = None,
+                         padded: bool = False) -> torch.Tensor:
     """The teacher's (b, k + 1) bucket log-probs at T: its k ids and one tail bucket (module docstring).
 
     ``tail_logmass_t`` (b,): the stored log tail mass at T (exact): the tail bucket gets exactly that mass and the
     k ids share the rest in proportion to ``p_i^(1/T)``. None: exact at T = 1 (``tail_logmass``); at any other T
-    the uniform-tail approximation."""
+    the uniform-tail approximation (``padded``: over the classes outside the row's used slots)."""
     T = float(temperature)
     if tail_logmass_t is not None:
         head = F.log_softmax(id_logprobs / T, dim=1) + _log1mexp(tail_logmass_t)[:, None]  # (b, k)
         return torch.cat([head, tail_logmass_t.clamp_max(0.0)[:, None]], dim=1)
     m = num_classes - id_logprobs.shape[1]
-    if m > 0:
+    if padded:  # fused topk targets: the unused slots' classes are in the tail too
+        log_m = torch.log((num_classes - torch.isfinite(id_logprobs).sum(dim=1)).float())
+        tail_w = torch.where(log_m > float("-inf"), log_m + (tail_logmass - log_m) / T, log_m)
+    elif m > 0:
         tail_w = math.log(m) + (tail_logmass - math.log(m)) / T  # (b,) tempered weight of the tail bucket
     else:
         tail_w = torch.full_like(tail_logmass, float("-inf"))
@@ -234,7 +248,8 @@ def teacher_buckets(targets: Targets, temperature: float, approximate: bool = Fa
     """topk targets -> the teacher's (b, k + 1) bucket log-probs at T: exact at a stored T, the documented
     approximation at another T with ``approximate``, else UsageError."""
     stat = temperature_stat(targets, temperature, approximate)
-    return topk_bucket_logprobs(targets.id_logprobs, targets.tail_logmass, targets.num_classes, temperature, stat)
+    return topk_bucket_logprobs(targets.id_logprobs, targets.tail_logmass, targets.num_classes, temperature, stat,
+                                padded=targets.padded)
 
 
 def sample_weights(counts: torch.Tensor, id_logprobs: torch.Tensor,
@@ -351,8 +366,21 @@ def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, 
     if targets.mode == "topk":
         p_log = teacher_buckets(targets, T, approximate)  # (b, k+1)
         s_top = torch.gather(s_log, 1, targets.ids)  # (b, k)
-        s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
+        if targets.padded:  # unused slots (ids may repeat) stay in the student's tail, no bucket of their own
+            used = targets.id_logprobs > float("-inf")
+            in_head = torch.zeros_like(s_log).scatter_add_(1, targets.ids, used.to(s_log.dtype)) > 0
+            s_tail = torch.logsumexp(s_log.masked_fill(in_head, float("-inf")), dim=1)
+            s_top = torch.where(used, s_top, float("-inf"))
+        else:
+            s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
         return div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
+    if targets.mode == "mixture":  # fused sample/priority teachers (kdcli/cache/fused.py): forward KL only
+        if divergence != "forward":
+            raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
+                             "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
+                             "no such identity holds for reverse KL or JSD)")
+        return sum(w * soft_kl(student_logits, p, T, divergence, beta, approximate=approximate)
+                   for p, w in zip(targets.parts, targets.part_weights))
     if targets.mode in ("sample", "priority"):
         w, p_log, used, _ = id_weights(targets, T, approximate)  # (b, S) weights and log p_T at each id
         s_at = torch.gather(s_log, 1, targets.ids)  # (b, S) log q_T at each id
@@ -422,8 +450,9 @@ def describe(alpha: float, temperature: float, has_cache: bool, divergence: str 
         return out
     exact = check_temperature(mode, temperatures or (1.0,), T, approximate)
     what = {"full": "exact", "topk": "exact over the top-k + tail buckets",
-            "sample": "unbiased estimate from the sampled ids", "priority": "unbiased estimate (priority sampling)"}
+            "sample": "unbiased estimate from the sampled ids", "priority": "unbiased estimate (priority sampling)",
+            "mixture": "unbiased gradient; the value adds the teachers' Jensen-Shannon divergence"}
     if exact:
         return out + f"   [{mode} cache: {what[mode]} at T = {T:g}]"
     return out + (f"   [{mode} cache stores T = {_fmt(sorted({1.0, *temperatures}))}: APPROXIMATE at T = {T:g} "
-                  f"({'uniform tail' if mode == 'topk' else 'self-normalised weights'})]")
+                  f"({ {'topk': 'uniform tail', 'mixture': 'the mean of the tempered teachers'}.get(mode, 'self-normalised weights')})]")

@@ -172,7 +172,8 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
     task = pick_task(cfg.data)
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None and alpha > 0:
-        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature)
+        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature,
+                                divergence=cfg.divergence)
     job = task.train_job(cfg, alpha, reader)  # data loaded and checked against the cache; the student comes later
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -236,8 +237,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
                        approximate=cfg.approximate_temperature)
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
     if isinstance(reader, FusedReader):
-        log.info(f"teacher: the {reader.describe()}; exact (full caches, fused per "
-                 f"{'token' if job.unit == 'tokens' else 'row'})")
+        log.info(f"teacher: the {reader.describe()}; "
+                 + reader.exactness().format(unit="token" if job.unit == "tokens" else "row"))
     log.info(job.describe(train_samples, n_val) + f"; on {device}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
              f"batch {cfg.batch_size}"
              + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled

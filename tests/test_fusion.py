@@ -193,7 +193,7 @@ def test_cli_train_and_eval_with_two_caches(cls):
 
 @pytest.mark.parametrize("argv,code,needle", [
     (["--cache", "c0", "--cache", "c_other"], 3, "data fingerprint differ"),
-    (["--cache", "c0", "--cache", "c_topk"], 2, "is a topk cache: fused teachers"),
+    (["--cache", "c0", "--cache", "c_topk"], 2, "cannot fuse full + topk caches"),
     (["--cache", "c0", "--cache", "c1", "--cache-weights", "1,2,3"], 2, "--cache-weights has 3 value(s) but 2"),
     (["--cache", "c0", "--cache", "c1", "--cache-weights", "0,0"], 2, "sum to more than 0"),
     (["--cache", "c0", "--cache", "c1", "--combine", "median"], 2, "median"),

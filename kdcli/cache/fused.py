@@ -12,12 +12,27 @@ The fused teacher is a distribution at T = 1; the loss tempers it like any cache
 Note that the KL to a mixture is not the mixture of the KLs: the fused distribution is built per row (per token
 for language models) before any divergence is taken.
 
-Only ``full`` caches are fused, and there the fusion is exact (up to the fp16 rounding of the stored
-log-probabilities; the fused row is computed in float64 and renormalised). Sparse caches (``topk``, ``sample``,
-``priority``) are refused: tempering a mixture at T != 1 needs every teacher's probability of every class, and a
-sparse cache knows it only on its own ids (a topk teacher's tail, a sampled teacher's unsampled classes), so a
-fused sparse target would rest on an assumption about the tails that no stored statistic makes exact or
-unbiased. Cache the teachers with ``--mode full`` to fuse them.
+What each cache mode fuses to (docs/fusion.md has the reasoning and the measured errors):
+
+- ``full``: exact for both combinations (up to the fp16 rounding of the stored log-probabilities; the fused row is
+  computed in float64 and renormalised), at every T.
+- ``topk`` (``mean`` only): the mixture *bucketed* on the classes every teacher kept (the intersection I of their
+  top-k ids) plus one tail bucket. Mixing commutes with bucketing, so ``p(i) = sum_k w_k p_k(i)`` for i in I and
+  the tail ``sum_k w_k (tail_k + p_k(S_k minus I))`` are exact: the loss is the exact KL between the fused
+  teacher's and the student's (|I| + 1)-bucket distributions at T = 1 (a lower bound of the full KL, like one
+  topk cache). The reader yields topk arrays laid out on the first teacher's ids, unused slots (ids outside I)
+  with log-prob -inf (``Targets.padded``). At T != 1 the tempered mixture's normaliser needs every class of every
+  teacher: refused unless ``--approximate-temperature`` (the uniform-tail approximation on those buckets).
+- ``sample`` / ``priority`` (``mean`` only, any mix of the two): a *mixture* target, the teachers' own targets
+  side by side (arrays ``t{k}/...``). The soft term is ``sum_k w_k KL(p_k || s)``, each estimated without bias
+  from its own cache. For forward KL at T = 1 that is ``KL(sum_k w_k p_k || s)`` plus the teachers' generalised
+  Jensen-Shannon divergence ``H(p) - sum_k w_k H(p_k)``, which does not depend on the student: the same gradient,
+  so training on it is unbiased training on the mixture. The fused teacher's log-prob of a class one teacher drew
+  is unknown to the others' caches, so the KL value itself (and the fused top-1) cannot be estimated: ``eval``
+  refuses these, and reverse KL / JSD (no such identity) are refused. At T != 1: refused unless
+  ``--approximate-temperature`` (then the mixture of the *tempered* teachers, each exact/unbiased at its stored T).
+- ``geometric`` needs every teacher's probability of every class (its normaliser sums over all of them): full
+  caches only.
 
 The fused reader looks like one ``full`` cache to everything downstream (the training order, DDP shares,
 DataLoader workers, eval): its blocks are the first cache's, every other cache reads the same global rows
@@ -32,11 +47,36 @@ import os
 
 import numpy as np
 
+from kdcli.cache.manifest import MODE_KEYS, STAT_KEYS, mode_keys
 from kdcli.cache.reader import Block, CacheReader
 from kdcli.errors import CacheError, UsageError
 
 COMBINES = ("mean", "geometric")
 SAME_ROW_KEYS = ("row_index", "sample_index", "row_hash", "lengths", "aug_params")
+_TEACHER_KEYS = frozenset(k for ks in MODE_KEYS.values() for k in ks) | frozenset(STAT_KEYS.values())
+
+
+def part_key(k: int, key: str) -> str:
+    """The name of teacher k's array ``key`` in a mixture block."""
+    return f"t{k}/{key}"
+
+
+def fused_mode(modes: list[str], combine: str) -> str:
+    """What K caches of these modes fuse to: ``full``, ``topk`` (the intersection buckets) or ``mixture``
+    (sample/priority teachers side by side); UsageError (exit 2) for anything else."""
+    kinds = set(modes)
+    if kinds == {"full"}:
+        return "full"
+    if combine != "mean":
+        raise UsageError(f"--combine {combine} needs full caches (its normaliser sums every teacher's probability of "
+                         f"every class; these are {'/'.join(sorted(kinds))} caches): use --combine mean, or rebuild "
+                         "them with cache-teacher --mode full")
+    if kinds == {"topk"}:
+        return "topk"
+    if kinds <= {"sample", "priority"}:
+        return "mixture"
+    raise UsageError(f"cannot fuse {' + '.join(sorted(kinds))} caches: fuse caches of one kind (all full, all topk, "
+                     "or sample/priority); rebuild the others with the same cache-teacher --mode")
 
 
 def parse_cache_weights(text: str | None, n: int) -> tuple[float, ...]:
@@ -89,6 +129,53 @@ def first_difference(a: dict, b: dict) -> str | None:
     return None
 
 
+def _logmeanexp(stack: np.ndarray, weights: list[float]) -> np.ndarray:
+    """log sum_k w_k exp(stack[k]) in float64 (-inf where every term is -inf)."""
+    s = np.stack([stack[k].astype(np.float64) + np.log(w) for k, w in enumerate(weights)])
+    m = s.max(axis=0)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.log(np.exp(s - m).sum(axis=0)) + m
+
+
+def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.ndarray],
+              weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K teachers' topk rows (ids (n, k_j), log-probs, log tail mass (n,)) -> the mixture on the buckets of the ids
+    every teacher kept + one tail: (ids (n, sum k_j), log-probs, log tail (n,)), float32. Exact: mixing commutes
+    with bucketing (module docstring).
+
+    The slots are the union of the teachers' ids (repeats included); a slot is *used* (finite log-prob) at the
+    first occurrence of an id every teacher kept, and every other slot's class is in the tail. Slots are sorted by
+    ``sum_{k kept i} w_k p_k(i)``: exact for the shared ids, a lower bound for the others (a repeat sorts last), so
+    slot 0 is the fused teacher's most likely class as far as the caches know it (``Targets.top1``)."""
+    allids = np.concatenate(ids, axis=1)  # (n, K)
+    n, width = allids.shape
+    known = np.zeros((n, width))  # sum over the teachers that kept the id of w_k p_k(id)
+    count = np.zeros((n, width), dtype=np.int64)  # how many teachers kept it
+    for idj, lpj, wj in zip(ids, logprobs, weights):
+        eq = allids[:, :, None] == idj[:, None, :]  # (n, K, k_j)
+        known += wj * np.where(eq, np.exp(lpj[:, None, :].astype(np.float64)), 0.0).sum(axis=2)
+        count += eq.any(axis=2)
+    first = np.ones((n, width), dtype=bool)  # the first occurrence of each id in the row
+    for j in range(1, width):
+        first[:, j] = ~(allids[:, :j] == allids[:, j:j + 1]).any(axis=1)
+    shared = first & (count == len(ids))
+    with np.errstate(divide="ignore"):
+        fused = np.where(shared, np.log(known), -np.inf)
+        key = np.where(first, np.log(known), -np.inf)
+    # the tail: every teacher's own tail plus its mass on the ids not shared by all, mixed
+    tail_parts = []
+    for idj, lpj, tj in zip(ids, logprobs, tails):
+        in_i = ((allids[:, :, None] == idj[:, None, :]) & shared[:, :, None]).any(axis=1)  # (n, k_j)
+        ext = np.concatenate([tj[:, None].astype(np.float64), np.where(in_i, -np.inf, lpj.astype(np.float64))], 1)
+        m = ext.max(axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        tail_parts.append((np.log(np.exp(ext - m).sum(axis=1, keepdims=True)) + m)[:, 0])
+    tail = np.minimum(_logmeanexp(np.stack(tail_parts), weights), 0.0)
+    order = np.argsort(-key, axis=1, kind="stable")
+    return (np.take_along_axis(allids, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
+            tail.astype(np.float32))
+
+
 def _fuse_logprobs(parts: list[np.ndarray], weights: tuple[float, ...], combine: str,
                    targets: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, C) log-probs of K teachers -> the fused (rows, C) log-probs (float32), and the fused log-prob of
@@ -119,7 +206,8 @@ def _fuse_logprobs(parts: list[np.ndarray], weights: tuple[float, ...], combine:
 
 
 class FusedReader(CacheReader):
-    """K compatible ``full`` caches read in lock-step, yielding the fused teacher as one ``full`` cache."""
+    """K compatible caches read in lock-step, yielding the fused teacher as one cache of ``mode`` ``full``,
+    ``topk`` or ``mixture`` (module docstring)."""
 
     def __init__(self, readers: list[CacheReader], weights: tuple[float, ...], combine: str = "mean"):
         if len(readers) < 2:
@@ -128,13 +216,7 @@ class FusedReader(CacheReader):
             raise UsageError(f"--combine {combine!r}: use one of {', '.join(COMBINES)}")
         if len(weights) != len(readers):
             raise ValueError("one weight per cache")
-        for r in readers:
-            if r.mode != "full":
-                raise UsageError(
-                    f"cache {r.dir} is a {r.mode} cache: fused teachers (--cache given {len(readers)} times) need "
-                    "full caches (the probability of every class from every teacher; a sparse cache's tails are "
-                    "unknown, so no fused target would be exact or unbiased): rebuild it with cache-teacher --mode "
-                    "full, or train from one cache")
+        mode = fused_mode([r.mode for r in readers], combine)
         first = readers[0]
         for r in readers[1:]:
             diff = first_difference(first.manifest, r.manifest)
@@ -143,7 +225,8 @@ class FusedReader(CacheReader):
                                  "from the same data, classes/vocabulary, tokenizer and rows")
         self.readers, self.weights, self.combine = list(readers), tuple(float(w) for w in weights), combine
         self.dir = first.dir
-        self.mode = "full"
+        self.mode = mode
+        self.live = [k for k, w in enumerate(self.weights) if w > 0]  # a zero-weight teacher takes no part
         self.num_rows, self.num_classes = first.num_rows, first.num_classes
         self.shards = first.shards  # the first cache's blocks set the lock-step reads
         if hasattr(first, "vocab_size"):
@@ -155,7 +238,9 @@ class FusedReader(CacheReader):
     def _fused_manifest(self) -> dict:
         first = self.readers[0].manifest
         m = dict(first)
-        m["mode"] = "full"
+        m["mode"] = self.mode
+        if self.mode != "full":  # exact / unbiased at T = 1 only (module docstring)
+            m.update(temperatures=[1.0], stat_temperatures=[], stat_dtype=None, sampler_temperatures=None)
         m["teacher"] = {"spec": self.describe(),
                         "num_parameters": sum(int(r.manifest["teacher"].get("num_parameters") or 0)
                                               for r in self.readers),
@@ -172,6 +257,34 @@ class FusedReader(CacheReader):
         what = "mean" if self.combine == "mean" else "geometric mean"
         return f"{what} of {len(self.readers)} teachers ({parts})"
 
+    def exactness(self) -> str:
+        """How the fused target relates to the fused teacher (the training log's line)."""
+        return {"full": "exact (full caches, fused per {unit})",
+                "topk": "exact over the buckets of the ids every teacher kept + one tail (topk caches, fused per "
+                        "{unit}, T = 1)",
+                "mixture": "unbiased gradient of the KL to the mixture (sample/priority caches: the weighted mean of "
+                           "the teachers' KLs, fused per {unit}, T = 1)"}[self.mode]
+
+    def check_use(self, temperature: float, approximate: bool, evaluating: bool,
+                  divergence: str = "forward") -> None:
+        """Refuse (exit 2) what a sparse fused teacher cannot serve: T != 1 without the documented approximation,
+        ``eval`` against a mixture of sampled teachers, and a mixture with another divergence than forward KL."""
+        if self.mode == "full":
+            return
+        if self.mode == "mixture" and divergence != "forward":
+            raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
+                             "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
+                             "no such identity holds for reverse KL or JSD): use --divergence forward")
+        if evaluating and self.mode == "mixture":
+            raise UsageError("eval cannot measure KL or agreement against fused sample/priority caches (the fused "
+                             "teacher's probability of a class one teacher drew is unknown to the others' caches): "
+                             "evaluate against full or topk caches of the held-out data")
+        if abs(float(temperature) - 1.0) > 1e-6 and not approximate:
+            raise UsageError(f"fused {self.readers[0].mode} caches are exact only at T = 1, not at T = "
+                             f"{float(temperature):g} (tempering a mixture needs every teacher's probability of "
+                             "every class): use --temperature 1, full caches, or accept the documented approximation "
+                             "with --approximate-temperature")
+
     # -- checks ------------------------------------------------------------------------------------------------
     def check_data(self, data_identity: dict) -> None:
         for r in self.readers:
@@ -183,7 +296,16 @@ class FusedReader(CacheReader):
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return self.readers[0].keys
+        if self.mode == "full":
+            return self.readers[0].keys
+        base = tuple(k for k in self.readers[0].keys if k not in _TEACHER_KEYS)
+        if self.mode == "topk":
+            return base + MODE_KEYS["topk"]
+        return base + tuple(part_key(k, key) for k in self.live for key in self.part_keys(k))
+
+    def part_keys(self, k: int) -> tuple[str, ...]:
+        r = self.readers[k]
+        return mode_keys(r.mode, r.manifest.get("temperatures"))
 
     def row_bytes(self) -> int:
         return sum(r.row_bytes() for r in self.readers)
@@ -211,11 +333,28 @@ class FusedReader(CacheReader):
                         bad = int(np.flatnonzero(np.any((head[k] != p[k]).reshape(len(head[k]), -1), axis=1))[0])
                     raise CacheError(f"cannot fuse caches {self.readers[0].dir} and {r.dir}: row {start + bad} "
                                      f"differs ({k}); fused caches must hold the same rows in the same order")
-        out = dict(head)
-        tgt = [p["target_logprobs"] for p in parts] if "target_logprobs" in head else None
-        out["logprobs"], fused_t = _fuse_logprobs([p["logprobs"] for p in parts], self.weights, self.combine, tgt)
-        if fused_t is not None:
-            out["target_logprobs"] = fused_t
+        if self.mode == "full":
+            out = dict(head)
+            tgt = [p["target_logprobs"] for p in parts] if "target_logprobs" in head else None
+            out["logprobs"], fused_t = _fuse_logprobs([p["logprobs"] for p in parts], self.weights, self.combine,
+                                                      tgt)
+            if fused_t is not None:
+                out["target_logprobs"] = fused_t
+            return out
+        out = {k: v for k, v in head.items() if k not in _TEACHER_KEYS}
+        live = [parts[k] for k in self.live]
+        ws = [self.weights[k] for k in self.live]
+        if "target_logprobs" in head:  # each teacher's log-prob of the next token: the mixture's is exact
+            out["target_logprobs"] = _logmeanexp(np.stack([p["target_logprobs"] for p in live]), ws).astype(
+                np.float32)
+        if self.mode == "topk":
+            out["topk_ids"], out["topk_logprobs"], out["tail_logmass"] = fuse_topk(
+                [p["topk_ids"] for p in live], [p["topk_logprobs"] for p in live], [p["tail_logmass"] for p in live],
+                ws)
+        else:
+            for k in self.live:
+                for key in self.part_keys(k):
+                    out[part_key(k, key)] = parts[k][key]
         return out
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -238,4 +377,5 @@ def open_fused(readers: list[CacheReader], weights: str | None, combine: str) ->
     return FusedReader(readers, ws, combine)
 
 
-__all__ = ["COMBINES", "FusedReader", "first_difference", "open_fused", "parse_cache_weights"]
+__all__ = ["COMBINES", "FusedReader", "first_difference", "fuse_topk", "fused_mode", "open_fused", "parse_cache_weights",
+           "part_key"]

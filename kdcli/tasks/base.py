@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdcli.cache.manifest import stored_temperatures, temperature_layout
-from kdcli.cache.fused import open_fused
+from kdcli.cache.fused import FusedReader, open_fused, part_key
 from kdcli.cache.reader import CacheReader
 from kdcli.config import parse_temperatures
 from kdcli.errors import UsageError
@@ -117,9 +117,13 @@ def temperature_plan(cfg, mode: str) -> tuple[tuple[float, ...] | None, dict, di
     return temps, temperature_layout(mode, temps), {"temperatures": list(temps)}
 
 
-def check_cache_temperature(reader: CacheReader, temperature: float, approximate: bool) -> None:
+def check_cache_temperature(reader: CacheReader, temperature: float, approximate: bool,
+                            evaluating: bool = False, divergence: str = "forward") -> None:
     """Refuse (exit 2, naming the stored temperatures) a sparse cache at a T it cannot serve exactly/unbiased,
-    unless the documented approximation was asked for. Called before anything is written."""
+    unless the documented approximation was asked for; and what a sparse fused teacher cannot serve
+    (:meth:`FusedReader.check_use`). Called before anything is written."""
+    if isinstance(reader, FusedReader):
+        reader.check_use(temperature, approximate, evaluating, divergence)
     stored = stored_temperatures(reader.manifest)["temperatures"]
     try:
         check_temperature(reader.mode, stored, temperature, approximate)
@@ -146,8 +150,19 @@ def cache_label(cfg) -> str | list[str] | None:
 
 
 def cache_targets(reader: CacheReader, arrays: dict) -> Targets:
-    """The teacher targets of a batch read from ``reader`` (with the temperatures its manifest records)."""
-    return targets_from_arrays(arrays, reader.mode, reader.num_classes, **stored_temperatures(reader.manifest))
+    """The teacher targets of a batch read from ``reader`` (with the temperatures its manifest records); a fused
+    reader's sparse modes (:mod:`kdcli.cache.fused`): ``topk`` with unused slots, or a ``mixture`` of the
+    teachers' own targets."""
+    if reader.mode == "mixture":
+        parts = tuple(targets_from_arrays({key: arrays[part_key(k, key)] for key in reader.part_keys(k)},
+                                          reader.readers[k].mode, reader.num_classes,
+                                          **stored_temperatures(reader.readers[k].manifest)) for k in reader.live)
+        return Targets("mixture", reader.num_classes, parts=parts,
+                       part_weights=tuple(reader.weights[k] for k in reader.live))
+    t = targets_from_arrays(arrays, reader.mode, reader.num_classes, **stored_temperatures(reader.manifest))
+    if isinstance(reader, FusedReader) and reader.mode == "topk":
+        t.padded = True
+    return t
 
 
 class CacheJob(ABC):
