@@ -405,6 +405,54 @@ class LossParts:
     hard: torch.Tensor  # scalar, mean CE on labels
 
 
+def _log_softmax_rows(d: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim of ``d`` whose rows already have their maximum subtracted (so exp cannot
+    overflow): ``d - log(sum(exp(d)))``. For a few classes per row this is 4 element-wise ops, cheaper than one
+    F.log_softmax call (which costs ~20 us on a (128, 10) tensor, mostly outside the arithmetic)."""
+    return d - d.exp().sum(dim=-1, keepdim=True).log()
+
+
+class _FullForwardKD(torch.autograd.Function):
+    """``alpha * T^2 * mean KL(p_T || s_T) + (1 - alpha) * mean CE`` for ``full`` targets and forward KL, with the
+    closed-form gradient ``alpha * T / b * (s_T - p_T) + (1 - alpha) / b * (softmax(z) - onehot(y))``.
+
+    The same value and gradient as autograd through :func:`soft_kl` + cross-entropy (tests/test_losses.py pins
+    them to float32 rounding), in a fraction of the small ops: for a classifier's (b, 10) logits each op costs more
+    in dispatch than in arithmetic, and this loss was most of what a training epoch from a cache paid over a plain
+    label epoch (benchmarks/bench_spine.py)."""
+
+    @staticmethod
+    def forward(ctx, z, logprobs, labels, T, alpha):  # noqa: D102
+        b = max(z.shape[0], 1)
+        d = z - z.amax(dim=-1, keepdim=True)  # both student softmaxes share the row maximum
+        s_log = _log_softmax_rows(d / T if T != 1.0 else d)
+        t = logprobs / T if T != 1.0 else logprobs
+        p_log = _log_softmax_rows(t - t.amax(dim=-1, keepdim=True))
+        p = p_log.exp()
+        # sum_i p_i (log p_i - log s_i); a class of teacher probability 0 (log p = -inf) contributes 0
+        soft = torch.vdot(p.reshape(-1), (p_log.clamp_min(-1e30) - s_log).reshape(-1)) * (T * T / b)
+        if labels is not None and alpha < 1.0:
+            h_log = s_log if T == 1.0 else _log_softmax_rows(d)
+            hard = F.nll_loss(h_log, labels, reduction="sum") / b
+        else:
+            h_log, hard = None, torch.zeros((), dtype=z.dtype, device=z.device)
+        ctx.save_for_backward(s_log, p, h_log, labels)
+        ctx.T, ctx.alpha, ctx.b = T, alpha, b
+        ctx.mark_non_differentiable(soft, hard)
+        ctx.set_materialize_grads(False)  # no zero tensors for the two non-differentiable outputs
+        return alpha * soft + (1.0 - alpha) * hard, soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_total, _gs, _gh):  # noqa: D102
+        s_log, p, h_log, labels = ctx.saved_tensors
+        g = (s_log.exp() - p).mul_(ctx.alpha * ctx.T / ctx.b)
+        if h_log is not None:
+            c = (1.0 - ctx.alpha) / ctx.b
+            g.add_(h_log.exp(), alpha=c)
+            g.scatter_add_(1, labels[:, None], torch.full((len(labels), 1), -c, dtype=g.dtype, device=g.device))
+        return g.mul_(grad_total), None, None, None, None
+
+
 def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None, *,
             temperature: float, alpha: float, weight: torch.Tensor | None = None, divergence: str = "forward",
             beta: float = 0.5, approximate: bool = False) -> LossParts:
@@ -420,6 +468,11 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch
     # more in dispatch than in arithmetic for a classifier's (b, 10) logits: the step of a small student is
     # dominated by their number (benchmarks/bench_spine.py).
     b = student_logits.shape[0]
+    if (weight is None and targets is not None and targets.mode == "full" and divergence == "forward"
+            and alpha > 0):  # the common classifier case: one fused function, closed-form gradient
+        total, soft, hard = _FullForwardKD.apply(student_logits.float(), targets.logprobs, labels,
+                                                 float(temperature), float(alpha))
+        return LossParts(total=total, soft=soft, hard=hard)
     w = None if weight is None else weight.float()
     denom = float(max(b, 1)) if w is None else w.sum().clamp_min(1.0)
     soft = hard = None

@@ -39,6 +39,32 @@ def test_full_mode_matches_torch_distributions(T):
     assert torch.allclose(ours, reference_kl(t, s, T), atol=1e-5)
 
 
+@pytest.mark.parametrize("labels", [True, False])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_full_forward_closed_form_gradient_matches_autograd_reference(T, alpha, labels):
+    """kd_loss's closed-form path (full targets, forward KL): value, soft/hard parts and gradient (scaled by an
+    outer factor) against autograd through torch.distributions and F.cross_entropy, in float64. One teacher class
+    has probability 0 (log p = -inf): it contributes nothing."""
+    g = torch.Generator().manual_seed(3)
+    t, z = torch.randn(32, 10, generator=g, dtype=torch.float64) * 3, torch.randn(32, 10, generator=g)
+    t[0, 3] = float("-inf")
+    y = torch.randint(0, 10, (32,), generator=g) if labels else None
+    targets = Targets("full", 10, logprobs=torch.log_softmax(t, -1).float())
+    zz = z.clone().requires_grad_(True)
+    parts = kd_loss(zz, targets, y, temperature=T, alpha=alpha)
+    (2.5 * parts.total).backward()
+    zr = z.double().requires_grad_(True)
+    soft = T * T * kl_divergence(Categorical(logits=t / T), Categorical(logits=zr / T)).mean()
+    hard = F.cross_entropy(zr, y) if labels and alpha < 1 else torch.zeros((), dtype=torch.float64)  # (alpha 1:
+    ref = alpha * soft + (1 - alpha) * hard  # the hard term is not computed, test_alpha_edges_ignore_the_other_term)
+    (2.5 * ref).backward()
+    assert parts.total.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert parts.soft.item() == pytest.approx(soft.item(), rel=1e-5)
+    assert parts.hard.item() == pytest.approx(hard.item(), abs=1e-6, rel=1e-5)
+    torch.testing.assert_close(zz.grad.double(), zr.grad, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("T", [1.0, 3.0])
 def test_t_squared_applied_for_every_alpha(alpha, T):
