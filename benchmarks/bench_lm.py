@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--top-k", default="8,64", help="comma-separated k, one topk cache each")
     ap.add_argument("--samples", default="12,24,50", help="comma-separated draws per token, one sample cache each")
     ap.add_argument("--priority", default="8,15,30", help="comma-separated K, one priority cache each")
+    ap.add_argument("--temperatures", default="1",
+                    help="cache-teacher --temperatures for the sparse caches; the students train at T = 1, so the "
+                         "default stores no per-temperature statistics (each extra T adds 2-4 bytes per token)")
     ap.add_argument("--block-rows", type=int, default=8,
                     help="train-student --block-rows for every mode: the same read blocks, so the same batches")
     ap.add_argument("--epochs", type=int, default=6)
@@ -171,7 +174,8 @@ def main() -> None:
              **{f"priority{k}": ["--mode", "priority", "--samples", k] for k in split(args.priority)}}
     sizes = {}
     for name, flags in modes.items():
-        kdcli("cache-teacher", *common, *flags, "--data", train, "--out", out / f"cache-{name}")
+        temps = [] if name == "full" else ["--temperatures", args.temperatures]
+        kdcli("cache-teacher", *common, *flags, *temps, "--data", train, "--out", out / f"cache-{name}")
         m = json.loads((out / f"cache-{name}" / "manifest.json").read_text())
         bpt = sum(s["bytes"] for s in m["shards"]) / m["data"]["num_targets"]
         sizes[name] = {"bytes_per_token": bpt, "smaller_than_full_fp16": 2 * m["vocab_size"] / bpt,
@@ -212,7 +216,8 @@ def main() -> None:
                         args.student_args], check=True, stdout=subprocess.DEVNULL)
         timing = json.loads((out / "timing.json").read_text())
     result = {"teacher": teacher, "train_tokens": sizes["full"]["tokens"], "max_length": args.max_length,
-              "epochs": args.epochs, "seeds": seeds, "block_rows": args.block_rows, "sizes": sizes,
+              "epochs": args.epochs, "seeds": seeds, "block_rows": args.block_rows,
+              "temperatures": args.temperatures, "sizes": sizes,
               "quality": quality, "per_seed": per_seed, "full_seed_spread": noise, "timing": timing}
     (out / "bench_lm.json").write_text(json.dumps(result, indent=2))
     print(f"\nteacher {Path(teacher).name}, {sizes['full']['tokens']} training tokens, max length {args.max_length}")
