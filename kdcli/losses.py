@@ -84,7 +84,8 @@ class Targets:
     temperatures: tuple = (1.0,)
     sampler_temperatures: tuple = (1.0,)
     padded: bool = False  # topk: slots whose id_logprobs are -inf are unused (their classes are in the tail)
-    parts: tuple | None = None  # mixture: one Targets (sample or priority) per fused teacher ...
+    parts: tuple | None = None  # mixture: one Targets (sample or priority) per fused teacher (``ids``: theirs, side
+    # by side) ...
     part_weights: tuple | None = None  # ... and its weight (they sum to 1)
 
     def _map(self, f) -> "Targets":
@@ -195,6 +196,14 @@ def targets_from_arrays(arrays: dict, mode: str, num_classes: int, *, temperatur
     raise ValueError(f"unknown target mode {mode!r}")
 
 
+def mixture_targets(parts, weights) -> Targets:
+    """Fused sample/priority teachers (:mod:`kdcli.cache.fused`): every part's targets and weight; the soft term
+    is ``sum_k w_k`` (part k's estimate), computed over their ids side by side."""
+    parts = tuple(parts)
+    return Targets("mixture", parts[0].num_classes, ids=torch.cat([p.ids for p in parts], dim=1), parts=parts,
+                   part_weights=tuple(float(w) for w in weights))
+
+
 def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """sum_i p_i (log p_i - log q_i) per row, with 0 * log 0 = 0."""
     p = p_log.exp()
@@ -299,6 +308,15 @@ def id_weights(targets: Targets, temperature: float,
     ``counts / draws``) and for the approximation at an unstored T. ``p_log`` is log q_T at each id (0 on unused
     slots), ``used`` which slots hold an id."""
     T = float(temperature)
+    if targets.mode == "mixture":  # fused teachers: every part's ids side by side, weighted by the part's weight
+        ws, ps, us, tot = [], [], [], 0.0
+        for part, pw in zip(targets.parts, targets.part_weights):
+            w, p_log, used, W = id_weights(part, T, approximate)
+            ws.append(w * pw)
+            ps.append(p_log)
+            us.append(used)
+            tot = tot + pw * (W if W is not None else torch.ones_like(w[:, 0]))
+        return torch.cat(ws, dim=1), torch.cat(ps, dim=1), torch.cat(us, dim=1), tot
     stat = temperature_stat(targets, T, approximate)
     lp = targets.id_logprobs
     if targets.mode == "sample":
@@ -374,14 +392,11 @@ def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, 
         else:
             s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
         return div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
-    if targets.mode == "mixture":  # fused sample/priority teachers (kdcli/cache/fused.py): forward KL only
-        if divergence != "forward":
-            raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
-                             "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
-                             "no such identity holds for reverse KL or JSD)")
-        return sum(w * soft_kl(student_logits, p, T, divergence, beta, approximate=approximate)
-                   for p, w in zip(targets.parts, targets.part_weights))
-    if targets.mode in ("sample", "priority"):
+    if targets.mode == "mixture" and divergence != "forward":  # fused sample/priority teachers (cache/fused.py)
+        raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
+                         "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
+                         "no such identity holds for reverse KL or JSD)")
+    if targets.mode in ("sample", "priority", "mixture"):  # mixture: sum_k w_k (teacher k's estimate)
         w, p_log, used, _ = id_weights(targets, T, approximate)  # (b, S) weights and log p_T at each id
         s_at = torch.gather(s_log, 1, targets.ids)  # (b, S) log q_T at each id
         zero = torch.zeros_like(w)

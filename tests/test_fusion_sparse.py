@@ -25,7 +25,7 @@ from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig
 from kdcli.evaluate import evaluate
 from kdcli.lm.cache import TokenCacheReader
-from kdcli.losses import Targets, soft_kl, targets_from_arrays
+from kdcli.losses import Targets, mixture_targets, soft_kl, targets_from_arrays
 from kdcli.models import load_run_model
 from kdcli.tasks.base import cache_targets
 from kdcli.teacher import cache_teacher
@@ -227,7 +227,7 @@ def test_mixture_gradient_is_unbiased_over_draws(mode, k):
         for t in teachers:
             red = reduce_logits(t, mode, top_k=None, samples=k, generator=draws, temperatures=(1.0,))
             parts.append(targets_from_arrays({key: v.numpy() for key, v in red.items()}, mode, 10))
-        mixt = Targets("mixture", 10, parts=tuple(parts), part_weights=w)
+        mixt = mixture_targets(parts, w)
         total += _student_grad(logits, lambda z: soft_kl(z, mixt, 1.0))[1]
     assert torch.allclose(total / reps, want, atol=0.01), (total / reps - want).abs().max()
 

@@ -12,7 +12,7 @@ import torch
 
 from kdcli.cache.reduce import reduce_logits
 from kdcli.lm.head_loss import head_kd_loss
-from kdcli.losses import kd_loss, targets_from_arrays
+from kdcli.losses import kd_loss, mixture_targets, targets_from_arrays
 
 N, D, V = 37, 16, 300  # 37 tokens: chunks of 8 leave a ragged last chunk
 
@@ -21,6 +21,10 @@ TEMPS = (1.0, 2.0, 2.5, 3.0)  # the temperatures the test caches store
 
 
 def _targets(mode: str, teacher_logits: torch.Tensor, seed: int = 0, temperatures=TEMPS, **extra):
+    if mode == "mixture":  # two fused teachers: a sampled one and a priority-sampled other (test_fusion_sparse.py)
+        other = teacher_logits.roll(1, dims=1) * 0.7
+        return mixture_targets([_targets("sample", teacher_logits, seed, temperatures),
+                                _targets("priority", other, seed + 1, temperatures)], (0.6, 0.4))
     kw = {"top_k": 12} if mode == "topk" else {"samples": 9} if mode in ("sample", "priority") else {}
     red = reduce_logits(teacher_logits, mode, generator=torch.Generator().manual_seed(seed), temperatures=temperatures,
                         **kw, **extra)
@@ -39,7 +43,7 @@ def _both(h0, w0, targets, y, T, alpha, chunk=8, approximate=False):
     return ref, got, (h1.grad, w1.grad), (h2.grad / 3.0, w2.grad / 3.0)
 
 
-@pytest.mark.parametrize("mode", ["full", "topk", "sample", "priority"])
+@pytest.mark.parametrize("mode", ["full", "topk", "sample", "priority", "mixture"])
 @pytest.mark.parametrize("T,stored", [(1.0, True), (2.5, True), (2.5, False)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_fused_matches_autograd(mode, T, stored, alpha):

@@ -134,7 +134,7 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
                 masked - (lse[tiny] + tail_log[tiny])[:, None])
             f[tiny] = 1.0
         g, f = _fold(qT, f, ids, mult * q_ids - c_soft * p_b[:, :k])
-    elif mode in ("sample", "priority"):
+    elif mode in ("sample", "priority", "mixture"):
         w, p_log, used, W = id_weights(targets.rows(rows), T, approximate)  # W: None where w sums to 1
         w = torch.where(used, w, torch.zeros_like(w))
         ids = targets.ids[rows]

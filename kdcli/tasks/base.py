@@ -28,7 +28,7 @@ from kdcli.cache.fused import FusedReader, open_fused, part_key
 from kdcli.cache.reader import CacheReader
 from kdcli.config import parse_temperatures
 from kdcli.errors import UsageError
-from kdcli.losses import LossParts, Targets, check_temperature, targets_from_arrays
+from kdcli.losses import LossParts, Targets, check_temperature, mixture_targets, targets_from_arrays
 from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
 
 
@@ -157,8 +157,7 @@ def cache_targets(reader: CacheReader, arrays: dict) -> Targets:
         parts = tuple(targets_from_arrays({key: arrays[part_key(k, key)] for key in reader.part_keys(k)},
                                           reader.readers[k].mode, reader.num_classes,
                                           **stored_temperatures(reader.readers[k].manifest)) for k in reader.live)
-        return Targets("mixture", reader.num_classes, parts=parts,
-                       part_weights=tuple(reader.weights[k] for k in reader.live))
+        return mixture_targets(parts, [reader.weights[k] for k in reader.live])
     t = targets_from_arrays(arrays, reader.mode, reader.num_classes, **stored_temperatures(reader.manifest))
     if isinstance(reader, FusedReader) and reader.mode == "topk":
         t.padded = True
