@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kdcli.cache.reduce import reduce_logits
+from kdcli.cache.fused import fuse_topk
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.losses import kd_loss, mixture_targets, targets_from_arrays
 
@@ -21,6 +22,15 @@ TEMPS = (1.0, 2.0, 2.5, 3.0)  # the temperatures the test caches store
 
 
 def _targets(mode: str, teacher_logits: torch.Tensor, seed: int = 0, temperatures=TEMPS, **extra):
+    if mode == "fused-topk":  # two fused topk teachers: the union of their ids, the shared ones used
+        other = teacher_logits.roll(1, dims=1) * 0.7 + teacher_logits * 0.5
+        a, b = (_targets("topk", t, seed, temperatures) for t in (teacher_logits, other))
+        ids, lps, tail = fuse_topk([a.ids.numpy(), b.ids.numpy()], [a.id_logprobs.numpy(), b.id_logprobs.numpy()],
+                                   [a.tail_logmass.numpy(), b.tail_logmass.numpy()], [0.6, 0.4])
+        t = targets_from_arrays({"topk_ids": ids, "topk_logprobs": lps, "tail_logmass": tail}, "topk",
+                                teacher_logits.shape[1])
+        t.padded = True
+        return t
     if mode == "mixture":  # two fused teachers: a sampled one and a priority-sampled other (test_fusion_sparse.py)
         other = teacher_logits.roll(1, dims=1) * 0.7
         return mixture_targets([_targets("sample", teacher_logits, seed, temperatures),
@@ -43,12 +53,14 @@ def _both(h0, w0, targets, y, T, alpha, chunk=8, approximate=False):
     return ref, got, (h1.grad, w1.grad), (h2.grad / 3.0, w2.grad / 3.0)
 
 
-@pytest.mark.parametrize("mode", ["full", "topk", "sample", "priority", "mixture"])
+@pytest.mark.parametrize("mode", ["full", "topk", "sample", "priority", "mixture", "fused-topk"])
 @pytest.mark.parametrize("T,stored", [(1.0, True), (2.5, True), (2.5, False)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_fused_matches_autograd(mode, T, stored, alpha):
     """At a stored T (sample and priority: unnormalised weights) and, for T = 2.5 on a cache storing T = 1 only,
     with the approximation (self-normalised weights, uniform top-k tail)."""
+    if mode == "fused-topk" and T != 1.0 and stored:
+        pytest.skip("fused topk targets are exact at T = 1 only (elsewhere: the approximation, the case below)")
     g = torch.Generator().manual_seed(1)
     h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.5
     teacher = torch.randn(N, V, generator=g) * 2.0
@@ -71,20 +83,22 @@ def test_no_targets_is_plain_cross_entropy():
     torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-6)
 
 
-def test_topk_when_the_students_tail_underflows_float32():
+@pytest.mark.parametrize("mode", ["topk", "fused-topk"])
+def test_topk_when_the_students_tail_underflows_float32(mode):
     """A student certain of the teacher's top k (the rest ~200 nats lower): its tail mass underflows in float32,
     and the loss and gradient must still match the log-space autograd path (no inf/NaN)."""
     g = torch.Generator().manual_seed(3)
     teacher = torch.randn(N, V, generator=g)
-    targets = _targets("topk", teacher)
+    targets = _targets(mode, teacher)
     w = torch.randn(V, D, generator=g) * 0.01
     w[:, 0] = -20.0
-    w[targets.ids[0], 0] = 20.0  # row 0's top-k ids get logit +200, every other id -200
+    r = int(torch.nonzero((targets.id_logprobs > float("-inf")).any(1))[0])  # a row with a head (fused: shared ids)
+    w[targets.ids[r][targets.id_logprobs[r] > float("-inf")], 0] = 20.0  # its head ids: logit +200, the rest -200
     h = torch.randn(N, D, generator=g) * 0.1
-    h[0, 0] = 10.0
+    h[r, 0] = 10.0
     y = torch.randint(0, V, (N,), generator=g)
-    for T in (1.0, 3.0):
-        ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, targets, y, T, 0.7)
+    for T in (1.0, 3.0):  # fused topk targets: T = 3 with the approximation (exact at T = 1 only)
+        ref, got, (gh_ref, gw_ref), (gh, gw) = _both(h, w, targets, y, T, 0.7, approximate=mode == "fused-topk")
         assert torch.isfinite(got.total) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
         assert got.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
         torch.testing.assert_close(gh, gh_ref, rtol=1e-4, atol=1e-5)

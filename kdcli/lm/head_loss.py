@@ -64,6 +64,32 @@ def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
     return g.mul_(f[:, None]).scatter_(1, ids, vals), None
 
 
+def _topk_padded(qT: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, t: Targets, T: float, approximate: bool,
+                 mult: float, c_soft: float) -> tuple[torch.Tensor, None, float]:
+    """The topk term for fused topk targets (``Targets.padded``: ids may repeat, slots with log-prob -inf are tail
+    classes; kdcli.cache.fused): the same bucketed KL and gradient as the plain topk branch, with the head classes
+    as a (c, V) mask instead of a scatter over distinct ids. Returns the gradient with its row factor applied."""
+    p_log = teacher_buckets(t, T, approximate)  # (c, k + 1), -inf on unused slots
+    ids, k = t.ids, t.ids.shape[1]
+    used = t.id_logprobs > float("-inf")
+    head = torch.zeros_like(qT).scatter_add_(1, ids, used.to(qT.dtype)) > 0
+    tail_log = torch.log(qT.masked_fill(head, 0.0).sum(dim=1))  # the student's mass outside the head, summed directly
+    tiny = torch.nonzero(tail_log < math.log(TINY_TAIL)).squeeze(1)
+    if len(tiny):  # float32 underflow: those rows' tail in log space
+        tail_log[tiny] = torch.logsumexp(s[tiny].masked_fill(head[tiny], -math.inf), dim=1) - lse[tiny]
+    s_at = torch.where(used, s.gather(1, ids) - lse[:, None], -math.inf)
+    soft_sum = float(div_rows(p_log, torch.cat([s_at, tail_log[:, None]], dim=1), "forward", 0.5).sum())
+    p_b = p_log.exp()
+    p_head = torch.zeros_like(qT).scatter_add_(1, ids, torch.where(used, p_b[:, :k], 0.0))
+    # head class i: mult * q_i - c_soft * p_i; tail class m: mult * q_m - c_soft * p_tail * q_m / q_tail
+    tail_grad = qT * (mult - c_soft * p_b[:, k] / tail_log.exp())[:, None]
+    if len(tiny):
+        sm = s[tiny]
+        tail_grad[tiny] = mult * torch.exp(sm - lse[tiny, None]) - c_soft * p_b[tiny, k][:, None] * torch.exp(
+            sm - (lse[tiny] + tail_log[tiny])[:, None])
+    return torch.where(head, qT * mult - c_soft * p_head, tail_grad), None, soft_sum
+
+
 def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y: torch.Tensor | None, rows: slice,
            T: float, c_soft: float, c_hard: float,
            approximate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float, float, torch.Tensor | None]:
@@ -108,6 +134,8 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
         p = p_log.exp()
         soft_sum = float(torch.where(p > 0, p * (p_log - (s - lse[:, None])), torch.zeros_like(p)).sum())
         g, f = qT.mul_(mult).sub_(p, alpha=c_soft), None
+    elif mode == "topk" and targets.padded:
+        g, f, soft_sum = _topk_padded(qT, s, lse, targets.rows(rows), T, approximate, mult, c_soft)
     elif mode == "topk":
         p_log = teacher_buckets(targets.rows(rows), T, approximate)
         ids = targets.ids[rows]

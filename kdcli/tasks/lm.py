@@ -194,8 +194,7 @@ def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch
     """
     net = model if net is None else net
     with precision_context(precision, ids.device):
-        head_ok = targets is None or not targets.padded  # fused topk targets: kd_loss on the selected logits
-        weight = fused_head_weight(model) if fused and divergence == "forward" and head_ok else None
+        weight = fused_head_weight(model) if fused and divergence == "forward" else None
         if weight is not None:
             h = lm_hidden(model, ids, mask) if net is model else net(ids, mask, hidden_only=True)  # (b, L, d)
             parts, correct = head_kd_loss(h.reshape(-1, h.shape[-1])[idx], weight, targets, labels,
