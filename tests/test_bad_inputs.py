@@ -486,10 +486,7 @@ def test_ctrl_c_exits_130_and_touches_nothing(ws, tmp_path):
                           str(ws / "blobs.npz"), "--cache", str(ws / "cache"), "--out", str(out), "--epochs", "3",
                           "--batch-size", "32", "--checkpoint-every", "5"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "KDCLI_TEST_KILL_AT": "train-step:12:STOP"},
-                         # a suite started in the background of a non-interactive shell inherits SIGINT ignored,
-                         # and Python installs its Ctrl-C handler only where SIGINT is not ignored
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "KDCLI_TEST_KILL_AT": "train-step:12:STOP"})
     t0 = time.monotonic()
     while True:
         pid, status = os.waitpid(p.pid, os.WUNTRACED | os.WNOHANG)
