@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,11 @@ import torch
 
 # One intra-op thread: tiny models gain nothing from more, and several test processes share 2 cores.
 torch.set_num_threads(1)
+
+# Ctrl-C tests send SIGINT to kdcli subprocesses. A suite started in the background of a non-interactive shell
+# inherits SIGINT *ignored*, Python then installs no Ctrl-C handler, and every child inherits the ignore (the
+# interrupted run would finish with exit 0). A handler here resets to the default at the children's exec.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_blobs(n: int = 600, d: int = 8, classes: int = 4, seed: int = 0, noise: float = 1.0):
