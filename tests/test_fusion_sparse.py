@@ -280,6 +280,28 @@ def test_eval_refuses_a_mixture_and_approximates_only_when_asked(sp):
     assert "APPROXIMATE at T = 2 (the mean of the tempered teachers)" in r.output
 
 
+@pytest.mark.parametrize("kind", ["topk", "sample"])
+def test_dataloader_workers_read_the_same_fused_sparse_batches(sp, kind):
+    from kdcli.cache.reader import CacheLoader
+
+    second = "prio1" if kind == "sample" else "topk1"
+
+    def batches(workers):
+        reader = FusedReader([CacheReader(sp / f"{kind}0"), CacheReader(sp / second)], W)
+        loader = CacheLoader(reader, batch_size=40, seed=2, num_workers=workers, block_rows=64)
+        try:
+            return [{k: v.copy() for k, v in b.items()} for b in loader.epoch(0)]
+        finally:
+            loader.close()
+
+    here, there = batches(0), batches(1)
+    assert len(here) == len(there) == 6
+    for a, b in zip(here, there):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 # -- language models ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):

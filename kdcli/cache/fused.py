@@ -34,7 +34,7 @@ What each cache mode fuses to (docs/fusion.md has the reasoning and the measured
 - ``geometric`` needs every teacher's probability of every class (its normaliser sums over all of them): full
   caches only.
 
-The fused reader looks like one ``full`` cache to everything downstream (the training order, DDP shares,
+The fused reader looks like one cache to everything downstream (the training order, DDP shares,
 DataLoader workers, eval): its blocks are the first cache's, every other cache reads the same global rows
 (``read_rows``, one or two contiguous reads), so the K caches are read in lock-step and memory stays flat (one
 block per cache). Every block checks that the caches hold the same rows (row index, sample index, row hash,
