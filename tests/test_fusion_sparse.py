@@ -31,7 +31,7 @@ from kdcli.tasks.base import cache_targets
 from kdcli.teacher import cache_teacher
 from kdcli.train import train_student
 from tests.conftest import make_blobs
-from tests.lm_helpers import make_llama, make_tokenizer, prompt_rows, write_jsonl
+from tests.lm_helpers import TEACHER_PROMPTS, two_prompt_setup
 
 C = 12  # classes: enough for top-k sets that only partly overlap
 W = (0.7, 0.3)
@@ -306,17 +306,15 @@ def test_dataloader_workers_read_the_same_fused_sparse_batches(sp, kind):
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     """One tiny llama teacher under two teacher prompts, cached in full, as top-8 and with 16 draws per token."""
-    d = tmp_path_factory.mktemp("fusion_sparse_lm")
-    tok = make_tokenizer(d / "tok")
-    teacher = make_llama(d / "teacher", tok, seed=0)
-    student = make_llama(d / "student", tok, hidden=16, layers=1, seed=1)
-    data = write_jsonl(d / "pr.jsonl", prompt_rows(12))
-    for i, prompt in enumerate(("Answer like a poet.", "Answer in one word.")):
-        common = dict(teacher=str(teacher), data=str(data), teacher_prompt=prompt, max_length=48, shard_size=5 + 2 * i)
+    lm = two_prompt_setup(tmp_path_factory.mktemp("fusion_sparse_lm"))
+    d = lm["dir"]
+    for i, prompt in enumerate(TEACHER_PROMPTS):
+        common = dict(teacher=str(lm["teacher"]), data=str(lm["data"]), teacher_prompt=prompt, max_length=48,
+                      shard_size=5 + 2 * i)
         cache_teacher(CacheConfig(**common, out=str(d / f"full{i}")))
         cache_teacher(CacheConfig(**common, out=str(d / f"topk{i}"), top_k=8))
         cache_teacher(CacheConfig(**common, out=str(d / f"sample{i}"), mode="sample", samples=16))
-    return {"dir": d, "data": data, "student": student}
+    return lm
 
 
 def test_lm_fused_topk_is_a_lower_bound_of_the_fused_full_kl(lm):
