@@ -261,7 +261,7 @@ def test_cnn_head_is_pruned_and_quantised_convolutions_stay(tmp_path):
 def test_prune_then_quantize(tmp_path):
     src = make_run(tmp_path / "run")
     original, _ = load_run_model(src)
-    s = compress(cfg(model=str(src), out=str(tmp_path / "pq"), prune=0.5, structured=True, quantize="int8"))
+    compress(cfg(model=str(src), out=str(tmp_path / "pq"), prune=0.5, structured=True, quantize="int8"))
     model, _ = load_run_model(tmp_path / "pq")
     assert isinstance(model.net[1], QuantLinear) and model.net[1].out_features == 8
     ref = masked_reference(original, 0.5, ["net.1", "net.3"])

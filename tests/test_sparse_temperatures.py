@@ -19,7 +19,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from kdcli.cache.manifest import mode_keys, stored_temperatures, temperature_layout
-from kdcli.cache.reduce import STAT_DTYPES, priority_sample, reduce_logits, storage_arrays
+from kdcli.cache.reduce import STAT_DTYPES, reduce_logits, storage_arrays
 from kdcli.cache.verify import _expected_datasets, block_problems
 from kdcli.errors import UsageError
 from kdcli.lm.head_loss import head_kd_loss
