@@ -12,7 +12,7 @@ from kdcli.config import EvalConfig
 from kdcli.errors import UsageError
 from kdcli.models import resolve_device
 from kdcli.tasks import pick_task
-from kdcli.tasks.base import check_cache_temperature, open_teacher
+from kdcli.tasks.base import check_cache_use, open_teacher
 from kdcli.tasks.classify import (BIAS_GRID, EvalReport, ModelReport, apply_class_bias, classification_metrics,
                                   fit_class_bias, parse_class_bias)
 from kdcli.tasks.lm import LMEvalReport, LMModelReport
@@ -37,7 +37,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport | LMEvalReport:
     device = resolve_device(cfg.device)
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None:
-        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature, evaluating=True)
+        check_cache_use(reader, cfg.temperature, cfg.approximate_temperature, evaluating=True)
     if cfg.min_agreement is not None and reader is None:
         raise UsageError("--min-agreement needs --cache (the teacher's outputs)")
     report = task.evaluate(cfg, device, reader)

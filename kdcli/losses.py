@@ -196,6 +196,22 @@ def targets_from_arrays(arrays: dict, mode: str, num_classes: int, *, temperatur
     raise ValueError(f"unknown target mode {mode!r}")
 
 
+def check_divergence(mode: str, divergence: str) -> None:
+    """UsageError (exit 2) for a divergence targets of ``mode`` cannot serve: a ``mixture`` (fused sample/priority
+    teachers) trains with forward KL only."""
+    if mode == "mixture" and divergence != "forward":
+        raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
+                         "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
+                         "no such identity holds for reverse KL or JSD): use --divergence forward")
+
+
+def padded_head(targets: Targets, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For fused topk targets (``padded``): which slots are used (b, k), and which classes are head buckets, a
+    (b, C) mask shaped like ``like`` (ids may repeat: counted, not scattered, so the mask is deterministic)."""
+    used = targets.id_logprobs > float("-inf")
+    return used, torch.zeros_like(like).scatter_add_(1, targets.ids, used.to(like.dtype)) > 0
+
+
 def mixture_targets(parts, weights) -> Targets:
     """Fused sample/priority teachers (:mod:`kdcli.cache.fused`): every part's targets and weight; the soft term
     is ``sum_k w_k`` (part k's estimate), computed over their ids side by side."""
@@ -385,17 +401,13 @@ def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, 
         p_log = teacher_buckets(targets, T, approximate)  # (b, k+1)
         s_top = torch.gather(s_log, 1, targets.ids)  # (b, k)
         if targets.padded:  # unused slots (ids may repeat) stay in the student's tail, no bucket of their own
-            used = targets.id_logprobs > float("-inf")
-            in_head = torch.zeros_like(s_log).scatter_add_(1, targets.ids, used.to(s_log.dtype)) > 0
+            used, in_head = padded_head(targets, s_log)
             s_tail = torch.logsumexp(s_log.masked_fill(in_head, float("-inf")), dim=1)
             s_top = torch.where(used, s_top, float("-inf"))
         else:
             s_tail = torch.logsumexp(s_log.scatter(1, targets.ids, float("-inf")), dim=1)  # (b,)
         return div_rows(p_log, torch.cat([s_top, s_tail[:, None]], dim=1), divergence, beta)
-    if targets.mode == "mixture" and divergence != "forward":  # fused sample/priority teachers (cache/fused.py)
-        raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
-                         "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
-                         "no such identity holds for reverse KL or JSD)")
+    check_divergence(targets.mode, divergence)
     if targets.mode in ("sample", "priority", "mixture"):  # mixture: sum_k w_k (teacher k's estimate)
         w, p_log, used, _ = id_weights(targets, T, approximate)  # (b, S) weights and log p_T at each id
         s_at = torch.gather(s_log, 1, targets.ids)  # (b, S) log q_T at each id
@@ -522,5 +534,7 @@ def describe(alpha: float, temperature: float, has_cache: bool, divergence: str 
             "mixture": "unbiased gradient; the value adds the teachers' Jensen-Shannon divergence"}
     if exact:
         return out + f"   [{mode} cache: {what[mode]} at T = {T:g}]"
+    approximation = {"topk": "uniform tail", "mixture": "the mean of the tempered teachers"}.get(
+        mode, "self-normalised weights")
     return out + (f"   [{mode} cache stores T = {_fmt(sorted({1.0, *temperatures}))}: APPROXIMATE at T = {T:g} "
-                  f"({ {'topk': 'uniform tail', 'mixture': 'the mean of the tempered teachers'}.get(mode, 'self-normalised weights')})]")
+                  f"({approximation})]")

@@ -45,7 +45,7 @@ from kdcli.losses import describe
 from kdcli.models import WEIGHTS, resolve_device, unpickling_problem
 from kdcli.precision import precision_context
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
-from kdcli.tasks.base import check_cache_temperature, open_teacher
+from kdcli.tasks.base import check_cache_use, open_teacher
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "TrainSummary", "apply_max_norm", "build_optimizer",
            "holdout", "label_batches", "precision_context", "schedule", "train_student"]
@@ -172,8 +172,7 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
     task = pick_task(cfg.data)
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None and alpha > 0:
-        check_cache_temperature(reader, cfg.temperature, cfg.approximate_temperature,
-                                divergence=cfg.divergence)
+        check_cache_use(reader, cfg.temperature, cfg.approximate_temperature, divergence=cfg.divergence)
     job = task.train_job(cfg, alpha, reader)  # data loaded and checked against the cache; the student comes later
     device = resolve_device(cfg.device)
     out = Path(cfg.out)

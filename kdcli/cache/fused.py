@@ -20,8 +20,8 @@ What each cache mode fuses to (docs/fusion.md has the reasoning and the measured
   top-k ids) plus one tail bucket. Mixing commutes with bucketing, so ``p(i) = sum_k w_k p_k(i)`` for i in I and
   the tail ``sum_k w_k (tail_k + p_k(S_k minus I))`` are exact: the loss is the exact KL between the fused
   teacher's and the student's (|I| + 1)-bucket distributions at T = 1 (a lower bound of the full KL, like one
-  topk cache). The reader yields topk arrays laid out on the first teacher's ids, unused slots (ids outside I)
-  with log-prob -inf (``Targets.padded``). At T != 1 the tempered mixture's normaliser needs every class of every
+  topk cache). The reader yields topk arrays laid out on the union of the teachers' ids, unused slots (ids
+  outside I, repeats) with log-prob -inf (``Targets.padded``). At T != 1 the tempered mixture's normaliser needs every class of every
   teacher: refused unless ``--approximate-temperature`` (the uniform-tail approximation on those buckets).
 - ``sample`` / ``priority`` (``mean`` only, any mix of the two): a *mixture* target, the teachers' own targets
   side by side (arrays ``t{k}/...``). The soft term is ``sum_k w_k KL(p_k || s)``, each estimated without bias
@@ -129,12 +129,17 @@ def first_difference(a: dict, b: dict) -> str | None:
     return None
 
 
-def _logmeanexp(stack: np.ndarray, weights: list[float]) -> np.ndarray:
-    """log sum_k w_k exp(stack[k]) in float64 (-inf where every term is -inf)."""
-    s = np.stack([stack[k].astype(np.float64) + np.log(w) for k, w in enumerate(weights)])
-    m = s.max(axis=0)
+def _logsumexp(a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
+    """log sum exp along ``axis``, shifted by the maximum (-inf where every term is -inf)."""
+    m = a.max(axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
-    return np.log(np.exp(s - m).sum(axis=0)) + m
+    out = np.log(np.exp(a - m).sum(axis=axis, keepdims=True)) + m
+    return out if keepdims else out.squeeze(axis)
+
+
+def _logmeanexp(xs: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """log sum_k w_k exp(xs[k]) in float64 (-inf where every term is -inf)."""
+    return _logsumexp(np.stack([x.astype(np.float64) + np.log(w) for x, w in zip(xs, weights)]), axis=0)
 
 
 def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.ndarray],
@@ -151,8 +156,8 @@ def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.
     n, width = allids.shape
     known = np.zeros((n, width))  # sum over the teachers that kept the id of w_k p_k(id)
     count = np.zeros((n, width), dtype=np.int64)  # how many teachers kept it
-    for idj, lpj, wj in zip(ids, logprobs, weights):
-        eq = allids[:, :, None] == idj[:, None, :]  # (n, K, k_j)
+    eqs = [allids[:, :, None] == idj[:, None, :] for idj in ids]  # (n, K, k_j): slot == teacher j's id
+    for eq, lpj, wj in zip(eqs, logprobs, weights):
         known += wj * np.where(eq, np.exp(lpj[:, None, :].astype(np.float64)), 0.0).sum(axis=2)
         count += eq.any(axis=2)
     first = np.ones((n, width), dtype=bool)  # the first occurrence of each id in the row
@@ -164,13 +169,11 @@ def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.
         key = np.where(first, np.log(known), -np.inf)
     # the tail: every teacher's own tail plus its mass on the ids not shared by all, mixed
     tail_parts = []
-    for idj, lpj, tj in zip(ids, logprobs, tails):
-        in_i = ((allids[:, :, None] == idj[:, None, :]) & shared[:, :, None]).any(axis=1)  # (n, k_j)
+    for eq, lpj, tj in zip(eqs, logprobs, tails):
+        in_i = (eq & shared[:, :, None]).any(axis=1)  # (n, k_j): teacher j's ids that are shared
         ext = np.concatenate([tj[:, None].astype(np.float64), np.where(in_i, -np.inf, lpj.astype(np.float64))], 1)
-        m = ext.max(axis=1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0)
-        tail_parts.append((np.log(np.exp(ext - m).sum(axis=1, keepdims=True)) + m)[:, 0])
-    tail = np.minimum(_logmeanexp(np.stack(tail_parts), weights), 0.0)
+        tail_parts.append(_logsumexp(ext, axis=1))
+    tail = np.minimum(_logmeanexp(tail_parts, weights), 0.0)
     order = np.argsort(-key, axis=1, kind="stable")
     return (np.take_along_axis(allids, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
             tail.astype(np.float32))
@@ -182,24 +185,16 @@ def _fuse_logprobs(parts: list[np.ndarray], weights: tuple[float, ...], combine:
     each row's target (token caches' ``target_logprobs``), both with the same normaliser."""
     live = [k for k, w in enumerate(weights) if w > 0]  # a zero-weight teacher takes no part (0 * -inf)
     if combine == "mean":
-        stack = np.stack([parts[k].astype(np.float64) + np.log(weights[k]) for k in live])
-        m = stack.max(axis=0)
-        m = np.where(np.isfinite(m), m, 0.0)
-        fused = np.log(np.exp(stack - m).sum(axis=0)) + m  # log sum_k w_k p_k(i)
-        tgt = None
-        if targets is not None:
-            ts = np.stack([targets[k].astype(np.float64) + np.log(weights[k]) for k in live])
-            tm = ts.max(axis=0)
-            tm = np.where(np.isfinite(tm), tm, 0.0)
-            tgt = np.log(np.exp(ts - tm).sum(axis=0)) + tm
+        ws = [weights[k] for k in live]
+        fused = _logmeanexp([parts[k] for k in live], ws)  # log sum_k w_k p_k(i)
+        tgt = None if targets is None else _logmeanexp([targets[k] for k in live], ws)
     elif combine == "geometric":
         fused = sum(weights[k] * parts[k].astype(np.float64) for k in live)  # sum_k w_k log p_k(i)
         tgt = None if targets is None else sum(weights[k] * targets[k].astype(np.float64) for k in live)
     else:
         raise ValueError(f"unknown combine {combine!r}; use one of {COMBINES}")
-    m = fused.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(fused - m).sum(axis=-1, keepdims=True)) + m  # renormalise (exact for geometric; fp16
-    fused = fused - log_z  # rounding only for mean)
+    log_z = _logsumexp(fused, axis=-1, keepdims=True)  # renormalise (exact for geometric; fp16 rounding only for
+    fused = fused - log_z  # mean)
     if tgt is not None:
         tgt = tgt - log_z[..., 0]
     return fused.astype(np.float32), None if tgt is None else tgt.astype(np.float32)
@@ -265,16 +260,11 @@ class FusedReader(CacheReader):
                 "mixture": "unbiased gradient of the KL to the mixture (sample/priority caches: the weighted mean of "
                            "the teachers' KLs, fused per {unit}, T = 1)"}[self.mode]
 
-    def check_use(self, temperature: float, approximate: bool, evaluating: bool,
-                  divergence: str = "forward") -> None:
+    def check_use(self, temperature: float, approximate: bool, evaluating: bool) -> None:
         """Refuse (exit 2) what a sparse fused teacher cannot serve: T != 1 without the documented approximation,
-        ``eval`` against a mixture of sampled teachers, and a mixture with another divergence than forward KL."""
+        and ``eval`` against a mixture of sampled teachers (the divergence: :func:`kdcli.losses.check_divergence`)."""
         if self.mode == "full":
             return
-        if self.mode == "mixture" and divergence != "forward":
-            raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
-                             "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
-                             "no such identity holds for reverse KL or JSD): use --divergence forward")
         if evaluating and self.mode == "mixture":
             raise UsageError("eval cannot measure KL or agreement against fused sample/priority caches (the fused "
                              "teacher's probability of a class one teacher drew is unknown to the others' caches): "
@@ -345,8 +335,7 @@ class FusedReader(CacheReader):
         live = [parts[k] for k in self.live]
         ws = [self.weights[k] for k in self.live]
         if "target_logprobs" in head:  # each teacher's log-prob of the next token: the mixture's is exact
-            out["target_logprobs"] = _logmeanexp(np.stack([p["target_logprobs"] for p in live]), ws).astype(
-                np.float32)
+            out["target_logprobs"] = _logmeanexp([p["target_logprobs"] for p in live], ws).astype(np.float32)
         if self.mode == "topk":
             out["topk_ids"], out["topk_logprobs"], out["tail_logmass"] = fuse_topk(
                 [p["topk_ids"] for p in live], [p["topk_logprobs"] for p in live], [p["tail_logmass"] for p in live],

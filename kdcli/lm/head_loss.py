@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import LossParts, Targets, div_rows, id_weights, teacher_buckets
+from kdcli.losses import LossParts, Targets, div_rows, id_weights, padded_head, teacher_buckets
 
 TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
 
@@ -71,8 +71,7 @@ def _topk_padded(qT: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, t: Target
     as a (c, V) mask instead of a scatter over distinct ids. Returns the gradient with its row factor applied."""
     p_log = teacher_buckets(t, T, approximate)  # (c, k + 1), -inf on unused slots
     ids, k = t.ids, t.ids.shape[1]
-    used = t.id_logprobs > float("-inf")
-    head = torch.zeros_like(qT).scatter_add_(1, ids, used.to(qT.dtype)) > 0
+    used, head = padded_head(t, qT)
     tail_log = torch.log(qT.masked_fill(head, 0.0).sum(dim=1))  # the student's mass outside the head, summed directly
     tiny = torch.nonzero(tail_log < math.log(TINY_TAIL)).squeeze(1)
     if len(tiny):  # float32 underflow: those rows' tail in log space

@@ -28,7 +28,8 @@ from kdcli.cache.fused import FusedReader, open_fused, part_key
 from kdcli.cache.reader import CacheReader
 from kdcli.config import parse_temperatures
 from kdcli.errors import UsageError
-from kdcli.losses import LossParts, Targets, check_temperature, mixture_targets, targets_from_arrays
+from kdcli.losses import LossParts, Targets, check_divergence, check_temperature, mixture_targets, \
+    targets_from_arrays
 from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
 
 
@@ -117,13 +118,14 @@ def temperature_plan(cfg, mode: str) -> tuple[tuple[float, ...] | None, dict, di
     return temps, temperature_layout(mode, temps), {"temperatures": list(temps)}
 
 
-def check_cache_temperature(reader: CacheReader, temperature: float, approximate: bool,
-                            evaluating: bool = False, divergence: str = "forward") -> None:
+def check_cache_use(reader: CacheReader, temperature: float, approximate: bool, evaluating: bool = False,
+                    divergence: str = "forward") -> None:
     """Refuse (exit 2, naming the stored temperatures) a sparse cache at a T it cannot serve exactly/unbiased,
     unless the documented approximation was asked for; and what a sparse fused teacher cannot serve
-    (:meth:`FusedReader.check_use`). Called before anything is written."""
+    (:meth:`FusedReader.check_use`, :func:`kdcli.losses.check_divergence`). Called before anything is written."""
+    check_divergence(reader.mode, divergence)
     if isinstance(reader, FusedReader):
-        reader.check_use(temperature, approximate, evaluating, divergence)
+        reader.check_use(temperature, approximate, evaluating)
     stored = stored_temperatures(reader.manifest)["temperatures"]
     try:
         check_temperature(reader.mode, stored, temperature, approximate)
