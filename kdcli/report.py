@@ -153,10 +153,6 @@ def column_names(models: list) -> list[str]:
 def render_eval(r: EvalReport | LMEvalReport) -> Table:
     if isinstance(r, LMEvalReport):
         return render_lm_eval(r)
-    t = Table(title=f"eval on {r.data} ({r.models[0].num_samples:,} rows)", title_justify="left")
-    t.add_column("metric", style="bold")
-    for name in column_names(r.models):
-        t.add_column(name, justify="right", overflow="fold")
     fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
            ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
            ("macro recall", lambda m: f"{m.recall_macro:.4f}"), ("NLL", lambda m: f"{m.nll:.4f}"),
@@ -171,14 +167,30 @@ def render_eval(r: EvalReport | LMEvalReport) -> Table:
                          lambda m, c=c: f"{m.before_bias['per_class_errors'][c]} → {m.per_class_errors[c]}"
                          if m.before_bias else f"{m.per_class_errors[c]}"))
         fmt[1:1] = rows
+    fmt += teacher_and_size_rows(r, "agreement w/ teacher", "accuracy",
+                                 ("samples/s", lambda m: f"{m.samples_per_second:,.0f}"))
+    return metric_table(f"eval on {r.data} ({r.models[0].num_samples:,} rows)", r.models, fmt)
+
+
+def teacher_and_size_rows(r: EvalReport | LMEvalReport, agreement: str, accuracy_name: str, speed: tuple) -> list:
+    """The rows both eval tables end with: agreement and KL to the teacher (with a cache), then parameters, the
+    compression rows, weights in memory and the ``speed`` row."""
+    rows = []
     if r.cache:
-        fmt += [("agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
-                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, "accuracy"),
-            ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
-            ("samples/s", lambda m: f"{m.samples_per_second:,.0f}")]
-    for name, f in fmt:
-        t.add_row(name, *[f(m) for m in r.models])
+        rows += [(agreement, lambda m: f"{m.agreement:.4f}"),
+                 (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
+    return rows + [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, accuracy_name),
+                   ("weights in memory", lambda m: human_bytes(m.weight_bytes)), speed]
+
+
+def metric_table(title: str, models: list, rows: list) -> Table:
+    """One column per model, one row per (name, format) pair."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric", style="bold")
+    for name in column_names(models):
+        t.add_column(name, justify="right", overflow="fold")
+    for name, f in rows:
+        t.add_row(name, *[f(m) for m in models])
     return t
 
 
@@ -204,21 +216,12 @@ def render_verify(r) -> Table:
 
 
 def render_lm_eval(r: LMEvalReport) -> Table:
-    t = Table(title=f"eval on {r.data} ({r.num_sequences:,} sequences, {r.num_tokens:,} predicted tokens)",
-              title_justify="left")
-    t.add_column("metric", style="bold")
-    for name in column_names(r.models):
-        t.add_column(name, justify="right", overflow="fold")
     fmt = [("perplexity", lambda m: f"{m.perplexity:.3f}"), ("NLL / token", lambda m: f"{m.nll:.4f}"),
            ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
-    if r.cache:
-        fmt += [("top-1 agreement w/ teacher", lambda m: f"{m.agreement:.4f}"),
-                (f"KL(teacher‖model) T={r.temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    fmt += [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(r.models, "next-token accuracy"),
-            ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
-            ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}")]
-    for name, f in fmt:
-        t.add_row(name, *[f(m) for m in r.models])
+    fmt += teacher_and_size_rows(r, "top-1 agreement w/ teacher", "next-token accuracy",
+                                 ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}"))
+    t = metric_table(f"eval on {r.data} ({r.num_sequences:,} sequences, {r.num_tokens:,} predicted tokens)",
+                     r.models, fmt)
     if r.teacher:
         t.caption = (f"teacher (from the cache, {r.teacher['mode']}): {r.teacher['spec']}, "
                      f"{r.teacher['num_parameters']:,} parameters, perplexity {r.teacher['perplexity']:.3f}")
