@@ -77,15 +77,10 @@ class Evil:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def ws(tmp_path_factory, one_thread) -> Path:
     d = tmp_path_factory.mktemp("bad")
-    try:
-        _build(d)
-        yield d
-    finally:
-        torch.set_num_threads(threads)
+    _build(d)
+    return d
 
 
 def _build(d: Path) -> None:

@@ -148,12 +148,7 @@ def flags(opts: dict) -> list[str]:
     return sum([[f"--{k.replace('_', '-')}", str(v)] for k, v in opts.items()], [])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread, for every test here
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,12 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Categorical, kl_divergence
 
 from kdcli.cache.reduce import reduce_logits
 from kdcli.losses import Targets, kd_loss, soft_kl, targets_from_arrays
+from tests.conftest import divergence_reference as reference
 
 DIVS = ("forward", "reverse", "jsd")
-
-
-def reference(t_logits, s_logits, T, divergence, beta=0.5):
-    p = Categorical(logits=t_logits / T)
-    q = Categorical(logits=s_logits / T)
-    if divergence == "forward":
-        return kl_divergence(p, q)
-    if divergence == "reverse":
-        return kl_divergence(q, p)
-    m = Categorical(probs=beta * p.probs + (1 - beta) * q.probs)
-    return beta * kl_divergence(p, m) + (1 - beta) * kl_divergence(q, m)
 
 
 def logits(rows=6, C=40, seed=0, scale=3.0):

@@ -18,7 +18,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner, Result
 
 from conftest import make_blobs
@@ -35,11 +34,8 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # in-process runs: no OpenMP spinning on a busy 2-core machine
-    yield _workspace(tmp_path_factory)
-    torch.set_num_threads(threads)
+def ws(tmp_path_factory, one_thread):  # in-process runs on one thread: no OpenMP spinning on a busy 2-core machine
+    return _workspace(tmp_path_factory)
 
 
 def _workspace(tmp_path_factory):

@@ -29,14 +29,7 @@ STEPS_PER_EPOCH = 9  # 540 training rows (600 minus a 10% validation split) / ba
 TIMING = ("seconds", "rows_per_second")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the killed subprocesses: bitwise-comparable runs, and no OpenMP spinning
-    on a busy 2-core machine (measured: this 27-step run took 0.4 s on 1 thread, 8.7 s on 2 under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread, for every test here
 
 
 @pytest.fixture(scope="module")

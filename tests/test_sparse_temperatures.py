@@ -16,7 +16,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Categorical, kl_divergence
 
 from kdcli.cache.manifest import mode_keys, stored_temperatures, temperature_layout
 from kdcli.cache.reduce import STAT_DTYPES, reduce_logits, storage_arrays
@@ -25,6 +24,7 @@ from kdcli.errors import UsageError
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.losses import (Targets, check_temperature, describe, id_weights, kd_loss, soft_kl,
                           targets_from_arrays)
+from tests.conftest import divergence_reference as reference
 
 TEMPS = (1.0, 2.0, 4.0)
 DIVS = ("forward", "reverse", "jsd")
@@ -45,16 +45,6 @@ def make(mode: str, t: torch.Tensor, temperatures=TEMPS, seed: int = 12345, samp
     arrays = storage_arrays({k: v.numpy() for k, v in red.items()}, t.shape[1])
     return targets_from_arrays(arrays, mode, t.shape[1], temperatures=temperatures or (1.0,),
                                sampler_temperatures=sampler or (1.0,))
-
-
-def reference(t, s, T, divergence="forward", beta=0.5):
-    p, q = Categorical(logits=t.double() / T), Categorical(logits=s.double() / T)
-    if divergence == "forward":
-        return kl_divergence(p, q)
-    if divergence == "reverse":
-        return kl_divergence(q, p)
-    m = Categorical(probs=beta * p.probs + (1 - beta) * q.probs)
-    return beta * kl_divergence(p, m) + (1 - beta) * kl_divergence(q, m)
 
 
 def bucket_reference(t, s, ids, T, divergence="forward"):

@@ -20,13 +20,7 @@ from kdcli.errors import CacheError, UsageError
 from kdcli.teacher import batch_ranges, cache_teacher
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (with two, each op waits on a busy shared CPU: ~100x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread, for every test here
 
 
 @pytest.fixture
