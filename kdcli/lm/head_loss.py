@@ -64,6 +64,13 @@ def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
     return g.mul_(f[:, None]).scatter_(1, ids, vals), None
 
 
+def _tail_grad_in_log_space(x: torch.Tensor, lse: torch.Tensor, tail_log: torch.Tensor, p_tail: torch.Tensor,
+                            mult: float, c_soft: float) -> torch.Tensor:
+    """The topk gradient on tail classes, ``mult * q_m - c_soft * p_tail * q_m / q_tail``, from the tempered logits
+    ``x`` of rows whose student tail mass underflows float32 (q_m = exp(x - lse), q_tail = exp(tail_log))."""
+    return mult * torch.exp(x - lse[:, None]) - c_soft * p_tail[:, None] * torch.exp(x - (lse + tail_log)[:, None])
+
+
 def _topk_padded(qT: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, t: Targets, T: float, approximate: bool,
                  mult: float, c_soft: float) -> tuple[torch.Tensor, None, float]:
     """The topk term for fused topk targets (``Targets.padded``: ids may repeat, slots with log-prob -inf are tail
@@ -83,9 +90,7 @@ def _topk_padded(qT: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, t: Target
     # head class i: mult * q_i - c_soft * p_i; tail class m: mult * q_m - c_soft * p_tail * q_m / q_tail
     tail_grad = qT * (mult - c_soft * p_b[:, k] / tail_log.exp())[:, None]
     if len(tiny):
-        sm = s[tiny]
-        tail_grad[tiny] = mult * torch.exp(sm - lse[tiny, None]) - c_soft * p_b[tiny, k][:, None] * torch.exp(
-            sm - (lse[tiny] + tail_log[tiny])[:, None])
+        tail_grad[tiny] = _tail_grad_in_log_space(s[tiny], lse[tiny], tail_log[tiny], p_b[tiny, k], mult, c_soft)
     return torch.where(head, qT * mult - c_soft * p_head, tail_grad), None, soft_sum
 
 
@@ -157,8 +162,7 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
         # every other id m: mult * q_m - c_soft * p_tail * q_m / q_tail = f * q_m
         f = mult - c_soft * p_b[:, k] / tail_log.exp()
         if masked is not None:  # those rows' gradient in log space, at its final scale (f = 1 for them)
-            qT[tiny] = mult * torch.exp(masked - lse[tiny, None]) - c_soft * p_b[tiny, k][:, None] * torch.exp(
-                masked - (lse[tiny] + tail_log[tiny])[:, None])
+            qT[tiny] = _tail_grad_in_log_space(masked, lse[tiny], tail_log[tiny], p_b[tiny, k], mult, c_soft)
             f[tiny] = 1.0
         g, f = _fold(qT, f, ids, mult * q_ids - c_soft * p_b[:, :k])
     elif mode in ("sample", "priority", "mixture"):
