@@ -41,7 +41,8 @@ from kdcli.compressed import QuantLinear, set_submodule
 from kdcli.config import CompressConfig, to_dict, write_yaml
 from kdcli.errors import KdError, UsageError
 from kdcli.modelstats import bytes_on_disk, nonzero_parameters
-from kdcli.models import count_parameters, is_run_dir, load_run_model, save_run_model
+from kdcli.models import MODEL_JSON, count_parameters, is_run_dir, load_run_model, save_run_model
+from kdcli.outdir import check_out, make_dir, remove_stale, swap_in
 
 COMPRESS_CONFIG = "compress.yaml"
 
@@ -181,6 +182,11 @@ def quantize_int8(model: nn.Module, dynamic: bool = False) -> list[str]:
 
 # -- the stage -----------------------------------------------------------------------------------------------------
 
+def is_compress_output(d: Path) -> bool:
+    """A directory ``kdcli compress`` wrote (its model.json and compress.yaml): what --overwrite may replace."""
+    return (d / MODEL_JSON).is_file() and (d / COMPRESS_CONFIG).is_file()
+
+
 def _check_request(cfg: CompressConfig) -> tuple[Path, Path]:
     if cfg.structured and cfg.prune is None:
         raise UsageError("--structured needs --prune FRACTION (the fraction of each hidden layer's units to remove)")
@@ -192,9 +198,16 @@ def _check_request(cfg: CompressConfig) -> tuple[Path, Path]:
     if not is_run_dir(cfg.model):
         raise UsageError(f"--model {cfg.model} is not a kdcli run directory (no model.json); compress the run dir "
                          "train-student wrote")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {cfg.out} already exists and is not an empty directory; choose a new one "
-                         "(compress never overwrites)")
+    check_out(out)
+    if out.resolve() == src.resolve():
+        raise UsageError(f"--out {cfg.out} is the --model run itself; write the compressed run to a new directory")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise UsageError(f"--out {cfg.out} already exists and is not empty; pass --overwrite to replace it, or "
+                             "choose a new one")
+        if not is_compress_output(out):
+            raise UsageError(f"--overwrite: {cfg.out} is not a run kdcli compress wrote; kdcli only replaces its own "
+                             "outputs: choose another --out")
     return src, out
 
 
@@ -202,7 +215,12 @@ def _load(src: Path):
     from kdcli.lm.hf import is_lm_run_dir
 
     if is_lm_run_dir(str(src)):
-        from kdcli.lm.hf import load_lm_run
+        from kdcli.lm.hf import load_lm_run, read_lm_meta
+
+        if read_lm_meta(src).get("layout") == "adapter":
+            method = (read_lm_meta(src).get("peft") or {}).get("method", "peft")
+            raise UsageError(f"--model {src} holds a {method} adapter, not a whole model; compress shrinks whole "
+                             "models: train LoRA with --peft-save merged and compress that run")
 
         return "lm", *load_lm_run(src)
     return "classify", *load_run_model(src)
@@ -271,19 +289,25 @@ def compress(cfg: CompressConfig) -> CompressSummary:
     after_params, after_nonzero = info.num_parameters, nonzero_parameters(model)
 
     out_parent = out.resolve().parent
-    out_parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_parent)
+    remove_stale(out)  # hidden .partial directories of a killed compress
     tmp = out_parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     tmp.mkdir()  # (mkdtemp would make it 0700)
     try:
         _save(kind, src, tmp, model, info)
         write_yaml(to_dict(cfg), tmp / COMPRESS_CONFIG)
         _check_reload(kind, tmp, model)
-        try:
-            os.replace(tmp, out)  # onto nothing, or onto the empty directory checked above
-        except OSError as e:
-            raise UsageError(f"--out {cfg.out} could not be replaced ({e.strerror}): did something write to it "
-                             "meanwhile?") from None
-        fsync_dir(out_parent)
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()  # an empty --out: the new run takes its place
+        if out.exists():  # --overwrite of an earlier compress run: swapped in one step, then removed
+            swap_in(tmp, out)
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError as e:
+                raise UsageError(f"--out {cfg.out} could not be created ({e.strerror}): did something write to it "
+                                 "meanwhile?") from None
+            fsync_dir(out_parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

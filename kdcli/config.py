@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ def opt(default: Any = REQUIRED, help: str = "", *, min: float | None = None, ma
 
 
 DEVICES = ("auto", "cpu", "cuda")
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 1000.0
+"""Temperatures kdcli accepts (loss, eval and the ones a cache stores). Outside it the tempered log-probs and
+their statistics leave float32/float16 (logp / T overflows, T^2 reaches inf) and nothing useful is left to learn."""
 
 
 def cache_list(value) -> list:
@@ -114,6 +118,10 @@ class CacheConfig:
     chat_template: str | None = opt(None, "LM chat rows: a Jinja chat template FILE that renders them instead of the "
                                           "tokenizer's own (needed when it has none); its text is recorded in the "
                                           "cache, so train-student and eval with --cache render the same tokens.")
+    trust_remote_code: bool = opt(False, "LM: let a Hugging Face model or tokenizer directory run its own Python "
+                                         "code (the auto_map of its config.json / tokenizer_config.json: "
+                                         "modeling_*.py, tokenization_*.py ...). Without it such a directory is "
+                                         "refused (exit 2); kdcli never asks on stdin.")
 
 
 @dataclass
@@ -144,7 +152,8 @@ class TrainConfig:
     peft_save: str | None = opt(None, "What a --peft run dir holds: merged (LoRA default: the adapted model, "
                                       "loadable without peft) or adapter (the adapter alone, naming its base; the "
                                       "only choice for prompt tuning).", choices=("merged", "adapter"))
-    temperature: float = opt(4.0, "Softmax temperature T for the soft term.", gt=0.0)
+    temperature: float = opt(4.0, "Softmax temperature T for the soft term.", min=TEMPERATURE_MIN,
+                             max=TEMPERATURE_MAX)
     approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
                                                "store (see cache-teacher --temperatures): topk then assumes the "
                                                "tail spread like the student's, sample/priority self-normalise the "
@@ -206,6 +215,10 @@ class TrainConfig:
                                        "from the cache.", min=2)
     chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE instead of the "
                                           "tokenizer's own. With --cache the cache's is used.")
+    trust_remote_code: bool = opt(False, "LM: let a Hugging Face model or tokenizer directory run its own Python "
+                                         "code (the auto_map of its config.json / tokenizer_config.json: "
+                                         "modeling_*.py, tokenization_*.py ...). Without it such a directory is "
+                                         "refused (exit 2); kdcli never asks on stdin.")
 
     def __post_init__(self) -> None:
         self.cache = cache_list(self.cache)
@@ -224,7 +237,7 @@ class EvalConfig:
                                           "(normalised to sum to 1). Default: equal.")
     combine: str = opt("mean", "With several --cache: mean (mixture of the teachers' probabilities) or geometric "
                                "(weighted mean of log-probabilities, renormalised).", choices=("mean", "geometric"))
-    temperature: float = opt(1.0, "Temperature for the KL to the teacher.", gt=0.0)
+    temperature: float = opt(1.0, "Temperature for the KL to the teacher.", min=TEMPERATURE_MIN, max=TEMPERATURE_MAX)
     approximate_temperature: bool = opt(False, "Allow a topk/sample/priority cache at a temperature it does not "
                                                "store (see cache-teacher --temperatures): topk then assumes the "
                                                "tail spread like the student's, sample/priority self-normalise the "
@@ -249,6 +262,10 @@ class EvalConfig:
                                        "training setting.", min=2)
     chat_template: str | None = opt(None, "LM chat rows without --cache: a Jinja chat template FILE; default: the "
                                           "first model's recorded one, else its tokenizer's own.")
+    trust_remote_code: bool = opt(False, "LM: let a Hugging Face model or tokenizer directory run its own Python "
+                                         "code (the auto_map of its config.json / tokenizer_config.json: "
+                                         "modeling_*.py, tokenization_*.py ...). Without it such a directory is "
+                                         "refused (exit 2); kdcli never asks on stdin.")
     latency_repeats: int = opt(1, "Latency per row at batch 1 and at --batch-size (LM: the eval batch, at most 16 "
                                   "sequences): the median of at least N timed forward passes per batch size, after "
                                   "a warm-up (the eval pass's own full batches count, so a large eval set costs no "
@@ -264,7 +281,7 @@ class CompressConfig:
     train-student --student (fine-tuning)."""
 
     model: str = opt(help="The kdcli run dir to compress (a classification or language-model student).")
-    out: str = opt(help="Run dir to write (must not exist, or be empty).")
+    out: str = opt(help="Run dir to write (new or empty; --overwrite replaces an earlier compress output).")
     quantize: str | None = opt(None, "int8: every nn.Linear weight as int8 with one float32 scale per output "
                                      "channel (symmetric; biases, embeddings, norms and convolutions stay float), "
                                      "computed as a float product: the same logits on every device. int8-dynamic: "
@@ -279,6 +296,8 @@ class CompressConfig:
                                   "followed, through element-wise activations/dropout, by another Linear in an "
                                   "nn.Sequential, and the matching inputs of that next Linear: the model really "
                                   "shrinks.")
+    overwrite: bool = opt(False, "Replace an existing --out that an earlier kdcli compress wrote (built beside it "
+                                 "and swapped in when done; nothing else is ever replaced).")
     json: bool = opt(False, "Print exactly one JSON document on stdout instead of a table.")
 
 
@@ -331,6 +350,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise UsageError(f"config key '{key}' must be {_type_name(tp)}, got null")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"config key '{key}' must be a finite number; got {value!r}")
     if tp is list and isinstance(value, str):
         value = [value]
     ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
@@ -340,6 +361,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise UsageError(f"config key '{key}' must be a list of strings")
     if tp is dict and not all(isinstance(k, str) for k in value):
         raise UsageError(f"config key '{key}' must be a mapping with string keys")
+    if tp is dict:
+        bad = nonfinite_value(value)
+        if bad is not None:
+            raise UsageError(f"config key '{key}': {bad[0]} is {bad[1]!r}; model and adapter arguments must be finite "
+                             "numbers")
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         raise UsageError(f"config key '{key}' must be one of {', '.join(m['choices'])}; got {value!r}")
@@ -350,6 +376,26 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         if b is not None and not test(value, b):
             raise UsageError(f"config key '{key}' must be {sym} {b:g}; got {value!r}")
     return value
+
+
+def nonfinite_value(value: Any, where: str = "") -> tuple[str, Any] | None:
+    """(path, value) of the first NaN/inf number in a (nested) YAML value: a float, or a string that reads as one
+    ("nan", "inf", "-Infinity"), which a library would turn into a float (``--peft-arg lora_alpha=nan``)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = nonfinite_value(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = nonfinite_value(v, f"{where}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    elif isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return where, value
+    return None
 
 
 class _OneValuePerKey(yaml.SafeLoader):
@@ -426,6 +472,9 @@ def parse_temperatures(value: Any, key: str = "temperatures") -> tuple[float, ..
             t = float("nan")
         if isinstance(item, bool) or not (t > 0 and t != float("inf")):
             raise UsageError(f"config key '{key}' must list positive temperatures, e.g. 1,2,4; got {item!r}")
+        if not TEMPERATURE_MIN <= t <= TEMPERATURE_MAX:
+            raise UsageError(f"config key '{key}': temperature {t:g} is outside [{TEMPERATURE_MIN:g}, "
+                             f"{TEMPERATURE_MAX:g}], where the stored statistics stay finite; e.g. 1,2,4")
         out.add(t)
     return tuple(sorted(out))
 
@@ -455,7 +504,15 @@ def resolve(cls: type, config_path: str | Path | None = None, overrides: dict | 
             kwargs[name] = _coerce(name, merged[name], f)
         elif f.default is REQUIRED and f.default_factory is REQUIRED:  # type: ignore[misc]
             raise UsageError(f"missing required option --{name.replace('_', '-')} (or '{name}:' in --config)")
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    cfg.given_keys = frozenset(merged)  # not a field: which options the user set (flags or YAML), see given()
+    return cfg
+
+
+def given(cfg: Any) -> frozenset[str]:
+    """The options of ``cfg`` the user set on the command line or in --config (a config built in Python: none), so
+    that an option whose value would be ignored can be refused instead of silently dropped."""
+    return getattr(cfg, "given_keys", frozenset())
 
 
 def to_dict(cfg: Any) -> dict:

@@ -86,6 +86,9 @@ _SLICE = re.compile(r"^(?P<base>.*)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
 def split_slice(spec: str) -> tuple[str, slice | None]:
     m = _SLICE.match(spec)
     if not m:
+        if spec.endswith("]") and "[" in spec:
+            raise UsageError(f"DATA {spec!r}: a slice is [start:stop] with integers, e.g. data.jsonl[0:100] or "
+                             "mnist:train[:10000]")
         return spec, None
     a = int(m["a"]) if m["a"] else None
     b = int(m["b"]) if m["b"] else None

@@ -8,7 +8,7 @@ The CLI turns each of these into one line on stderr and the exit code below; any
 | 1    | a requested check failed (``--min-accuracy`` and other gates)  |
 | 2    | bad usage, config or input                                     |
 | 3    | cache invalid, incomplete, or mismatched with the data/teacher |
-| 4    | internal error (a bug in kdcli: please report it)              |
+| 4    | internal error (a bug in kdcli: please report it), or a training run that diverged (NaN/inf loss) |
 | 130  | interrupted (Ctrl-C / SIGINT / SIGTERM)                        |
 """
 
@@ -45,6 +45,13 @@ class CacheError(KdError):
     """The cache is invalid, incomplete, locked, or does not match the data or the teacher."""
 
     exit_code = 3
+
+
+class Diverged(KdError):
+    """Training produced a NaN/inf loss or weights: stopped, nothing non-finite saved (exit 4, not a kdcli bug: the
+    message says which step and what to change)."""
+
+    exit_code = 4
 
 
 class Interrupted(KdError):

@@ -25,11 +25,10 @@ from torch import nn
 
 from kdcli.compressed import finish_compressed, quantized_weight_count, rebuild_compressed
 from kdcli.errors import UsageError
-from kdcli.plugins import call_factory, is_plugin_spec, load_factory
+from kdcli.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
 
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
-PLUGIN_COPY = "model_source.py"
 
 
 class MLP(nn.Module):
@@ -259,14 +258,11 @@ def load_run_model(run_dir: Path | str, weights: str | None = None) -> tuple[nn.
         num_classes, input_shape = int(meta["num_classes"]), tuple(meta["input_shape"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{run_dir}/{MODEL_JSON} is not a valid kdcli model description: {e}") from None
-    if is_plugin_spec(spec):
-        # A run of a file.py student carries its own copy of the plugin (model_source.py) and runs it to rebuild
-        # the model: that is code, by design. Nothing else: a model.json may not name code outside its run dir.
-        src = (run_dir / spec.rpartition(":")[0]).resolve()
-        if Path(spec.rpartition(":")[0]).is_absolute() or run_dir.resolve() not in src.parents:
-            raise UsageError(f"{run_dir}/{MODEL_JSON} names plugin code outside its run directory ({spec}); "
-                             f"kdcli only runs the {PLUGIN_COPY} a run carries")
-        spec = f"{src}:{spec.rpartition(':')[2]}"
+    if is_plugin_spec(spec):  # a run of a file.py student carries its own copy of the plugin, and only that runs
+        spec = run_dir_plugin(run_dir, spec)
+    elif spec not in BUILTINS:
+        raise UsageError(f"{run_dir}/{MODEL_JSON} names model {spec!r}, which is neither a built-in "
+                         f"({', '.join(BUILTINS)}) nor the run's own {PLUGIN_COPY}")
     model = _construct(spec, args, num_classes, input_shape)
     wpath = Path(weights) if weights else run_dir / WEIGHTS
     if not wpath.is_file():

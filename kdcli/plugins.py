@@ -16,6 +16,9 @@ from typing import Any, Callable
 from kdcli.errors import KdError, UsageError
 
 
+PLUGIN_COPY = "model_source.py"  # a run dir's own copy of the plugin that built its model
+
+
 def is_plugin_spec(spec: str) -> bool:
     path, sep, name = spec.rpartition(":")
     return bool(sep) and path.endswith(".py") and bool(name)
@@ -67,3 +70,19 @@ def call_factory(factory: Callable[..., Any], spec: str, kwargs: dict, offered: 
     except Exception as e:  # a bug in the user's code is a usage problem (exit 2), not a kdcli bug (exit 4)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UsageError(f"{spec} raised {e.__class__.__name__}: {first} (an error in the plugin's own code)") from e
+
+
+def run_dir_plugin(run_dir: Path, spec: object) -> str:
+    """The plugin spec a run dir's ``model.json`` names, as an absolute spec: only ``model_source.py:NAME``, the
+    copy of the plugin that train-student put into that run dir. Any other path (absolute, ``../``, another file
+    of the run dir, a link leading out of it) is refused (exit 2): a file kdcli reads never makes it run code the
+    user did not name on the command line."""
+    path, sep, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or path != PLUGIN_COPY or not name.isidentifier():
+        raise UsageError(f"{run_dir}/model.json names plugin code {spec!r}; a run dir may only name its own "
+                         f"{PLUGIN_COPY} (kdcli never runs code that a file it reads points to)")
+    src = Path(run_dir) / PLUGIN_COPY
+    if not src.is_file() or src.resolve().parent != Path(run_dir).resolve():
+        raise UsageError(f"{src} is missing or a link out of the run dir; kdcli only runs the {PLUGIN_COPY} a run "
+                         "dir holds itself")
+    return f"{src.resolve()}:{name}"

@@ -8,6 +8,7 @@ lookahead, the split of the remaining shards over torchrun ranks, and the merged
 
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,8 +18,8 @@ import torch
 
 from kdcli import crashpoints, distributed, log
 from kdcli.cache.atomic import remove_partials
-from kdcli.cache.lock import DirLock
-from kdcli.cache.manifest import (MANIFEST, RANK_MANIFEST_GLOB, contiguous_runs, merge_rank_manifests,
+from kdcli.cache.lock import LOCK, DirLock
+from kdcli.cache.manifest import (MANIFEST, contiguous_runs, merge_rank_manifests,
                                   missing_shards, plan_differences, rank_manifest_name, read_manifest, shard_name,
                                   split_contiguous, write_manifest)
 from kdcli.cache.reader import mean_unique_ids
@@ -27,19 +28,47 @@ from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig
 from kdcli.errors import CacheError, UsageError
 from kdcli.models import resolve_device
+from kdcli.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
 from kdcli.precision import teacher_autocast
 from kdcli.tasks import CacheJob, CacheSummary, pick_task
 
 __all__ = ["CacheSummary", "batch_ranges", "cache_teacher"]
 
 
-def _prepare_dir(out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
-    """Decide what to do with ``out``: returns (manifest to continue, number of whole shards kept; -1: up to date).
-    Every whole shard is kept, not only the leading ones (a torchrun rank may have stopped before another)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
+def _is_cache_debris(name: str) -> bool:
+    """Files a cache directory holds (or an interrupted cache-teacher leaves): shards, manifests, partials, the lock."""
+    return (name.startswith("shard-") or name.endswith(".partial") or name == MANIFEST
+            or name.startswith("manifest.rank-") or name == LOCK)
+
+
+def _resume_state(work: Path, plan: dict) -> tuple[dict, int] | None:
+    """(manifest to continue, whole shards kept; -1: complete and up to date) when ``work`` holds this very cache
+    (same teacher, data and settings), else None. Every whole shard is kept, not only the leading ones (a torchrun
+    rank may have stopped before another)."""
+    if not (work / MANIFEST).exists():
+        return None
+    try:
+        old = read_manifest(work, require_complete=False)
+    except CacheError:
+        return None
+    if plan_differences(old, plan):
+        return None
+    kept = _whole_shards(work, old)
+    if old["complete"] and len(kept) == len(old["shards"]):
+        return old, -1
+    old["shards"], old["complete"] = kept, False
+    write_manifest(work, old)  # a damaged complete cache being repaired is incomplete until it is done
+    return old, len(kept)
+
+
+def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tuple[Path, dict, int]:
+    """Rank 0, ``out`` locked: where this run writes, the manifest it continues and how many whole shards it keeps
+    (-1: up to date). A different cache is never cleared first: with ``--overwrite`` the new one is built in a
+    staging directory beside it and swapped in when complete (:mod:`kdcli.outdir`); re-running the same
+    ``--overwrite`` command after an interruption resumes that staging directory."""
+    names = [p.name for p in out.iterdir() if p.name != LOCK]
+    diffs: list[str] = []
+    if MANIFEST in names:
         try:
             old = read_manifest(out, require_complete=False)
             diffs = plan_differences(old, plan)
@@ -61,23 +90,31 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
                 log.info(f"note: {out} is stored with compression {was}; keeping it for this cache (requested "
                          f"{asked}; pass --overwrite to re-write it)")
         if not diffs:
-            kept = _whole_shards(out, old)
-            if old["complete"] and len(kept) == len(old["shards"]):
-                return old, -1
-            old["shards"], old["complete"] = kept, False
-            write_manifest(out, old)  # a damaged complete cache being repaired is incomplete until it is done
-            return old, len(kept)
-        _clear_cache_files(out)
-    elif any(p.name != ".lock" for p in out.iterdir()):
-        stray = [p.name for p in out.iterdir() if p.name != ".lock"]
-        if not overwrite or any(not (n.startswith("shard-") or n.endswith(".partial")) for n in stray):
-            raise UsageError(f"--out {out} is not empty and holds no kdcli cache ({stray[0]}, ...); "
+            return (out, *_resume_state(out, plan))
+    elif names:
+        if not overwrite or not all(_is_cache_debris(n) for n in names):
+            raise UsageError(f"--out {out} is not empty and holds no kdcli cache ({sorted(names)[0]}, ...); "
                              "choose an empty or new directory")
-        _clear_cache_files(out)
+        diffs = ["leftovers of an interrupted cache without a manifest"]
+    if not diffs:  # an empty directory
+        write_manifest(out, plan)
+        return out, plan, 0
+    stage = staging_dir(out)  # --overwrite: build beside the old cache, swap in when complete
+    make_dir(stage)
+    stack.enter_context(DirLock(stage))
+    remove_partials(stage)
+    merge_rank_manifests(stage)
+    state = _resume_state(stage, plan)
+    if state is not None:
+        log.info(f"--overwrite: continuing the replacement of {out} in {stage}")
+        return (stage, *state)
+    empty_dir(stage, lambda d: all(_is_cache_debris(p.name) for p in d.iterdir()), "--overwrite")
+    log.info(f"--overwrite: writing the new cache in {stage}; it replaces {out} ({'; '.join(diffs[:2])}) when "
+             "complete")
     # From its first instant the directory says which cache it is building (complete: false, no shards), so a
     # crash before the first manifest update still resumes instead of finding "a directory with stray shards".
-    write_manifest(out, plan)
-    return plan, 0
+    write_manifest(stage, plan)
+    return stage, plan, 0
 
 
 def _whole_shards(out: Path, manifest: dict) -> list[dict]:
@@ -86,12 +123,6 @@ def _whole_shards(out: Path, manifest: dict) -> list[dict]:
     return [s for s in manifest["shards"]
             if s["row_start"] % size == 0 and s["name"] == shard_name(s["row_start"] // size)
             and (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]]
-
-
-def _clear_cache_files(out: Path) -> None:
-    for p in list(out.glob("shard-*.h5")) + list(out.glob(RANK_MANIFEST_GLOB)) + [out / MANIFEST]:
-        p.unlink(missing_ok=True)
-    remove_partials(out)
 
 
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
@@ -105,13 +136,23 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                          "cache-teacher without torchrun (or drop the flag to split the rows over processes)")
     num_rows, shard_size = job.num_rows, job.shard_size
     out = Path(cfg.out)
+    check_out(out)
+    remove_stale(out)
     # Under torchrun every rank runs this function: rank 0 holds the directory lock and owns manifest.json; the
     # shards still to compute are split into one contiguous run per rank, each rank publishes its own shards
     # (global names, one writer per shard) and records them in its own manifest.rank-N.json; rank 0 merges.
     ctx = distributed.init(resolve_device(cfg.device))
     device = ctx.device
     with ExitStack() as stack:
-        manifest, kept = ctx.on_main(lambda: _open_cache(stack, out, job.plan, cfg.overwrite))
+        main: dict = {}
+
+        def open_cache():  # rank 0 only
+            main["created"] = make_dir(out)
+            main["work"], manifest, kept = _open_cache(stack, out, job.plan, cfg.overwrite)
+            return str(main["work"]), manifest, kept
+
+        work, manifest, kept = ctx.on_main(open_cache)
+        work = Path(work)
         if kept < 0:
             size = f"{num_rows:,} rows" + (f", {job.units(0, num_rows):,} {job.unit}" if job.unit != "rows" else "")
             log.info(f"cache {out} is complete and up to date ({size}, same teacher, data and settings); nothing "
@@ -121,7 +162,7 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         todo_rows = [(i * shard_size, min((i + 1) * shard_size, num_rows)) for i in todo]
         first_row = num_rows - sum(b - a for a, b in todo_rows)  # rows already cached
         if first_row:
-            log.info(f"resuming {out}: {kept} whole shard(s) found, skipping {first_row} of {num_rows} rows")
+            log.info(f"resuming {work}: {kept} whole shard(s) found, skipping {first_row} of {num_rows} rows")
         log.info(job.describe() + f" on {device}"
                  + (f"; {ctx.world} processes, {len(todo)} shard(s) split into contiguous runs" if ctx.enabled
                     else ""))
@@ -133,7 +174,7 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         def compute() -> None:
             own = {**manifest, "shards": []} if ctx.enabled else manifest
             name = rank_manifest_name(ctx.rank) if ctx.enabled else MANIFEST
-            writer = ShardWriter(out, own, shard_size=shard_size, first_shard=mine[0] if mine else 0,
+            writer = ShardWriter(work, own, shard_size=shard_size, first_shard=mine[0] if mine else 0,
                                  token_keys=job.token_keys, threaded=True, manifest_name=name)
             try:
                 for a, b in contiguous_runs(mine):
@@ -144,29 +185,41 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                 writer.abort()
                 raise
 
-        ctx.agree(compute)  # every rank's shards are published (or every rank raises the first error)
-        manifest = ctx.on_main(lambda: _finish_cache(out))
+        def finish() -> dict:  # rank 0: the merged manifest, complete; a replacement swapped into place
+            done = _finish_cache(work)
+            if work != out:
+                swap_in(work, out)  # the complete new cache takes the old one's place in one step
+            return done
+
+        try:
+            ctx.agree(compute)  # every rank's shards are published (or every rank raises the first error)
+            manifest = ctx.on_main(finish)
+        except BaseException:
+            if ctx.is_main and not any(work.glob("shard-*.h5")):  # nothing to resume from: leave no empty cache
+                if work != out:
+                    shutil.rmtree(work, ignore_errors=True)
+                elif main.get("created"):
+                    stack.close()
+                    shutil.rmtree(out, ignore_errors=True)
+            raise
     status = "resumed" if first_row else "written"
     computed_units = sum(job.units(a, b) for a, b in todo_rows)
     return _summary(cfg, job, manifest, status, num_rows - first_row, first_row, computed_units, t0, device)
 
 
-def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tuple[dict, int]:
+def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tuple[Path, dict, int]:
     """Rank 0 (or the only process): lock ``out``, clean up, fold in shards an interrupted torchrun recorded."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     stack.enter_context(DirLock(out))
     removed = remove_partials(out)
     if removed:
         log.info(f"removed {len(removed)} partial file(s) left by an interrupted run")
     try:
         merged = merge_rank_manifests(out)
-    except CacheError:  # an unreadable manifest.json: _prepare_dir refuses or (--overwrite) clears it
+    except CacheError:  # an unreadable manifest.json: _prepare_dir refuses or (--overwrite) builds beside it
         merged = 0
     if merged:
         log.info(f"collected {merged} shard(s) recorded by the ranks of an interrupted torchrun run")
-    return _prepare_dir(out, plan, overwrite)
+    return _prepare_dir(out, plan, overwrite, stack)
 
 
 def _finish_cache(out: Path) -> dict:

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -36,13 +37,14 @@ from torch import nn
 from kdcli import crashpoints, distributed, log
 from kdcli.cache.atomic import atomic_write_bytes, is_disk_full, remove_partials
 from kdcli.cache.fused import FusedReader
-from kdcli.cache.lock import DirLock
+from kdcli.cache.lock import LOCK, DirLock
 from kdcli.cache.reader import CacheLoader
 from kdcli.cache.manifest import stored_temperatures
 from kdcli.config import TrainConfig, to_dict, write_yaml
-from kdcli.errors import UsageError
+from kdcli.errors import Diverged, UsageError
 from kdcli.losses import describe
-from kdcli.models import WEIGHTS, resolve_device, unpickling_problem
+from kdcli.models import resolve_device, unpickling_problem
+from kdcli.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
 from kdcli.precision import precision_context
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
 from kdcli.tasks.base import check_cache_use, open_teacher
@@ -63,38 +65,61 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_run_dir(cfg: TrainConfig, out: Path) -> dict | None:
-    """Refuse to clobber a finished run; return the checkpoint to resume from, if any."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+RUN_MARKERS = (SUMMARY, CHECKPOINT, METRICS)
+
+
+def is_run_output(d: Path) -> bool:
+    """A directory train-student wrote: its config.yaml and a summary, checkpoint or metrics file. A Hugging Face
+    model directory, a cache or any other folder has neither: ``--overwrite`` never replaces one."""
+    return (d / CONFIG).is_file() and any((d / n).is_file() for n in RUN_MARKERS)
+
+
+def _load_checkpoint(run: Path, cfg: TrainConfig) -> dict:
+    path = run / CHECKPOINT
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot load {path} as a plain checkpoint ({unpickling_problem(e)}); it is damaged or not "
+                         "kdcli's: remove it or pass --overwrite") from None
+    if not isinstance(ckpt, dict) or ckpt.get("config_hash") != config_hash(cfg):
+        raise UsageError(f"{run} holds a checkpoint from a run with different settings; use the same options to "
+                         "resume, or --overwrite to start over")
+    return ckpt
+
+
+def _prepare_run_dir(cfg: TrainConfig, out: Path, stack: ExitStack) -> tuple[Path, dict | None]:
+    """Where this run writes and the checkpoint it resumes from (None: a fresh start). Rank 0 only, ``out``
+    locked. A finished run is never replaced in place: with ``--overwrite`` the new run trains in a staging
+    directory beside it (:func:`kdcli.outdir.staging_dir`) and is swapped in when it finishes, so a failed or
+    interrupted replacement leaves the old run whole; ``--overwrite --resume`` continues such a replacement."""
     remove_partials(out)
-    ckpt_path = out / CHECKPOINT
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     finished = (out / SUMMARY).exists()
     if finished and not cfg.overwrite:
         raise UsageError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
-    if finished or (cfg.overwrite and not cfg.resume):
-        for name in (CHECKPOINT, METRICS, SUMMARY, CONFIG, WEIGHTS, "model.json", "model_source.py"):
-            (out / name).unlink(missing_ok=True)
-        return None
-    if ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"cannot load {ckpt_path} as a plain checkpoint ({unpickling_problem(e)}); it is "
-                             "damaged or not kdcli's: remove it or pass --overwrite") from None
-        if ckpt.get("config_hash") != config_hash(cfg):
-            raise UsageError(f"{out} holds a checkpoint from a run with different settings; use the same options "
-                             "to resume, or --overwrite to start over")
-        return ckpt
+    if others and (finished or cfg.overwrite) and not is_run_output(out):
+        raise UsageError(f"--overwrite: {out} is not a kdcli run directory ({others[0]}, ...); kdcli only replaces "
+                         "what train-student wrote: choose another --out")
+    if (out / CHECKPOINT).exists() and not finished and (cfg.resume or not cfg.overwrite):
+        return out, _load_checkpoint(out, cfg)
+    if others and (finished or cfg.overwrite):  # build the replacement beside the old run
+        stage = staging_dir(out)
+        make_dir(stage)
+        stack.enter_context(DirLock(stage))
+        remove_partials(stage)
+        if cfg.resume and (stage / CHECKPOINT).exists():
+            log.info(f"--overwrite --resume: continuing the replacement of {out} in {stage}")
+            return stage, _load_checkpoint(stage, cfg)
+        empty_dir(stage, lambda d: is_run_output(d) or all(p.name in (LOCK, CONFIG, METRICS) for p in d.iterdir()),
+                  "--overwrite")
+        log.info(f"--overwrite: training in {stage}; it replaces {out} when the run has finished")
+        return stage, None
     if cfg.resume:
         log.warn(f"--resume: no checkpoint in {out}; starting from the beginning")
-    elif any(p.name not in (".lock",) for p in out.iterdir()):
-        stray = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-        if set(stray) - {CONFIG, METRICS}:
-            raise UsageError(f"--out {out} is not empty ({stray[0]}, ...) and holds no kdcli run; choose an empty "
-                             "or new directory")
-    return None
+    elif set(others) - {CONFIG, METRICS}:
+        raise UsageError(f"--out {out} is not empty ({others[0]}, ...) and holds no kdcli run; choose an empty "
+                         "or new directory")
+    return out, None
 
 
 def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,27 +201,42 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
     job = task.train_job(cfg, alpha, reader)  # data loaded and checked against the cache; the student comes later
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    check_out(out)
     # Under torchrun every rank trains (DDP); rank 0 holds the run-dir lock and writes every output.
     ctx = distributed.init(device)
     with ExitStack() as stack:
         main: dict = {}
 
-        def prepare() -> bool:  # rank 0 only
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {out} exists and is not a directory")
-            out.mkdir(parents=True, exist_ok=True)
+        def prepare() -> tuple[str, bool]:  # rank 0 only: (where the run writes, resuming?)
+            remove_stale(out)
+            main["created"] = make_dir(out)
             stack.enter_context(DirLock(out))
-            main["ckpt"] = _prepare_run_dir(cfg, out)
-            return main["ckpt"] is not None
+            main["work"], main["ckpt"] = _prepare_run_dir(cfg, out, stack)
+            return str(main["work"]), main["ckpt"] is not None
 
-        resuming = ctx.on_main(prepare)
+        work, resuming = ctx.on_main(prepare)
+        work = Path(work)
         ckpt = ctx.agree(lambda: main.get("ckpt") if ctx.is_main or not resuming else
-                         torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True))
-        return _train(cfg, out, ckpt, alpha, job, t_start, ctx)
+                         torch.load(work / CHECKPOINT, map_location="cpu", weights_only=True))
+        try:
+            summary = _train(cfg, work, out, ckpt, alpha, job, t_start, ctx)
+        except BaseException:
+            if ctx.is_main and not (work / CHECKPOINT).exists():  # nothing to resume from: leave no half run
+                if work != out:
+                    shutil.rmtree(work, ignore_errors=True)
+                elif main.get("created"):
+                    stack.close()  # the lock first, then the directory this command made
+                    shutil.rmtree(out, ignore_errors=True)
+            raise
+        if ctx.is_main and work != out:
+            swap_in(work, out)  # the finished replacement takes the old run's place in one step
+        return summary
 
 
-def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: TrainJob, t_start: float,
-           ctx: distributed.Dist) -> TrainSummary:
+def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: float, job: TrainJob,
+           t_start: float, ctx: distributed.Dist) -> TrainSummary:
+    """The loop. ``out`` is where the run's files are written (``final``, or the staging directory of an
+    ``--overwrite``); ``final`` is the run dir the summary names."""
     device = ctx.device
     torch.manual_seed(cfg.seed)
     ctx.agree(job.build_student)  # a student that does not fit the data or cache: every rank raises the same
@@ -242,7 +282,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
              f"batch {cfg.batch_size}"
              + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled
                 else ""))
-    resumed_from = global_step
+    resumed_from = saved = global_step
     last: dict = {}
     loader = None
     if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
@@ -277,9 +317,14 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
             step_in_epoch += 1
             global_step += 1
             crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)
+            if global_step % FINITE_CHECK_EVERY == 0:
+                _check_finite(pending, None, epoch, global_step, saved, ctx)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                _check_finite(pending, model, epoch, global_step, saved, ctx)
                 _flush(acc, pending)
                 _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc, ctx)
+                saved = global_step
+        _check_finite(pending, model, epoch, global_step, saved, ctx)
         _flush(acc, pending)
         skip = 0
         acc["seconds"] += time.perf_counter() - t_epoch
@@ -302,6 +347,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
         acc = _zero_acc()
         if epoch + 1 < cfg.epochs:
             _save_checkpoint(out, cfg, model, opt, sched, device, epoch + 1, 0, global_step, acc, ctx)
+            saved = global_step
 
     if loader is not None:
         loader.close()
@@ -316,7 +362,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: dict | None, alpha: float, job: Tr
         if ctx.is_main:
             job.save(out, model)
     base = TrainSummary(
-        run_dir=str(out), loss_formula=formula, epochs=cfg.epochs, steps=global_step, train_rows=train_rows,
+        run_dir=str(final), loss_formula=formula, epochs=cfg.epochs, steps=global_step, train_rows=train_rows,
         final_train_loss=last.get("train_loss", float("nan")),
         final_train_accuracy=last.get("train_accuracy", float("nan")), val_accuracy=last.get("val_accuracy"),
         eval_accuracy=last.get("eval_accuracy"), seconds=time.perf_counter() - t_start,
@@ -362,6 +408,35 @@ def restore(ckpt: dict | None, out: Path, model: nn.Module, opt, sched, device: 
         _truncate_lines(out / METRICS, int(ckpt["metrics_lines"]))
     log.info(f"resuming {out} at epoch {epoch + 1}, step {skip} of {steps_per_epoch} (global step {global_step})")
     return epoch, skip, global_step, acc
+
+
+FINITE_CHECK_EVERY = 100
+"""Steps between checks that the summed loss is finite (one device-to-host read; also at every checkpoint and
+epoch end, where the weights are checked too, so no checkpoint or run dir ever holds NaN/inf)."""
+
+
+def _check_finite(pending: torch.Tensor, model: nn.Module | None, epoch: int, step: int, saved: int,
+                  ctx: distributed.Dist) -> None:
+    """Stop a diverged run (exit 4, one line) before anything non-finite is saved; the last checkpoint stays.
+    Under torchrun every rank learns of any rank's divergence (one all-reduce), so none is left waiting."""
+    what = 0 if bool(torch.isfinite(pending).all()) else 1  # 1: the loss, 2: the weights
+    bad = None
+    if not what and model is not None:
+        for name, p in model.named_parameters():
+            t = p.detach()
+            t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: this rank's part
+            if not bool(torch.isfinite(t).all()):
+                what, bad = 2, name
+                break
+    if ctx.enabled:
+        what = int(ctx.all_reduce([float(what)], "max")[0])
+    if not what:
+        return
+    cause = "the loss became NaN or infinite" if what == 1 else \
+        f"the weights became NaN or infinite{f' ({bad})' if bad else ''}"
+    kept = f"the run dir keeps the checkpoint of step {saved}" if saved else "nothing was saved"
+    raise Diverged(f"training diverged: {cause} in epoch {epoch + 1}, by step {step}; {kept}. Lower --lr, check "
+                   "--temperature and the model / --peft-arg values, then re-run (--overwrite to start over)")
 
 
 def _flush(acc: dict, pending: torch.Tensor) -> None:

@@ -139,6 +139,85 @@ def _build(d: Path) -> None:
     (d / "evil.yaml").write_text(f"epochs: !!python/object/apply:os.system ['touch {d / 'PWNED'}']\n")
 
     _damaged_caches(d)
+    _damaged_manifests(d)
+    _lm_workspace(d)
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "to be or not"}]}
+RUNAWAY_TEMPLATES = {"divide": "{{ 1 / 0 }}", "recurse": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                     "loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                     "repeat": "{{ messages[0]['content'] * 50000000 }}"}
+
+
+def _lm_workspace(d: Path) -> None:
+    """A tiny tokenizer + llama, text / chat / damaged data, an LM cache and a LoRA adapter run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
+
+    tok = make_tokenizer(d / "tok")
+    make_llama(d / "llama", tok)
+    write_jsonl(d / "text.jsonl", text_rows(8))
+    (d / "bad_utf8.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    (d / "deep.jsonl").write_text('{"text": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    write_jsonl(d / "sharegpt_bad_role.jsonl", [{"conversations": [{"from": {}, "value": "hi"},
+                                                                    {"from": "gpt", "value": "yo"}]}])
+    write_jsonl(d / "chat.jsonl", [CHAT_ROW] * 3)
+    for name, text in {**RUNAWAY_TEMPLATES, "chatml": CHATML}.items():
+        (d / f"tpl_{name}.jinja").write_text(text)
+    table = pa.Table.from_pylist(text_rows(64))
+    pq.write_table(table, d / "text.parquet", compression="none", data_page_size=256)
+    raw = bytearray((d / "text.parquet").read_bytes())
+    raw[400:900] = b"\x00" * 500  # a corrupted data page; the footer (and so the schema) stays readable
+    (d / "corrupt.parquet").write_bytes(bytes(raw))
+    import datasets
+
+    datasets.Dataset.from_list(text_rows(64)).save_to_disk(str(d / "saved"))
+    shutil.copytree(d / "saved", d / "saved_truncated")
+    arrow = next((d / "saved_truncated").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-300])
+    (d / "empty_dir").mkdir()
+    runner = CliRunner()
+    for argv in (["cache-teacher", "--teacher", d / "llama", "--data", d / "text.jsonl", "--out", d / "lm_cache",
+                  "--max-length", 32, "--top-k", 4],
+                 ["train-student", "--student", d / "llama", "--peft", "lora", "--peft-save", "adapter", "--data",
+                  d / "text.jsonl", "--cache", d / "lm_cache", "--out", d / "adapter_run", "--epochs", 1]):
+        r = runner.invoke(app, [str(a) for a in argv])
+        assert r.exit_code == 0, r.stderr[-2000:]
+    shutil.copytree(d / "llama", d / "remote_code_model")  # a model dir that asks to run its own code
+    cfg = json.loads((d / "remote_code_model" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (d / "remote_code_model" / "config.json").write_text(json.dumps(cfg))
+    (d / "remote_code_model" / "modeling_evil.py").write_text(f"open({str(d / 'PWNED')!r}, 'w')\n")
+    shutil.copytree(d / "llama", d / "pickled_model")  # a model dir whose weights are a pickle
+    (d / "pickled_model" / "model.safetensors").unlink()
+    shutil.copy(d / "evil.pt", d / "pickled_model" / "pytorch_model.bin")
+    (d / "a_file").write_text("not a directory")
+    (d / "hf_like").mkdir()  # what a Hugging Face model dir holds: never a kdcli run
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(d / "llama" / name, d / "hf_like" / name)
+
+
+def _damaged_manifests(d: Path) -> None:
+    """Copies of the cache whose manifest.json has one field damaged (the manifest itself is valid JSON)."""
+    edits = {
+        "m_shard_not_object": lambda m: m["shards"].__setitem__(0, "shard-00000.h5"),
+        "m_shard_no_name": lambda m: m["shards"][0].pop("name"),
+        "m_shards_null": lambda m: m.__setitem__("shards", None),
+        "m_num_rows_text": lambda m: m.__setitem__("num_rows", "abc"),
+        "m_data_null": lambda m: m.__setitem__("data", None),
+        "m_mode_bogus": lambda m: m.__setitem__("mode", "bogus"),
+        "m_shard_outside": lambda m: m["shards"][0].__setitem__("name", "../cache/shard-00000.h5"),
+        "m_shard_absolute": lambda m: m["shards"][0].__setitem__("name", "/etc/passwd"),
+    }
+    for name, edit in edits.items():
+        shutil.copytree(d / "cache", d / name)
+        m = json.loads((d / name / "manifest.json").read_text())
+        edit(m)
+        (d / name / "manifest.json").write_text(json.dumps(m))
 
 
 def _rehash(cache: Path, shard: str) -> None:
@@ -161,6 +240,7 @@ def _damaged_caches(d: Path) -> None:
         shutil.copytree(d / "cache", d / name)
         return d / name
 
+    copy("cache_copy")  # the same cache at another path: a second teacher for the fusion cases
     s1 = "shard-00001.h5"
     with h5py.File(d / "cache" / s1, "r") as f:
         lp_offset = f["logprobs"].id.get_offset()
@@ -243,7 +323,7 @@ CASES: dict[str, Case] = {
     "unknown flag": Case(train("--tempreature", 2), 2, r"No such option:? '?--tempreature"),
     # an option that takes one value, given twice: refused before anything runs (no silent last-wins)
     "fused caches, a weight per cache missing (train-student)": Case(
-        lambda d, o: distill("cache")(d, o) + ["--cache", d / "cache", "--cache-weights", "1,2,3"], 2,
+        lambda d, o: distill("cache")(d, o) + ["--cache", d / "cache_copy", "--cache-weights", "1,2,3"], 2,
         r"--cache-weights has 3 value\(s\) but 2 --cache value\(s\) were given"),
     "fused caches, the second damaged (eval: every --cache is read, none silently dropped)": Case(
         lambda d, o: ["eval", "--model", d / "student", "--data", d / "blobs.npz", "--cache", d / "cache",
@@ -260,8 +340,8 @@ CASES: dict[str, Case] = {
     "alpha above 1": Case(distill("cache", "--alpha", 1.5), 2, r"config key 'alpha' must be <= 1; got 1\.5"),
     "alpha below 0 (YAML)": Case(yaml_train("alpha: -0.1\n"), 2, r"config key 'alpha' must be >= 0; got -0\.1"),
     "alpha without a cache": Case(train("--alpha", 0.5), 2, r"--alpha 0\.5 weights a teacher term but no --cache"),
-    "temperature zero": Case(distill("cache", "--temperature", 0), 2, r"config key 'temperature' must be > 0"),
-    "temperature negative (YAML)": Case(yaml_train("temperature: -2\n"), 2, r"'temperature' must be > 0; got -2"),
+    "temperature zero": Case(distill("cache", "--temperature", 0), 2, r"config key 'temperature' must be >= 0\.01"),
+    "temperature negative (YAML)": Case(yaml_train("temperature: -2\n"), 2, r"'temperature' must be >= 0\.01; got -2"),
     "config file missing": Case(lambda d, o: train()(d, o) + ["--config", d / "nope.yaml"], 2,
                                 r"config file not found: .*nope\.yaml"),
     "config file unreadable (a directory)": Case(lambda d, o: train()(d, o) + ["--config", d / "teacher"], 2,
@@ -309,7 +389,8 @@ CASES: dict[str, Case] = {
         r"cannot load .*interrupted/checkpoint\.pt as a plain checkpoint \(it would call [\w.]*open", marker=True),
     "run dir whose model.json names outside code": Case(
         lambda d, o: ["eval", "--model", d / "hijacked_run", "--data", d / "blobs.npz"], 2,
-        r"names plugin code outside its run directory", marker=True),
+        r"hijacked_run/model\.json names plugin code '.*evil_plugin\.py:f'; a run dir may only name its own "
+        r"model_source\.py", marker=True),
     "unknown model": Case(lambda d, o: ["train-student", "--student", "resnet9000", "--data", d / "blobs.npz",
                                         "--out", o], 2, r"unknown MODEL 'resnet9000'"),
     "plugin file missing": Case(lambda d, o: ["train-student", "--student", "nope.py:make", "--data",
@@ -372,6 +453,114 @@ CASES: dict[str, Case] = {
     "disk full while writing a checkpoint": Case(train("--checkpoint-every", 2), 2,
                                                  r"no space left on device while writing .*checkpoint\.pt",
                                                  env={"KDCLI_TEST_KILL_AT": "checkpoint.pt.partial:1:ENOSPC"}),
+    # -- non-finite or impossible settings (issue 18): refused before anything is written ------------------------
+    "temperature inf": Case(distill("cache", "--temperature", "inf"), 2,
+                            r"config key 'temperature' must be a finite number; got inf"),
+    "temperature 1e300": Case(distill("cache", "--temperature", "1e300"), 2,
+                              r"config key 'temperature' must be <= 1000"),
+    "lr inf": Case(train("--lr", "inf"), 2, r"config key 'lr' must be a finite number; got inf"),
+    "lr nan (YAML)": Case(yaml_train("lr: .nan\n"), 2, r"config key 'lr' must be a finite number; got nan"),
+    "student arg nan": Case(train("--student-arg", "dropout=nan"), 2,
+                            r"config key 'student_args': dropout is 'nan'; model and adapter arguments must be finite"),
+    "student arg inf in a list (YAML)": Case(yaml_train("student_args: {hidden: [8, .inf]}\n"), 2,
+                                             r"'student_args': hidden\[1\] is inf"),
+    "eval temperature inf": Case(lambda d, o: ["eval", "--model", d / "student", "--data", d / "blobs.npz", "--cache",
+                                               d / "cache", "--temperature", "inf"], 2, r"must be a finite number"),
+    "cache temperatures 1e300": Case(cache_cmd("--top-k", 2, "--temperatures", "1e300"), 2,
+                                     r"temperature 1e\+300 is outside \[0\.01, 1000\], where the stored statistics"),
+    "cache temperatures 1e-5": Case(cache_cmd("--mode", "sample", "--temperatures", "1,1e-5"), 2,
+                                    r"temperature 1e-05 is outside \[0\.01, 1000\]"),
+    "priority samples >= classes": Case(cache_cmd("--mode", "priority", "--samples", 4), 2,
+                                        r"--mode priority --samples 4 keeps every one of the 4 classes"),
+    "priority samples > vocabulary (LM)": Case(
+        lambda d, o: ["cache-teacher", "--teacher", d / "llama", "--data", d / "text.jsonl", "--out", o,
+                      "--max-length", 32, "--mode", "priority", "--samples", 400], 2,
+        r"--samples 400 keeps every one of the 300 vocabulary entries"),
+    "training that diverges (NaN loss)": Case(train("--lr", "1e30", "--optimizer", "sgd"), 4,
+                                              r"training diverged: the loss became NaN or infinite in epoch 1"),
+    # -- options that would be silently ignored --
+    "--top-k with --mode full": Case(cache_cmd("--mode", "full", "--top-k", 2), 2,
+                                     r"--top-k applies to --mode topk; a full cache would ignore it"),
+    "--samples with --mode topk": Case(cache_cmd("--top-k", 2, "--samples", 3), 2,
+                                       r"--samples applies to --mode sample and priority; a topk cache would ignore"),
+    "--temperatures with a full cache": Case(cache_cmd("--temperatures", "2"), 2,
+                                             r"a full cache is exact at every T and would ignore it"),
+    "--cache-weights with one --cache": Case(distill("cache", "--cache-weights", "0.5"), 2,
+                                             r"--cache-weights weights several --cache values; 1 was given"),
+    "--combine with one --cache": Case(distill("cache", "--combine", "geometric"), 2,
+                                       r"--combine fuses several --cache values; one was given"),
+    "the same cache twice": Case(lambda d, o: distill("cache")(d, o) + ["--cache", d / "cache"], 2,
+                                 r"--cache .* is given twice .*a teacher fused with itself is that teacher"),
+    # -- damaged manifest fields (exit 3, never an internal error) --
+    "manifest: a shard entry that is not an object": Case(distill("m_shard_not_object"), 3,
+                                                          r"shard entry 0 must be an object, got str; the manifest is"),
+    "manifest: a shard without a name": Case(distill("m_shard_no_name"), 3, r"shard entry 0 has name None"),
+    "manifest: shards null": Case(distill("m_shards_null"), 3, r"'shards' must be a list, got null"),
+    "manifest: num_rows not a number": Case(distill("m_num_rows_text"), 3,
+                                            r"'num_rows' must be a non-negative integer, got 'abc'"),
+    "manifest: data null": Case(distill("m_data_null"), 3, r"'data' must be an object, got NoneType"),
+    "manifest: mode bogus": Case(distill("m_mode_bogus"), 3, r"unknown cache mode 'bogus'"),
+    "manifest: a shard name outside the cache (eval)": Case(
+        lambda d, o: ["eval", "--model", d / "student", "--data", d / "blobs.npz", "--cache", d / "m_shard_outside"],
+        3, r"shard entry 0 has name '\.\./cache/shard-00000\.h5'; shard names are shard-NNNNN\.h5 inside"),
+    "manifest: an absolute shard name (cache verify)": Case(lambda d, o: ["cache", "verify", d / "m_shard_absolute"],
+                                                            3, r"shard entry 0 has name '/etc/passwd'"),
+    # -- outputs: checked before anything runs, never deleted first, never someone else's --
+    "train-student --out under a file": Case(lambda d, o: train()(d, d / "a_file" / "sub"), 2,
+                                             r"--out .*a_file/sub: .*a_file is a file, not a directory"),
+    "cache-teacher --out under a file": Case(lambda d, o: cache_cmd()(d, d / "a_file" / "sub"), 2,
+                                             r"a_file is a file, not a directory"),
+    "compress --out under a file": Case(lambda d, o: ["compress", "--model", d / "student", "--out",
+                                                      d / "a_file" / "sub", "--quantize", "int8"], 2,
+                                        r"a_file is a file, not a directory"),
+    "--out in /proc": Case(lambda d, o: train()(d, Path("/proc/self/kdcli-run")), 2,
+                           r"--out /proc/self/kdcli-run: cannot create"),
+    "--overwrite of a finished run with a bad --student-arg": Case(
+        lambda d, o: train("--overwrite", "--student-arg", "hidden=oops")(d, d / "student"), 2,
+        r"bad arguments for built-in model 'mlp'"),
+    "--overwrite of a Hugging Face model dir": Case(lambda d, o: train("--overwrite")(d, d / "hf_like"), 2,
+                                                    r"--overwrite: .*hf_like is not a kdcli run directory"),
+    "--overwrite of a cache (train-student)": Case(lambda d, o: train("--overwrite")(d, d / "cache"), 2,
+                                                   r"is not a kdcli run directory \(manifest\.json"),
+    "--overwrite of a model dir (cache-teacher)": Case(lambda d, o: cache_cmd("--overwrite")(d, d / "hf_like"), 2,
+                                                       r"hf_like is not empty and holds no kdcli cache"),
+    # -- language-model data and models (exit 2, never an internal error) --
+    "JSONL with invalid UTF-8": Case(lambda d, o: ["eval", "--model", d / "llama", "--data", d / "bad_utf8.jsonl"],
+                                     2, r"bad_utf8\.jsonl line 2: not valid UTF-8 \(byte 0xe9"),
+    "JSONL nested 200,000 deep": Case(lambda d, o: ["eval", "--model", d / "llama", "--data", d / "deep.jsonl"], 2,
+                                      r"deep\.jsonl line 1: JSON nested too deeply to read"),
+    "ShareGPT turn with a non-string role": Case(
+        lambda d, o: ["eval", "--model", d / "llama", "--data", d / "sharegpt_bad_role.jsonl", "--chat-template",
+                      d / "tpl_chatml.jinja"], 2, r"turn 1 needs a string \"from\", got dict"),
+    **{f"chat template that {what}": Case(
+        lambda d, o, n=name: ["eval", "--model", d / "llama", "--data", d / "chat.jsonl", "--chat-template",
+                              d / f"tpl_{n}.jinja"], 2, match)
+       for name, what, match in (
+           ("divide", "divides by zero", r"chat\.jsonl line 1: --chat-template failed: ZeroDivisionError"),
+           ("recurse", "recurses", r"--chat-template recursed without end"),
+           ("loops", "loops 1e10 times", r"--chat-template stopped: it took more than"),
+           ("repeat", "builds a 50,000,000-times string", r"a repeated string or list of more than"))},
+    "Parquet with a corrupted data page": Case(
+        lambda d, o: ["eval", "--model", d / "llama", "--data", d / "corrupt.parquet"], 2,
+        r"corrupt\.parquet.*(damaged|not a Parquet file)"),
+    "saved dataset with a truncated Arrow file": Case(
+        lambda d, o: ["eval", "--model", d / "llama", "--data", d / "saved_truncated"], 2,
+        r"saved_truncated.*(damaged|is not an Arrow stream)"),
+    "a slice that is not [start:stop]": Case(
+        lambda d, o: cache_cmd(data="text.parquet[a:b]", teacher="WS/llama")(d, o), 2,
+        r"DATA .*text\.parquet\[a:b\].*a slice is \[start:stop\] with integers"),
+    "DATA an empty directory": Case(lambda d, o: cache_cmd(data="empty_dir", teacher="WS/llama")(d, o), 2,
+                                    r"DATA .*empty_dir is a directory without \.parquet files or a saved dataset"),
+    "compress of a LoRA adapter run": Case(lambda d, o: ["compress", "--model", d / "adapter_run", "--out", o,
+                                                         "--quantize", "int8"], 2,
+                                           r"holds a lora adapter, not a whole model; compress shrinks whole models"),
+    "a model dir that asks to run its own code": Case(
+        lambda d, o: ["cache-teacher", "--teacher", d / "remote_code_model", "--data", d / "text.jsonl", "--out", o,
+                      "--max-length", 32], 2, r"asks to run its own code .*unless you pass --trust-remote-code",
+        marker=True),
+    "a model dir whose weights are a pickle (.bin)": Case(
+        lambda d, o: ["eval", "--model", d / "pickled_model", "--data", d / "text.jsonl"], 2,
+        r"cannot load a causal LM from .*pickled_model", marker=True),
 }
 
 def argv_of(case: Case, ws: Path, out: Path) -> list[str]:
@@ -406,8 +595,8 @@ def lock_holder(ws):
     p.wait()
 
 
-def test_battery_has_at_least_30_cases():
-    assert len(CASES) >= 30
+def test_battery_has_at_least_100_cases():
+    assert len(CASES) >= 100
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -169,3 +169,28 @@ def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, 
     con = Console(record=True, width=200)
     con.print(render_cache(s))
     assert f"{s.bytes_per_row:.1f} B/row, {s.unique_ids:.1f} distinct ids/row" in con.export_text()
+
+
+def test_a_shard_with_impossible_values_is_never_published(tmp_path):
+    """The writer runs the reader's checks on every shard before it is published: counts that overflowed their
+    dtype no longer add up to the draws and stop the cache pass (exit 2); nothing is written."""
+    from kdcli.cache.manifest import new_manifest, write_manifest
+    from kdcli.cache.writer import ShardWriter
+
+    m = new_manifest(teacher={}, data={"num_samples": 4}, settings={}, num_rows=4,
+                     layout={"kind": "classification", "mode": "sample", "num_classes": 3, "samples": 300,
+                             "shard_size": 4})
+    write_manifest(tmp_path, m)
+    counts = np.array([[300, 0], [200, 100], [255, 45], [1, 299]])
+    good = {"row_index": np.arange(4), "sample_index": np.arange(4), "row_hash": np.arange(4, dtype=np.uint64),
+            "sample_ids": np.array([[0, 0], [0, 1], [1, 2], [0, 2]], np.uint16),
+            "sample_logprobs": np.log(np.full((4, 2), 0.3, np.float32)).astype(np.float16)}
+    w = ShardWriter(tmp_path, m, shard_size=4, threaded=False)
+    with pytest.raises(UsageError, match=r"the teacher's output for shard-00000\.h5 is not a valid cache \(sample_counts "
+                                         r"of row 0 add up to 44, not the 300 draws"):
+        w.add({**good, "sample_counts": counts.astype(np.uint8)})  # 300 wrapped to 44 in uint8
+    assert not list(tmp_path.glob("shard-*"))
+    w = ShardWriter(tmp_path, m, shard_size=4, threaded=False)
+    w.add({**good, "sample_counts": counts.astype(np.uint16)})
+    w.close()
+    assert [p.name for p in tmp_path.glob("shard-*")] == ["shard-00000.h5"]

@@ -102,6 +102,7 @@ def test_the_same_cache_twice_is_that_teacher(cls):
 def test_weights_parse_normalise_and_refuse():
     assert parse_cache_weights(None, 3) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
     assert parse_cache_weights("2,1,1", 3) == pytest.approx((0.5, 0.25, 0.25))
+    assert parse_cache_weights("1e308,1e308", 2) == (0.5, 0.5)  # scaled before summing: no overflow to inf
     assert parse_cache_weights("0,1", 2) == (0.0, 1.0)
     for bad, n in (("1,2", 3), ("a,b", 2), ("0,0", 2), ("-1,2", 2), ("nan,1", 2)):
         with pytest.raises(UsageError):

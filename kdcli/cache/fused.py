@@ -93,9 +93,11 @@ def parse_cache_weights(text: str | None, n: int) -> tuple[float, ...]:
                          "weight per cache, in the same order")
     if any(not np.isfinite(w) or w < 0 for w in ws):
         raise UsageError(f"--cache-weights {text!r}: every weight must be a finite number >= 0")
-    total = sum(ws)
-    if total <= 0:
+    top = max(ws)
+    if top <= 0:
         raise UsageError(f"--cache-weights {text!r}: the weights must sum to more than 0")
+    ws = [w / top for w in ws]  # scaled first: 1e308,1e308 must not overflow to inf in the sum
+    total = sum(ws)
     return tuple(w / total for w in ws)
 
 

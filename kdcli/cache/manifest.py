@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -140,10 +141,52 @@ def read_manifest(cache_dir: Path, *, require_complete: bool = True, name: str =
     missing = [k for k in required if k not in m]
     if missing:
         raise CacheError(f"{path} lacks the key {missing[0]!r}; the manifest is damaged")
+    problem = manifest_problem(m)
+    if problem:
+        raise CacheError(f"{path}: {problem}; the manifest is damaged (rebuild the cache with cache-teacher "
+                         "--overwrite)")
     if require_complete and m["complete"] is not True:
         raise CacheError(f"cache {cache_dir} is incomplete (complete: false): re-run the same cache-teacher "
                          "command to resume it")
     return m
+
+
+SHARD_NAME = re.compile(r"shard-\d{5,}\.h5")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def manifest_problem(m: dict) -> str | None:
+    """The first field of a manifest that a reader cannot use as it is (None: the fields are well-formed). Shard
+    names are confined to the cache directory: ``shard-NNNNN.h5``, never a path (``/``, ``..``, absolute), so a
+    manifest can never make kdcli read or size a file outside its own directory."""
+    for key in ("teacher", "data", "settings"):
+        if not isinstance(m[key], dict):
+            return f"{key!r} must be an object, got {type(m[key]).__name__}"
+    if m["mode"] not in MODES:
+        return f"unknown cache mode {m['mode']!r} (this kdcli knows {', '.join(MODES)})"
+    for key in ("num_classes", "num_rows"):
+        if not _int(m[key]) or m[key] < 0:
+            return f"{key!r} must be a non-negative integer, got {m[key]!r}"
+    if "shard_size" in m and (not _int(m["shard_size"]) or m["shard_size"] < 1):
+        return f"'shard_size' must be a positive integer, got {m['shard_size']!r}"
+    if not isinstance(m["shards"], list):
+        return f"'shards' must be a list, got {type(m['shards']).__name__ if m['shards'] is not None else 'null'}"
+    for i, sh in enumerate(m["shards"]):
+        if not isinstance(sh, dict):
+            return f"shard entry {i} must be an object, got {type(sh).__name__}"
+        name = sh.get("name")
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            return (f"shard entry {i} has name {name!r}; shard names are shard-NNNNN.h5 inside the cache directory "
+                    "(never a path)")
+        for key in ("row_start", "row_stop", "bytes"):
+            if not _int(sh.get(key)) or sh[key] < 0:
+                return f"shard {name}: {key!r} must be a non-negative integer, got {sh.get(key)!r}"
+        if "sha256" in sh and not isinstance(sh["sha256"], str):
+            return f"shard {name}: 'sha256' must be a string"
+    return None
 
 
 def plan_differences(old: dict, new: dict) -> list[str]:

@@ -31,6 +31,7 @@ import numpy as np
 from kdcli import crashpoints
 from kdcli.cache.atomic import PARTIAL, is_disk_full, replace_atomically
 from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
+from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError, KdError, UsageError
 
 _STOP = object()
@@ -259,6 +260,7 @@ class ShardWriter:
         start = index * self.shard_size
         n = len(arrays["row_index"])
         path = self.dir / name
+        self._check(name, arrays, start)
         try:
             nbytes, digest = write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n},
                                               self.manifest.get("compression"))
@@ -278,6 +280,18 @@ class ShardWriter:
         crashpoints.reached("shard-published")
         if self.on_shard:
             self.on_shard(entry)
+
+    def _check(self, name: str, arrays: dict[str, np.ndarray], start: int) -> None:
+        """Every value of a shard is checked before it is published (the reader's checks: finite, possible,
+        normalised, counts that add up and fit their dtype): a cache marked complete never holds NaN."""
+        token_rows = None
+        if "offsets" in arrays:
+            off = arrays["offsets"]
+            token_rows = start + np.repeat(np.arange(len(off) - 1), np.diff(off))
+        found = block_problems(self.manifest, {k: v for k, v in arrays.items() if k != "offsets"}, start, token_rows)
+        if found:
+            raise UsageError(f"the teacher's output for {name} is not a valid cache ({found[0]}); nothing was written "
+                             "for that shard: check the teacher weights, --dtype and --temperatures")
 
     def _raise_if_failed(self) -> None:
         if self._error is not None and not isinstance(self._error, KeyboardInterrupt):

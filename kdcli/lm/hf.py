@@ -44,9 +44,9 @@ from kdcli.compressed import finish_compressed, rebuild_compressed
 from kdcli.errors import UsageError
 from kdcli.lm.adapters import hf_inner, is_peft_model, load_adapter, merged, prompt_inputs, save_adapter, \
     virtual_tokens
-from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, transformers_module
+from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, check_remote_code, transformers_module
 from kdcli.models import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
-from kdcli.plugins import call_factory, is_plugin_spec, load_factory
+from kdcli.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
 
 
 class Block(nn.Module):
@@ -231,12 +231,13 @@ LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 DEVICE_MAPS = ("none", "auto")  # cache-teacher --teacher-device-map
 
 
-def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none") -> nn.Module:
+def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none", trust_remote_code: bool = False) -> nn.Module:
     tf = transformers_module()
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"model not found: {spec}")
-    kw: dict[str, Any] = {"dtype": LOAD_DTYPES[dtype], "local_files_only": True}
+    check_remote_code(p, trust_remote_code)
+    kw: dict[str, Any] = {"dtype": LOAD_DTYPES[dtype], "local_files_only": True, "trust_remote_code": trust_remote_code}
     if device_map != "none":
         kw["device_map"] = device_map
     try:
@@ -248,9 +249,9 @@ def _load_hf(spec: str, dtype: str = "fp32", device_map: str = "none") -> nn.Mod
             model = tf.AutoModelForCausalLM.from_pretrained(str(p), **kw)
     except ImportError as e:
         raise UsageError(f"loading {spec} needs a missing package ({e})", hint=HF_HINT) from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except Exception as e:  # a model directory the library cannot read (bad config, unpicklable .bin, ...): input
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise UsageError(f"cannot load a causal LM from {spec}: {first}") from None
+        raise UsageError(f"cannot load a causal LM from {spec}: {e.__class__.__name__}: {first}") from None
     return model
 
 
@@ -347,9 +348,15 @@ def hf_from_config(config: dict) -> nn.Module:
     tf = transformers_module()
     try:
         cfg_cls = tf.CONFIG_MAPPING[config["model_type"]]
-    except KeyError:
+    except (KeyError, TypeError):
         raise UsageError(f"unknown Hugging Face model_type {config.get('model_type')!r}") from None
-    return tf.AutoModelForCausalLM.from_config(cfg_cls.from_dict(config), dtype=torch.float32)
+    config = {k: v for k, v in config.items() if k != "auto_map"}  # a recorded config never names code to run
+    try:
+        return tf.AutoModelForCausalLM.from_config(cfg_cls.from_dict(config), dtype=torch.float32,
+                                                   trust_remote_code=False)
+    except Exception as e:  # a damaged model.json: its config does not build a model
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        raise UsageError(f"the recorded Hugging Face config does not build a model: {first}") from None
 
 
 def output_width(model: nn.Module) -> int:
@@ -443,16 +450,21 @@ class LMForward(nn.Module):
 
 
 def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = None,
-             weights: str | None = None, dtype: str = "fp32", device_map: str = "none") -> tuple[nn.Module, LMInfo]:
+             weights: str | None = None, dtype: str = "fp32", device_map: str = "none",
+             trust_remote_code: bool = False) -> tuple[nn.Module, LMInfo]:
     """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students. ``dtype`` and
     ``device_map`` apply to Hugging Face models only (weights loaded in that dtype; placed by accelerate); other
-    models load in fp32 on the CPU, and a device map for them is refused."""
+    models load in fp32 on the CPU, and a device map for them is refused. ``trust_remote_code``: let a Hugging Face
+    directory run its own code (``--trust-remote-code``); without it such a directory is refused."""
     args = dict(args or {})
     check_device_map(spec, device_map)
     if is_lm_run_dir(spec):
         if args:
             raise UsageError(f"{spec} is a kdcli run directory; it rebuilds itself, drop the model arguments")
-        return load_lm_run(Path(spec), weights=weights)
+        return load_lm_run(Path(spec), weights=weights, trust_remote_code=trust_remote_code)
+    if spec in BUILTIN_LMS and Path(spec).exists():
+        raise UsageError(f"{spec!r} is both a built-in model and a path here; write ./{spec} for the path, or run "
+                         "from another directory for the built-in")
     if spec in BUILTIN_LMS:
         if vocab_size is None and "vocab_size" not in args:
             raise UsageError(f"built-in {spec!r} needs a vocabulary: give --cache (the teacher's) or --tokenizer")
@@ -472,7 +484,7 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
     elif is_hf_spec(spec):
         if args:
             raise UsageError(f"{spec} is a pretrained Hugging Face model; it takes no model arguments")
-        model = _load_hf(spec, dtype, device_map)
+        model = _load_hf(spec, dtype, device_map, trust_remote_code)
         info = LMInfo(spec=spec, kind="hf", weights_sha256=_hf_weights_sha(Path(spec)),
                       hf_config=model.config.to_dict())
         info.load_dtype = str(LOAD_DTYPES[dtype]).removeprefix("torch.")
@@ -513,7 +525,6 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
 
     from kdcli.cache.atomic import atomic_write_bytes, replace_atomically
     from kdcli.lm.text import save_tokenizer
-    from kdcli.models import PLUGIN_COPY
 
     spec, kind, args, hf_config = info.spec, info.kind, info.args, info.hf_config
     compression = info.compression
@@ -606,30 +617,42 @@ def read_lm_meta(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, LMInfo]:
+def load_lm_run(run_dir: Path, weights: str | None = None,
+                trust_remote_code: bool = False) -> tuple[nn.Module, LMInfo]:
+    """Rebuild a kdcli LM run dir from its model.json. Nothing it names runs code: a plugin model only from the
+    run's own model_source.py, a Hugging Face layout only without ``auto_map`` (unless ``trust_remote_code``), an
+    adapter's base only a model directory whose weights still hash to what the adapter was trained on."""
     from safetensors.torch import load_model
 
     meta = read_lm_meta(run_dir)
     kind, spec, args = meta["model_kind"], meta["spec"], meta.get("args", {})
     layout = meta.get("layout", "kdcli")
+    if not isinstance(args, dict):
+        raise UsageError(f"{run_dir}/{MODEL_JSON}: \"args\" must be a mapping, got {type(args).__name__}")
     if layout == "adapter":
         if weights:
             raise UsageError(f"{run_dir} holds a peft adapter; --weights does not apply to it")
-        return _load_adapter_run(Path(run_dir), meta)
+        return _load_adapter_run(Path(run_dir), meta, trust_remote_code)
     if layout == "hf" and not weights:
-        model = _load_hf(str(run_dir))
+        model = _load_hf(str(run_dir), trust_remote_code=trust_remote_code)
         return model, LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
                              weights_sha256=_hf_weights_sha(Path(run_dir)), num_parameters=count_parameters(model),
                              hf_config=meta.get("hf_config"), source=meta)
     if kind == "builtin" and not (layout == "hf" and meta.get("hf_config")):
-        model = BUILTIN_LMS[spec](**args)
-    elif kind == "plugin":
-        path, _, name = spec.rpartition(":")
-        if not Path(path).is_absolute():
-            spec = f"{Path(run_dir) / path}:{name}"
+        if spec not in BUILTIN_LMS:
+            raise UsageError(f"{run_dir}/{MODEL_JSON} names built-in model {spec!r}, which kdcli does not have "
+                             f"({', '.join(BUILTIN_LMS)})")
+        try:
+            model = BUILTIN_LMS[spec](**args)
+        except TypeError as e:
+            raise UsageError(f"{run_dir}/{MODEL_JSON}: bad arguments for built-in model {spec!r}: {e}") from None
+    elif kind == "plugin":  # only the run's own copy of the plugin: never code that model.json points to elsewhere
+        spec = run_dir_plugin(Path(run_dir), spec)
         factory, _ = load_factory(spec)
         model = call_factory(factory, spec, args, {"vocab_size": meta.get("vocab_size")})
-    elif kind in ("hf", "builtin"):
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{run_dir}/{PLUGIN_COPY} returned {type(model).__name__}, not a torch.nn.Module")
+    elif kind in ("hf", "builtin") and isinstance(meta.get("hf_config"), dict):
         model = hf_from_config(meta["hf_config"])
     else:
         raise UsageError(f"{run_dir}/{MODEL_JSON}: unknown model kind {kind!r}")
@@ -652,18 +675,44 @@ def load_lm_run(run_dir: Path, weights: str | None = None) -> tuple[nn.Module, L
     return model, info
 
 
-def _load_adapter_run(run_dir: Path, meta: dict) -> tuple[nn.Module, LMInfo]:
-    """A peft adapter run: its base (a Hugging Face dir, .gguf file or LM run dir, checked by SHA-256) with the
-    adapter on top."""
+def weights_sha_of(spec: str) -> str | None:
+    """The ``weights_sha256`` :func:`build_lm` would record for a Hugging Face dir, a .gguf file or an LM run dir,
+    computed from the files alone (nothing is loaded)."""
+    p = Path(spec)
+    if is_lm_run_dir(spec):
+        meta = read_lm_meta(p)
+        if meta.get("layout") == "adapter":
+            return None
+        return _hf_weights_sha(p) if meta.get("layout") == "hf" else (
+            sha256_file(p / WEIGHTS) if (p / WEIGHTS).is_file() else None)
+    return _hf_weights_sha(p)
+
+
+def _load_adapter_run(run_dir: Path, meta: dict, trust_remote_code: bool = False) -> tuple[nn.Module, LMInfo]:
+    """A peft adapter run: its base (a Hugging Face dir, .gguf file or LM run dir) with the adapter on top. The base
+    is checked before anything loads: it must be a model directory or file (never a plugin or a built-in name),
+    and its weights must hash to what the adapter was trained on."""
     rec = meta.get("peft") or {}
-    base = rec.get("base")
-    if not base or not Path(base).exists():
-        raise UsageError(f"{run_dir} holds a {rec.get('method', 'peft')} adapter of base model {base}, which is gone; "
-                         "put the base back at that path")
-    base_model, base_info = build_lm(base)
-    if rec.get("base_sha256") and base_info.weights_sha256 != rec["base_sha256"]:
+    base = rec.get("base") if isinstance(rec, dict) else None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{run_dir}/{MODEL_JSON} records no base model for its adapter (peft.base)")
+    if is_plugin_spec(base) or not (is_hf_spec(base) or is_lm_run_dir(base)):
+        raise UsageError(f"{run_dir}/{MODEL_JSON} names {base!r} as its adapter's base; a base must be a Hugging Face "
+                         "model directory, a .gguf file or a kdcli LM run dir that exists (kdcli never runs code a "
+                         "file it reads points to)")
+    if is_lm_run_dir(base) and read_lm_meta(Path(base)).get("layout") == "adapter":
+        raise UsageError(f"the base {base} of adapter run {run_dir} is itself an adapter run; train adapters on a "
+                         "full model")
+    if not (rec.get("base_sha256") and isinstance(rec["base_sha256"], str)):
+        raise UsageError(f"{run_dir}/{MODEL_JSON} records no weights hash of its base (peft.base_sha256); re-train "
+                         "the adapter with this kdcli")
+    sha = weights_sha_of(base)
+    if sha != rec["base_sha256"]:
         raise UsageError(f"the base model {base} of adapter run {run_dir} has changed since the adapter was trained "
-                         f"(weights sha256 {str(base_info.weights_sha256)[:12]} vs {rec['base_sha256'][:12]})")
+                         f"(weights sha256 {str(sha)[:12]} vs {rec['base_sha256'][:12]})")
+    if not (run_dir / "adapter_model.safetensors").is_file():
+        raise UsageError(f"{run_dir} has no adapter_model.safetensors (kdcli reads adapters as safetensors only)")
+    base_model, _ = build_lm(base, trust_remote_code=trust_remote_code)
     model = load_adapter(base_model, run_dir)
     model.eval()
     info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),

@@ -80,34 +80,72 @@ def transformers_module():
     return transformers
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def remote_code(path: Path) -> list[str]:
+    """The code a Hugging Face directory asks to run (``auto_map`` entries of its config.json and
+    tokenizer_config.json, e.g. ``modeling_x.XModel``); empty for a plain model, a .gguf file or a file."""
+    found: list[str] = []
+    if not Path(path).is_dir():
+        return found
+    for name in REMOTE_CODE_FILES:
+        try:
+            auto_map = json.loads((Path(path) / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(auto_map, dict):
+            found += [str(v if isinstance(v, str) else next(iter(v or [None]), v)) for v in auto_map.values()]
+        elif auto_map:
+            found.append(str(auto_map))
+    return found
+
+
+def check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse (exit 2) a Hugging Face directory that would run its own Python code, unless the user said
+    ``--trust-remote-code``. transformers is always called with ``trust_remote_code`` set explicitly, so it never
+    asks on stdin (its prompt would land on kdcli's stdout, the results channel)."""
+    code = remote_code(path)
+    if code and not trust_remote_code:
+        raise UsageError(f"{path} asks to run its own code ({', '.join(sorted(set(code)))[:160]} via auto_map); kdcli "
+                         "runs no code from a model directory unless you pass --trust-remote-code")
+
+
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(spec: str, mtime: float):
+def _load_tokenizer_cached(spec: str, mtime: float, trust_remote_code: bool):
     tf = transformers_module()
     p = Path(spec)
+    kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
         if p.is_dir() and (p / TOKENIZER_DIR).is_dir() and (p / "model.json").is_file():
-            return tf.AutoTokenizer.from_pretrained(str(p / TOKENIZER_DIR), local_files_only=True)
+            check_remote_code(p / TOKENIZER_DIR, trust_remote_code)
+            return tf.AutoTokenizer.from_pretrained(str(p / TOKENIZER_DIR), **kw)
         if p.is_dir():
-            return tf.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            check_remote_code(p, trust_remote_code)
+            return tf.AutoTokenizer.from_pretrained(str(p), **kw)
         if p.suffix == ".gguf":
-            return tf.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+            return tf.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, **kw)
         if p.suffix == ".json":
             return tf.PreTrainedTokenizerFast(tokenizer_file=str(p))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+    except UsageError:
+        raise
+    except Exception as e:  # a tokenizer the library cannot read is bad input, whatever it raises
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         raise UsageError(f"cannot load a tokenizer from {spec}: {first}") from None
     raise UsageError(f"tokenizer {spec!r}: give a local Hugging Face directory, a .gguf file, a tokenizer.json "
                      "file or a kdcli LM run directory")
 
 
-def load_tokenizer(spec: str):
-    """A Hugging Face tokenizer from a local dir, a ``.gguf`` file, a ``tokenizer.json`` or a kdcli LM run dir."""
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """A Hugging Face tokenizer from a local dir, a ``.gguf`` file, a ``tokenizer.json`` or a kdcli LM run dir.
+    A directory whose tokenizer needs its own code is refused unless ``trust_remote_code`` (--trust-remote-code)."""
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"tokenizer not found: {spec} (give a local directory, a .gguf file or a tokenizer.json)")
     import copy
 
-    return copy.deepcopy(_load_tokenizer_cached(str(p.resolve()), p.stat().st_mtime))  # callers may mutate theirs
+    tok = _load_tokenizer_cached(str(p.resolve()), p.stat().st_mtime, bool(trust_remote_code))
+    return copy.deepcopy(tok)  # callers may mutate theirs
 
 
 def tokenizer_identity(tok, spec: str) -> dict:
@@ -295,19 +333,30 @@ def _row_bounds(sl: slice | None, count) -> tuple[int, int]:
     return start, stop
 
 
+def _utf8_lines(f, path: Path):
+    """The lines of a file opened in binary mode, decoded as UTF-8; invalid bytes are one UsageError naming the
+    line."""
+    for lineno, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                             f"{e.start + 1}); JSONL text must be UTF-8") from None
+
+
 def read_jsonl(path: Path, sl: slice | None = None):
     """Yield ``(where, row)`` for the non-blank lines of a JSONL file (rows ``sl`` only), parsed lazily."""
     if not path.is_file():
         raise UsageError(f"data file not found: {path}")
 
     def count() -> int:
-        with open(path, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
+        with open(path, "rb") as f:
+            return sum(1 for line in _utf8_lines(f, path) if line.strip())
 
     start, stop = _row_bounds(sl, count)
     i = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(_utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             if i >= stop:
@@ -319,6 +368,8 @@ def read_jsonl(path: Path, sl: slice | None = None):
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path} line {lineno}: JSON nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{path} line {lineno}: each line must be a JSON object with {NEEDS}")
             yield f"{path} line {lineno}", obj
@@ -368,10 +419,15 @@ def _arrow_files(spec: str, base: Path, kind: str) -> list[Path]:
         return sorted(p for p in base.iterdir() if p.suffix == ".parquet" and p.is_file())
     try:
         state = json.loads((base / "state.json").read_text())
-        files = [base / d["filename"] for d in state["_data_files"]]
+        names = [d["filename"] for d in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{base}/state.json does not list the dataset's files (\"_data_files\"); re-save it with "
                          "datasets.Dataset.save_to_disk") from None
+    for name in names:  # confined to the dataset's own directory: a state.json never points kdcli elsewhere
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise UsageError(f"{base}/state.json lists the data file {name!r}; a saved dataset's files are plain file "
+                             "names inside its directory")
+    files = [base / name for name in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing or not files:
         raise UsageError(f"{spec}: Arrow file {missing[0] if missing else '(none listed)'} of the saved dataset is "
@@ -466,7 +522,7 @@ def read_arrow(spec: str, base: Path, kind: str, sl: slice | None):
         else:
             batches = (b.select(list(cols)) for b in h)
         first_in_file = g
-        for b in batches:
+        for b in _checked_batches(pa, batches, f, parquet):
             n = b.num_rows
             lo, hi = max(start - g, 0), min(stop - g, n)
             if lo < hi:
@@ -477,6 +533,22 @@ def read_arrow(spec: str, base: Path, kind: str, sl: slice | None):
             g += n
             if g >= stop:
                 return
+
+
+def _checked_batches(pa, batches, f: Path, parquet: bool):
+    """Record batches of ``f``; a damaged file (a corrupt page, a truncated Arrow stream) is one UsageError naming
+    it, not a pyarrow error from the middle of a read."""
+    it = iter(batches)
+    while True:
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        except (OSError, ValueError, pa.ArrowException) as e:
+            what = "Parquet" if parquet else "Arrow"
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
+            raise UsageError(f"{f}: the {what} file is damaged ({first}); re-write or re-download it") from None
+        yield b
 
 
 def iter_rows(spec: str):
@@ -522,6 +594,9 @@ def _chat_messages(where: str, row: dict, fmt: str) -> list[dict]:
             raise UsageError(f"{where}: turn {j} of \"{fmt}\" must be an object with \"{role_key}\" and "
                              f"\"{text_key}\", got {type(m).__name__}")
         role = m.get(role_key)
+        if not isinstance(role, str):
+            raise UsageError(f"{where}: turn {j} needs a string \"{role_key}\", got "
+                             f"{type(role).__name__ if role is not None else 'null'}")
         if fmt == "messages":
             ok = role in ROLES
             known = ", ".join(ROLES)
@@ -546,14 +621,11 @@ def _chat_messages(where: str, row: dict, fmt: str) -> list[dict]:
 # -- chat rendering ----------------------------------------------------------------------------------------------
 
 def _render(tok, messages: list[dict], template: str | None, gen: bool, where: str) -> str:
-    import jinja2
+    """One conversation rendered as ``apply_chat_template(tokenize=False)`` renders it, within time, step and size
+    limits (:mod:`kdcli.lm.chat_template`)."""
+    from kdcli.lm.chat_template import render
 
-    try:
-        return tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=gen)
-    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
-        origin = "--chat-template" if template is not None else "the tokenizer's chat template"
-        raise UsageError(f"{where}: {origin} failed: {first}") from None
+    return render(tok, messages, template, gen, where)
 
 
 def render_chat(tok, messages: list[dict], template: str | None, where: str = "chat row") \
@@ -606,7 +678,9 @@ def render_chat(tok, messages: list[dict], template: str | None, where: str = "c
 
 
 def _require_chat_template(tok, settings: TextSettings) -> None:
-    if settings.chat_template is None and not getattr(tok, "chat_template", None):
+    from kdcli.lm.chat_template import tokenizer_template
+
+    if settings.chat_template is None and not tokenizer_template(tok):
         name = getattr(tok, "name_or_path", "") or "the tokenizer"
         raise UsageError(f"chat rows need a chat template, and {name} has none; pass --chat-template FILE (a Jinja "
                          "chat template)")

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from kdcli.data import split_slice
+from kdcli.errors import UsageError
 from kdcli.lm import is_text_spec
 from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
 
@@ -23,6 +27,11 @@ def pick_task(data_spec: str | None) -> Task:
         from kdcli.tasks.lm import TokenTask
 
         return TokenTask()
+    base = Path(split_slice(str(data_spec or ""))[0])
+    if base.is_dir():  # no DATA is a plain directory: say what one must hold, before any model is loaded
+        raise UsageError(f"DATA {data_spec} is a directory without .parquet files or a saved dataset (state.json + "
+                         "dataset_info.json); give a .jsonl / .parquet file, a directory of .parquet files, a "
+                         "datasets.save_to_disk directory, or classification data (mnist:train, file.npz, file.h5)")
     from kdcli.tasks.classify import ClassifyTask
 
     return ClassifyTask()

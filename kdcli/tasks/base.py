@@ -26,7 +26,7 @@ from torch import nn
 from kdcli.cache.manifest import stored_temperatures, temperature_layout
 from kdcli.cache.fused import FusedReader, open_fused, part_key
 from kdcli.cache.reader import CacheReader
-from kdcli.config import parse_temperatures
+from kdcli.config import given, parse_temperatures
 from kdcli.errors import UsageError
 from kdcli.losses import LossParts, Targets, check_divergence, check_temperature, mixture_targets, \
     targets_from_arrays
@@ -108,6 +108,32 @@ class TrainSummary:
 SPARSE_MODES = ("topk", "sample", "priority")
 
 
+def cache_mode(cfg) -> str:
+    """``cache-teacher``'s mode (``--mode``, else topk with ``--top-k``, else full), refusing an option the mode would
+    ignore (exit 2): ``--top-k`` outside topk, ``--samples`` outside sample/priority, ``--temperatures`` with full."""
+    mode = cfg.mode or ("topk" if cfg.top_k else "full")
+    if mode == "topk" and not cfg.top_k:
+        raise UsageError("--mode topk needs --top-k K")
+    if cfg.top_k and mode != "topk":
+        raise UsageError(f"--top-k applies to --mode topk; a {mode} cache would ignore it: drop one of them")
+    if "samples" in given(cfg) and mode not in ("sample", "priority"):
+        raise UsageError(f"--samples applies to --mode sample and priority; a {mode} cache would ignore it")
+    if "temperatures" in given(cfg) and mode not in SPARSE_MODES:
+        raise UsageError("--temperatures lists what a topk/sample/priority cache stores per temperature; a full cache "
+                         "is exact at every T and would ignore it")
+    return mode
+
+
+def check_mode_width(cfg, mode: str, width: int, what: str) -> None:
+    """Refuse (exit 2) a sparse cache that keeps every one of ``width`` classes / vocabulary entries, or more:
+    ``--top-k`` or priority ``--samples`` >= width (a full cache is then the same, exact and smaller)."""
+    if mode == "topk" and cfg.top_k >= width:
+        raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {width} {what}; use --mode full")
+    if mode == "priority" and cfg.samples >= width:
+        raise UsageError(f"--mode priority --samples {cfg.samples} keeps every one of the {width} {what}; use "
+                         "--mode full (exact), or fewer --samples")
+
+
 def temperature_plan(cfg, mode: str) -> tuple[tuple[float, ...] | None, dict, dict]:
     """For ``cache-teacher``: (the temperatures a sparse cache stores statistics for, the manifest layout keys
     recording them, the settings entry that makes them part of the cache's identity). Full caches are exact at
@@ -137,10 +163,20 @@ def open_teacher(task: "Task", cfg) -> CacheReader | None:
     """The teacher of ``train-student`` / ``eval``: None without ``--cache``, the cache given once, or the fused
     teacher of several (:mod:`kdcli.cache.fused`: refused, exit 3 naming the first difference, unless they cover
     the same data, classes/vocabulary, tokenizer and rows)."""
-    if not cfg.cache:
+    if len(cfg.cache) < 2:
         if cfg.cache_weights:
-            raise UsageError("--cache-weights weights several --cache values; none was given")
+            raise UsageError(f"--cache-weights weights several --cache values; {len(cfg.cache) or 'none'} was given")
+        if "combine" in given(cfg):
+            raise UsageError("--combine fuses several --cache values; one was given: drop --combine")
+    if not cfg.cache:
         return None
+    seen: dict[Path, str] = {}
+    for c in cfg.cache:
+        key = Path(c).resolve()
+        if key in seen:
+            raise UsageError(f"--cache {c} is given twice (as {seen[key]!r} too): a teacher fused with itself is that "
+                             "teacher; give each cache once")
+        seen[key] = c
     return open_fused([task.open_cache(c) for c in cfg.cache], cfg.cache_weights, cfg.combine)
 
 

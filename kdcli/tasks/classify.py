@@ -28,8 +28,8 @@ from kdcli.errors import CacheError, UsageError
 from kdcli.losses import kd_loss, soft_kl
 from kdcli.models import MODEL_JSON, build_model, is_run_dir, save_run_model, weight_bytes
 from kdcli.precision import precision_context
-from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_targets,
-                              size_and_speed, temperature_plan)
+from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_mode,
+                              cache_targets, check_mode_width, size_and_speed, temperature_plan)
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -69,9 +69,7 @@ class ClassifyCacheJob(CacheJob):
         self.data = data = load_data(cfg.data, num_classes=teacher_num_classes(cfg.teacher))
         self.model, self.info = build_model(cfg.teacher, cfg.teacher_args, num_classes=data.num_classes,
                                             input_shape=data.input_shape, weights=cfg.teacher_weights)
-        if mode == "topk" and cfg.top_k >= data.num_classes:
-            raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {data.num_classes} classes; use --mode "
-                             "full")
+        check_mode_width(cfg, mode, data.num_classes, "classes")
         self.num_rows = data.n * cfg.views
         self.shard_size, self.batch_size = cfg.shard_size, cfg.batch_size
         self.sampled = mode in ("sample", "priority")
@@ -388,10 +386,7 @@ class ClassifyTask(Task):
     name = "classification"
 
     def cache_job(self, cfg) -> ClassifyCacheJob:
-        mode = cfg.mode or ("topk" if cfg.top_k else "full")
-        if mode == "topk" and not cfg.top_k:
-            raise UsageError("--mode topk needs --top-k K")
-        return ClassifyCacheJob(cfg, mode)
+        return ClassifyCacheJob(cfg, cache_mode(cfg))
 
     def open_cache(self, cache_dir: str) -> CacheReader:
         reader = CacheReader(cache_dir)

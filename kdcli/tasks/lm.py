@@ -49,8 +49,8 @@ from kdcli.losses import LossParts, Targets, kd_loss, soft_kl
 from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
 from kdcli.precision import precision_context
-from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_targets,
-                              size_and_speed, temperature_plan)
+from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_mode,
+                              cache_targets, check_mode_width, size_and_speed, temperature_plan)
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -87,7 +87,8 @@ def settings_from_manifest(manifest: dict) -> TextSettings:
     return TextSettings.from_dict(manifest["text"])
 
 
-def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir) -> tuple[object, str]:
+def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir,
+                        trust_remote_code: bool = False) -> tuple[object, str]:
     """The cache's tokenizer (or ``override``), refusing one whose content differs from what built the cache."""
     want = manifest.get("tokenizer") or {}
     spec = override or want.get("spec")
@@ -96,7 +97,7 @@ def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir) -> tupl
     if not Path(spec).exists():
         raise UsageError(f"the cache's tokenizer {spec} is gone; pass --tokenizer with a copy of it (e.g. the teacher "
                          "directory or .gguf file)")
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(spec, trust_remote_code)
     got = tokenizer_identity(tok, spec)
     if want.get("sha256") and got["sha256"] != want["sha256"]:
         raise CacheError(f"tokenizer {spec} differs from the one that built cache {cache_dir} (sha256 "
@@ -224,18 +225,17 @@ class TokenCacheJob(CacheJob):
         if tok_spec is None:
             raise UsageError(f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file "
                              "or tokenizer.json)")
-        tok = load_tokenizer(tok_spec)
+        tok = load_tokenizer(tok_spec, cfg.trust_remote_code)
         self.pad_id = pad_id_of(tok)
         self.model, self.info = build_lm(cfg.teacher, cfg.teacher_args, vocab_size=len(tok),
                                          weights=cfg.teacher_weights, dtype=cfg.dtype,
-                                         device_map=cfg.teacher_device_map)
+                                         device_map=cfg.teacher_device_map, trust_remote_code=cfg.trust_remote_code)
         self.placed = is_placed(self.model)  # accelerate placed it: the pass must not move it
         self.V = V = self.info.vocab_size
         if len(tok) > V:
             raise CacheError(f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
                              f"{cfg.teacher} has only {V} logits per token; use the teacher's own tokenizer")
-        if mode == "topk" and cfg.top_k >= V:
-            raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {V} vocabulary entries; use --mode full")
+        check_mode_width(cfg, mode, V, "vocabulary entries")
         if mode == "full" and V > 4096:
             log.warn(f"--mode full stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or --mode "
                      "sample is ~300x smaller")
@@ -374,13 +374,14 @@ class TokenTrainJob(TrainJob):
         if reader is not None:
             settings = settings_from_manifest(reader.manifest)
             check_cache_settings(cfg, settings)
-            tok, self.tok_spec = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir)
+            tok, self.tok_spec = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir,
+                                                     cfg.trust_remote_code)
             self.V = reader.vocab_size
         else:
             self.tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.student)
             if self.tok_spec is None:
                 raise UsageError(f"training {cfg.student!r} on text without --cache needs --tokenizer")
-            tok = load_tokenizer(self.tok_spec)
+            tok = load_tokenizer(self.tok_spec, cfg.trust_remote_code)
             settings = TextSettings(max_length=cfg.max_length or 512,
                                     chat_template=read_chat_template(cfg.chat_template))
             self.V = None
@@ -403,7 +404,8 @@ class TokenTrainJob(TrainJob):
             for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
                 args.setdefault(name, getattr(self.tok, name, None))
         peft = self.peft_save
-        self.model, self.info = build_lm(cfg.student, args, vocab_size=V or len(self.tok))
+        self.model, self.info = build_lm(cfg.student, args, vocab_size=V or len(self.tok),
+                                         trust_remote_code=cfg.trust_remote_code)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, cfg.student)
         if V is not None and self.info.vocab_size != V:
@@ -536,13 +538,13 @@ def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, Te
     if reader is not None:
         settings = settings_from_manifest(reader.manifest)
         check_cache_settings(cfg, settings)
-        tok, _ = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir)
+        tok, _ = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir, cfg.trust_remote_code)
         return tok, settings, reader.vocab_size
     first = cfg.model[0]
     tok_spec = cfg.tokenizer or default_tokenizer_spec(first)
     if tok_spec is None:
         raise UsageError(f"--model {first!r} carries no tokenizer; pass --tokenizer")
-    tok = load_tokenizer(tok_spec)
+    tok = load_tokenizer(tok_spec, cfg.trust_remote_code)
     if is_lm_run_dir(first):
         settings = TextSettings.from_dict(read_lm_meta(Path(first)).get("text") or {})
     else:
@@ -559,10 +561,7 @@ class TokenTask(Task):
     accuracy_name = "next-token accuracy"
 
     def cache_job(self, cfg) -> TokenCacheJob:
-        mode = cfg.mode or ("topk" if cfg.top_k else "full")
-        if mode == "topk" and not cfg.top_k:
-            raise UsageError("--mode topk needs --top-k K")
-        return TokenCacheJob(cfg, mode)
+        return TokenCacheJob(cfg, cache_mode(cfg))
 
     def open_cache(self, cache_dir: str) -> TokenCacheReader:
         return TokenCacheReader(cache_dir)
@@ -602,7 +601,7 @@ class TokenTask(Task):
                        "nll": nll_t / max(n_tok, 1), "teacher_prompt": m.get("text", {}).get("teacher_prompt")}
         reports = []
         for spec in cfg.model:
-            model, info = build_lm(spec, None, vocab_size=V or len(tok))
+            model, info = build_lm(spec, None, vocab_size=V or len(tok), trust_remote_code=cfg.trust_remote_code)
             if V is not None and info.vocab_size != V:
                 raise CacheError(f"vocabulary mismatch: the teacher (cache {reader.dir}) has {V} logits per token but "
                                  f"{spec} has {info.vocab_size}")
