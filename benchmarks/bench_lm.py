@@ -49,7 +49,7 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     from kdcli.lm.hf import build_lm, lm_logits
     from kdcli.lm.text import load_text, loss_positions, pad_batch
     from kdcli.tasks.lm import settings_from_manifest, student_loss, tokenizer_for_cache
-    from kdcli.losses import targets_from_arrays
+    from kdcli.cache.modes import targets_from_arrays
     from kdcli.train import build_optimizer
 
     reader = TokenCacheReader(cache_dir)

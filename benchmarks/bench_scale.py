@@ -65,7 +65,8 @@ def memory_and_reader(work: Path, rows: int, classes: int, batch: int) -> dict:
     import torch
 
     from kdcli.cache.reader import CacheReader
-    from kdcli.losses import kd_loss, targets_from_arrays
+    from kdcli.cache.modes import targets_from_arrays
+    from kdcli.losses import kd_loss
     from kdcli.models import MLP
 
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from kdcli.cache.modes import mode_names
 from kdcli.errors import UsageError
 
 REQUIRED = dataclasses.MISSING
@@ -65,7 +66,7 @@ class CacheConfig:
                                  "log-mass), sample (ids drawn from the teacher with counts) or priority (priority "
                                  "sampling: --samples ids without replacement + a threshold; less variance than "
                                  "sample). Default: topk when --top-k is given, else full.",
-                           choices=("full", "topk", "sample", "priority"))
+                           choices=mode_names())
     top_k: int | None = opt(None, "K for --mode topk.", min=1)
     samples: int = opt(16, "--mode sample: draws per row (stored as distinct ids + counts); --mode priority: ids kept "
                            "per row.", min=1, max=65535)

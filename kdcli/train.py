@@ -273,7 +273,8 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
     formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta,
                        mode=reader.mode if reader else None,
                        temperatures=stored_temperatures(reader.manifest)["temperatures"] if reader else None,
-                       approximate=cfg.approximate_temperature)
+                       approximate=cfg.approximate_temperature, note=reader.loss_note if reader else "",
+                       approximation=reader.approximation if reader else "")
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
     if isinstance(reader, FusedReader):
         log.info(f"teacher: the {reader.describe()}; "

@@ -470,12 +470,12 @@ CASES: dict[str, Case] = {
                                      r"temperature 1e\+300 is outside \[0\.01, 1000\], where the stored statistics"),
     "cache temperatures 1e-5": Case(cache_cmd("--mode", "sample", "--temperatures", "1,1e-5"), 2,
                                     r"temperature 1e-05 is outside \[0\.01, 1000\]"),
-    "priority samples >= classes": Case(cache_cmd("--mode", "priority", "--samples", 4), 2,
-                                        r"--mode priority --samples 4 keeps every one of the 4 classes"),
+    "priority samples > classes": Case(cache_cmd("--mode", "priority", "--samples", 5), 2,
+                                       r"--mode priority --samples 5 is more than the 4 classes there are to keep"),
     "priority samples > vocabulary (LM)": Case(
         lambda d, o: ["cache-teacher", "--teacher", d / "llama", "--data", d / "text.jsonl", "--out", o,
                       "--max-length", 32, "--mode", "priority", "--samples", 400], 2,
-        r"--samples 400 keeps every one of the 300 vocabulary entries"),
+        r"--samples 400 is more than the 300 vocabulary entries there are to keep"),
     "training that diverges (NaN loss)": Case(train("--lr", "1e30", "--optimizer", "sgd"), 4,
                                               r"training diverged: the loss became NaN or infinite in epoch 1"),
     # -- options that would be silently ignored --

@@ -144,12 +144,15 @@ def test_lockstep_streaming_batches_are_fused_rows(cls, monkeypatch):
 
 
 def test_train_from_the_same_cache_twice_matches_one_cache(cls):
-    """The fused path through the training loop: a teacher fused from one cache with itself is that teacher, so
-    the student is the same (up to float rounding of the fp16 -> fp32 widening)."""
+    """The fused path through the training loop: a teacher fused from one cache with a copy of itself is that
+    teacher, so the student is the same (up to float rounding of the fp16 -> fp32 widening). (The same path given
+    twice is refused: tests/test_bad_inputs.py.)"""
     common = dict(student="mlp", student_args={"hidden": [8]}, data=str(cls / "blobs.npz"), epochs=2, seed=1,
                   batch_size=64)
+    if not (cls / "c0copy").exists():
+        shutil.copytree(cls / "c0", cls / "c0copy")
     train_student(TrainConfig(**common, cache=[str(cls / "c0")], out=str(cls / "s_one")))
-    train_student(TrainConfig(**common, cache=[str(cls / "c0"), str(cls / "c0")], combine="geometric",
+    train_student(TrainConfig(**common, cache=[str(cls / "c0"), str(cls / "c0copy")], combine="geometric",
                               out=str(cls / "s_two")))
     m1, _ = load_run_model(cls / "s_one")
     m2, _ = load_run_model(cls / "s_two")

@@ -18,16 +18,19 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 from typer.testing import CliRunner
 
-from kdcli.cache.fused import FusedReader, fuse_topk
+from kdcli.cache.fused import FusedReader
+from kdcli.cache.modes.topk import fuse_topk
 from kdcli.cache.reader import CacheReader
 from kdcli.cache.reduce import reduce_logits
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig
 from kdcli.evaluate import evaluate
 from kdcli.lm.cache import TokenCacheReader
-from kdcli.losses import Targets, mixture_targets, soft_kl, targets_from_arrays
+from kdcli.cache.fused import mixture_targets
+from kdcli.cache.modes import targets_from_arrays
+from kdcli.cache.modes.full import FullTargets
+from kdcli.losses import soft_kl
 from kdcli.models import load_run_model
-from kdcli.tasks.base import cache_targets
 from kdcli.teacher import cache_teacher
 from kdcli.train import train_student
 from tests.conftest import make_blobs
@@ -130,7 +133,7 @@ def test_topk_fusion_by_hand():
 def test_topk_loss_is_the_exact_bucketed_divergence(sp, divergence):
     mix, inter = _reference_buckets(sp, 64)
     reader = FusedReader([CacheReader(sp / "topk0"), CacheReader(sp / "topk1")], W)
-    targets = cache_targets(reader, reader.read_rows(0, 64))
+    targets = reader.targets(reader.read_rows(0, 64))
     assert targets.padded
     logits = torch.randn(64, C, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).float()
     got = soft_kl(logits, targets, 1.0, divergence)
@@ -195,9 +198,9 @@ def test_mixture_has_the_gradient_of_the_kl_to_the_mixture(sp):
     n = 64
     mixr = FusedReader([CacheReader(sp / "prioall0"), CacheReader(sp / "prioall1")], W)
     assert mixr.mode == "mixture"
-    targets = cache_targets(mixr, mixr.read_rows(0, n))
+    targets = mixr.targets(mixr.read_rows(0, n))
     fullr = FusedReader([CacheReader(sp / "full0"), CacheReader(sp / "full1")], W)
-    full_t = cache_targets(fullr, fullr.read_rows(0, n))
+    full_t = fullr.targets(fullr.read_rows(0, n))
     logits = torch.randn(n, C, generator=torch.Generator().manual_seed(1))
     v_mix, g_mix = _student_grad(logits, lambda z: soft_kl(z, targets, 1.0))
     v_full, g_full = _student_grad(logits, lambda z: soft_kl(z, full_t, 1.0))
@@ -219,7 +222,7 @@ def test_mixture_gradient_is_unbiased_over_draws(mode, k):
     w = (0.6, 0.4)
     logits = torch.randn(4, 10, generator=g)
     mix = torch.logsumexp(torch.stack([F.log_softmax(t, 1) + math.log(wk) for t, wk in zip(teachers, w)]), 0)
-    _, want = _student_grad(logits, lambda z: soft_kl(z, Targets("full", 10, logprobs=mix.float()), 1.0))
+    _, want = _student_grad(logits, lambda z: soft_kl(z, FullTargets(10, logprobs=mix.float()), 1.0))
     reps, total = 3000, torch.zeros(4, 10)
     draws = torch.Generator().manual_seed(6)
     for _ in range(reps):

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from kdcli.cache.reduce import reduce_logits
-from kdcli.cache.fused import fuse_topk
+from kdcli.cache.modes.topk import fuse_topk
 from kdcli.lm.head_loss import head_kd_loss
-from kdcli.losses import kd_loss, mixture_targets, targets_from_arrays
+from kdcli.cache.fused import mixture_targets
+from kdcli.cache.modes import targets_from_arrays
+from kdcli.losses import kd_loss
 
 N, D, V = 37, 16, 300  # 37 tokens: chunks of 8 leave a ragged last chunk
 
@@ -152,7 +154,7 @@ def test_topk_when_the_student_already_holds_most_of_the_mass(boost):
 
 
 def test_fold_applies_the_row_factor_itself_where_it_cannot_be_deferred():
-    from kdcli.lm.head_loss import _fold
+    from kdcli.cache.modes.topk import _fold
 
     g0 = torch.rand(4, 10)
     ids = torch.tensor([[1, 2], [0, 9], [3, 4], [5, 6]])

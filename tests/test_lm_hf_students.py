@@ -24,7 +24,7 @@ from kdcli.evaluate import evaluate
 from kdcli.lm.cache import TokenCacheReader
 from kdcli.lm.hf import build_lm, fused_head_weight, lm_logits, load_lm_run
 from kdcli.lm.text import load_text, load_tokenizer, loss_positions, pad_batch
-from kdcli.losses import targets_from_arrays
+from kdcli.cache.modes import targets_from_arrays
 from kdcli.tasks.lm import settings_from_manifest, student_loss
 from kdcli.teacher import cache_teacher
 from kdcli.train import train_student

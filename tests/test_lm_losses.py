@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from kdcli.cache.reduce import reduce_logits
-from kdcli.losses import Targets, kd_loss, soft_kl, targets_from_arrays
+from kdcli.cache.modes import targets_from_arrays
+from kdcli.cache.modes.full import FullTargets
+from kdcli.losses import kd_loss, soft_kl
 from tests.conftest import divergence_reference as reference
 
 DIVS = ("forward", "reverse", "jsd")
@@ -43,7 +45,7 @@ def test_jsd_hand_value():
     p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
     expect = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) + \
         0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))
-    tg = Targets("full", 2, logprobs=p.log())
+    tg = FullTargets(2, logprobs=p.log())
     assert soft_kl(q.log(), tg, 1.0, "jsd", 0.5).item() == pytest.approx(expect, rel=1e-5)
 
 

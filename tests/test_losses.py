@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
 from kdcli.cache.reduce import reduce_logits
-from kdcli.losses import Targets, kd_loss, soft_kl, targets_from_arrays
+from kdcli.cache.modes import targets_from_arrays
+from kdcli.cache.modes.full import FullTargets
+from kdcli.losses import kd_loss, soft_kl
 
 
-def full_targets(teacher_logits: torch.Tensor) -> Targets:
-    return Targets("full", teacher_logits.shape[1], logprobs=torch.log_softmax(teacher_logits, -1))
+def full_targets(teacher_logits: torch.Tensor) -> FullTargets:
+    return FullTargets(teacher_logits.shape[1], logprobs=torch.log_softmax(teacher_logits, -1))
 
 
 def reference_kl(t_logits, s_logits, T):
@@ -50,7 +52,7 @@ def test_full_forward_closed_form_gradient_matches_autograd_reference(T, alpha, 
     t, z = torch.randn(32, 10, generator=g, dtype=torch.float64) * 3, torch.randn(32, 10, generator=g)
     t[0, 3] = float("-inf")
     y = torch.randint(0, 10, (32,), generator=g) if labels else None
-    targets = Targets("full", 10, logprobs=torch.log_softmax(t, -1).float())
+    targets = FullTargets(10, logprobs=torch.log_softmax(t, -1).float())
     zz = z.clone().requires_grad_(True)
     parts = kd_loss(zz, targets, y, temperature=T, alpha=alpha)
     (2.5 * parts.total).backward()
@@ -106,7 +108,7 @@ def test_masked_rows_and_all_masked():
     y = torch.tensor([0, 1, 2, 0])
     w = torch.tensor([1.0, 0.0, 1.0, 0.0])
     masked = kd_loss(s, t, y, temperature=2.0, alpha=0.5, weight=w).total
-    kept = kd_loss(s[[0, 2]], Targets("full", 3, logprobs=t.logprobs[[0, 2]]), y[[0, 2]], temperature=2.0,
+    kept = kd_loss(s[[0, 2]], FullTargets(3, logprobs=t.logprobs[[0, 2]]), y[[0, 2]], temperature=2.0,
                    alpha=0.5).total
     assert masked.item() == pytest.approx(kept.item(), rel=1e-6)
     none = kd_loss(s, t, y, temperature=2.0, alpha=0.5, weight=torch.zeros(4)).total

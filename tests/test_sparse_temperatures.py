@@ -11,19 +11,21 @@ logits replays their uniforms, which correlates the sample with the teacher: mea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from kdcli.cache.manifest import mode_keys, stored_temperatures, temperature_layout
-from kdcli.cache.reduce import STAT_DTYPES, reduce_logits, storage_arrays
+from kdcli.cache.manifest import stored_temperatures
+from kdcli.cache.modes import check_temperature, get_mode, targets_from_arrays
+from kdcli.cache.modes.base import STAT_DTYPES, Targets
+from kdcli.cache.reduce import reduce_logits, storage_arrays
 from kdcli.cache.verify import _expected_datasets, block_problems
 from kdcli.errors import UsageError
 from kdcli.lm.head_loss import head_kd_loss
-from kdcli.losses import (Targets, check_temperature, describe, id_weights, kd_loss, soft_kl,
-                          targets_from_arrays)
+from kdcli.losses import describe, kd_loss, soft_kl
 from tests.conftest import divergence_reference as reference
 
 TEMPS = (1.0, 2.0, 4.0)
@@ -149,7 +151,7 @@ def test_the_old_self_normalised_estimator_is_biased_at_T2_and_the_new_one_is_no
     z_old, z_new = [], []
     for row in range(4):
         tg = repeated("sample", t[row:row + 1], R, 40 + row, samples=24)
-        old_tg = Targets(**{**tg.__dict__, "temperatures": (1.0,), "stats": None})  # the same draws, no log Z_T
+        old_tg = dataclasses.replace(tg, temperatures=(1.0,), stats=None)  # the same draws, no log Z_T
         ss = s[row:row + 1].expand(R, C)
         ref = reference(t[row:row + 1], s[row:row + 1], T).item()
         new, old = soft_kl(ss, tg, T).double(), soft_kl(ss, old_tg, T, approximate=True).double()
@@ -169,7 +171,7 @@ def test_priority_and_sample_weights_estimate_any_sum_over_q_T(T):
     want = (torch.softmax(t[0].double() / T, -1) * f).sum().item()
     for mode, k in (("sample", 16), ("priority", 6)):
         tg = repeated(mode, t, R, 23, samples=k)
-        w, _, used, W = id_weights(tg, T)
+        w, _, used, W = tg.id_weights(T)
         est = (w.double() * f[tg.ids]).sum(1)
         assert W is not None  # unnormalised at a stored T ...
         assert abs(W.double().mean().item() - 1) < 5 * W.double().std().item() / math.sqrt(R) + 2e-3  # ... E[W] = 1
@@ -186,7 +188,7 @@ def test_priority_sampling_at_T1_is_duffield_lund_thorup():
     u = 1.0 - torch.rand((rows, C), generator=torch.Generator().manual_seed(77)).double()  # the same stream
     p = torch.softmax(t.double(), -1).numpy()
     tg = targets_from_arrays({k: v.numpy() for k, v in red.items()}, "priority", C)
-    w, _, _, _ = id_weights(tg, 1.0)
+    w, _, _, _ = tg.id_weights(1.0)
     for r in range(rows):
         prio = p[r] / u[r].numpy()
         order = np.argsort(-prio)
@@ -341,7 +343,7 @@ def test_an_unstored_temperature_raises_unless_approximate(mode, kw):
     assert check_temperature(mode, TEMPS, 2.0 * (1 + 1e-9)) is True  # float noise from YAML or a flag
     assert check_temperature(mode, TEMPS, 3.0, approximate=True) is False
     assert check_temperature("full", (1.0,), 3.0) is True  # full caches are exact at every T
-    assert "APPROXIMATE" in describe(0.9, 3.0, True, mode=mode, temperatures=TEMPS, approximate=True)
+    assert "APPROXIMATE" in describe(0.9, 3.0, True, mode=mode, temperatures=TEMPS, approximate=True, approximation="x")
     assert "APPROXIMATE" not in describe(0.9, 2.0, True, mode=mode, temperatures=TEMPS)
 
 
@@ -386,7 +388,7 @@ def test_fused_head_matches_autograd_for_priority_weights(sampler, T):
 # -- cache layout and per-block checks ---------------------------------------------------------------------------
 def _manifest(mode, **layout):
     m = {"mode": mode, "num_classes": 200, "data": {"num_samples": 16}, "top_k": 16, "samples": 24,
-         "id_dtype": "uint16", **temperature_layout(mode, TEMPS, layout.pop("sampler", None)), **layout}
+         "id_dtype": "uint16", **get_mode(mode).temperature_layout(TEMPS, layout.pop("sampler", None)), **layout}
     return m
 
 
@@ -399,21 +401,21 @@ def _block(mode, **kw):
 
 
 def test_layout_and_manifest_helpers():
-    assert temperature_layout("topk", (4, 2)) == {"temperatures": [1.0, 2.0, 4.0], "stat_temperatures": [2.0, 4.0],
+    assert get_mode("topk").temperature_layout((4, 2)) == {"temperatures": [1.0, 2.0, 4.0], "stat_temperatures": [2.0, 4.0],
                                                   "stat_dtype": "float16", "sampler_temperatures": None}
-    assert temperature_layout("priority", TEMPS)["sampler_temperatures"] == [1.0]
-    assert temperature_layout("full", TEMPS)["temperatures"] is None
+    assert get_mode("priority").temperature_layout(TEMPS)["sampler_temperatures"] == [1.0]
+    assert get_mode("full").temperature_layout(TEMPS)["temperatures"] is None
     with pytest.raises(ValueError, match="sampler"):
-        temperature_layout("priority", (2.0,), (4.0,))
-    assert mode_keys("priority", TEMPS) == ("priority_ids", "priority_logprobs", "priority_tau", "priority_logz_t")
-    assert mode_keys("sample", (1.0,)) == ("sample_ids", "sample_counts", "sample_logprobs")
+        get_mode("priority").temperature_layout((2.0,), (4.0,))
+    assert get_mode("priority").keys(TEMPS) == ("priority_ids", "priority_logprobs", "priority_tau", "priority_logz_t")
+    assert get_mode("sample").keys((1.0,)) == ("sample_ids", "sample_counts", "sample_logprobs")
     assert stored_temperatures({}) == {"temperatures": (1.0,), "sampler_temperatures": (1.0,)}  # an older cache
     m = _manifest("priority")
     assert stored_temperatures(m) == {"temperatures": TEMPS, "sampler_temperatures": (1.0,)}
     for mode, kw in (("topk", {"top_k": 16}), ("sample", {"samples": 24}), ("priority", {"samples": 24})):
         want = _expected_datasets(_manifest(mode))  # what `cache verify` expects is what reduce_logits writes
         block = _block(mode, **kw)
-        for key in mode_keys(mode, TEMPS):
+        for key in get_mode(mode).keys(TEMPS):
             dt, trail = want[key]
             assert block[key].dtype == dt and block[key].shape[1:] == trail, key
 

@@ -118,7 +118,7 @@ def test_writer_queue_is_bounded_and_the_producer_waits(tmp_path):
     manifest = {"num_rows": 10 * 64, "shards": [], "complete": False}
     gate = threading.Event()
     written: list[int] = []
-    w = ShardWriter(tmp_path, manifest, shard_size=64, threaded=True, queue_shards=2)
+    w = ShardWriter(tmp_path, manifest, shard_size=64, threaded=True, queue_shards=2, check_values=False)
     real = w._write
 
     def slow_write(index, arrays):

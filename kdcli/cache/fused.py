@@ -47,13 +47,66 @@ import os
 
 import numpy as np
 
-from kdcli.cache.manifest import MODE_KEYS, STAT_KEYS, mode_keys
-from kdcli.cache.reader import Block, CacheReader
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kdcli.cache.modes import get_mode, modes
+from kdcli.cache.modes.base import WeightedIdTargets, logmeanexp
+from kdcli.cache.modes.full import COMBINES
+from kdcli.cache.reader import Block, CacheReader, temperature_kwargs
 from kdcli.errors import CacheError, UsageError
 
-COMBINES = ("mean", "geometric")
 SAME_ROW_KEYS = ("row_index", "sample_index", "row_hash", "lengths", "aug_params")
-_TEACHER_KEYS = frozenset(k for ks in MODE_KEYS.values() for k in ks) | frozenset(STAT_KEYS.values())
+MIXTURE = "mixture"  # what sampled teachers fuse to: their own targets side by side (not a cache mode)
+
+
+def _teacher_keys() -> frozenset[str]:
+    """Every dataset name a mode stores (what a fused block replaces), per-temperature statistics included."""
+    return frozenset(k for m in modes() for k in m.keys_ + ((m.stat_key,) if m.stat_key else ()))
+
+
+@dataclass
+class MixtureTargets(WeightedIdTargets):
+    """Fused sample/priority teachers: every part's targets and weight; the soft term is ``sum_k w_k`` (part k's
+    unbiased estimate), computed over their ids side by side (``ids``: theirs, concatenated)."""
+
+    parts: tuple = ()
+    part_weights: tuple = ()
+
+    mode: ClassVar[str] = MIXTURE
+
+    def top1(self):
+        raise ValueError("a mixture of sampled teachers has no known top-1 class")
+
+    def check_divergence(self, divergence):
+        check_mixture_divergence(divergence)
+
+    def id_weights(self, temperature, approximate=False):
+        ws, ps, us, tot = [], [], [], 0.0
+        for part, pw in zip(self.parts, self.part_weights):
+            w, p_log, used, W = part.id_weights(temperature, approximate)
+            ws.append(w * pw)
+            ps.append(p_log)
+            us.append(used)
+            tot = tot + pw * (W if W is not None else torch.ones_like(w[:, 0]))
+        return torch.cat(ws, dim=1), torch.cat(ps, dim=1), torch.cat(us, dim=1), tot
+
+
+def check_mixture_divergence(divergence: str) -> None:
+    """UsageError (exit 2): a mixture of sampled teachers trains with forward KL only."""
+    if divergence != "forward":
+        raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
+                         "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
+                         "no such identity holds for reverse KL or JSD): use --divergence forward")
+
+
+def mixture_targets(parts, weights) -> MixtureTargets:
+    """The targets of fused sample/priority teachers: every part's targets and its weight (the weights sum to 1)."""
+    parts = tuple(parts)
+    return MixtureTargets(parts[0].num_classes, ids=torch.cat([p.ids for p in parts], dim=1), parts=parts,
+                          part_weights=tuple(float(w) for w in weights))
 
 
 def part_key(k: int, key: str) -> str:
@@ -61,22 +114,22 @@ def part_key(k: int, key: str) -> str:
     return f"t{k}/{key}"
 
 
-def fused_mode(modes: list[str], combine: str) -> str:
-    """What K caches of these modes fuse to: ``full``, ``topk`` (the intersection buckets) or ``mixture``
-    (sample/priority teachers side by side); UsageError (exit 2) for anything else."""
-    kinds = set(modes)
-    if kinds == {"full"}:
-        return "full"
+def fused_mode(names: list[str], combine: str) -> str:
+    """What K caches of these modes fuse to: the mode itself for modes that fuse exactly (full) or on buckets (topk),
+    or ``mixture`` (sampled teachers side by side); UsageError (exit 2) for anything else."""
+    kinds = {get_mode(n).fusion for n in names}
+    if len(set(names)) == 1 and kinds == {"exact"}:
+        return names[0]
     if combine != "mean":
         raise UsageError(f"--combine {combine} needs full caches (its normaliser sums every teacher's probability of "
-                         f"every class; these are {'/'.join(sorted(kinds))} caches): use --combine mean, or rebuild "
-                         "them with cache-teacher --mode full")
-    if kinds == {"topk"}:
-        return "topk"
-    if kinds <= {"sample", "priority"}:
-        return "mixture"
-    raise UsageError(f"cannot fuse {' + '.join(sorted(kinds))} caches: fuse caches of one kind (all full, all topk, "
-                     "or sample/priority); rebuild the others with the same cache-teacher --mode")
+                         f"every class; these are {'/'.join(sorted(set(names)))} caches): use --combine mean, or "
+                         "rebuild them with cache-teacher --mode full")
+    if len(set(names)) == 1 and kinds == {"buckets"}:
+        return names[0]
+    if kinds == {MIXTURE}:
+        return MIXTURE
+    raise UsageError(f"cannot fuse {' + '.join(sorted(set(names)))} caches: fuse caches of one kind (all full, all "
+                     "topk, or sample/priority); rebuild the others with the same cache-teacher --mode")
 
 
 def parse_cache_weights(text: str | None, n: int) -> tuple[float, ...]:
@@ -131,77 +184,6 @@ def first_difference(a: dict, b: dict) -> str | None:
     return None
 
 
-def _logsumexp(a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
-    """log sum exp along ``axis``, shifted by the maximum (-inf where every term is -inf)."""
-    m = a.max(axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    out = np.log(np.exp(a - m).sum(axis=axis, keepdims=True)) + m
-    return out if keepdims else out.squeeze(axis)
-
-
-def _logmeanexp(xs: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """log sum_k w_k exp(xs[k]) in float64 (-inf where every term is -inf)."""
-    return _logsumexp(np.stack([x.astype(np.float64) + np.log(w) for x, w in zip(xs, weights)]), axis=0)
-
-
-def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.ndarray],
-              weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """K teachers' topk rows (ids (n, k_j), log-probs, log tail mass (n,)) -> the mixture on the buckets of the ids
-    every teacher kept + one tail: (ids (n, sum k_j), log-probs, log tail (n,)), float32. Exact: mixing commutes
-    with bucketing (module docstring).
-
-    The slots are the union of the teachers' ids (repeats included); a slot is *used* (finite log-prob) at the
-    first occurrence of an id every teacher kept, and every other slot's class is in the tail. Slots are sorted by
-    ``sum_{k kept i} w_k p_k(i)``: exact for the shared ids, a lower bound for the others (a repeat sorts last), so
-    slot 0 is the fused teacher's most likely class as far as the caches know it (``Targets.top1``)."""
-    allids = np.concatenate(ids, axis=1)  # (n, K)
-    n, width = allids.shape
-    known = np.zeros((n, width))  # sum over the teachers that kept the id of w_k p_k(id)
-    count = np.zeros((n, width), dtype=np.int64)  # how many teachers kept it
-    eqs = [allids[:, :, None] == idj[:, None, :] for idj in ids]  # (n, K, k_j): slot == teacher j's id
-    for eq, lpj, wj in zip(eqs, logprobs, weights):
-        known += wj * np.where(eq, np.exp(lpj[:, None, :].astype(np.float64)), 0.0).sum(axis=2)
-        count += eq.any(axis=2)
-    first = np.ones((n, width), dtype=bool)  # the first occurrence of each id in the row
-    for j in range(1, width):
-        first[:, j] = ~(allids[:, :j] == allids[:, j:j + 1]).any(axis=1)
-    shared = first & (count == len(ids))
-    with np.errstate(divide="ignore"):
-        fused = np.where(shared, np.log(known), -np.inf)
-        key = np.where(first, np.log(known), -np.inf)
-    # the tail: every teacher's own tail plus its mass on the ids not shared by all, mixed
-    tail_parts = []
-    for eq, lpj, tj in zip(eqs, logprobs, tails):
-        in_i = (eq & shared[:, :, None]).any(axis=1)  # (n, k_j): teacher j's ids that are shared
-        ext = np.concatenate([tj[:, None].astype(np.float64), np.where(in_i, -np.inf, lpj.astype(np.float64))], 1)
-        tail_parts.append(_logsumexp(ext, axis=1))
-    tail = np.minimum(_logmeanexp(tail_parts, weights), 0.0)
-    order = np.argsort(-key, axis=1, kind="stable")
-    return (np.take_along_axis(allids, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
-            tail.astype(np.float32))
-
-
-def _fuse_logprobs(parts: list[np.ndarray], weights: tuple[float, ...], combine: str,
-                   targets: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(rows, C) log-probs of K teachers -> the fused (rows, C) log-probs (float32), and the fused log-prob of
-    each row's target (token caches' ``target_logprobs``), both with the same normaliser."""
-    live = [k for k, w in enumerate(weights) if w > 0]  # a zero-weight teacher takes no part (0 * -inf)
-    if combine == "mean":
-        ws = [weights[k] for k in live]
-        fused = _logmeanexp([parts[k] for k in live], ws)  # log sum_k w_k p_k(i)
-        tgt = None if targets is None else _logmeanexp([targets[k] for k in live], ws)
-    elif combine == "geometric":
-        fused = sum(weights[k] * parts[k].astype(np.float64) for k in live)  # sum_k w_k log p_k(i)
-        tgt = None if targets is None else sum(weights[k] * targets[k].astype(np.float64) for k in live)
-    else:
-        raise ValueError(f"unknown combine {combine!r}; use one of {COMBINES}")
-    log_z = _logsumexp(fused, axis=-1, keepdims=True)  # renormalise (exact for geometric; fp16 rounding only for
-    fused = fused - log_z  # mean)
-    if tgt is not None:
-        tgt = tgt - log_z[..., 0]
-    return fused.astype(np.float32), None if tgt is None else tgt.astype(np.float32)
-
-
 class FusedReader(CacheReader):
     """K compatible caches read in lock-step, yielding the fused teacher as one cache of ``mode`` ``full``,
     ``topk`` or ``mixture`` (module docstring)."""
@@ -214,6 +196,7 @@ class FusedReader(CacheReader):
         if len(weights) != len(readers):
             raise ValueError("one weight per cache")
         mode = fused_mode([r.mode for r in readers], combine)
+        self.fusion = MIXTURE if mode == MIXTURE else get_mode(mode).fusion
         first = readers[0]
         for r in readers[1:]:
             diff = first_difference(first.manifest, r.manifest)
@@ -236,7 +219,7 @@ class FusedReader(CacheReader):
         first = self.readers[0].manifest
         m = dict(first)
         m["mode"] = self.mode
-        if self.mode != "full":  # exact / unbiased at T = 1 only (module docstring)
+        if not self.exact:  # exact / unbiased at T = 1 only (module docstring)
             m.update(temperatures=[1.0], stat_temperatures=[], stat_dtype=None, sampler_temperatures=None)
         m["teacher"] = {"spec": self.describe(),
                         "num_parameters": sum(int(r.manifest["teacher"].get("num_parameters") or 0)
@@ -254,20 +237,54 @@ class FusedReader(CacheReader):
         what = "mean" if self.combine == "mean" else "geometric mean"
         return f"{what} of {len(self.readers)} teachers ({parts})"
 
+    @property
+    def exact(self) -> bool:
+        """The fused teacher is exact at every T (full caches)."""
+        return self.fusion == "exact"
+
     def exactness(self) -> str:
         """How the fused target relates to the fused teacher (the training log's line)."""
-        return {"full": "exact (full caches, fused per {unit})",
-                "topk": "exact over the buckets of the ids every teacher kept + one tail (topk caches, fused per "
-                        "{unit}, T = 1)",
-                "mixture": "unbiased gradient of the KL to the mixture (sample/priority caches: the weighted mean of "
-                           "the teachers' KLs, fused per {unit}, T = 1)"}[self.mode]
+        return {"exact": f"exact ({self.mode} caches, fused per {{unit}})",
+                "buckets": f"exact over the buckets of the ids every teacher kept + one tail ({self.mode} caches, "
+                           "fused per {unit}, T = 1)",
+                MIXTURE: "unbiased gradient of the KL to the mixture (sampled caches: the weighted mean of the "
+                         "teachers' KLs, fused per {unit}, T = 1)"}[self.fusion]
+
+    @property
+    def loss_note(self) -> str:
+        if self.fusion == MIXTURE:
+            return "unbiased gradient; the value adds the teachers' Jensen-Shannon divergence"
+        return get_mode(self.mode).loss_note
+
+    @property
+    def approximation(self) -> str:
+        if self.fusion == MIXTURE:
+            return "the mean of the tempered teachers"
+        return get_mode(self.mode).approximation
+
+    def check_divergence(self, divergence: str) -> None:
+        """A mixture of sampled teachers trains with forward KL only (:class:`MixtureTargets`)."""
+        if self.fusion == MIXTURE:
+            check_mixture_divergence(divergence)
+
+    def targets(self, arrays: dict[str, np.ndarray]):
+        """The fused teacher's targets of a block: the fused arrays' (padded, for bucketed fusion), or a mixture of
+        the teachers' own."""
+        if self.fusion == MIXTURE:
+            parts = tuple(r.targets({key: arrays[part_key(k, key)] for key in self.part_keys(k)})
+                          for k, r in ((k, self.readers[k]) for k in self.live))
+            return mixture_targets(parts, [self.weights[k] for k in self.live])
+        t = get_mode(self.mode).targets(arrays, self.num_classes, **temperature_kwargs(self.manifest))
+        if self.fusion == "buckets":
+            t.padded = True
+        return t
 
     def check_use(self, temperature: float, approximate: bool, evaluating: bool) -> None:
         """Refuse (exit 2) what a sparse fused teacher cannot serve: T != 1 without the documented approximation,
         and ``eval`` against a mixture of sampled teachers (the divergence: :func:`kdcli.losses.check_divergence`)."""
-        if self.mode == "full":
+        if self.exact:
             return
-        if evaluating and self.mode == "mixture":
+        if evaluating and self.fusion == MIXTURE:
             raise UsageError("eval cannot measure KL or agreement against fused sample/priority caches (the fused "
                              "teacher's probability of a class one teacher drew is unknown to the others' caches): "
                              "evaluate against full or topk caches of the held-out data")
@@ -288,16 +305,16 @@ class FusedReader(CacheReader):
 
     @property
     def keys(self) -> tuple[str, ...]:
-        if self.mode == "full":
+        if self.exact:
             return self.readers[0].keys
-        base = tuple(k for k in self.readers[0].keys if k not in _TEACHER_KEYS)
-        if self.mode == "topk":
-            return base + MODE_KEYS["topk"]
+        base = tuple(k for k in self.readers[0].keys if k not in _teacher_keys())
+        if self.fusion == "buckets":
+            return base + get_mode(self.mode).keys_
         return base + tuple(part_key(k, key) for k in self.live for key in self.part_keys(k))
 
     def part_keys(self, k: int) -> tuple[str, ...]:
         r = self.readers[k]
-        return mode_keys(r.mode, r.manifest.get("temperatures"))
+        return get_mode(r.mode).keys(r.manifest.get("temperatures"))
 
     def row_bytes(self) -> int:
         return sum(r.row_bytes() for r in self.readers)
@@ -325,23 +342,15 @@ class FusedReader(CacheReader):
                         bad = int(np.flatnonzero(np.any((head[k] != p[k]).reshape(len(head[k]), -1), axis=1))[0])
                     raise CacheError(f"cannot fuse caches {self.readers[0].dir} and {r.dir}: row {start + bad} "
                                      f"differs ({k}); fused caches must hold the same rows in the same order")
-        if self.mode == "full":
-            out = dict(head)
-            tgt = [p["target_logprobs"] for p in parts] if "target_logprobs" in head else None
-            out["logprobs"], fused_t = _fuse_logprobs([p["logprobs"] for p in parts], self.weights, self.combine,
-                                                      tgt)
-            if fused_t is not None:
-                out["target_logprobs"] = fused_t
-            return out
-        out = {k: v for k, v in head.items() if k not in _TEACHER_KEYS}
         live = [parts[k] for k in self.live]
         ws = [self.weights[k] for k in self.live]
+        if self.exact:  # a zero-weight teacher takes no part (0 * -inf)
+            return {**head, **get_mode(self.mode).fuse(live, ws, self.combine)}
+        out = {k: v for k, v in head.items() if k not in _teacher_keys()}
         if "target_logprobs" in head:  # each teacher's log-prob of the next token: the mixture's is exact
-            out["target_logprobs"] = _logmeanexp([p["target_logprobs"] for p in live], ws).astype(np.float32)
-        if self.mode == "topk":
-            out["topk_ids"], out["topk_logprobs"], out["tail_logmass"] = fuse_topk(
-                [p["topk_ids"] for p in live], [p["topk_logprobs"] for p in live], [p["tail_logmass"] for p in live],
-                ws)
+            out["target_logprobs"] = logmeanexp([p["target_logprobs"] for p in live], ws).astype(np.float32)
+        if self.fusion == "buckets":
+            out.update(get_mode(self.mode).fuse(live, ws, self.combine))
         else:
             for k in self.live:
                 for key in self.part_keys(k):
@@ -368,5 +377,5 @@ def open_fused(readers: list[CacheReader], weights: str | None, combine: str) ->
     return FusedReader(readers, ws, combine)
 
 
-__all__ = ["COMBINES", "FusedReader", "first_difference", "fuse_topk", "fused_mode", "open_fused", "parse_cache_weights",
-           "part_key"]
+__all__ = ["COMBINES", "FusedReader", "MixtureTargets", "first_difference", "fused_mode", "mixture_targets",
+           "open_fused", "parse_cache_weights", "part_key"]

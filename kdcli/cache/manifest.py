@@ -14,69 +14,17 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from kdcli import __version__
 from kdcli.cache.atomic import atomic_write_bytes
+from kdcli.cache.modes import mode_names
 from kdcli.errors import CacheError
 
 MANIFEST = "manifest.json"
 RANK_MANIFEST_GLOB = "manifest.rank-*.json"
 FORMAT = "kdcli-cache"
 FORMAT_VERSION = 1
-
-
-# -- what a cache of each mode stores, and at which temperatures ---------------------------------------------------
-MODES = ("full", "topk", "sample", "priority")
-MODE_KEYS = {"full": ("logprobs",), "topk": ("topk_ids", "topk_logprobs", "tail_logmass"),
-             "sample": ("sample_ids", "sample_counts", "sample_logprobs"),
-             "priority": ("priority_ids", "priority_logprobs", "priority_tau")}
-STAT_KEYS = {"topk": "tail_logmass_t", "sample": "sample_logz_t", "priority": "priority_logz_t"}
-"""The (rows, len(stat_temperatures)) per-temperature array of each sparse mode (kdcli/cache/reduce.py)."""
-STAT_DTYPE_NAMES = {"tail_logmass_t": "float16", "sample_logz_t": "float32", "priority_logz_t": "float32"}
-
-
-def normalize_temperatures(temperatures: Iterable[float] | None) -> tuple[float, ...]:
-    """Sorted, distinct, positive and finite temperatures, always including 1 (which needs no extra statistics).
-    Raises ValueError naming the bad value."""
-    out = {1.0}
-    for t in temperatures or ():
-        t = float(t)
-        if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperatures must be positive and finite; got {t!r}")
-        out.add(t)
-    return tuple(sorted(out))
-
-
-def stat_temperatures(temperatures: Iterable[float] | None) -> tuple[float, ...]:
-    """The temperatures that get a column in the per-temperature arrays: the listed ones other than 1, sorted."""
-    return tuple(t for t in normalize_temperatures(temperatures) if t != 1.0)
-
-
-def mode_keys(mode: str, temperatures: Iterable[float] | None = None) -> tuple[str, ...]:
-    """The datasets a cache of ``mode`` holds per row (per token for token caches), for the stored temperatures."""
-    if mode not in MODE_KEYS:
-        raise ValueError(f"unknown cache mode {mode!r}; use one of {MODES}")
-    extra = (STAT_KEYS[mode],) if mode in STAT_KEYS and stat_temperatures(temperatures) else ()
-    return MODE_KEYS[mode] + extra
-
-
-def temperature_layout(mode: str, temperatures: Iterable[float] | None,
-                       sampler_temperatures: Iterable[float] | None = None) -> dict:
-    """Manifest keys recording the stored temperatures (put them in the layout *and* the settings: a cache built
-    for other temperatures is another cache). ``full`` stores no statistics: exact at every T."""
-    if mode == "full":
-        return {"temperatures": None, "stat_temperatures": None, "stat_dtype": None, "sampler_temperatures": None}
-    ts = normalize_temperatures(temperatures)
-    samplers = None
-    if mode == "priority":
-        samplers = sorted({float(t) for t in (sampler_temperatures or (1.0,))})
-        missing = [t for t in samplers if t not in ts]
-        if missing:
-            raise ValueError(f"sampler temperatures {missing} must be among the stored temperatures {list(ts)}")
-    stats = stat_temperatures(ts)
-    return {"temperatures": list(ts), "stat_temperatures": list(stats),
-            "stat_dtype": STAT_DTYPE_NAMES[STAT_KEYS[mode]] if stats else None, "sampler_temperatures": samplers}
 
 
 def stored_temperatures(manifest: dict) -> dict:
@@ -165,8 +113,8 @@ def manifest_problem(m: dict) -> str | None:
     for key in ("teacher", "data", "settings"):
         if not isinstance(m[key], dict):
             return f"{key!r} must be an object, got {type(m[key]).__name__}"
-    if m["mode"] not in MODES:
-        return f"unknown cache mode {m['mode']!r} (this kdcli knows {', '.join(MODES)})"
+    if m["mode"] not in mode_names():
+        return f"unknown cache mode {m['mode']!r} (this kdcli knows {', '.join(mode_names())})"
     for key in ("num_classes", "num_rows"):
         if not _int(m[key]) or m[key] < 0:
             return f"{key!r} must be a non-negative integer, got {m[key]!r}"

@@ -25,13 +25,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcli.cache.manifest import check_matches_data, mode_keys, read_manifest
+from kdcli.cache.manifest import check_matches_data, read_manifest, stored_temperatures
+from kdcli.cache.modes import get_mode
 from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
 
 ROW_KEYS = ("row_index", "sample_index", "row_hash")
 BLOCK_BYTES = 1 << 19  # one contiguous read
 SHUFFLE_BLOCKS = 16  # blocks whose rows are shuffled together
+
+
+def temperature_kwargs(manifest: dict) -> dict:
+    """``temperatures`` and ``sampler_temperatures`` for :meth:`Mode.targets`, from a manifest (normalised)."""
+    from kdcli.cache.modes.base import normalize_temperatures
+
+    st = stored_temperatures(manifest)
+    return {"temperatures": normalize_temperatures(st["temperatures"]),
+            "sampler_temperatures": tuple(st["sampler_temperatures"])}
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,23 @@ class CacheReader:
             raise CacheError(f"cache {self.dir} has {self.num_classes} classes but the data has labels up to "
                              f"{data_identity['num_classes'] - 1}")
 
+    def targets(self, arrays: dict[str, np.ndarray]):
+        """The teacher targets of a batch read from this cache (:meth:`Mode.targets`, at the stored temperatures)."""
+        return get_mode(self.mode).targets(arrays, self.num_classes, **temperature_kwargs(self.manifest))
+
+    def check_divergence(self, divergence: str) -> None:
+        """UsageError (exit 2) for a divergence this cache cannot train with (a single cache serves every one)."""
+
+    @property
+    def loss_note(self) -> str:
+        """What the soft term is at a stored temperature (the loss line)."""
+        return get_mode(self.mode).loss_note
+
+    @property
+    def approximation(self) -> str:
+        """What --approximate-temperature does at another temperature."""
+        return get_mode(self.mode).approximation
+
     # -- file access -------------------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -106,7 +133,7 @@ class CacheReader:
     @property
     def keys(self) -> tuple[str, ...]:
         extra = ("aug_params",) if self.manifest.get("aug_param_names") else ()
-        return ROW_KEYS + extra + mode_keys(self.mode, self.manifest.get("temperatures"))
+        return ROW_KEYS + extra + get_mode(self.mode).keys(self.manifest.get("temperatures"))
 
     def read_block(self, b: Block) -> dict[str, np.ndarray]:
         f = self._file(b.shard)
@@ -230,30 +257,23 @@ class CacheReader:
 
 
 def mean_unique_ids(cache_dir: str | Path, manifest: dict) -> float | None:
-    """Distinct teacher ids stored per entry (row, or predicted token of a token cache), averaged over the cache:
-    ``sample`` caches keep each drawn id once with its count (the slots past the distinct ids are zero padding, so
-    this is what the entry carries, not ``--samples``); ``priority`` caches keep K = min(--samples, classes)
-    distinct ids. None for the other modes. The writer records each sample shard's count in its manifest entry
-    (``distinct_ids``), so only dataset shapes are read; a shard without it (an older cache) has its
-    ``sample_counts`` column counted."""
-    mode = manifest["mode"]
-    if mode not in ("sample", "priority"):
+    """Distinct teacher ids stored per entry (row, or predicted token of a token cache), averaged over the cache, for
+    the sampled modes (a sample cache keeps each drawn id once with its count, so this is what an entry carries,
+    not ``--samples``); None for the others. The writer records each shard's count in its manifest entry
+    (``distinct_ids``), so nothing is read; a shard without it (an older cache) is counted from its arrays."""
+    mode = get_mode(manifest["mode"])
+    if not mode.sampled:
         return None
     used = entries = 0
     for s in manifest["shards"]:
         with h5py.File(Path(cache_dir) / s["name"], "r") as f:
-            if mode == "priority":
-                n, k = f["priority_ids"].shape
-                used, entries = used + n * k, entries + n
-                continue
-            counts = f["sample_counts"]
+            n = f[mode.keys_[0]].shape[0]
             if "distinct_ids" in s:
-                used, entries = used + int(s["distinct_ids"]), entries + counts.shape[0]
-                continue
-            for a in range(0, counts.shape[0], 65536):
-                c = counts[a:a + 65536]
-                used += int(np.count_nonzero(c))
-                entries += len(c)
+                used += int(s["distinct_ids"])
+            else:
+                for a in range(0, n, 65536):
+                    used += mode.distinct_ids({k: f[k][a:a + 65536] for k in mode.keys_})
+            entries += n
     return used / entries if entries else 0.0
 
 

@@ -20,7 +20,6 @@ re-hash here: run ``kdcli cache verify`` after copying or moving a cache.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,10 @@ import numpy as np
 
 from kdcli.cache.atomic import PARTIAL
 from kdcli.cache.lock import LOCK
-from kdcli.cache.manifest import (MODE_KEYS, RANK_MANIFEST_GLOB, STAT_DTYPE_NAMES, STAT_KEYS, read_manifest,
-                                  shard_name, stat_temperatures)
+from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
+from kdcli.cache.modes import get_mode
+from kdcli.cache.modes.base import first, logprob_problems
 from kdcli.errors import CacheError
-
-NORM_TOL = 1e-2
-"""Max |logsumexp| (nats) of a stored distribution. fp16 log-probs round each value to 2^-12 relative, which moves
-the total mass by at most entropy * 2^-12 (< 3e-3 for a 50k vocabulary); anything past 1e-2 is damage."""
 
 CHUNK_ELEMENTS = 1 << 22  # values per read while verifying: memory stays flat whatever the shard size
 
@@ -77,154 +73,6 @@ class VerifyReport:
 
 
 # -- content checks ------------------------------------------------------------------------------------------------
-def _lse(a: np.ndarray) -> np.ndarray:
-    """Row-wise logsumexp in float32 (``-inf`` entries allowed; ample for a 1e-2 tolerance)."""
-    a = a.astype(np.float32, copy=False)
-    m = np.max(a, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore", under="ignore"):
-        return np.log(np.sum(np.exp(a - m), axis=-1)) + m[..., 0]
-
-
-def _first(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
-
-
-def _logprob_problems(name: str, lp: np.ndarray, where, valid: np.ndarray | None = None) -> list[str]:
-    v = lp if valid is None else np.where(valid, lp, 0)
-    bad = ~np.isfinite(v)
-    if bad.any():
-        return [f"{name} has NaN/inf at {where(_first(bad))}"]
-    pos = v > 0
-    if pos.any():
-        return [f"{name} has a positive log-probability at {where(_first(pos))}"]
-    return []
-
-
-def _norm_problem(lse: np.ndarray, what: str, where) -> list[str]:
-    off = np.abs(lse) > NORM_TOL
-    if off.any():
-        i = _first(off)
-        return [f"{what} does not normalise at {where(i)}: logsumexp = {lse[i]:+.4f} (tolerance {NORM_TOL:g})"]
-    return []
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    """float16 -> float32. numpy's cast is scalar code; torch's is vectorised (F16C), ~1.5-2x faster, and torch is
-    already loaded wherever caches are read for training."""
-    if a.dtype == np.float16 and "torch" in sys.modules:
-        return sys.modules["torch"].from_numpy(np.ascontiguousarray(a)).float().numpy()
-    return a.astype(np.float32)
-
-
-def _plausible(lp: np.ndarray, tail: np.ndarray | None) -> bool:
-    """Fast all-clear for (rows, k) float32 log-probs (+ a tail log-mass per row): all finite and <= 0 and every
-    row's mass within NORM_TOL of 1. exp(lp) <= 1 cannot overflow; NaN fails every comparison."""
-    if lp.size and not (lp.max() <= 0 and lp.min() > -np.inf):
-        return False
-    mass = np.exp(lp).sum(axis=-1)
-    if tail is not None:
-        if tail.size and not tail.max() <= 0:  # -inf allowed: no mass outside the top k
-            return False
-        mass += np.exp(tail)
-    return bool(np.all(np.abs(np.log(mass)) <= NORM_TOL))
-
-
-def _distinct_sorted(ids: np.ndarray, lp: np.ndarray) -> bool:
-    if ids.shape[-1] < 2:
-        return True
-    s = np.sort(ids, axis=-1)
-    return not (s[:, 1:] == s[:, :-1]).any() and not (np.diff(lp, axis=-1) > 0).any()
-
-
-def _topk_problems(ids, lp, tail, num_classes: int, where) -> list[str]:
-    out = []
-    if ids.size and int(ids.max()) >= num_classes:
-        out.append(f"topk_ids has id {int(ids.max())} >= {num_classes} classes at "
-                   f"{where(_first(ids >= num_classes))}")
-    s = np.sort(ids.astype(np.int64), axis=-1)
-    dup = (s[:, 1:] == s[:, :-1]).any(axis=-1) if ids.shape[-1] > 1 else np.zeros(len(ids), bool)
-    if dup.any():
-        out.append(f"topk_ids repeats an id at {where(int(np.flatnonzero(dup)[0]))}")
-    found = _logprob_problems("topk_logprobs", lp, where)
-    if not found and lp.shape[-1] > 1 and (np.diff(lp, axis=-1) > 0).any():
-        found = [f"topk_logprobs are not sorted (largest first) at {where(_first(np.diff(lp, axis=-1) > 0))}"]
-    t = tail.astype(np.float32)
-    if np.isnan(t).any() or (t > 0).any():
-        found.append(f"tail_logmass is NaN or positive at {where(_first(np.isnan(t) | (t > 0)))}")
-    out += found
-    if not found:
-        out += _norm_problem(_lse(np.concatenate([lp, t[:, None]], axis=-1)), "top-k log-probs + tail log-mass",
-                             where)
-    return out
-
-
-def _priority_problems(ids, lp, log_tau, num_classes: int, where) -> list[str]:
-    """Kept ids in range and distinct, log-probs <= 0 (-inf: a class of probability 0, kept only when fewer than K
-    have any), sorted largest first, kept mass <= 1; log tau not NaN and not +inf."""
-    out = []
-    if ids.size and int(ids.max()) >= num_classes:
-        out.append(f"priority_ids has id {int(ids.max())} >= {num_classes} classes at "
-                   f"{where(_first(ids >= num_classes))}")
-    if ids.shape[-1] > 1:
-        srt = np.sort(ids.astype(np.int64), axis=-1)
-        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=-1)
-        if dup.any():
-            out.append(f"priority_ids repeats an id at {where(int(np.flatnonzero(dup)[0]))}")
-    bad = np.isnan(lp) | (lp > 0) | (lp == np.inf)
-    if bad.any():
-        return out + [f"priority_logprobs has NaN or a positive log-probability at {where(_first(bad))}"]
-    with np.errstate(invalid="ignore"):
-        unsorted = np.diff(lp, axis=-1) > 0 if lp.shape[-1] > 1 else np.zeros((len(lp), 1), bool)
-    if unsorted.any():
-        out.append(f"priority_logprobs are not sorted (largest first) at {where(_first(unsorted))}")
-    over = _lse(lp) > NORM_TOL
-    if over.any():
-        out.append(f"priority_logprobs hold more than all the probability mass at {where(_first(over))}")
-    t = np.asarray(log_tau, dtype=np.float32)
-    if (np.isnan(t) | (t == np.inf)).any():
-        out.append(f"priority_tau is NaN or +inf at {where(_first(np.isnan(t) | (t == np.inf)))}")
-    return out
-
-
-def _stat_problems(manifest: dict, key: str, stats: np.ndarray, tail: np.ndarray | None, num_classes: int,
-                   where) -> list[str]:
-    """The per-temperature statistics must be possible values: ``tail_logmass_t`` <= 0 and, at T > 1, >= the T = 1
-    tail (tempering never moves mass into the top k; <= at T < 1); ``*_logz_t`` between 0 and (1 - 1/T) log C
-    (Z_T = sum p^(1/T) is 1 for a one-hot p and C^(1 - 1/T) for a uniform one)."""
-    ts = stat_temperatures(manifest.get("temperatures"))
-    x = np.asarray(stats, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != len(ts):
-        return [f"{key} has shape {x.shape}, expected (rows, {len(ts)}) for T = {', '.join(f'{t:g}' for t in ts)}"]
-    if np.isnan(x).any():
-        return [f"{key} has NaN at {where(_first(np.isnan(x)))}"]
-    if key == "tail_logmass_t":
-        slack = NORM_TOL + 2.0 ** -10 * np.abs(np.where(np.isfinite(x), x, 0))  # float16 rounding
-        bad = x > slack
-        if tail is not None:
-            t1 = np.asarray(tail, dtype=np.float32)[:, None]
-            with np.errstate(invalid="ignore"):
-                off = np.where(np.asarray(ts)[None, :] > 1, x < t1 - slack, x > t1 + slack)
-            bad |= off & np.isfinite(t1)
-        if bad.any():
-            i = _first(bad)
-            j = int(np.flatnonzero(bad[i])[0])
-            t1 = f"{float(tail[i]):+.4f}" if tail is not None else "not stored"
-            return [f"{key} is not a possible tempered tail mass at {where(i)} (log {float(x[i, j]):+.4f} at "
-                    f"T = {ts[j]:g}; log tail at T = 1: {t1})"]
-        return []
-    lo = np.minimum(0.0, (1 - 1 / np.asarray(ts)) * np.log(num_classes))[None, :] - NORM_TOL
-    hi = np.maximum(0.0, (1 - 1 / np.asarray(ts)) * np.log(num_classes))[None, :] + NORM_TOL
-    with np.errstate(invalid="ignore"):
-        bad = ~((x >= lo) & (x <= hi))
-    if bad.any():
-        i = _first(bad)
-        j = int(np.flatnonzero(bad[i])[0])
-        return [f"{key} = {float(x[i, j]):.4f} at {where(i)} is outside [{float(lo[0, j]):.3f}, "
-                f"{float(hi[0, j]):.3f}], the possible log Z_T at T = {ts[j]:g} for {num_classes} classes"]
-    return []
-
-
 def block_problems(manifest: dict, arrays: dict[str, np.ndarray], row_start: int,
                    token_rows: np.ndarray | None = None) -> list[str]:
     """Problems in the rows ``[row_start, row_start + n)`` of a cache (empty list: the block looks right).
@@ -234,7 +82,6 @@ def block_problems(manifest: dict, arrays: dict[str, np.ndarray], row_start: int
     row of each token, for messages)."""
     out: list[str] = []
     mode = manifest["mode"]
-    num_classes = int(manifest["num_classes"])
     ri = arrays["row_index"]
     n = len(ri)
 
@@ -258,86 +105,28 @@ def block_problems(manifest: dict, arrays: dict[str, np.ndarray], row_start: int
     if "aug_params" in arrays:
         ap = arrays["aug_params"]
         if not np.isfinite(ap).all():
-            out.append(f"aug_params has NaN/inf at {row_at(_first(~np.isfinite(ap)))}")
+            out.append(f"aug_params has NaN/inf at {row_at(first(~np.isfinite(ap)))}")
         view0 = expect < num_samples
         if (ap[view0] != 0).any():
             out.append("aug_params of a view-0 row (the plain input) are not zero")
-    where = tok_at
-    if mode == "full":
-        lp = _f32(arrays["logprobs"])
-        if not _plausible(lp, None):  # the fast all-clear failed: find and name the first bad row
-            found = _logprob_problems("logprobs", lp, where)
-            out += found or _norm_problem(_lse(lp), "logprobs", where)
-    elif mode == "topk":
-        ids, lp, tail = arrays["topk_ids"], _f32(arrays["topk_logprobs"]), arrays["tail_logmass"]
-        fine = (not ids.size or int(ids.max()) < num_classes) and _plausible(lp, _f32(tail)) and \
-            _distinct_sorted(ids, lp)
-        if not fine:  # the fast all-clear failed: find and name the first bad row
-            out += _topk_problems(ids, lp, tail, num_classes, where)
-    elif mode == "sample":
-        ids, counts, lp = arrays["sample_ids"], arrays["sample_counts"], arrays["sample_logprobs"]
-        used = counts > 0
-        draws = int(manifest.get("samples") or 0)
-        total = counts.astype(np.int64).sum(axis=-1)
-        if draws and (total != draws).any():
-            i = int(np.flatnonzero(total != draws)[0])
-            out.append(f"sample_counts of {where(i)} add up to {int(total[i])}, not the {draws} draws")
-        if (ids[used] >= num_classes).any():
-            out.append(f"sample_ids has an id >= {num_classes} classes at "
-                       f"{where(_first(used & (ids >= num_classes)))}")
-        prefix = np.cumprod(used, axis=-1).astype(bool)  # used slots come first, then unused
-        if (used != prefix).any():
-            out.append("sample slots are not packed (a used slot after an unused one) at "
-                       f"{where(_first(used != prefix))}")
-        i64 = ids.astype(np.int64)
-        both = used[:, 1:] & used[:, :-1]
-        if (both & (i64[:, 1:] <= i64[:, :-1])).any():
-            out.append(f"sample_ids are not distinct and ascending at "
-                       f"{where(_first(both & (i64[:, 1:] <= i64[:, :-1])))}")
-        out += _logprob_problems("sample_logprobs", lp, where, valid=used)
-    elif mode == "priority":
-        out += _priority_problems(arrays["priority_ids"], _f32(arrays["priority_logprobs"]), arrays["priority_tau"],
-                                  num_classes, where)
-    stat_key = STAT_KEYS.get(mode)
-    if stat_key in arrays:
-        out += _stat_problems(manifest, stat_key, arrays[stat_key], arrays.get("tail_logmass"), num_classes, where)
+    out += get_mode(mode).problems(manifest, arrays, tok_at)
     if "target_logprobs" in arrays:
-        out += _logprob_problems("target_logprobs", arrays["target_logprobs"], where)
+        out += logprob_problems("target_logprobs", arrays["target_logprobs"], tok_at)
     return out
 
 
 # -- full verification ---------------------------------------------------------------------------------------------
 def _expected_datasets(m: dict) -> dict[str, tuple[np.dtype | None, tuple | None]]:
     """name -> (dtype, trailing shape) of every dataset a shard must hold (None: not fixed by the manifest)."""
-    mode, k, s = m["mode"], m.get("top_k"), m.get("samples")
     token = m.get("kind") == "token"
-    id_dt = np.dtype(m["id_dtype"]) if m.get("id_dtype") else None
     out: dict = {name: (np.dtype(dt), ()) for name, dt in ROW_DTYPES.items()}
     if token:
         out["offsets"] = (np.dtype(np.int64), ())
     if m.get("aug_param_names"):
         out["aug_params"] = (np.dtype(np.float32), (len(m["aug_param_names"]),))
-    f16 = np.dtype(np.float16)
-    if mode == "full":
-        out["logprobs"] = (f16, (int(m["num_classes"]),))
-    elif mode == "topk":
-        out["topk_ids"] = (id_dt, (k,))
-        out["topk_logprobs"] = (f16, (k,))
-        out["tail_logmass"] = (np.dtype(m.get("tail_dtype") or np.float32), ())
-    elif mode == "sample":
-        out["sample_ids"] = (id_dt, (s,))
-        out["sample_counts"] = (np.dtype(m.get("count_dtype") or np.uint16), (s,))
-        out["sample_logprobs"] = (f16, (s,))
-    elif mode == "priority":
-        out["priority_ids"] = (id_dt, (s,))
-        out["priority_logprobs"] = (f16, (s,))
-        out["priority_tau"] = (np.dtype(m.get("tau_dtype") or np.float32), ())
-    stats = stat_temperatures(m.get("temperatures"))
-    if mode in STAT_KEYS and stats:
-        key = STAT_KEYS[mode]
-        out[key] = (np.dtype(m.get("stat_dtype") or STAT_DTYPE_NAMES[key]), (len(stats),))
+    out.update(get_mode(m["mode"]).expected(m))
     if token:
-        out["target_logprobs"] = (f16, ())
+        out["target_logprobs"] = (np.dtype(np.float16), ())
     return out
 
 
@@ -498,8 +287,6 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
         problems.append("manifest says complete: false (cache-teacher was interrupted or is still running; re-run "
                         "the same command to finish it)")
     kind = m.get("kind") or "classification"
-    if m["mode"] not in MODE_KEYS:
-        raise CacheError(f"{d}: unknown cache mode {m['mode']!r} in the manifest")
     data_hashes = None
     if data is not None:
         if kind == "token":

@@ -31,6 +31,7 @@ import numpy as np
 from kdcli import crashpoints
 from kdcli.cache.atomic import PARTIAL, is_disk_full, replace_atomically
 from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
+from kdcli.cache.modes import get_mode
 from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError, KdError, UsageError
 
@@ -51,12 +52,12 @@ FILTERS = ("gzip", "lzf")
 
 def resolve_compression(requested: str, *, token: bool, mode: str) -> dict | None:
     """The manifest's ``compression`` entry for ``--compression requested`` (None: uncompressed). ``auto`` is gzip
-    for token-level (LM) ``topk``/``sample``/``priority`` caches and none otherwise: full-vocabulary log-probs
+    for token-level (LM) caches of the sparse modes and none otherwise: full-vocabulary log-probs
     shrink ~33% with gzip but decompress ~14x slower than an uncompressed read (measured), and classification rows
     are small."""
     name = requested
     if requested == "auto":
-        name = "gzip" if token and mode in ("topk", "sample", "priority") else "none"
+        name = "gzip" if token and get_mode(mode).sparse else "none"
     if name == "none":
         return None
     if name not in FILTERS:
@@ -133,7 +134,8 @@ class ShardWriter:
 
     def __init__(self, cache_dir: Path, manifest: dict, *, shard_size: int, first_shard: int = 0,
                  token_keys: frozenset[str] = frozenset(), threaded: bool = True, queue_shards: int = 2,
-                 on_shard: Callable[[dict], None] | None = None, manifest_name: str = MANIFEST):
+                 on_shard: Callable[[dict], None] | None = None, manifest_name: str = MANIFEST,
+                 check_values: bool = True):
         self.dir = Path(cache_dir)
         self.manifest = manifest
         self.manifest_name = manifest_name  # a rank's own manifest.rank-N.json under torchrun
@@ -141,6 +143,7 @@ class ShardWriter:
         self.next_shard = first_shard
         self.token_keys = token_keys
         self.on_shard = on_shard
+        self.check_values = check_values  # the reader's checks on every shard before it is published (_check)
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_rows = 0
         self._error: BaseException | None = None
@@ -260,13 +263,15 @@ class ShardWriter:
         start = index * self.shard_size
         n = len(arrays["row_index"])
         path = self.dir / name
-        self._check(name, arrays, start)
+        if self.check_values:
+            self._check(name, arrays, start)
         try:
             nbytes, digest = write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n},
                                               self.manifest.get("compression"))
             entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": nbytes, "sha256": digest}
-            if "sample_counts" in arrays:  # distinct ids stored in this shard, for the summary (reader.mean_unique_ids)
-                entry["distinct_ids"] = int(np.count_nonzero(arrays["sample_counts"]))
+            distinct = get_mode(self.manifest["mode"]).distinct_ids(arrays) if "mode" in self.manifest else None
+            if distinct is not None:  # distinct ids stored in this shard, for the summary (reader.mean_unique_ids)
+                entry["distinct_ids"] = distinct
             self.manifest["shards"].append(entry)
             self.manifest["shards"].sort(key=lambda s: s["row_start"])
             path = self.dir / self.manifest_name

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcli.cache.manifest import mode_keys
+from kdcli.cache.modes import get_mode
 from kdcli.cache.reader import ROW_KEYS, CacheReader
 from kdcli.cache.verify import block_problems
 from kdcli.errors import CacheError
@@ -22,7 +22,7 @@ from kdcli.errors import CacheError
 def token_keys(mode: str, temperatures=None) -> tuple[str, ...]:
     """The arrays a token cache stores per predicted token: the mode's (for its stored temperatures) and the
     teacher's log-prob of the token that follows."""
-    return mode_keys(mode, temperatures) + ("target_logprobs",)
+    return get_mode(mode).keys(temperatures) + ("target_logprobs",)
 
 
 class TokenCacheReader(CacheReader):

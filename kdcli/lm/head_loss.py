@@ -11,12 +11,8 @@ backward pass is two small multiplications. It is exact: the same value and grad
 Gradients with respect to the logits z (s = z / T, q = softmax(s), N predicted tokens):
 
 - soft term ``alpha * T^2 * KL(p || q) / N`` (forward KL only) is ``alpha * T / N * (W q - p~)``, where p~ is the
-  teacher (estimate) the mode defines and W its total: ``full`` the softmax of the cached log-probs at T (W = 1);
-  ``sample`` and ``priority`` the weights of :func:`kdcli.losses.id_weights` on the stored ids, 0 elsewhere:
-  unnormalised (W = their row sum, an unbiased estimate of 1) at a stored T, self-normalised (W = 1) for ``sample``
-  at T = 1 and for the approximation at an unstored T; ``topk`` the bucket probability on each of the k ids
-  and, on every other id m, the teacher's tail mass spread as the student spreads its own:
-  ``p_tail * q_m / q_tail`` (W = 1).
+  teacher (estimate) the cache mode defines and W its total: each mode's targets compute it on a chunk
+  (:meth:`kdcli.cache.modes.base.Targets.head_grad`; the mode files say what p~ is).
 - hard term ``(1 - alpha) * CE / N`` is ``(1 - alpha) / N * (softmax(z) - onehot(label))``.
 
 Reverse KL and JSD (and students whose output layer is not a plain ``hidden @ W.T``) use the autograd path.
@@ -25,15 +21,10 @@ Reverse KL and JSD (and students whose output layer is not a plain ``hidden @ W.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from kdcli.losses import LossParts, Targets, div_rows, id_weights, padded_head, teacher_buckets
-
-TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
-
+from kdcli.cache.modes.base import HeadChunk, Targets
+from kdcli.losses import LossParts
 
 _SCRATCH: dict[tuple, list[torch.Tensor]] = {}
 
@@ -52,46 +43,6 @@ def _scratch(like: torch.Tensor, rows: int, cols: int, dtype: torch.dtype, count
 def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """softmax(x) along dim 1 written into ``out``: one fused pass per row (a 49k-wide row stays in cache)."""
     return torch.ops.aten._softmax.out(x, 1, False, out=out)
-
-
-def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
-          vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gradient ``f[:, None] * g`` with ``vals`` at ``ids`` instead, kept as (g', f) with the row factor f left
-    for the output-layer products (one V-wide pass saved): g' at ids holds ``vals / f``. Rows where f is 0 or not
-    finite cannot be folded; then the factor is applied here and (g, None) returned."""
-    if bool(torch.isfinite(f).all()) and bool((f.abs() > 1e-30).all()):
-        return g.scatter_(1, ids, vals / f[:, None]), f
-    return g.mul_(f[:, None]).scatter_(1, ids, vals), None
-
-
-def _tail_grad_in_log_space(x: torch.Tensor, lse: torch.Tensor, tail_log: torch.Tensor, p_tail: torch.Tensor,
-                            mult: float, c_soft: float) -> torch.Tensor:
-    """The topk gradient on tail classes, ``mult * q_m - c_soft * p_tail * q_m / q_tail``, from the tempered logits
-    ``x`` of rows whose student tail mass underflows float32 (q_m = exp(x - lse), q_tail = exp(tail_log))."""
-    return mult * torch.exp(x - lse[:, None]) - c_soft * p_tail[:, None] * torch.exp(x - (lse + tail_log)[:, None])
-
-
-def _topk_padded(qT: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, t: Targets, T: float, approximate: bool,
-                 mult: float, c_soft: float) -> tuple[torch.Tensor, None, float]:
-    """The topk term for fused topk targets (``Targets.padded``: ids may repeat, slots with log-prob -inf are tail
-    classes; kdcli.cache.fused): the same bucketed KL and gradient as the plain topk branch, with the head classes
-    as a (c, V) mask instead of a scatter over distinct ids. Returns the gradient with its row factor applied."""
-    p_log = teacher_buckets(t, T, approximate)  # (c, k + 1), -inf on unused slots
-    ids, k = t.ids, t.ids.shape[1]
-    used, head = padded_head(t, qT)
-    tail_log = torch.log(qT.masked_fill(head, 0.0).sum(dim=1))  # the student's mass outside the head, summed directly
-    tiny = torch.nonzero(tail_log < math.log(TINY_TAIL)).squeeze(1)
-    if len(tiny):  # float32 underflow: those rows' tail in log space
-        tail_log[tiny] = torch.logsumexp(s[tiny].masked_fill(head[tiny], -math.inf), dim=1) - lse[tiny]
-    s_at = torch.where(used, s.gather(1, ids) - lse[:, None], -math.inf)
-    soft_sum = float(div_rows(p_log, torch.cat([s_at, tail_log[:, None]], dim=1), "forward", 0.5).sum())
-    p_b = p_log.exp()
-    p_head = torch.zeros_like(qT).scatter_add_(1, ids, torch.where(used, p_b[:, :k], 0.0))
-    # head class i: mult * q_i - c_soft * p_i; tail class m: mult * q_m - c_soft * p_tail * q_m / q_tail
-    tail_grad = qT * (mult - c_soft * p_b[:, k] / tail_log.exp())[:, None]
-    if len(tiny):
-        tail_grad[tiny] = _tail_grad_in_log_space(s[tiny], lse[tiny], tail_log[tiny], p_b[tiny, k], mult, c_soft)
-    return torch.where(head, qT * mult - c_soft * p_head, tail_grad), None, soft_sum
 
 
 def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y: torch.Tensor | None, rows: slice,
@@ -131,54 +82,10 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
     else:
         qT = _softmax_into(s, bufs[1] if hard else bufs[0])
         lse = z_max / T - torch.log(qT.amax(dim=1))
-    mult = c_soft + (c_hard if shared else 0.0)  # what multiplies q_T in the gradient
-    mode = targets.mode
-    if mode == "full":
-        p_log = F.log_softmax(targets.logprobs[rows] / T, dim=1)
-        p = p_log.exp()
-        soft_sum = float(torch.where(p > 0, p * (p_log - (s - lse[:, None])), torch.zeros_like(p)).sum())
-        g, f = qT.mul_(mult).sub_(p, alpha=c_soft), None
-    elif mode == "topk" and targets.padded:
-        g, f, soft_sum = _topk_padded(qT, s, lse, targets.rows(rows), T, approximate, mult, c_soft)
-    elif mode == "topk":
-        p_log = teacher_buckets(targets.rows(rows), T, approximate)
-        ids = targets.ids[rows]
-        k = ids.shape[1]
-        q_ids = qT.gather(1, ids)
-        # the student's mass outside the teacher's top k: 1 - sum(q_ids), summed directly where that cancels
-        tail = (1.0 - q_ids.sum(dim=1)).clamp_min(0.0)
-        direct = torch.nonzero(tail < 0.05).squeeze(1)
-        if len(direct):
-            tail[direct] = qT[direct].scatter(1, ids[direct], 0.0).sum(dim=1)
-        tail_log = torch.log(tail)
-        tiny = torch.nonzero(tail < TINY_TAIL).squeeze(1)
-        masked = None
-        if len(tiny):  # float32 underflow: redo those rows' tail in log space
-            masked = s[tiny].scatter(1, ids[tiny], -math.inf)
-            tail_log[tiny] = torch.logsumexp(masked, dim=1) - lse[tiny]
-        s_buckets = torch.cat([s.gather(1, ids) - lse[:, None], tail_log[:, None]], dim=1)
-        soft_sum = float(div_rows(p_log, s_buckets, "forward", 0.5).sum())
-        p_b = p_log.exp()
-        # every other id m: mult * q_m - c_soft * p_tail * q_m / q_tail = f * q_m
-        f = mult - c_soft * p_b[:, k] / tail_log.exp()
-        if masked is not None:  # those rows' gradient in log space, at its final scale (f = 1 for them)
-            qT[tiny] = _tail_grad_in_log_space(masked, lse[tiny], tail_log[tiny], p_b[tiny, k], mult, c_soft)
-            f[tiny] = 1.0
-        g, f = _fold(qT, f, ids, mult * q_ids - c_soft * p_b[:, :k])
-    elif mode in ("sample", "priority", "mixture"):
-        w, p_log, used, W = id_weights(targets.rows(rows), T, approximate)  # W: None where w sums to 1
-        w = torch.where(used, w, torch.zeros_like(w))
-        ids = targets.ids[rows]
-        s_at = s.gather(1, ids) - lse[:, None]
-        soft_sum = float(torch.where(used, w * (p_log - s_at), torch.zeros_like(w)).sum())
-        if W is None:
-            g, f = qT.scatter_add_(1, ids, -(c_soft / mult) * w), torch.full((c,), mult, dtype=z.dtype,
-                                                                              device=z.device)
-        else:  # unnormalised weights: q_T is multiplied by c_soft * W (+ c_hard when the softmax is shared)
-            f = c_soft * W + (c_hard if shared else 0.0)
-            g = qT.scatter_add_(1, ids, -(c_soft / f)[:, None] * w)
-    else:
-        raise ValueError(f"unknown target mode {mode!r}")
+    shared_hard = c_hard if shared else 0.0
+    mult = c_soft + shared_hard  # what multiplies q_T in the gradient
+    g, f, soft_sum = targets.rows(rows).head_grad(HeadChunk(s=s, qT=qT, lse=lse, T=T, mult=mult, c_soft=c_soft,
+                                                            shared_hard=shared_hard, approximate=approximate))
     if hard:
         if not shared:  # softmax(z) is a second buffer: bring the soft part to its final scale, then add
             if f is not None:

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcli.cache.manifest import stored_temperatures, temperature_layout
-from kdcli.cache.fused import FusedReader, open_fused, part_key
+from kdcli.cache.fused import FusedReader, open_fused
+from kdcli.cache.manifest import stored_temperatures
+from kdcli.cache.modes import DEFAULT, IMPLIED, check_temperature, get_mode, modes
+from kdcli.cache.modes.base import Mode
 from kdcli.cache.reader import CacheReader
 from kdcli.config import given, parse_temperatures
 from kdcli.errors import UsageError
-from kdcli.losses import LossParts, Targets, check_divergence, check_temperature, mixture_targets, \
-    targets_from_arrays
+from kdcli.losses import LossParts
 from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
 
 
@@ -105,51 +106,46 @@ class TrainSummary:
     resumed_from_step: int
 
 
-SPARSE_MODES = ("topk", "sample", "priority")
-
-
-def cache_mode(cfg) -> str:
+def cache_mode(cfg) -> Mode:
     """``cache-teacher``'s mode (``--mode``, else topk with ``--top-k``, else full), refusing an option the mode would
-    ignore (exit 2): ``--top-k`` outside topk, ``--samples`` outside sample/priority, ``--temperatures`` with full."""
-    mode = cfg.mode or ("topk" if cfg.top_k else "full")
-    if mode == "topk" and not cfg.top_k:
-        raise UsageError("--mode topk needs --top-k K")
-    if cfg.top_k and mode != "topk":
-        raise UsageError(f"--top-k applies to --mode topk; a {mode} cache would ignore it: drop one of them")
-    if "samples" in given(cfg) and mode not in ("sample", "priority"):
-        raise UsageError(f"--samples applies to --mode sample and priority; a {mode} cache would ignore it")
-    if "temperatures" in given(cfg) and mode not in SPARSE_MODES:
-        raise UsageError("--temperatures lists what a topk/sample/priority cache stores per temperature; a full cache "
+    ignore (exit 2): ``--top-k`` or ``--samples`` where the mode has no use for it, ``--temperatures`` with a mode
+    that is exact at every T."""
+    mode = get_mode(cfg.mode or (IMPLIED["top_k"] if cfg.top_k else DEFAULT))
+    if mode.size_option and not getattr(cfg, mode.size_option):
+        raise UsageError(f"--mode {mode.name} needs --{mode.size_option.replace('_', '-')} K")
+    for option in ("top_k", "samples"):
+        if option != mode.size_option and (option in given(cfg) if option == "samples" else getattr(cfg, option)):
+            flag = "--" + option.replace("_", "-")
+            users = [m.name for m in modes() if m.size_option == option]
+            raise UsageError(f"{flag} applies to --mode {' and '.join(users)}; a {mode.name} cache would ignore it"
+                             + (": drop one of them" if option == "top_k" else ""))
+    if "temperatures" in given(cfg) and not mode.sparse:
+        raise UsageError(f"--temperatures lists what a sparse cache stores per temperature; a {mode.name} cache "
                          "is exact at every T and would ignore it")
     return mode
 
 
-def check_mode_width(cfg, mode: str, width: int, what: str) -> None:
-    """Refuse (exit 2) a sparse cache that keeps every one of ``width`` classes / vocabulary entries, or more:
-    ``--top-k`` or priority ``--samples`` >= width (a full cache is then the same, exact and smaller)."""
-    if mode == "topk" and cfg.top_k >= width:
-        raise UsageError(f"--top-k {cfg.top_k} keeps every one of the {width} {what}; use --mode full")
-    if mode == "priority" and cfg.samples >= width:
-        raise UsageError(f"--mode priority --samples {cfg.samples} keeps every one of the {width} {what}; use "
-                         "--mode full (exact), or fewer --samples")
-
-
-def temperature_plan(cfg, mode: str) -> tuple[tuple[float, ...] | None, dict, dict]:
-    """For ``cache-teacher``: (the temperatures a sparse cache stores statistics for, the manifest layout keys
-    recording them, the settings entry that makes them part of the cache's identity). Full caches are exact at
-    every T and record nothing (their manifests stay as they were)."""
-    if mode not in SPARSE_MODES:
-        return None, {}, {}
+def cache_layout(cfg, mode: Mode, width: int, token: bool) -> tuple[int | None, tuple[float, ...] | None, dict, dict]:
+    """For ``cache-teacher``: (K, the temperatures a sparse cache stores statistics for, the manifest layout keys of
+    the mode, the settings entries that make them part of the cache's identity). K is checked against ``width``
+    (classes, or vocabulary entries); a mode exact at every T records no temperatures (its manifests stay as they
+    were)."""
+    k = mode.size(cfg)
+    if k is not None:
+        mode.check_size(k, width, "vocabulary entries" if token else "classes")
+    layout = {"mode": mode.name, **mode.layout(k, width, token)}
+    if not mode.sparse:
+        return k, None, {**layout, **mode.temperature_layout(None)}, {}
     temps = parse_temperatures(cfg.temperatures)
-    return temps, temperature_layout(mode, temps), {"temperatures": list(temps)}
+    return k, temps, {**layout, **mode.temperature_layout(temps)}, {"temperatures": list(temps)}
 
 
 def check_cache_use(reader: CacheReader, temperature: float, approximate: bool, evaluating: bool = False,
                     divergence: str = "forward") -> None:
     """Refuse (exit 2, naming the stored temperatures) a sparse cache at a T it cannot serve exactly/unbiased,
     unless the documented approximation was asked for; and what a sparse fused teacher cannot serve
-    (:meth:`FusedReader.check_use`, :func:`kdcli.losses.check_divergence`). Called before anything is written."""
-    check_divergence(reader.mode, divergence)
+    (:meth:`FusedReader.check_use`, a divergence a mixture cannot train with). Called before anything is written."""
+    reader.check_divergence(divergence)
     if isinstance(reader, FusedReader):
         reader.check_use(temperature, approximate, evaluating)
     stored = stored_temperatures(reader.manifest)["temperatures"]
@@ -185,21 +181,6 @@ def cache_label(cfg) -> str | list[str] | None:
     if not cfg.cache:
         return None
     return cfg.cache[0] if len(cfg.cache) == 1 else list(cfg.cache)
-
-
-def cache_targets(reader: CacheReader, arrays: dict) -> Targets:
-    """The teacher targets of a batch read from ``reader`` (with the temperatures its manifest records); a fused
-    reader's sparse modes (:mod:`kdcli.cache.fused`): ``topk`` with unused slots, or a ``mixture`` of the
-    teachers' own targets."""
-    if reader.mode == "mixture":
-        parts = tuple(targets_from_arrays({key: arrays[part_key(k, key)] for key in reader.part_keys(k)},
-                                          reader.readers[k].mode, reader.num_classes,
-                                          **stored_temperatures(reader.readers[k].manifest)) for k in reader.live)
-        return mixture_targets(parts, [reader.weights[k] for k in reader.live])
-    t = targets_from_arrays(arrays, reader.mode, reader.num_classes, **stored_temperatures(reader.manifest))
-    if isinstance(reader, FusedReader) and reader.mode == "topk":
-        t.padded = True
-    return t
 
 
 class CacheJob(ABC):

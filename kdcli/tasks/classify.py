@@ -21,15 +21,15 @@ from kdcli import log
 from kdcli.augment import parse_augment
 from kdcli.cache.manifest import new_manifest
 from kdcli.cache.reader import CacheReader
-from kdcli.cache.reduce import numpy_id_dtype, reduce_logits, storage_arrays
+from kdcli.cache.modes.base import Mode
 from kdcli.cache.writer import resolve_compression
 from kdcli.data import LabelledData, load_data
 from kdcli.errors import CacheError, UsageError
 from kdcli.losses import kd_loss, soft_kl
 from kdcli.models import MODEL_JSON, build_model, is_run_dir, save_run_model, weight_bytes
 from kdcli.precision import precision_context
-from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_mode,
-                              cache_targets, check_mode_width, size_and_speed, temperature_plan)
+from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_layout,
+                              cache_mode, size_and_speed)
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -58,7 +58,7 @@ def augment_params(n: int, views: int, augment, seed: int) -> np.ndarray | None:
 
 
 class ClassifyCacheJob(CacheJob):
-    def __init__(self, cfg, mode: str):
+    def __init__(self, cfg, mode: Mode):
         self.cfg, self.mode = cfg, mode
         self.augment = parse_augment(cfg.augment)
         if cfg.views > 1 and self.augment is None:
@@ -69,23 +69,20 @@ class ClassifyCacheJob(CacheJob):
         self.data = data = load_data(cfg.data, num_classes=teacher_num_classes(cfg.teacher))
         self.model, self.info = build_model(cfg.teacher, cfg.teacher_args, num_classes=data.num_classes,
                                             input_shape=data.input_shape, weights=cfg.teacher_weights)
-        check_mode_width(cfg, mode, data.num_classes, "classes")
+        self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, data.num_classes, token=False)
         self.num_rows = data.n * cfg.views
         self.shard_size, self.batch_size = cfg.shard_size, cfg.batch_size
-        self.sampled = mode in ("sample", "priority")
-        self.temperatures, temp_layout, temp_settings = temperature_plan(cfg, mode)
-        settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
-                    "samples": cfg.samples if self.sampled else None, "views": cfg.views,
-                    "augment": cfg.augment if cfg.views > 1 else None,
+        self.sampled = mode.sampled
+        settings = {"mode": mode.name, "top_k": mode_layout["top_k"], "samples": mode_layout["samples"],
+                    "views": cfg.views, "augment": cfg.augment if cfg.views > 1 else None,
                     "seed": cfg.seed if (cfg.views > 1 or self.sampled) else None,
                     "shard_size": cfg.shard_size, "dtype": cfg.dtype, **temp_settings}
-        layout = {"kind": "classification", "mode": mode, "num_classes": data.num_classes,
-                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if self.sampled else None,
-                  "logprob_dtype": "float16", "id_dtype": numpy_id_dtype(data.num_classes).name if mode != "full"
-                  else None, "views": cfg.views, "augment": cfg.augment if cfg.views > 1 else None,
-                  "aug_param_names": list(self.augment.param_names) if (self.augment and cfg.views > 1) else [],
-                  "shard_size": cfg.shard_size,
-                  "compression": resolve_compression(cfg.compression, token=False, mode=mode), **temp_layout}
+        self.layout = layout = {
+            "kind": "classification", "num_classes": data.num_classes, **mode_layout, "views": cfg.views,
+            "augment": cfg.augment if cfg.views > 1 else None,
+            "aug_param_names": list(self.augment.param_names) if (self.augment and cfg.views > 1) else [],
+            "shard_size": cfg.shard_size, "compression": resolve_compression(cfg.compression, token=False,
+                                                                            mode=mode.name)}
         self.plan = new_manifest(teacher=self.info.identity(), data=data.identity(), settings=settings,
                                  layout=layout, num_rows=self.num_rows)
         self.params = augment_params(data.n, cfg.views, self.augment, cfg.seed)
@@ -96,9 +93,8 @@ class ClassifyCacheJob(CacheJob):
     def describe(self) -> str:
         cfg = self.cfg
         return (f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters): {self.num_rows} rows "
-                f"({self.data.n} samples x {cfg.views} view(s)), mode {self.mode}"
-                + (f", k={cfg.top_k}" if self.mode == "topk" else "")
-                + (f", {cfg.samples} draws" if self.mode == "sample" else ""))
+                f"({self.data.n} samples x {cfg.views} view(s)), mode {self.mode.name}"
+                + self.mode.describe(self.k, token=False))
 
     def forward(self, start, stop, device, generator):
         data, n = self.data, self.data.n
@@ -111,8 +107,8 @@ class ClassifyCacheJob(CacheJob):
         if device.type == "cuda":
             x = x.pin_memory()  # a pinned source makes the copy below truly asynchronous
         logits = self.model(x.to(device, non_blocking=True))  # (b, num_classes)
-        reduced = reduce_logits(logits, self.mode, top_k=self.cfg.top_k, samples=self.cfg.samples,
-                                generator=generator, temperatures=self.temperatures)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (b, num_classes) fp32
+        reduced = self.mode.reduce(logp, self.k, generator, self.temperatures)
         reduced["nonfinite"] = ~torch.isfinite(logits).all(dim=1)  # (b,) checked on the host
         host = {"row_index": rows, "sample_index": samples.astype(np.int64), "row_hash": data.row_hash[samples]}
         if self.params is not None:
@@ -120,7 +116,7 @@ class ClassifyCacheJob(CacheJob):
         return host, reduced
 
     def storage(self, arrays):
-        return storage_arrays(arrays, self.data.num_classes)
+        return self.mode.storage(arrays, self.layout)
 
     def nonfinite_message(self, row: int) -> str:
         return f"teacher produced NaN/inf logits at row {row} (sample {row % self.data.n})"
@@ -198,7 +194,7 @@ class ClassifyTrainJob(TrainJob):
         targets = None
         if self.reader is not None:
             check_row_hashes(batch, data, self.reader)
-            targets = cache_targets(self.reader, batch).to(device)
+            targets = self.reader.targets(batch).to(device)
             if "aug_params" in batch:
                 x = self.augment.apply(x, torch.from_numpy(batch["aug_params"]))
         elif self.augment is not None:
@@ -411,7 +407,7 @@ class ClassifyTask(Task):
             if not np.array_equal(rows["sample_index"], np.arange(data.n)) or not np.array_equal(
                     rows["row_hash"], data.row_hash):
                 raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
-            targets = cache_targets(reader, rows)
+            targets = reader.targets(rows)
         bias_spec = parse_class_bias(cfg.class_bias, data.num_classes)
         fit_classes = [c for c, b in bias_spec.items() if b == "fit"]
         if cfg.bias_data and not fit_classes:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kdcli import log
 from kdcli.cache.manifest import new_manifest
-from kdcli.cache.reduce import numpy_id_dtype, reduce_logits
+from kdcli.cache.modes.base import Mode, Targets
 from kdcli.cache.writer import resolve_compression
 from kdcli.errors import CacheError, UsageError
 from kdcli.lm.cache import TokenCacheReader, token_keys
@@ -45,12 +45,12 @@ from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_t
     read_lm_meta, save_lm_run
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
-from kdcli.losses import LossParts, Targets, kd_loss, soft_kl
+from kdcli.losses import LossParts, kd_loss, soft_kl
 from kdcli.models import weight_bytes
 from kdcli.plugins import is_plugin_spec
 from kdcli.precision import precision_context
-from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_mode,
-                              cache_targets, check_mode_width, size_and_speed, temperature_plan)
+from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_layout,
+                              cache_mode, size_and_speed)
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -214,7 +214,7 @@ def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch
 class TokenCacheJob(CacheJob):
     unit = "tokens"
 
-    def __init__(self, cfg, mode: str):
+    def __init__(self, cfg, mode: Mode):
         self.cfg, self.mode = cfg, mode
         if cfg.views != 1 or cfg.augment:
             raise UsageError("--views/--augment are for image data; token caches have one view per sequence")
@@ -235,10 +235,10 @@ class TokenCacheJob(CacheJob):
         if len(tok) > V:
             raise CacheError(f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
                              f"{cfg.teacher} has only {V} logits per token; use the teacher's own tokenizer")
-        check_mode_width(cfg, mode, V, "vocabulary entries")
-        if mode == "full" and V > 4096:
-            log.warn(f"--mode full stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or --mode "
-                     "sample is ~300x smaller")
+        self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, V, token=True)
+        if not mode.sparse and V > 4096:
+            log.warn(f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
+                     "--mode sample is ~300x smaller")
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
         self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True)
@@ -253,35 +253,26 @@ class TokenCacheJob(CacheJob):
             raise UsageError(f"the teacher reads sequences up to {longest} tokens but handles at most {max_pos}; "
                              "lower --max-length or shorten --teacher-prompt")
         self.num_rows = data.n
-        self.id_dtype = id_dtype = numpy_id_dtype(V)
-        self.count_dtype = count_dtype = np.dtype(np.uint8) if cfg.samples <= 255 else np.dtype(np.uint16)
-        self.sampled = mode in ("sample", "priority")
-        self.temperatures, temp_layout, temp_settings = temperature_plan(cfg, mode)
-        n_stats = len(temp_layout.get("stat_temperatures") or ())
-        per_token = {"full": 2 * V, "topk": (id_dtype.itemsize + 2) * (cfg.top_k or 0) + 2 + 2 * n_stats,
-                     "sample": (id_dtype.itemsize + count_dtype.itemsize + 2) * cfg.samples + 4 * n_stats,
-                     "priority": (id_dtype.itemsize + 2) * cfg.samples + 4 + 4 * n_stats}[mode] + 2
+        self.sampled = mode.sampled
+        n_stats = len(mode_layout.get("stat_temperatures") or ())
+        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2  # + target_logprobs
         self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
         self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
         if self.batch_size < cfg.batch_size:
             log.info(f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
                      f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)")
-        keys = token_keys(mode, self.temperatures)
+        keys = token_keys(mode.name, self.temperatures)
         self.token_keys = frozenset(keys)
-        settings = {"mode": mode, "top_k": cfg.top_k if mode == "topk" else None,
-                    "samples": cfg.samples if self.sampled else None, "views": 1, "augment": None,
-                    "seed": cfg.seed if self.sampled else None, "shard_size": shard_size, "dtype": cfg.dtype,
-                    "teacher_prompt": teacher_prompt, **settings_obj.as_dict(), **temp_settings}
+        settings = {"mode": mode.name, "top_k": mode_layout["top_k"], "samples": mode_layout["samples"], "views": 1,
+                    "augment": None, "seed": cfg.seed if self.sampled else None, "shard_size": shard_size,
+                    "dtype": cfg.dtype, "teacher_prompt": teacher_prompt, **settings_obj.as_dict(), **temp_settings}
         if self.info.load_dtype not in (None, "float32"):  # weights stored in bf16/fp16, not only autocast
             settings["weights_dtype"] = cfg.dtype
-        layout = {"kind": "token", "mode": mode, "num_classes": V, "vocab_size": V,
-                  "top_k": cfg.top_k if mode == "topk" else None, "samples": cfg.samples if self.sampled else None,
-                  "logprob_dtype": "float16", "id_dtype": id_dtype.name if mode != "full" else None,
-                  "count_dtype": count_dtype.name if mode == "sample" else None,
-                  "tail_dtype": "float16" if mode == "topk" else None, "token_keys": list(keys), **temp_layout,
-                  "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size,
-                  "compression": resolve_compression(cfg.compression, token=True, mode=mode),
-                  "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind}}
+        self.layout = layout = {
+            "kind": "token", "num_classes": V, "vocab_size": V, **mode_layout, "token_keys": list(keys),
+            "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size,
+            "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
+            "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind}}
         self.plan = new_manifest(teacher=self.info.identity(), data=data.identity(), settings=settings,
                                  layout=layout, num_rows=data.n, tokenizer=tokenizer_identity(tok, tok_spec))
 
@@ -291,9 +282,8 @@ class TokenCacheJob(CacheJob):
     def describe(self) -> str:
         cfg = self.cfg
         return (f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters, vocabulary {self.V}): "
-                f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode {self.mode}"
-                + (f", k={cfg.top_k}" if self.mode == "topk" else "")
-                + (f", {cfg.samples} draws/token" if self.mode == "sample" else "")
+                f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode "
+                f"{self.mode.name}" + self.mode.describe(self.k, token=True)
                 + (" (teacher prompt on)" if self.teacher_prompt else "")
                 + (f"; weights in {self.info.load_dtype}" if self.info.load_dtype not in (None, "float32") else "")
                 + (f"; placed by accelerate ({_placement(self.info.device_map)})" if self.placed else ""))
@@ -313,8 +303,7 @@ class TokenCacheJob(CacheJob):
         if sel.shape[-1] != self.V:
             raise CacheError(f"the teacher returned {sel.shape[-1]} logits per token, expected {self.V}")
         logp = torch.log_softmax(sel.float(), dim=-1)  # (tokens, V) fp32
-        reduced = reduce_logits(logp, self.mode, top_k=self.cfg.top_k, samples=self.cfg.samples, generator=generator,
-                                temperatures=self.temperatures)
+        reduced = self.mode.reduce(logp, self.k, generator, self.temperatures)
         tgt = torch.from_numpy(targets).to(device)
         reduced["target_logprobs"] = logp.gather(1, tgt[:, None])[:, 0].to(torch.float16)
         # (rows,) a row is bad if any of its tokens is: summed per row on the device, read with the rest
@@ -328,16 +317,7 @@ class TokenCacheJob(CacheJob):
         return host, reduced
 
     def storage(self, arrays):
-        out = {}
-        for name, a in arrays.items():
-            if name.endswith("_ids"):
-                a = a.astype(self.id_dtype)
-            elif name == "sample_counts":
-                a = a.astype(self.count_dtype)
-            elif name == "tail_logmass":
-                a = a.astype(np.float16)
-            out[name] = a
-        return out
+        return self.mode.storage(arrays, self.layout)
 
     def nonfinite_message(self, row: int) -> str:
         return f"teacher produced NaN/inf logits in row {row} (sequence {row})"
@@ -460,7 +440,7 @@ class TokenTrainJob(TrainJob):
         targets = None
         if self.reader is not None:
             check_batch(batch, data, self.reader)
-            targets = cache_targets(self.reader, batch).to(device)
+            targets = self.reader.targets(batch).to(device)
         y = torch.from_numpy(labels).to(device)
         parts, correct = student_loss(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
                                       torch.from_numpy(idx).to(device), targets, y, temperature=cfg.temperature,
@@ -616,7 +596,7 @@ class TokenTask(Task):
                     correct += float((sel.argmax(-1) == y).sum())
                     tokens += len(y)
                     if reader is not None:
-                        targets = cache_targets(reader, cached(a)).to(device)
+                        targets = reader.targets(cached(a)).to(device)
                         agree += float((sel.argmax(-1) == targets.top1()).sum())
                         kl += float(soft_kl(sel, targets, cfg.temperature,
                                             approximate=cfg.approximate_temperature).sum())
