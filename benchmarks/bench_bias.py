@@ -23,7 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.models import build_model, save_run_model
+from kdcli.models.classifiers import build_model, save_run_model
 
 C = 200
 

@@ -37,13 +37,14 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from kdcli.compress import compress
+    from kdcli.stages.compress import compress
     from kdcli.config import CompressConfig, EvalConfig, TrainConfig, resolve
     from kdcli.data import load_data
-    from kdcli.evaluate import evaluate
-    from kdcli.models import count_parameters, load_run_model
-    from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
-    from kdcli.train import train_student
+    from kdcli.stages.evaluate import evaluate
+    from kdcli.models.classifiers import load_run_model
+    from kdcli.models.weights import count_parameters
+    from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
+    from kdcli.stages.train import train_student
 
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -41,9 +41,9 @@ def main() -> None:
     from kdcli.cache.reader import CacheReader
     from kdcli.config import CacheConfig, EvalConfig, TrainConfig
     from kdcli.data import load_data
-    from kdcli.evaluate import evaluate
-    from kdcli.teacher import cache_teacher
-    from kdcli.train import train_student
+    from kdcli.stages.evaluate import evaluate
+    from kdcli.stages.cache import cache_teacher
+    from kdcli.stages.train import train_student
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,12 +45,12 @@ def step_times(teacher: str, cache_dir: Path, data_path: Path, student_args: dic
     import torch
 
     from kdcli.cache.reduce import reduce_logits, to_host
-    from kdcli.lm.cache import TokenCacheReader
+    from kdcli.cache.tokens import TokenCacheReader
     from kdcli.lm.hf import build_lm, lm_logits
     from kdcli.lm.text import load_text, loss_positions, pad_batch
     from kdcli.tasks.lm import settings_from_manifest, student_loss, tokenizer_for_cache
     from kdcli.cache.modes import targets_from_arrays
-    from kdcli.train import build_optimizer
+    from kdcli.stages.train import build_optimizer
 
     reader = TokenCacheReader(cache_dir)
     tok, _ = tokenizer_for_cache(reader.manifest, None, cache_dir)

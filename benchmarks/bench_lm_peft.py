@@ -59,8 +59,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from kdcli.config import EvalConfig, TrainConfig, resolve
-    from kdcli.evaluate import evaluate
-    from kdcli.train import train_student
+    from kdcli.stages.evaluate import evaluate
+    from kdcli.stages.train import train_student
 
     out = Path(a.out)
     reuse = a.reuse and (out / "heldout-cache" / "manifest.json").is_file()
@@ -114,8 +114,8 @@ def main() -> None:
 
 def pretrain(out: Path, files: dict, tok: Path, common: dict) -> None:
     from kdcli.config import CacheConfig, TrainConfig, resolve
-    from kdcli.teacher import cache_teacher
-    from kdcli.train import train_student
+    from kdcli.stages.cache import cache_teacher
+    from kdcli.stages.train import train_student
 
     train_student(resolve(TrainConfig, None, dict(
         student="llama", student_args={"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},

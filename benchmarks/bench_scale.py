@@ -67,7 +67,7 @@ def memory_and_reader(work: Path, rows: int, classes: int, batch: int) -> dict:
     from kdcli.cache.reader import CacheReader
     from kdcli.cache.modes import targets_from_arrays
     from kdcli.losses import kd_loss
-    from kdcli.models import MLP
+    from kdcli.models.classifiers import MLP
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, classes, size=rows)
@@ -132,12 +132,12 @@ def cache_worker(args) -> None:
     rank 0 writes the best wall times (slowest rank, between barriers) to --result."""
     import torch
 
-    from kdcli import distributed
+    from kdcli.infra import distributed
     from kdcli.cache.manifest import split_contiguous
     from kdcli.config import CacheConfig
     from kdcli.data import _load_mnist, split_slice
-    from kdcli.models import load_run_model
-    from kdcli.teacher import cache_teacher
+    from kdcli.models.classifiers import load_run_model
+    from kdcli.stages.cache import cache_teacher
 
     ctx = distributed.init(torch.device("cpu"))
     if not ctx.enabled:

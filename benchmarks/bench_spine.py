@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from kdcli.config import CacheConfig, TrainConfig
 from kdcli.data import _load_mnist, split_slice
-from kdcli.models import MLP, load_run_model
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.models.classifiers import MLP, load_run_model
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 
 
 def bare_inference(run_dir: Path, spec: str, batch_size: int) -> float:
@@ -84,8 +84,8 @@ def main() -> None:
     if args.clock == "cpu":  # kdcli's epoch timer (metrics.jsonl "seconds") reads the same clock as the bare loop
         global CLOCK
         CLOCK = time.process_time
-        import kdcli.train
-        kdcli.train.time = SimpleNamespace(perf_counter=time.process_time)
+        import kdcli.stages.train
+        kdcli.stages.train.time = SimpleNamespace(perf_counter=time.process_time)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = f"mnist:train[:{args.rows}]"

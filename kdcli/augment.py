@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 
 @dataclass(frozen=True)

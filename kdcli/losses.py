@@ -10,7 +10,7 @@ alpha = 0 is plain supervised training.
 Notation: the cache stores log-probs at T = 1, ``logp = log p``; the teacher at T is ``q_T = p^(1/T) / Z_T`` with
 ``Z_T = sum_j p_j^(1/T)`` (so ``log q_T = logp / T - log Z_T``); s_T is the student at T. A sparse cache is exact
 or unbiased at the temperatures it *stores* (``Targets.temperatures``; 1 always): at any other T the losses raise
-:class:`~kdcli.errors.UsageError` naming the stored ones, unless ``approximate=True``.
+:class:`~kdcli.infra.errors.UsageError` naming the stored ones, unless ``approximate=True``.
 
 What each cache mode assumes about the teacher distribution, and the approximation it makes at an unstored T, is
 written in the mode's own file and computed by its targets (:mod:`kdcli.cache.modes`): ``full`` is exact at every

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 FORMATS = ("png", "svg", "pdf")
 INSTALL_HINT = "install it with: pip install 'kdcli[plot]'"

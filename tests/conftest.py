@@ -73,7 +73,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
 def teacher_run(tmp_path: Path, blobs_npz: Path) -> Path:
     """A small MLP teacher trained on the blobs with kdcli itself (a run dir)."""
     from kdcli.config import TrainConfig
-    from kdcli.train import train_student
+    from kdcli.stages.train import train_student
 
     out = tmp_path / "teacher"
     train_student(TrainConfig(student="mlp", student_args={"hidden": [32]}, data=str(blobs_npz), out=str(out),

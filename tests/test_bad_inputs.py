@@ -29,12 +29,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_blobs
-from kdcli import crashpoints
+from kdcli.infra import crashpoints
 from kdcli.cli import app
 from kdcli.config import CacheConfig, TrainConfig
-from kdcli.models import sha256_file
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.models.weights import sha256_file
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 
 PLUGINS = '''
 import torch
@@ -116,7 +116,7 @@ def _build(d: Path) -> None:
                               out=str(d / "student"), epochs=1))
     from safetensors.torch import save_file
 
-    from kdcli.models import build_model
+    from kdcli.models.classifiers import build_model
 
     for name, factory in (("narrow", "narrow"), ("nan", "nan_teacher")):
         model, _ = build_model(f"{d}/plugins.py:{factory}", {}, num_classes=4, input_shape=(8,)) \

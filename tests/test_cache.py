@@ -11,9 +11,10 @@ from kdcli.cache.manifest import read_manifest
 from kdcli.cache.reader import CacheReader
 from kdcli.config import CacheConfig
 from kdcli.data import load_data
-from kdcli.errors import CacheError, UsageError
-from kdcli.models import load_run_model, sha256_file
-from kdcli.teacher import cache_teacher
+from kdcli.infra.errors import CacheError, UsageError
+from kdcli.models.classifiers import load_run_model
+from kdcli.models.weights import sha256_file
+from kdcli.stages.cache import cache_teacher
 
 
 def teacher_logprobs(run_dir, x):
@@ -106,7 +107,7 @@ def test_augmented_views_store_params_and_match_teacher(tmp_path, teacher_run):
     # 4x4 "images" so a pixel shift is meaningful; teacher = run dir trained on them
     from kdcli.augment import Shift
     from kdcli.config import TrainConfig
-    from kdcli.train import train_student
+    from kdcli.stages.train import train_student
 
     rng = np.random.default_rng(0)
     x = rng.random((64, 1, 4, 4)).astype(np.float32)

@@ -14,9 +14,9 @@ from kdcli.cache.verify import verify_cache
 from kdcli.cache.writer import CHUNK_BYTES, MIN_COMPRESS_BYTES, resolve_compression, shard_image
 from kdcli.cli import app
 from kdcli.config import CacheConfig, resolve
-from kdcli.lm.cache import TokenCacheReader
-from kdcli.models import sha256_file
-from kdcli.teacher import cache_teacher
+from kdcli.cache.tokens import TokenCacheReader
+from kdcli.models.weights import sha256_file
+from kdcli.stages.cache import cache_teacher
 from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
 runner = CliRunner()

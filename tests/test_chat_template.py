@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from kdcli.lm import chat_template
 from kdcli.lm.chat_template import render
 from lm_helpers import make_tokenizer

@@ -1,6 +1,6 @@
 """kdcli compress: int8 Linear weights and magnitude pruning, written as run dirs that eval and train-student take.
 
-References are independent of kdcli/compress.py: the original weights (int8 error bound), torch's own
+References are independent of kdcli/stages/compress.py: the original weights (int8 error bound), torch's own
 ``prune.ln_structured`` / ``l1_unstructured`` masks on a copy of the source model (the masked model that the shrunk
 one must reproduce), hand-computed parameter counts, a safetensors header read directly.
 """
@@ -23,11 +23,12 @@ from typer.testing import CliRunner
 
 from conftest import run_cli
 from kdcli.cli import app
-from kdcli.compress import compress
-from kdcli.compressed import QuantLinear, quantize_per_channel
+from kdcli.stages.compress import compress
+from kdcli.models.quant import QuantLinear, quantize_per_channel
 from kdcli.config import CompressConfig, TrainConfig, resolve
-from kdcli.models import build_model, count_parameters, load_run_model, save_run_model
-from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
+from kdcli.models.classifiers import build_model, load_run_model, save_run_model
+from kdcli.models.weights import count_parameters
+from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
 
 runner = CliRunner()
 D, C = 10, 5  # input features, classes
@@ -331,7 +332,7 @@ def test_train_student_fine_tunes_a_compressed_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from kdcli.train import train_student
+    from kdcli.stages.train import train_student
     from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("lm")

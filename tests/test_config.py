@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"train-student": TrainConfig, "cache-teacher": CacheConfig, "eval": EvalConfig}

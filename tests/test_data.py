@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kdcli.data import fingerprint, load_data, row_hashes
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from conftest import make_blobs
 
 

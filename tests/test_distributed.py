@@ -16,9 +16,9 @@ from conftest import make_blobs
 from kdcli.cache.manifest import read_manifest
 from kdcli.cache.reader import CacheReader
 from kdcli.config import CacheConfig, TrainConfig
-from kdcli.errors import UsageError
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.infra.errors import UsageError
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("kdcli")
@@ -111,7 +111,7 @@ def test_ddp_training_matches_one_process_at_the_same_global_batch(ddp_run):
 
 
 def test_killed_ddp_run_resumes_to_the_uninterrupted_weights(ddp_run):
-    pytest.importorskip("kdcli.crashpoints", reason="needs the test-only fault injection hook")
+    pytest.importorskip("kdcli.infra.crashpoints", reason="needs the test-only fault injection hook")
     d, _ = ddp_run
     args = ["train-student", "--data", d / "blobs.npz", "--cache", d / "c1", "--out", d / "r3", "--batch-size", 32,
             "--checkpoint-every", 4, *flags(TRAIN_OPTS)]

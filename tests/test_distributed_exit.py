@@ -1,4 +1,4 @@
-"""Leaving a torchrun process group: on gloo the ranks exit one after another, the highest first (kdcli.distributed
+"""Leaving a torchrun process group: on gloo the ranks exit one after another, the highest first (kdcli.infra.distributed
 .cleanup says why: gloo torn down at exit while a peer closes its connections aborts the process)."""
 
 import os
@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent('''
     import atexit, os, sys, time
     from pathlib import Path
     import torch
-    from kdcli import distributed
+    from kdcli.infra import distributed
 
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])

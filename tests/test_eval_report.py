@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.compress import compress
+from kdcli.stages.compress import compress
 from kdcli.config import CacheConfig, CompressConfig, TrainConfig, resolve
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 
 runner = CliRunner()
 NEW_FIELDS = ("nonzero_parameters", "bytes_on_disk", "latency_batch_size", "latency_batch1_s", "latency_batch_s")

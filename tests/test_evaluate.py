@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kdcli.evaluate import classification_metrics
+from kdcli.stages.evaluate import classification_metrics
 
 
 def test_metrics_hand_computed():

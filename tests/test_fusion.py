@@ -20,12 +20,12 @@ from kdcli.cache.fused import FusedReader, first_difference, parse_cache_weights
 from kdcli.cache.reader import CacheReader
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig
-from kdcli.errors import UsageError
-from kdcli.evaluate import evaluate
-from kdcli.lm.cache import TokenCacheReader
-from kdcli.models import load_run_model
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.infra.errors import UsageError
+from kdcli.stages.evaluate import evaluate
+from kdcli.cache.tokens import TokenCacheReader
+from kdcli.models.classifiers import load_run_model
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 from tests.conftest import make_blobs
 from tests.lm_helpers import TEACHER_PROMPTS, two_prompt_setup
 

@@ -24,15 +24,15 @@ from kdcli.cache.reader import CacheReader
 from kdcli.cache.reduce import reduce_logits
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig
-from kdcli.evaluate import evaluate
-from kdcli.lm.cache import TokenCacheReader
+from kdcli.stages.evaluate import evaluate
+from kdcli.cache.tokens import TokenCacheReader
 from kdcli.cache.fused import mixture_targets
 from kdcli.cache.modes import targets_from_arrays
 from kdcli.cache.modes.full import FullTargets
 from kdcli.losses import soft_kl
-from kdcli.models import load_run_model
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.models.classifiers import load_run_model
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 from tests.conftest import make_blobs
 from tests.lm_helpers import TEACHER_PROMPTS, two_prompt_setup
 

@@ -44,7 +44,7 @@ from typer.testing import CliRunner
 from conftest import make_blobs
 from kdcli.cli import app
 from kdcli.config import CacheConfig, resolve
-from kdcli.teacher import cache_teacher
+from kdcli.stages.cache import cache_teacher
 from lm_helpers import make_tokenizer, text_rows, write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -139,7 +139,7 @@ def numpy_weights(model: torch.nn.Module, seed: int, scale: float = 1.0) -> dict
 
 def mlp_teacher(d: Path, name: str, num_classes: int, input_shape: tuple, seed: int) -> list[str]:
     """cache-teacher flags for an ``mlp`` teacher (hidden 16) with numpy-drawn weights saved as safetensors."""
-    from kdcli.models import build_model
+    from kdcli.models.classifiers import build_model
 
     model, _ = build_model("mlp", {"hidden": [16]}, num_classes=num_classes, input_shape=input_shape)
     save_file(numpy_weights(model, seed, scale=3.0), str(d / f"{name}.safetensors"))
@@ -303,7 +303,7 @@ def teacher_logprobs(d: Path) -> tuple[np.ndarray, np.ndarray]:
     from kdcli.data import load_data
     from kdcli.lm.hf import build_lm, lm_logits
     from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch
-    from kdcli.models import build_model
+    from kdcli.models.classifiers import build_model
 
     data = load_data(str(d / "blobs.npz"))
     model, _ = build_model("mlp", {"hidden": [16]}, num_classes=4, input_shape=(8,),

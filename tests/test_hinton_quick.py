@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
 from kdcli.data import split_filter, split_slice
-from kdcli.models import BUILTINS, build_model
+from kdcli.models.classifiers import BUILTINS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "hinton-mnist" / "run.sh"

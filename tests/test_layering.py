@@ -247,7 +247,7 @@ def test_the_checker_sees_the_whole_package():
     # Known edges of each kind: top level, inside a function, `from pkg import submodule`, `from pkg import name`.
     assert "kdcli.config" in g.edges["kdcli.cli"]  # top-level from-import
     assert "kdcli.cache.verify" in g.edges["kdcli.cli"]  # inside a function
-    assert "kdcli.crashpoints" in g.edges["kdcli.cache.atomic"]  # from kdcli import crashpoints: the submodule
+    assert "kdcli.infra.crashpoints" in g.edges["kdcli.infra.atomic"]  # from kdcli import crashpoints: the submodule
     assert "kdcli" in g.edges["kdcli.cache.manifest"]  # from kdcli import __version__: the package itself
 
 
@@ -270,7 +270,7 @@ def test_no_module_uses_another_modules_private_names():
 # Private third-party names kdcli uses on purpose, each with why and what happens when it is gone.
 ALLOWED_PRIVATE = {
     "torch._int_mm": "the int8 x int8 -> int32 matmul behind `compress --quantize int8-dynamic` (what PyTorch's own "
-                     "dynamic quantisation and torchao call); no public equivalent in torch 2.13. kdcli/compressed.py "
+                     "dynamic quantisation and torchao call); no public equivalent in torch 2.13. kdcli/models/quant.py "
                      "checks for it and falls back to the float product where a torch lacks it.",
 }
 

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from kdcli.lm import is_text_spec
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch, read_chat_template, \
     render_chat, target_counts, teacher_sequences, teacher_view, token_row_hashes
@@ -322,7 +322,7 @@ def test_identical_caches_from_jsonl_and_parquet(toks, tmp_path):
     import torch
 
     from kdcli.config import CacheConfig, resolve
-    from kdcli.teacher import cache_teacher
+    from kdcli.stages.cache import cache_teacher
 
     teacher = make_llama(tmp_path / "teacher", toks["dir"])
     specs = write_formats(tmp_path / "rows", chat_rows(7))
@@ -470,10 +470,10 @@ def test_multi_turn_chat_parquet_through_cache_train_and_eval(toks, tmp_path):
     import torch
 
     from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
-    from kdcli.evaluate import evaluate
-    from kdcli.lm.cache import TokenCacheReader
-    from kdcli.teacher import cache_teacher
-    from kdcli.train import train_student
+    from kdcli.stages.evaluate import evaluate
+    from kdcli.cache.tokens import TokenCacheReader
+    from kdcli.stages.cache import cache_teacher
+    from kdcli.stages.train import train_student
 
     teacher = make_llama(tmp_path / "teacher", toks["root"] / "bare")  # its tokenizer has no chat template
     template = write_file(tmp_path / "chatml.jinja", CHATML)

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from kdcli.cache.manifest import read_manifest
-from kdcli.lm.cache import TokenCacheReader
+from kdcli.cache.tokens import TokenCacheReader
 from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
 pytest.importorskip("transformers")

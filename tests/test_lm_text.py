@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch, teacher_sequences, \
     tokenizer_identity
 from lm_helpers import make_tokenizer, prompt_rows, text_rows, write_jsonl

@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from kdcli.errors import UsageError
-from kdcli.models import build_model, load_run_model, save_run_model
+from kdcli.infra.errors import UsageError
+from kdcli.models.classifiers import build_model, load_run_model, save_run_model
 
 
 def test_builtin_shapes():

@@ -12,8 +12,8 @@ from conftest import make_blobs, run_cli
 from kdcli.cli import app
 from kdcli.config import EvalConfig
 from kdcli.data import load_data, split_filter
-from kdcli.errors import UsageError
-from kdcli.evaluate import BIAS_GRID, apply_class_bias, evaluate, fit_class_bias, parse_class_bias
+from kdcli.infra.errors import UsageError
+from kdcli.stages.evaluate import BIAS_GRID, apply_class_bias, evaluate, fit_class_bias, parse_class_bias
 
 runner = CliRunner()
 

@@ -1,5 +1,5 @@
 """``--overwrite`` replaces atomically: the new output is built beside the old one and swapped in only when the
-command succeeds (kdcli/outdir.py). A replacement that fails or is killed leaves the old output byte for byte;
+command succeeds (kdcli/infra/outdir.py). A replacement that fails or is killed leaves the old output byte for byte;
 re-running it resumes (cache-teacher; train-student with --resume) or starts over; leftovers of killed commands
 are removed by the next one."""
 
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import make_blobs
 from kdcli.cli import app
-from kdcli.outdir import staging_dir
+from kdcli.infra.outdir import staging_dir
 
 runner = CliRunner()
 

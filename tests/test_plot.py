@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.config import EvalConfig, TrainConfig
-from kdcli.errors import UsageError
-from kdcli.evaluate import EvalReport, ModelReport, evaluate
+from kdcli.infra.errors import UsageError
+from kdcli.stages.evaluate import EvalReport, ModelReport, evaluate
 from kdcli.plot import build_figure, error_curve, plot_report
-from kdcli.train import train_student
+from kdcli.stages.train import train_student
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()

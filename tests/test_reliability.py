@@ -1,7 +1,7 @@
 """Crash safety of cache-teacher, proven on real processes: SIGKILL at exact instants, resume, lock, Ctrl-C.
 
 Each crash is a real ``python -m kdcli cache-teacher`` that SIGKILLs (or stops, or interrupts) itself at a named
-point through the test-only hook in kdcli/crashpoints.py (``KDCLI_TEST_KILL_AT=POINT:N[:ACTION]``). Shards are
+point through the test-only hook in kdcli/infra/crashpoints.py (``KDCLI_TEST_KILL_AT=POINT:N[:ACTION]``). Shards are
 byte-for-byte deterministic, so "identical to an uninterrupted run" is checked on every shard's sha256 *and* on
 the rows read back.
 """
@@ -25,9 +25,9 @@ from kdcli.cache.reader import CacheReader
 from kdcli.cache.verify import verify_cache
 from kdcli.cli import app
 from kdcli.config import CacheConfig, TrainConfig
-from kdcli.models import sha256_file
-from kdcli.teacher import cache_teacher
-from kdcli.train import train_student
+from kdcli.models.weights import sha256_file
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import train_student
 
 ROWS, SHARD = 600, 128  # 5 shards: 4 x 128 + 88; teacher batches of 50 straddle shard edges
 ENV = {"OMP_NUM_THREADS": "1"}

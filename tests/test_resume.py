@@ -3,7 +3,7 @@ equal an uninterrupted run's, bit for bit, on the CPU.
 
 The run exercises everything a resume must restore: AdamW moments, a warmup + cosine schedule, dropout (torch RNG),
 a held-out validation split, the cache reader's shuffled block order and the position inside the epoch. Crashes
-come from the test-only hook in kdcli/crashpoints.py (``KDCLI_TEST_KILL_AT``).
+come from the test-only hook in kdcli/infra/crashpoints.py (``KDCLI_TEST_KILL_AT``).
 """
 
 import json
@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from conftest import make_blobs
 from kdcli.cli import app
 from kdcli.config import CacheConfig
-from kdcli.teacher import cache_teacher
-from kdcli.train import CHECKPOINT
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import CHECKPOINT
 
 STEPS_PER_EPOCH = 9  # 540 training rows (600 minus a 10% validation split) / batch 64, rounded up
 TIMING = ("seconds", "rows_per_second")

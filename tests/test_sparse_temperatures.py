@@ -23,7 +23,7 @@ from kdcli.cache.modes import check_temperature, get_mode, targets_from_arrays
 from kdcli.cache.modes.base import STAT_DTYPES, Targets
 from kdcli.cache.reduce import reduce_logits, storage_arrays
 from kdcli.cache.verify import _expected_datasets, block_problems
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.losses import describe, kd_loss, soft_kl
 from tests.conftest import divergence_reference as reference
@@ -286,7 +286,7 @@ def test_issue_targets_at_T2_through_cache_teacher_and_eval(tmp_path):
     from typer.testing import CliRunner
 
     from kdcli.cli import app
-    from kdcli.models import build_model, save_run_model
+    from kdcli.models.classifiers import build_model, save_run_model
 
     C, rows, T = 200, 8000, 2.0
     t, s = teacher_student(rows)

@@ -15,9 +15,9 @@ from kdcli.cache.reader import CacheLoader, CacheReader
 from kdcli.cache.reduce import HostCopy, reduce_logits, storage_arrays, to_host
 from kdcli.cache.writer import ShardWriter
 from kdcli.config import CacheConfig
-from kdcli.distributed import Dist, env_world
-from kdcli.errors import CacheError, UsageError
-from kdcli.teacher import batch_ranges, cache_teacher
+from kdcli.infra.distributed import Dist, env_world
+from kdcli.infra.errors import CacheError, UsageError
+from kdcli.stages.cache import batch_ranges, cache_teacher
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread, for every test here
@@ -61,9 +61,9 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_epoch(cache, with_val):
 def test_block_rows_gives_caches_of_every_mode_the_same_batches(tmp_path, teacher_run, blobs_npz, monkeypatch):
     """train-student --block-rows N: the read blocks (so the batches) are the same for every cache mode; without it
     the block size follows each mode's bytes per row. benchmarks/bench_lm.py relies on this to compare modes."""
-    import kdcli.train
+    import kdcli.stages.train
     from kdcli.config import TrainConfig
-    from kdcli.train import train_student
+    from kdcli.stages.train import train_student
 
     readers = {}
     for mode, extra in (("full", {}), ("sample", {"mode": "sample", "samples": 600})):
@@ -83,8 +83,8 @@ def test_block_rows_gives_caches_of_every_mode_the_same_batches(tmp_path, teache
     assert not np.array_equal(auto["full"], auto["sample"])
 
     seen = []  # train-student hands --block-rows to the loader (0: auto)
-    real = kdcli.train.CacheLoader
-    monkeypatch.setattr(kdcli.train, "CacheLoader", lambda *a, **kw: seen.append(kw["block_rows"]) or real(*a, **kw))
+    real = kdcli.stages.train.CacheLoader
+    monkeypatch.setattr(kdcli.stages.train, "CacheLoader", lambda *a, **kw: seen.append(kw["block_rows"]) or real(*a, **kw))
     for n in (40, 0):
         train_student(TrainConfig(student="mlp", student_args={"hidden": [8]}, data=str(blobs_npz),
                                   cache=str(tmp_path / "sample"), out=str(tmp_path / f"run{n}"), epochs=1,
@@ -324,7 +324,7 @@ def test_train_student_with_dataloader_workers_ends_with_the_same_weights(cache,
     from safetensors.torch import load_file
 
     from kdcli.config import TrainConfig
-    from kdcli.train import train_student
+    from kdcli.stages.train import train_student
 
     runs = {}
     for workers in (0, 2):

@@ -7,9 +7,9 @@ import pytest
 from safetensors.torch import load_file
 
 from kdcli.config import CacheConfig, TrainConfig
-from kdcli.errors import UsageError
-from kdcli.teacher import cache_teacher
-from kdcli.train import schedule as lr_schedule, train_student
+from kdcli.infra.errors import UsageError
+from kdcli.stages.cache import cache_teacher
+from kdcli.stages.train import schedule as lr_schedule, train_student
 
 
 def cfg(blobs_npz, out, **kw):
@@ -73,7 +73,7 @@ def test_schedules(schedule, expect):
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
     import torch
 
-    import kdcli.precision as kt
+    import kdcli.infra.precision as kt
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     kt.warn_emulated_bf16.cache_clear()

@@ -56,7 +56,7 @@ from kdcli.cache.modes import get_mode, modes
 from kdcli.cache.modes.base import WeightedIdTargets, logmeanexp
 from kdcli.cache.modes.full import COMBINES
 from kdcli.cache.reader import Block, CacheReader, temperature_kwargs
-from kdcli.errors import CacheError, UsageError
+from kdcli.infra.errors import CacheError, UsageError
 
 SAME_ROW_KEYS = ("row_index", "sample_index", "row_hash", "lengths", "aug_params")
 MIXTURE = "mixture"  # what sampled teachers fuse to: their own targets side by side (not a cache mode)

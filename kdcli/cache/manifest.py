@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from kdcli import __version__
-from kdcli.cache.atomic import atomic_write_bytes
+from kdcli.infra.atomic import atomic_write_bytes
 from kdcli.cache.modes import mode_names
-from kdcli.errors import CacheError
+from kdcli.infra.errors import CacheError
 
 MANIFEST = "manifest.json"
 RANK_MANIFEST_GLOB = "manifest.rank-*.json"

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdcli.cache.manifest import check_matches_data, read_manifest, stored_temperatures
 from kdcli.cache.modes import get_mode
 from kdcli.cache.verify import block_problems
-from kdcli.errors import CacheError
+from kdcli.infra.errors import CacheError
 
 ROW_KEYS = ("row_index", "sample_index", "row_hash")
 BLOCK_BYTES = 1 << 19  # one contiguous read

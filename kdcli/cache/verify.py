@@ -27,12 +27,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from kdcli.cache.atomic import PARTIAL
-from kdcli.cache.lock import LOCK
+from kdcli.infra.atomic import PARTIAL
+from kdcli.infra.lock import LOCK
 from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
 from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import first, logprob_problems
-from kdcli.errors import CacheError
+from kdcli.infra.errors import CacheError
 
 CHUNK_ELEMENTS = 1 << 22  # values per read while verifying: memory stays flat whatever the shard size
 

@@ -28,12 +28,12 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from kdcli import crashpoints
-from kdcli.cache.atomic import PARTIAL, is_disk_full, replace_atomically
+from kdcli.infra import crashpoints
+from kdcli.infra.atomic import PARTIAL, is_disk_full, replace_atomically
 from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
 from kdcli.cache.modes import get_mode
 from kdcli.cache.verify import block_problems
-from kdcli.errors import CacheError, KdError, UsageError
+from kdcli.infra.errors import CacheError, KdError, UsageError
 
 _STOP = object()
 

@@ -3,11 +3,11 @@
 - :mod:`kdcli.lm.text`     -- tokenizers (HF dir, GGUF file, tokenizer.json); JSONL / Parquet / saved-dataset rows
   (text, prompt/response, chat); packing/truncation, chat templates, row hashes, the teacher-only prompt
 - :mod:`kdcli.lm.hf`       -- causal LMs: Hugging Face dirs and GGUF files, the built-in ``transformer`` student
-- :mod:`kdcli.lm.cache`    -- reading token-level shards (flattened tokens + offsets)
+- :mod:`kdcli.cache.tokens`    -- reading token-level shards (flattened tokens + offsets)
 - :mod:`kdcli.lm.head_loss` -- the student's output layer and the distillation loss fused, chunk by chunk
 
 These are inputs to the language-model task (:mod:`kdcli.tasks.lm`), which the one cache pass, training loop and
-eval (kdcli.teacher, kdcli.train, kdcli.evaluate) use when :func:`is_text_spec` says DATA is text. Hugging Face
+eval (kdcli.stages.cache, kdcli.stages.train, kdcli.stages.evaluate) use when :func:`is_text_spec` says DATA is text. Hugging Face
 tokenizers and models need the ``hf`` extra (``pip install kdcli[hf]``); Parquet and saved-dataset DATA the
 ``data-lm`` extra (pyarrow).
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 PEFT_HINT = "install the extra: pip install 'kdcli[peft]'"
 METHODS = ("lora", "prompt")

@@ -16,7 +16,7 @@ tokens), so a template renders to the same text as ``tokenizer.apply_chat_templa
 - **memory**: the process may not grow by more than :data:`MAX_GROWTH_BYTES` during a render (read from
   ``/proc/self/statm`` every few thousand steps, where it exists);
 - **errors**: anything the template raises (a division by zero, a recursion that never ends, an undefined
-  value used as a number) is one :class:`~kdcli.errors.UsageError` naming the row and the template.
+  value used as a number) is one :class:`~kdcli.infra.errors.UsageError` naming the row and the template.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 TIME_LIMIT_S = 5.0
 MAX_STEPS = 2_000_000

@@ -40,13 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kdcli.compressed import finish_compressed, rebuild_compressed
-from kdcli.errors import UsageError
+from kdcli.models.quant import finish_compressed, rebuild_compressed
+from kdcli.infra.errors import UsageError
 from kdcli.lm.adapters import hf_inner, is_peft_model, load_adapter, merged, prompt_inputs, save_adapter, \
     virtual_tokens
 from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, check_remote_code, transformers_module
-from kdcli.models import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
-from kdcli.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
+from kdcli.models.weights import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
+from kdcli.models.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
 
 
 class Block(nn.Module):
@@ -173,7 +173,7 @@ class LMInfo:
     num_parameters: int = 0
     hf_config: dict | None = None  # for HF models: config.to_dict(), to rebuild without the original files
     source: dict | None = None  # for kind "run": the run dir's model.json (how to rebuild it)
-    compression: dict | None = None  # kdcli compress's record (kdcli/compressed.py), carried into later runs
+    compression: dict | None = None  # kdcli compress's record (kdcli/models/quant.py), carried into later runs
     load_dtype: str | None = None  # HF models: the dtype the weights were loaded in (float32, bfloat16, float16)
     device_map: dict | None = None  # HF teachers placed by accelerate: module -> device
 
@@ -498,7 +498,7 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
         raise UsageError(f"unknown LM MODEL {spec!r}; use a Hugging Face directory, a .gguf file, the built-in "
                          "'transformer', path/to/file.py:factory or a kdcli LM run directory")
     if weights:
-        from kdcli.models import load_weights
+        from kdcli.models.weights import load_weights
 
         load_weights(model, Path(weights))
         info.weights_sha256 = sha256_file(Path(weights))
@@ -523,7 +523,7 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
 
     from safetensors.torch import save_model
 
-    from kdcli.cache.atomic import atomic_write_bytes, replace_atomically
+    from kdcli.infra.atomic import atomic_write_bytes, replace_atomically
     from kdcli.lm.text import save_tokenizer
 
     spec, kind, args, hf_config = info.spec, info.kind, info.args, info.hf_config

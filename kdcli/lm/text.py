@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcli.data import fingerprint, split_slice
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 HF_HINT = "install the Hugging Face extra: pip install 'kdcli[hf]'"
 TOKENIZER_DIR = "tokenizer"  # inside a kdcli LM run dir

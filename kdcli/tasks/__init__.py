@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcli.data import split_slice
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from kdcli.lm import is_text_spec
 from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
 

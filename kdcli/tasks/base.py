@@ -1,7 +1,7 @@
 """The task interface: what the one cache pass, the one training loop and the one eval ask of a task.
 
 A *task* (classification, token-level language modelling) knows its data, its models and its metrics; the stages
-(:mod:`kdcli.teacher`, :mod:`kdcli.train`, :mod:`kdcli.evaluate`) own everything else: directories, locks, shards,
+(:mod:`kdcli.stages.cache`, :mod:`kdcli.stages.train`, :mod:`kdcli.stages.evaluate`) own everything else: directories, locks, shards,
 the rank split, checkpoints, resume, DDP, device-side metric sums, crash points. Each stage asks the task for one
 *job* object built from its config:
 
@@ -29,9 +29,9 @@ from kdcli.cache.modes import DEFAULT, IMPLIED, check_temperature, get_mode, mod
 from kdcli.cache.modes.base import Mode
 from kdcli.cache.reader import CacheReader
 from kdcli.config import given, parse_temperatures
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 from kdcli.losses import LossParts
-from kdcli.modelstats import bytes_on_disk, latency_per_row, nonzero_parameters
+from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
 
 
 LATENCY_WARMUP = 1  # untimed forwards at batch 1 before the timed ones (eval --latency-repeats)
@@ -43,7 +43,7 @@ def size_and_speed(model: nn.Module, path: str | None, example: torch.Tensor, ba
 
     ``path``: the files the model was loaded from (a run dir, an HF dir, a .gguf or weights file), or None for a
     model built from a name (no files: bytes_on_disk is None). Latency per row, median of the timed forwards,
-    with :func:`~kdcli.modelstats.latency_per_row` on rows of ``example`` (the eval data's first batch):
+    with :func:`~kdcli.models.stats.latency_per_row` on rows of ``example`` (the eval data's first batch):
 
     - at batch 1: ``repeats`` timed forwards after ``LATENCY_WARMUP`` untimed ones;
     - at ``batch_size``: ``pass_times`` (seconds of the eval pass's own forwards at that many rows, its first
@@ -185,7 +185,7 @@ def cache_label(cfg) -> str | list[str] | None:
 
 class CacheJob(ABC):
     """One ``cache-teacher`` run of one task: built (data and teacher loaded, settings checked) by
-    :meth:`Task.cache_job`; driven by :func:`kdcli.teacher.cache_teacher`."""
+    :meth:`Task.cache_job`; driven by :func:`kdcli.stages.cache.cache_teacher`."""
 
     model: nn.Module
     info: Any  # ModelInfo / LMInfo: ``num_parameters`` and ``identity()``
@@ -228,7 +228,7 @@ class CacheJob(ABC):
 
 class TrainJob(ABC):
     """One ``train-student`` run of one task: built by :meth:`Task.train_job`; driven by
-    :func:`kdcli.train.train_student`, which owns the loop, checkpoints, resume, DDP and the run dir."""
+    :func:`kdcli.stages.train.train_student`, which owns the loop, checkpoints, resume, DDP and the run dir."""
 
     model: nn.Module
     info: Any

@@ -17,17 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli import log
+from kdcli.infra import log
 from kdcli.augment import parse_augment
 from kdcli.cache.manifest import new_manifest
 from kdcli.cache.reader import CacheReader
 from kdcli.cache.modes.base import Mode
 from kdcli.cache.writer import resolve_compression
 from kdcli.data import LabelledData, load_data
-from kdcli.errors import CacheError, UsageError
+from kdcli.infra.errors import CacheError, UsageError
 from kdcli.losses import kd_loss, soft_kl
-from kdcli.models import MODEL_JSON, build_model, is_run_dir, save_run_model, weight_bytes
-from kdcli.precision import precision_context
+from kdcli.models.classifiers import build_model, is_run_dir, save_run_model
+from kdcli.models.weights import MODEL_JSON, weight_bytes
+from kdcli.infra.precision import precision_context
 from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_layout,
                               cache_mode, size_and_speed)
 

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcli import log
+from kdcli.infra import log
 from kdcli.cache.manifest import new_manifest
 from kdcli.cache.modes.base import Mode, Targets
 from kdcli.cache.writer import resolve_compression
-from kdcli.errors import CacheError, UsageError
-from kdcli.lm.cache import TokenCacheReader, token_keys
+from kdcli.infra.errors import CacheError, UsageError
+from kdcli.cache.tokens import TokenCacheReader, token_keys
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
 from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_tokenizer_spec, \
@@ -46,9 +46,9 @@ from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_t
 from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
     read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
 from kdcli.losses import LossParts, kd_loss, soft_kl
-from kdcli.models import weight_bytes
-from kdcli.plugins import is_plugin_spec
-from kdcli.precision import precision_context
+from kdcli.models.weights import weight_bytes
+from kdcli.models.plugins import is_plugin_spec
+from kdcli.infra.precision import precision_context
 from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_layout,
                               cache_mode, size_and_speed)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from kdcli.errors import CacheError
+from kdcli.infra.errors import CacheError
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdcli.cache.modes.base import Mode, Targets

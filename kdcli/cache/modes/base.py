@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Iterable
 import numpy as np
 import torch
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 # -- temperatures ---------------------------------------------------------------------------------------------------
 T_RTOL = 1e-6  # a temperature matches a stored one within this relative tolerance

@@ -26,7 +26,7 @@ import torch
 from kdcli.cache.modes.base import (LOGPROB_DTYPE, NORM_TOL, STAT_DTYPES, Mode, WeightedIdTargets, first,
                                     fmt_temperatures, is_t1, log_normalizers, lse, match_temperature,
                                     normalize_temperatures, repeated_ids, stat_temperatures)
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 
 def sampler_logprobs(logp: torch.Tensor, sampler_temperatures: Iterable[float] | None,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from kdcli.cache.modes.base import (LOGPROB_DTYPE, NORM_TOL, STAT_DTYPES, Mode, Targets, div_rows, f32, first,
                                     fmt_temperatures, log1mexp, logmeanexp, logprob_problems, lse, norm_problem,
                                     np_logsumexp, plausible, repeated_ids, stat_temperatures)
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
 

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from kdcli import log
+from kdcli.infra import log
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}  # cache-teacher --dtype -> autocast dtype
 
@@ -31,3 +31,13 @@ def precision_context(precision: str, device: torch.device):
 def warn_emulated_bf16() -> None:  # once per process, not once per step
     log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower than "
              "--precision fp32")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available; use --device auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcli import crashpoints, distributed, log
-from kdcli.cache.atomic import remove_partials
-from kdcli.cache.lock import LOCK, DirLock
+from kdcli.infra import crashpoints, distributed, log
+from kdcli.infra.atomic import remove_partials
+from kdcli.infra.lock import LOCK, DirLock
 from kdcli.cache.manifest import (MANIFEST, contiguous_runs, merge_rank_manifests,
                                   missing_shards, plan_differences, rank_manifest_name, read_manifest, shard_name,
                                   split_contiguous, write_manifest)
@@ -26,10 +26,10 @@ from kdcli.cache.reader import mean_unique_ids
 from kdcli.cache.reduce import HostCopy
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig
-from kdcli.errors import CacheError, UsageError
-from kdcli.models import resolve_device
-from kdcli.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
-from kdcli.precision import teacher_autocast
+from kdcli.infra.errors import CacheError, UsageError
+from kdcli.infra.precision import resolve_device
+from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
+from kdcli.infra.precision import teacher_autocast
 from kdcli.tasks import CacheJob, CacheSummary, pick_task
 
 __all__ = ["CacheSummary", "batch_ranges", "cache_teacher"]
@@ -64,7 +64,7 @@ def _resume_state(work: Path, plan: dict) -> tuple[dict, int] | None:
 def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tuple[Path, dict, int]:
     """Rank 0, ``out`` locked: where this run writes, the manifest it continues and how many whole shards it keeps
     (-1: up to date). A different cache is never cleared first: with ``--overwrite`` the new one is built in a
-    staging directory beside it and swapped in when complete (:mod:`kdcli.outdir`); re-running the same
+    staging directory beside it and swapped in when complete (:mod:`kdcli.infra.outdir`); re-running the same
     ``--overwrite`` command after an interruption resumes that staging directory."""
     names = [p.name for p in out.iterdir() if p.name != LOCK]
     diffs: list[str] = []
@@ -274,7 +274,7 @@ def _publish(job: CacheJob, host: dict, copy: HostCopy, units: int, writer: Shar
         raise UsageError(f"{job.nonfinite_message(int(host['row_index'][bad[0]]))}; nothing was written for that "
                          "shard: check the teacher weights and --dtype")
     writer.add({**host, **job.storage(arrays)})
-    crashpoints.reached("teacher-batch")  # test-only fault injection (kdcli/crashpoints.py)
+    crashpoints.reached("teacher-batch")  # test-only fault injection (kdcli/infra/crashpoints.py)
     progress.advance(units)
 
 

@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-_rank, _world = 0, 1  # under torchrun only rank 0 prints info and progress (kdcli.distributed sets this)
+_rank, _world = 0, 1  # under torchrun only rank 0 prints info and progress (kdcli.infra.distributed sets this)
 
 
 def set_rank(rank: int, world: int) -> None:

@@ -34,18 +34,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcli import crashpoints, distributed, log
-from kdcli.cache.atomic import atomic_write_bytes, is_disk_full, remove_partials
+from kdcli.infra import crashpoints, distributed, log
+from kdcli.infra.atomic import atomic_write_bytes, is_disk_full, remove_partials
 from kdcli.cache.fused import FusedReader
-from kdcli.cache.lock import LOCK, DirLock
+from kdcli.infra.lock import LOCK, DirLock
 from kdcli.cache.reader import CacheLoader
 from kdcli.cache.manifest import stored_temperatures
 from kdcli.config import TrainConfig, to_dict, write_yaml
-from kdcli.errors import Diverged, UsageError
+from kdcli.infra.errors import Diverged, UsageError
 from kdcli.losses import describe
-from kdcli.models import resolve_device, unpickling_problem
-from kdcli.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
-from kdcli.precision import precision_context
+from kdcli.models.weights import unpickling_problem
+from kdcli.infra.precision import resolve_device
+from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
+from kdcli.infra.precision import precision_context
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
 from kdcli.tasks.base import check_cache_use, open_teacher
 
@@ -90,7 +91,7 @@ def _load_checkpoint(run: Path, cfg: TrainConfig) -> dict:
 def _prepare_run_dir(cfg: TrainConfig, out: Path, stack: ExitStack) -> tuple[Path, dict | None]:
     """Where this run writes and the checkpoint it resumes from (None: a fresh start). Rank 0 only, ``out``
     locked. A finished run is never replaced in place: with ``--overwrite`` the new run trains in a staging
-    directory beside it (:func:`kdcli.outdir.staging_dir`) and is swapped in when it finishes, so a failed or
+    directory beside it (:func:`kdcli.infra.outdir.staging_dir`) and is swapped in when it finishes, so a failed or
     interrupted replacement leaves the old run whole; ``--overwrite --resume`` continues such a replacement."""
     remove_partials(out)
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
@@ -317,7 +318,7 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
             pending[3] += correct
             step_in_epoch += 1
             global_step += 1
-            crashpoints.reached("train-step")  # test-only fault injection (kdcli/crashpoints.py)
+            crashpoints.reached("train-step")  # test-only fault injection (kdcli/infra/crashpoints.py)
             if global_step % FINITE_CHECK_EVERY == 0:
                 _check_finite(pending, None, epoch, global_step, saved, ctx)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:

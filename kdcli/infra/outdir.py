@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from kdcli import log
-from kdcli.cache.atomic import fsync_dir
-from kdcli.cache.lock import LOCK
-from kdcli.errors import UsageError
+from kdcli.infra import log
+from kdcli.infra.atomic import fsync_dir
+from kdcli.infra.lock import LOCK
+from kdcli.infra.errors import UsageError
 
 STAGING_SUFFIX = ".kdcli-new"
 _PID_PARTIAL = re.compile(r"\.(?P<pid>\d+)-[0-9a-f]+\.partial$")

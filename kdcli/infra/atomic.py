@@ -10,7 +10,7 @@ import errno
 import os
 from pathlib import Path
 
-from kdcli import crashpoints
+from kdcli.infra import crashpoints
 
 PARTIAL = ".partial"
 

@@ -11,10 +11,8 @@ weights never executes code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcli.compressed import finish_compressed, quantized_weight_count, rebuild_compressed
-from kdcli.errors import UsageError
-from kdcli.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
+from kdcli.infra.errors import UsageError
+from kdcli.models.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
+from kdcli.models.quant import finish_compressed, rebuild_compressed
+from kdcli.models.weights import MODEL_JSON, WEIGHTS, count_parameters, load_weights, sha256_file
 
-MODEL_JSON = "model.json"
-WEIGHTS = "model.safetensors"
 
 
 class MLP(nn.Module):
@@ -93,24 +90,11 @@ class ModelInfo:
     weights_sha256: str | None = None
     num_parameters: int = 0
     source: dict | None = None  # a model loaded from a run dir: that run's model.json (its recipe)
-    compression: dict | None = None  # kdcli compress's record (kdcli/compressed.py), carried into later runs
+    compression: dict | None = None  # kdcli compress's record (kdcli/models/quant.py), carried into later runs
 
     def identity(self) -> dict:
         return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
                 "num_parameters": self.num_parameters}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters, int8-quantised weights (buffers of QuantLinear) included; tied tensors once."""
-    return sum(p.numel() for p in model.parameters()) + quantized_weight_count(model)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_run_dir(spec: str) -> bool:
@@ -131,56 +115,6 @@ def _construct(spec: str, args: dict, num_classes: int, input_shape: tuple[int, 
         return model
     raise UsageError(f"unknown MODEL {spec!r}; use a built-in ({', '.join(BUILTINS)}), path/to/file.py:factory "
                      "or a kdcli run directory")
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file or a torch.save'd state_dict; never unpickles arbitrary objects."""
-    if not path.is_file():
-        raise UsageError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"cannot read safetensors file {path}: {e}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything but tensors and containers
-        raise UsageError(f"refusing to load {path}: not a plain tensor state_dict ({unpickling_problem(e)}); "
-                         "save the weights with safetensors or as a state_dict of tensors") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UsageError(f"{path} does not hold a state_dict of tensors")
-    return obj
-
-
-def unpickling_problem(e: BaseException) -> str:
-    """What ``torch.load(weights_only=True)`` refused, in a few words (its own message spans a dozen lines)."""
-    text = str(e)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if m:
-        return f"it would call {m.group(1)} while loading, and loading never runs code"
-    lines = [x.strip() for x in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if x.strip()]
-    return f"{e.__class__.__name__}: {lines[0][:160]}" if lines else e.__class__.__name__
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise UsageError(f"weights {path.name} do not fit the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise UsageError(f"weights {path.name}: {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(own[k].shape)}")
-    model.load_state_dict(state)
 
 
 def build_model(spec: str, args: dict | None, *, num_classes: int, input_shape: tuple[int, ...],
@@ -226,7 +160,7 @@ def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
     """Write model.safetensors + model.json (and a copy of a plugin's source) into ``run_dir``."""
     from safetensors.torch import save as safetensors_bytes
 
-    from kdcli.cache.atomic import atomic_write_bytes, replace_atomically
+    from kdcli.infra.atomic import atomic_write_bytes, replace_atomically
 
     spec, args = info.spec, info.args
     if info.source is not None:  # started from a run dir (fine-tuning, compress): keep that run's recipe
@@ -275,19 +209,3 @@ def load_run_model(run_dir: Path | str, weights: str | None = None) -> tuple[nn.
                      weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model), source=meta,
                      compression=compression)
     return model, info
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available; use --device auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers, tied tensors counted once."""
-    seen: dict[int, int] = {}
-    for t in list(model.state_dict().values()):
-        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
-    return sum(seen.values())

@@ -19,8 +19,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from kdcli import log
-from kdcli.errors import CacheError
+from kdcli.infra import log
+from kdcli.infra.errors import CacheError
 
 LOCK = ".lock"
 

@@ -25,8 +25,8 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from kdcli import log
-from kdcli.errors import CacheError, CheckFailed, KdError, UsageError
+from kdcli.infra import log
+from kdcli.infra.errors import CacheError, CheckFailed, KdError, UsageError
 
 T = TypeVar("T")
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

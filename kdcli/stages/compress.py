@@ -2,20 +2,20 @@
 
 The result is an ordinary kdcli run dir: ``kdcli eval --model RUN2`` measures it and ``kdcli train-student
 --student RUN2`` fine-tunes it. Its ``model.json`` keeps the source's recipe (spec + args) and adds a
-``compression`` record; the loaders (kdcli/models.py, kdcli/lm/hf.py) rebuild the compressed modules and shapes
-from the safetensors header (kdcli/compressed.py). Classification and language-model runs go through the same
+``compression`` record; the loaders (kdcli/models/classifiers.py, kdcli/lm/hf.py) rebuild the compressed modules and shapes
+from the safetensors header (kdcli/models/quant.py). Classification and language-model runs go through the same
 code; only loading and saving differ.
 
 - ``--prune F``: ``torch.nn.utils.prune.l1_unstructured`` zeroes ``round(F * n)`` weights of each Linear (smallest
   |w|), made permanent with ``prune.remove``. Shapes and bytes on disk stay (dense storage); non-zero counts drop.
-  A fine-tuned pruned run keeps its zeros (gradient masks, :func:`kdcli.compressed.keep_zeros`).
+  A fine-tuned pruned run keeps its zeros (gradient masks, :func:`kdcli.models.quant.keep_zeros`).
 - ``--prune F --structured``: ``prune.ln_structured`` (L2 norm, dim 0) removes ``round(F * units)`` output units
   of every *hidden* Linear: one followed, through element-wise modules (activations, dropout), by another Linear
   in an ``nn.Sequential`` (MLP students, a CNN's head, the transformer's feed-forward blocks). The next Linear
   loses the matching input columns, and the removed units' constant output ``act(bias)`` is folded into its bias,
   so the shrunk model computes exactly what the masked model computes (in eval mode).
-- ``--quantize int8``: each Linear -> :class:`~kdcli.compressed.QuantLinear` (int8 weights, per-output-channel
-  float32 scales). Why this and not PyTorch's dynamic quantisation: see kdcli/compressed.py.
+- ``--quantize int8``: each Linear -> :class:`~kdcli.models.quant.QuantLinear` (int8 weights, per-output-channel
+  float32 scales). Why this and not PyTorch's dynamic quantisation: see kdcli/models/quant.py.
 
 Linear weights tied to another tensor (a language model's head tied to its token embedding) are left alone.
 Everything is computed in memory and written to a temporary directory next to ``--out``, reloaded through the
@@ -35,14 +35,17 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from kdcli import __version__, log
-from kdcli.cache.atomic import fsync_dir
-from kdcli.compressed import QuantLinear, set_submodule
+from kdcli import __version__
+
+from kdcli.infra import log
+from kdcli.infra.atomic import fsync_dir
+from kdcli.models.quant import QuantLinear, set_submodule
 from kdcli.config import CompressConfig, to_dict, write_yaml
-from kdcli.errors import KdError, UsageError
-from kdcli.modelstats import bytes_on_disk, nonzero_parameters
-from kdcli.models import MODEL_JSON, count_parameters, is_run_dir, load_run_model, save_run_model
-from kdcli.outdir import check_out, make_dir, remove_stale, swap_in
+from kdcli.infra.errors import KdError, UsageError
+from kdcli.models.stats import bytes_on_disk, nonzero_parameters
+from kdcli.models.classifiers import is_run_dir, load_run_model, save_run_model
+from kdcli.models.weights import MODEL_JSON, count_parameters
+from kdcli.infra.outdir import check_out, make_dir, remove_stale, swap_in
 
 COMPRESS_CONFIG = "compress.yaml"
 
@@ -240,7 +243,7 @@ def _save(kind: str, src: Path, dest: Path, model: nn.Module, info) -> None:
 
 def _record(cfg: CompressConfig, src: Path, info, quantized: list[str], pruned: list[str]) -> dict:
     """model.json's ``compression``: this step; an earlier one (a compressed run compressed again) under
-    ``previous`` (the loaders read every step: kdcli.compressed.compression_steps)."""
+    ``previous`` (the loaders read every step: kdcli.models.quant.compression_steps)."""
     method = {}
     if cfg.prune is not None:
         method["prune"] = ("ln_structured n=2 dim=0 per hidden Linear; removed units' act(bias) folded into the "

@@ -15,7 +15,7 @@ import numpy as np
 from kdcli.cache.modes import get_mode
 from kdcli.cache.reader import ROW_KEYS, CacheReader
 from kdcli.cache.verify import block_problems
-from kdcli.errors import CacheError
+from kdcli.infra.errors import CacheError
 
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcli.errors import KdError, UsageError
+from kdcli.infra.errors import KdError, UsageError
 
 
 PLUGIN_COPY = "model_source.py"  # a run dir's own copy of the plugin that built its model

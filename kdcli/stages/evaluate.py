@@ -9,8 +9,8 @@ never re-run. The gates (``--min-accuracy``, ``--min-agreement``) are checked he
 from __future__ import annotations
 
 from kdcli.config import EvalConfig
-from kdcli.errors import UsageError
-from kdcli.models import resolve_device
+from kdcli.infra.errors import UsageError
+from kdcli.infra.precision import resolve_device
 from kdcli.tasks import pick_task
 from kdcli.tasks.base import check_cache_use, open_teacher
 from kdcli.tasks.classify import (BIAS_GRID, EvalReport, ModelReport, apply_class_bias, classification_metrics,

@@ -1,6 +1,6 @@
 """What a compressed model is, and how a loader rebuilds one from ``model.json`` + ``model.safetensors`` alone.
 
-``kdcli compress`` (kdcli/compress.py) writes run dirs whose ``model.json`` carries a ``compression`` record::
+``kdcli compress`` (kdcli/stages/compress.py) writes run dirs whose ``model.json`` carries a ``compression`` record::
 
     {"quantize": "int8", "prune": 0.5, "structured": true, "source": "/abs/RUN", ...}
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.errors import UsageError
+from kdcli.infra.errors import UsageError
 
 INT8_SUFFIX = ".weight_int8"
 SCALE_SUFFIX = ".weight_scale"

@@ -15,10 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdcli.compressed import QuantLinear
+from kdcli.models.quant import QuantLinear
 
 # What a kdcli run dir needs to rebuild its model (training leftovers such as checkpoint.pt, metrics.jsonl,
-# config.yaml are not the model). Names are those of kdcli/models.py and kdcli/lm/text.py.
+# config.yaml are not the model). Names are those of kdcli/models/classifiers.py and kdcli/lm/text.py.
 RUN_MODEL_FILES = ("model.json", "model.safetensors", "model_source.py")
 RUN_MODEL_DIRS = ("tokenizer",)
 RUN_LEFTOVERS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.yaml", "compress.yaml", ".lock",
