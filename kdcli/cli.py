@@ -17,7 +17,10 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from kdcli.config import CacheConfig, CompressConfig, EvalConfig, TrainConfig, field_type, fields_of, parse_kv, resolve
+from rich.markup import escape
+
+from kdcli.config import (CLASSIFICATION, LANGUAGE_MODEL, PANELS, TASKS, CacheConfig, CompressConfig, EvalConfig, TrainConfig, field_type, fields_of,
+                          flag_name, parse_kv, resolve)
 from kdcli.infra.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CacheError, CheckFailed, KdError
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
@@ -100,10 +103,11 @@ class OneValuePerOption(typer.core.TyperCommand):
 
 # name: the program name CliRunner shows too (it would say "root"); python -m kdcli passes "kdcli" itself.
 app = typer.Typer(cls=OneLineErrors, name="kdcli", add_completion=False, no_args_is_help=True,
-                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="Offline knowledge distillation: run the teacher once, cache its log-probabilities, train "
                        "any number of students from the cache. " + EXIT_CODES_HELP)
-cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Inspect and check teacher caches.")
+cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, rich_markup_mode="rich",
+                        help="Inspect and check teacher caches.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -151,31 +155,49 @@ def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
 
 
 def _flag(name: str, tp: type) -> str:
-    if tp is dict and name.endswith("_args"):
-        name = name[: -len("s")]  # student_args -> --student-arg KEY=VALUE (repeatable)
-    return "--" + name.replace("_", "-")
+    return flag_name(name) if tp is dict else "--" + name.replace("_", "-")
+
+
+ONLY = {CLASSIFICATION: "classification only", LANGUAGE_MODEL: "language models only"}
+
+
+def help_order(cls: type) -> list:
+    """The fields of a command in ``--help`` order: by panel (:data:`kdcli.config.PANELS`), then the command's own
+    fields before those of the parts it inherits, then as declared."""
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fields = fields_of(cls)
+    return sorted(fields, key=lambda f: (PANELS.index(f.metadata["panel"]), f.name not in own, fields.index(f)))
 
 
 def _option_params(cls: type) -> list[inspect.Parameter]:
     params = []
-    for f in fields_of(cls):
+    for f in help_order(cls):
         tp, _ = field_type(f)
         help_text = f.metadata["help"]
         if f.default not in (None, dataclasses.MISSING) and tp is not bool:
             help_text += f" [default: {f.default}]"
         if f.metadata.get("choices"):
             help_text += f" [one of: {', '.join(f.metadata['choices'])}]"
+        tasks = f.metadata.get("tasks", TASKS)
+        if len(tasks) == 1:
+            help_text += f" [{ONLY[tasks[0]]}]"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         annotation = Optional[bool] if tp is bool else Optional[typing.List[str]] if tp in (dict, list) else \
             Optional[tp]
-        metavar = {int: "N", float: "X", dict: "KEY=VALUE", bool: None}.get(tp, f.name.upper())
-        option = typer.Option(None, _flag(f.name, tp), help=help_text, show_default=False, metavar=metavar)
+        metavar = {int: "N", float: "X", dict: "KEY=VALUE", bool: ""}.get(tp, f.name.upper())
+        if required:  # checked by resolve() (it may come from --config), marked here
+            help_text += " [required]"
+        option = typer.Option(None, _flag(f.name, tp), help=escape(help_text), show_default=False, metavar=metavar,
+                              rich_help_panel=f.metadata["panel"])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=annotation))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                     default=typer.Option(None, "--config", help="YAML file of options (keys = flag "
-                                                         "names with underscores); flags override it.")))
+                                                         "names with underscores); flags override it.",
+                                                         rich_help_panel="Output")))
     params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                                    default=typer.Option(False, "--debug", help="Show tracebacks.")))
+                                    default=typer.Option(False, "--debug", help="Show tracebacks.",
+                                                         rich_help_panel="Output")))
     return params
 
 

@@ -524,6 +524,19 @@ CASES: dict[str, Case] = {
                                                    r"is not a kdcli run directory \(manifest\.json"),
     "--overwrite of a model dir (cache-teacher)": Case(lambda d, o: cache_cmd("--overwrite")(d, d / "hf_like"), 2,
                                                        r"hf_like is not empty and holds no kdcli cache"),
+    # -- an option of the other task: one generic refusal, naming the option and the task --
+    "--tokenizer with classification data (cache-teacher)": Case(cache_cmd("--tokenizer", "WS/tok"), 2,
+                                                                 r"--tokenizer is for language model runs; DATA "
+                                                                 r".*blobs\.npz makes this a classification run"),
+    "--max-norm with text data (train-student)": Case(
+        lambda d, o: ["train-student", "--student", "transformer", "--data", d / "text.jsonl", "--cache",
+                      d / "lm_cache", "--out", o, "--max-norm", 2], 2,
+        r"--max-norm is for classification runs; DATA .*text\.jsonl makes this a language model run"),
+    "--views with text data (cache-teacher)": Case(
+        lambda d, o: ["cache-teacher", "--teacher", d / "llama", "--data", d / "text.jsonl", "--out", o, "--views",
+                      2, "--augment", "shift:1"], 2, r"--views is for classification runs"),
+    "--plot with text data (eval)": Case(lambda d, o: ["eval", "--model", d / "llama", "--data", d / "text.jsonl",
+                                                       "--plot", o / "p.png"], 2, r"--plot is for classification runs"),
     # -- language-model data and models (exit 2, never an internal error) --
     "JSONL with invalid UTF-8": Case(lambda d, o: ["eval", "--model", d / "llama", "--data", d / "bad_utf8.jsonl"],
                                      2, r"bad_utf8\.jsonl line 2: not valid UTF-8 \(byte 0xe9"),

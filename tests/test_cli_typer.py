@@ -61,7 +61,7 @@ def test_installed_typer_is_not_below_the_declared_floor():
 def test_help_lists_every_option(command):
     r = runner.invoke(app, [*command.split(), "--help"])
     assert r.exit_code == 0, r.output
-    assert r.stdout.startswith(f"Usage: kdcli {command} [OPTIONS]"), r.stdout[:200]
+    assert r.stdout.lstrip().startswith(f"Usage: kdcli {command} [OPTIONS]"), r.stdout[:200]
     expected = ["--config", "--debug", *flags_of(COMMANDS[command])] if COMMANDS[command] else \
         ["CACHE_DIR", "--data", "--json", "--debug"]
     missing = [f for f in expected if not re.search(rf"(^|\s|,){re.escape(f)}(\s|$|,|/)", r.stdout, re.M)]
@@ -137,5 +137,5 @@ def test_a_group_alone_shows_its_help(argv):
     r = runner.invoke(app, argv)
     assert r.exit_code in (0, 2), r.output  # Click < 8.2: help on stdout, exit 0; since: on stderr, exit 2
     shown = r.stdout + r.stderr
-    assert shown.startswith(f"Usage: kdcli {' '.join(argv)}".rstrip() + " [OPTIONS] COMMAND"), shown[:200]
+    assert shown.lstrip().startswith(f"Usage: kdcli {' '.join(argv)}".rstrip() + " [OPTIONS] COMMAND"), shown[:200]
     assert "error:" not in shown and "Traceback" not in shown

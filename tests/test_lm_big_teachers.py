@@ -86,7 +86,8 @@ def test_device_map_refused_for_a_non_hf_teacher_on_the_command_line(lm, tmp_pat
 
 
 def test_device_map_refused_for_a_classification_teacher(teacher_run, blobs_npz, tmp_path):
-    with pytest.raises(UsageError, match="teacher-device-map auto spreads a Hugging Face"):
+    with pytest.raises(UsageError, match="--teacher-device-map is for language model runs; DATA .* makes this a "
+                                         "classification run"):
         cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher_run), data=str(blobs_npz),
                                                       out=str(tmp_path / "c"), teacher_device_map="auto")))
     assert not (tmp_path / "c").exists()
@@ -197,7 +198,7 @@ def test_train_student_with_gradient_checkpointing_matches_the_plain_run(lm, tmp
 
 
 def test_gradient_checkpointing_refused_for_classification_and_plain_plugin_students(lm, blobs_npz, tmp_path):
-    with pytest.raises(UsageError, match="gradient-checkpointing is for language-model students"):
+    with pytest.raises(UsageError, match="--gradient-checkpointing is for language model runs; .* classification run"):
         train_student(resolve(TrainConfig, None, dict(student="mlp", data=str(blobs_npz), out=str(tmp_path / "r"),
                                                       gradient_checkpointing=True)))
     assert not (tmp_path / "r").exists()

@@ -324,7 +324,7 @@ def test_bad_peft_inputs_exit_2_with_one_line(ws, tmp_path, blobs_npz):
          "adapts a Hugging Face causal LM"),
         ([*base, "--student", ws["base"], "--peft-arg", "r=4"], "add --peft lora"),
         ([*base, "--student", ws["base"], "--peft", "lora", "--peft-arg", "rank=4"], "bad --peft-arg for lora"),
-        (["train-student", "--data", blobs_npz, "--student", "mlp", "--peft", "lora"], "classification student"),
+        (["train-student", "--data", blobs_npz, "--student", "mlp", "--peft", "lora"], "--peft is for language model runs"),
     ]
     for i, (args, msg) in enumerate(cases):
         out = tmp_path / f"r{i}"

@@ -111,12 +111,12 @@ def test_what_is_not_a_repetition_goes_through(argv, message, tmp_path, monkeypa
 
 def test_help_wins_over_a_repetition():
     r = runner.invoke(app, ["train-student", "--data", "a", "--data", "b", "--help"])
-    assert r.exit_code == 0 and r.stdout.startswith("Usage: kdcli train-student"), r.output
+    assert r.exit_code == 0 and r.stdout.lstrip().startswith("Usage: kdcli train-student"), r.output
 
 
 @pytest.mark.parametrize("argv", [
     ["train-student", "--student", "mlp", "--data", "d.npz", "--out", "run", "--cache", "a", "--cache", "b"],
-    ["eval", "--model", "run", "--data", "d.npz", "--cache", "a", "--cache", "a"],
+    ["eval", "--model", "run", "--data", "d.npz", "--cache", "a", "--cache", "b"],
 ])
 def test_a_real_process_uses_every_cache_given(argv, tmp_path):
     """--cache takes several values (fused teachers, tests/test_fusion.py): every one is opened, the first

@@ -454,3 +454,25 @@ def test_parse_temperatures_for_the_config():
     for bad in ("1,x", "0", "-2", [True], "inf", "nan"):
         with pytest.raises(UsageError, match="temperatures"):
             parse_temperatures(bad)
+
+
+def test_the_approximation_help_says_what_the_code_does():
+    """--approximate-temperature's help used to say top-k "assumes the tail spread like the student's"; the code
+    spreads the teacher's T = 1 tail mass evenly over the other classes. Both commands say so now, and the code's
+    tempered tail bucket equals the uniform formula computed here."""
+    import dataclasses as dc
+
+    from kdcli.cache.modes.topk import topk_bucket_logprobs
+    from kdcli.config import EvalConfig, TrainConfig
+
+    for cls in (TrainConfig, EvalConfig):
+        text = {f.name: f.metadata["help"] for f in dc.fields(cls)}["approximate_temperature"]
+        assert "evenly over the other classes" in text and "like the student's" not in text
+    C, k, T = 50, 5, 2.0
+    t, _ = teacher_student(3, C=C)
+    p = torch.softmax(t.double(), -1)
+    top = p.topk(k, dim=1)
+    m = 1 - top.values.sum(1)  # the T = 1 tail mass
+    got = topk_bucket_logprobs(top.values.log().float(), m.log().float(), C, T).double().exp()
+    uniform = torch.cat([top.values ** (1 / T), ((C - k) * (m / (C - k)) ** (1 / T))[:, None]], 1)
+    torch.testing.assert_close(got, uniform / uniform.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ from kdcli.cache.manifest import (MANIFEST, contiguous_runs, merge_rank_manifest
 from kdcli.cache.reader import mean_unique_ids
 from kdcli.cache.reduce import HostCopy
 from kdcli.cache.writer import ShardWriter, compression_label
-from kdcli.config import CacheConfig
+from kdcli.config import CacheConfig, check_task_options
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.precision import resolve_device
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
@@ -127,7 +127,9 @@ def _whole_shards(out: Path, manifest: dict) -> list[dict]:
 
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     t0 = time.perf_counter()
-    job = pick_task(cfg.data).cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
+    task = pick_task(cfg.data)
+    check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
+    job = task.cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
     if cfg.teacher_device_map != "none" and not job.placed:
         raise UsageError(f"--teacher-device-map {cfg.teacher_device_map} spreads a Hugging Face language-model "
                          "teacher over the devices; this teacher is not one: drop the flag")

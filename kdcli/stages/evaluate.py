@@ -8,7 +8,7 @@ never re-run. The gates (``--min-accuracy``, ``--min-agreement``) are checked he
 
 from __future__ import annotations
 
-from kdcli.config import EvalConfig
+from kdcli.config import EvalConfig, check_task_options
 from kdcli.infra.errors import UsageError
 from kdcli.infra.precision import resolve_device
 from kdcli.tasks import pick_task
@@ -34,6 +34,7 @@ def threshold_failures(reports: list, cfg: EvalConfig, accuracy_name: str = "acc
 
 def evaluate(cfg: EvalConfig) -> EvalReport | LMEvalReport:
     task = pick_task(cfg.data)
+    check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
     device = resolve_device(cfg.device)
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None:

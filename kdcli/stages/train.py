@@ -40,7 +40,7 @@ from kdcli.cache.fused import FusedReader
 from kdcli.infra.lock import LOCK, DirLock
 from kdcli.cache.reader import CacheLoader
 from kdcli.cache.manifest import stored_temperatures
-from kdcli.config import TrainConfig, to_dict, write_yaml
+from kdcli.config import TrainConfig, check_task_options, to_dict, write_yaml
 from kdcli.infra.errors import Diverged, UsageError
 from kdcli.losses import describe
 from kdcli.models.weights import unpickling_problem
@@ -196,6 +196,7 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
         raise UsageError("--fsdp shards the student over torchrun processes; launch with `torchrun --standalone "
                          "--nproc-per-node N -m kdcli train-student ...`, or drop --fsdp")
     task = pick_task(cfg.data)
+    check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None and alpha > 0:
         check_cache_use(reader, cfg.temperature, cfg.approximate_temperature, divergence=cfg.divergence)

@@ -157,12 +157,6 @@ def check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> No
 class ClassifyTrainJob(TrainJob):
     def __init__(self, cfg, alpha: float, reader: CacheReader | None):
         self.cfg, self.alpha, self.reader = cfg, alpha, reader
-        if cfg.peft or cfg.peft_args or cfg.peft_save:
-            raise UsageError("--peft (LoRA, prompt tuning) adapts pretrained language models; a classification "
-                             "student trains all its weights: drop --peft/--peft-arg/--peft-save")
-        if cfg.gradient_checkpointing:
-            raise UsageError("--gradient-checkpointing is for language-model students (Hugging Face models, the "
-                             "built-in transformer); classification students are small enough without it: drop it")
         self.data = data = load_data(cfg.data)  # its own label range first: a misfit is exit 3, not 2
         if reader is not None:
             reader.check_data(data.identity())

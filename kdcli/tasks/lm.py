@@ -216,8 +216,6 @@ class TokenCacheJob(CacheJob):
 
     def __init__(self, cfg, mode: Mode):
         self.cfg, self.mode = cfg, mode
-        if cfg.views != 1 or cfg.augment:
-            raise UsageError("--views/--augment are for image data; token caches have one view per sequence")
         if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
             raise UsageError(f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face "
                              "directory or .gguf file, or a run directory made by `kdcli train-student`")
@@ -349,8 +347,6 @@ class TokenTrainJob(TrainJob):
 
     def __init__(self, cfg, alpha: float, reader: TokenCacheReader | None):
         self.cfg, self.alpha, self.reader = cfg, alpha, reader
-        if cfg.augment or cfg.max_norm:
-            raise UsageError("--augment and --max-norm are for image classifiers, not language models")
         if reader is not None:
             settings = settings_from_manifest(reader.manifest)
             check_cache_settings(cfg, settings)
@@ -550,10 +546,6 @@ class TokenTask(Task):
         return TokenTrainJob(cfg, alpha, reader)
 
     def evaluate(self, cfg, device, reader) -> LMEvalReport:
-        if cfg.plot:
-            raise UsageError("--plot draws classification reliability diagrams; it does not apply to language models")
-        if cfg.class_bias or cfg.bias_data:
-            raise UsageError("--class-bias/--bias-data apply to classification data, not JSONL text")
         tok, settings, V = eval_text_settings(cfg, reader)
         data = load_text(cfg.data, tok, settings, vocab_size=V or len(tok), target_masks=True)
         if reader is not None:
