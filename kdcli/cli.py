@@ -229,27 +229,27 @@ def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], int 
 
 def _cache_teacher(cfg: CacheConfig) -> None:
     from kdcli.infra.distributed import is_main_process
-    from kdcli.report import render_cache, show
+    from kdcli.report import show
     from kdcli.stages.cache import cache_teacher
 
     summary = cache_teacher(cfg)
     if is_main_process():  # under torchrun every rank returns the same summary; one prints it
-        show(render_cache(summary))
+        show(summary)
 
 
 def _train_student(cfg: TrainConfig) -> None:
     from kdcli.infra.distributed import is_main_process
-    from kdcli.report import render_train, show
+    from kdcli.report import show
     from kdcli.stages.train import train_student
 
     summary = train_student(cfg)
     if is_main_process():
-        show(render_train(summary))
+        show(summary)
 
 
 def _eval(cfg: EvalConfig) -> int:
     from kdcli.stages.evaluate import evaluate
-    from kdcli.report import print_json, render_eval, show
+    from kdcli.report import print_json, show
 
     report = evaluate(cfg)
     if cfg.plot:
@@ -259,21 +259,21 @@ def _eval(cfg: EvalConfig) -> int:
     if cfg.json:
         print_json(report)
     else:
-        show(render_eval(report))
+        show(report)
     for line in report.failures:
         _err(f"check failed: {line}")
     return CheckFailed.exit_code if report.failures else 0
 
 
 def _compress(cfg: CompressConfig) -> None:
-    from kdcli.stages.compress import compress, render_compress
+    from kdcli.stages.compress import compress
     from kdcli.report import print_json, show
 
     summary = compress(cfg)
     if cfg.json:
         print_json(summary)
     else:
-        show(render_compress(summary))
+        show(summary)
 
 
 command(app, "cache-teacher", CacheConfig, _cache_teacher,
@@ -306,13 +306,13 @@ def cache_verify(
 
     def run() -> None:
         from kdcli.cache.verify import verify_cache
-        from kdcli.report import print_json, render_verify, show
+        from kdcli.report import print_json, show
 
         report = verify_cache(cache_dir, data)
         if json:
             print_json(report)
         else:
-            show(render_verify(report))
+            show(report)
         for note in report.notes:
             _err(f"note: {note}")
         if not report.ok:

@@ -146,7 +146,7 @@ def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, 
     from rich.console import Console
 
     from kdcli.cache.reader import mean_unique_ids
-    from kdcli.report import render_cache
+    from kdcli.report import render
 
     def make(name, **kw):
         return cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / name),
@@ -168,7 +168,7 @@ def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, 
     assert p.unique_ids == 3.0
     assert make("f").unique_ids is None and make("t", top_k=2).unique_ids is None
     con = Console(record=True, width=200)
-    con.print(render_cache(s))
+    con.print(render(s.table()))
     assert f"{s.bytes_per_row:.1f} B/row, {s.unique_ids:.1f} distinct ids/row" in con.export_text()
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kdcli.stages.evaluate import classification_metrics
+from kdcli.tasks.classify import classification_metrics
 
 
 def test_metrics_hand_computed():

@@ -117,10 +117,10 @@ def test_sparse_caches_are_gzipped_and_report_distinct_ids_per_token(lm, tmp_pat
     smp = cache(lm, tmp_path / "s", mode="sample", samples=24)
     top = cache(lm, tmp_path / "t", top_k=8)
     assert smp.compression.startswith("gzip") and top.unique_ids is None
-    from kdcli.report import render_cache
+    from kdcli.report import render
     from rich.console import Console
     con = Console(record=True, width=200)
-    con.print(render_cache(smp))
+    con.print(render(smp.table()))
     assert f"{smp.bytes_per_token:.1f} B/token for {smp.unique_ids:.1f} distinct ids/token" in con.export_text()
 
 

@@ -13,7 +13,8 @@ from kdcli.cli import app
 from kdcli.config import EvalConfig
 from kdcli.data import load_data, split_filter
 from kdcli.infra.errors import UsageError
-from kdcli.stages.evaluate import BIAS_GRID, apply_class_bias, evaluate, fit_class_bias, parse_class_bias
+from kdcli.stages.evaluate import evaluate
+from kdcli.tasks.classify import BIAS_GRID, apply_class_bias, fit_class_bias, parse_class_bias
 
 runner = CliRunner()
 

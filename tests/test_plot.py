@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from kdcli.cli import app
 from kdcli.config import EvalConfig, TrainConfig
 from kdcli.infra.errors import UsageError
-from kdcli.stages.evaluate import EvalReport, ModelReport, evaluate
+from kdcli.stages.evaluate import evaluate
+from kdcli.tasks.classify import EvalReport, ModelReport
 from kdcli.plot import build_figure, error_curve, plot_report
 from kdcli.stages.train import train_student
 

@@ -33,6 +33,7 @@ from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
 from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import first, logprob_problems
 from kdcli.infra.errors import CacheError
+from kdcli.infra.fmt import TableData
 
 CHUNK_ELEMENTS = 1 << 22  # values per read while verifying: memory stays flat whatever the shard size
 
@@ -70,6 +71,17 @@ class VerifyReport:
     shards: list[ShardReport]
     seconds: float
     fix: str = ""  # what to do about the problems, one sentence
+
+    def table(self) -> TableData:
+        """One row per shard, its problems (if any) in the status column."""
+        rows = [[sh.name, f"{sh.row_start:,}..{sh.row_stop:,}", f"{sh.bytes:,}",
+                 {True: "ok", False: "MISMATCH", None: "-"}[sh.sha256_ok], "ok" if sh.ok else "; ".join(sh.problems)]
+                for sh in self.shards] or [["(none)", "", "", "", "the manifest lists no shards"]]
+        return TableData(title=f"cache verify {self.cache_dir}: {'ok' if self.ok else 'FAILED'} ({self.kind}, mode "
+                               f"{self.mode}, {self.rows_verified:,}/{self.num_rows:,} rows verified, "
+                               f"{'complete' if self.complete else 'INCOMPLETE'})",
+                         header=["shard", "rows", "bytes", "sha256", "status"], rows=rows,
+                         justify=["left", "right", "right", "center", "left"])
 
 
 # -- content checks ------------------------------------------------------------------------------------------------

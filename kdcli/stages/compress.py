@@ -42,6 +42,7 @@ from kdcli.infra.atomic import fsync_dir
 from kdcli.models.quant import QuantLinear, set_submodule
 from kdcli.config import CompressConfig, to_dict, write_yaml
 from kdcli.infra.errors import KdError, UsageError
+from kdcli.infra.fmt import TableData, human_bytes
 from kdcli.models.stats import bytes_on_disk, nonzero_parameters
 from kdcli.models.classifiers import is_run_dir, load_run_model, save_run_model
 from kdcli.models.weights import MODEL_JSON, count_parameters
@@ -77,6 +78,35 @@ class CompressSummary:
     after: ModelSize
     seconds: float
     notes: list[str] = field(default_factory=list)
+
+    def table(self) -> TableData:
+        """Parameters, non-zero parameters and bytes, before and after."""
+        what = []
+        if self.prune is not None:
+            what.append(f"pruned {self.prune:g}" + (" structured" if self.structured else ""))
+        if self.quantize:
+            what.append(self.quantize)
+
+        def ratio(b: int, a: int) -> str:
+            return f"{b / a:.2f}x" if a else "-"
+
+        b, a = self.before, self.after
+        layers = []
+        if self.pruned_layers:
+            layers.append(f"{len(self.pruned_layers)} pruned")
+        if self.quantized_layers:
+            layers.append(f"{len(self.quantized_layers)} int8")
+        rows = [["parameters", f"{b.parameters:,}", f"{a.parameters:,}", ratio(b.parameters, a.parameters)],
+                ["non-zero parameters", f"{b.nonzero_parameters:,}", f"{a.nonzero_parameters:,}",
+                 ratio(b.nonzero_parameters, a.nonzero_parameters)],
+                ["bytes on disk", human_bytes(b.bytes_on_disk), human_bytes(a.bytes_on_disk),
+                 ratio(b.bytes_on_disk, a.bytes_on_disk)],
+                ["Linear layers", "", ", ".join(layers), ""]]
+        if self.skipped:
+            rows.append(["left alone", "", "; ".join(self.skipped), ""])
+        return TableData(title=f"compress {self.source} -> {self.out} ({', '.join(what)}; {self.kind})",
+                         header=["", "before", "after", "before / after"], rows=rows,
+                         justify=["left", "right", "right", "right"])
 
 
 # -- choosing layers -----------------------------------------------------------------------------------------------
@@ -338,46 +368,3 @@ def _check_reload(kind: str, run_dir: Path, model: nn.Module) -> None:
                                             or not torch.equal(want[k].cpu(), got[k].cpu())]
     if bad:
         raise KdError(f"the compressed run does not reload as written (first difference: {bad[0]}); please report it")
-
-
-# -- rendering -----------------------------------------------------------------------------------------------------
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def render_compress(s: CompressSummary):
-    """The compress summary as a rich table: parameters, non-zero parameters and bytes, before and after."""
-    from rich.table import Table
-
-    what = []
-    if s.prune is not None:
-        what.append(f"pruned {s.prune:g}" + (" structured" if s.structured else ""))
-    if s.quantize:
-        what.append(s.quantize)
-    t = Table(title=f"compress {s.source} -> {s.out} ({', '.join(what)}; {s.kind})", title_justify="left")
-    for name, justify in (("", "left"), ("before", "right"), ("after", "right"), ("before / after", "right")):
-        t.add_column(name, justify=justify, style="bold" if not name else None)
-
-    def ratio(b: int, a: int) -> str:
-        return f"{b / a:.2f}x" if a else "-"
-
-    b, a = s.before, s.after
-    t.add_row("parameters", f"{b.parameters:,}", f"{a.parameters:,}", ratio(b.parameters, a.parameters))
-    t.add_row("non-zero parameters", f"{b.nonzero_parameters:,}", f"{a.nonzero_parameters:,}",
-              ratio(b.nonzero_parameters, a.nonzero_parameters))
-    t.add_row("bytes on disk", _bytes(b.bytes_on_disk), _bytes(a.bytes_on_disk), ratio(b.bytes_on_disk,
-                                                                                         a.bytes_on_disk))
-    layers = []
-    if s.pruned_layers:
-        layers.append(f"{len(s.pruned_layers)} pruned")
-    if s.quantized_layers:
-        layers.append(f"{len(s.quantized_layers)} int8")
-    t.add_row("Linear layers", "", ", ".join(layers), "")
-    if s.skipped:
-        t.add_row("left alone", "", "; ".join(s.skipped), "")
-    return t

@@ -11,14 +11,10 @@ from __future__ import annotations
 from kdcli.config import EvalConfig, check_task_options
 from kdcli.infra.errors import UsageError
 from kdcli.infra.precision import resolve_device
-from kdcli.tasks import pick_task
+from kdcli.tasks import EvalReport, pick_task
 from kdcli.tasks.base import check_cache_use, open_teacher
-from kdcli.tasks.classify import (BIAS_GRID, EvalReport, ModelReport, apply_class_bias, classification_metrics,
-                                  fit_class_bias, parse_class_bias)
-from kdcli.tasks.lm import LMEvalReport, LMModelReport
 
-__all__ = ["BIAS_GRID", "EvalReport", "LMEvalReport", "LMModelReport", "ModelReport", "apply_class_bias",
-           "classification_metrics", "evaluate", "fit_class_bias", "parse_class_bias", "threshold_failures"]
+__all__ = ["evaluate", "threshold_failures"]
 
 
 def threshold_failures(reports: list, cfg: EvalConfig, accuracy_name: str = "accuracy") -> list[str]:
@@ -32,7 +28,7 @@ def threshold_failures(reports: list, cfg: EvalConfig, accuracy_name: str = "acc
     return failures
 
 
-def evaluate(cfg: EvalConfig) -> EvalReport | LMEvalReport:
+def evaluate(cfg: EvalConfig) -> EvalReport:
     task = pick_task(cfg.data)
     check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
     device = resolve_device(cfg.device)
@@ -41,6 +37,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport | LMEvalReport:
         check_cache_use(reader, cfg.temperature, cfg.approximate_temperature, evaluating=True)
     if cfg.min_agreement is not None and reader is None:
         raise UsageError("--min-agreement needs --cache (the teacher's outputs)")
-    report = task.evaluate(cfg, device, reader)
+    job = task.eval_job(cfg, device, reader)  # the data (and the teacher's targets) once
+    report = job.report([job.measure(spec) for spec in cfg.model])  # every model measured the same way
     report.failures = threshold_failures(report.models, cfg, task.accuracy_name)
     return report

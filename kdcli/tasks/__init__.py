@@ -1,7 +1,8 @@
 """Tasks: what differs between classification and token-level language modelling, behind one interface.
 
-- :mod:`kdcli.tasks.base`     -- the interface (:class:`Task`, :class:`CacheJob`, :class:`TrainJob`) and the
-  summaries every task returns
+- :mod:`kdcli.tasks.base`     -- the interface (:class:`Task`, :class:`CacheJob`, :class:`TrainJob`,
+  :class:`EvalJob`) and what the jobs share (cache modes and layout, fused teachers, size and speed)
+- :mod:`kdcli.tasks.reports`  -- the summaries and eval rows every task returns, each building its own table
 - :mod:`kdcli.tasks.classify` -- classification: tensors + integer labels, one cached row per (sample, view)
 - :mod:`kdcli.tasks.lm`       -- language models: token sequences, one cached entry per predicted token
 
@@ -15,9 +16,11 @@ from pathlib import Path
 from kdcli.data import split_slice
 from kdcli.infra.errors import UsageError
 from kdcli.lm import is_text_spec
-from kdcli.tasks.base import CacheJob, CacheSummary, Task, TrainJob, TrainSummary
+from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob
+from kdcli.tasks.reports import CacheSummary, EvalReport, TrainSummary
 
-__all__ = ["CacheJob", "CacheSummary", "Task", "TrainJob", "TrainSummary", "is_text_spec", "pick_task"]
+__all__ = ["CacheJob", "CacheSummary", "EvalJob", "EvalReport", "Task", "TrainJob", "TrainSummary", "is_text_spec",
+           "pick_task"]
 
 
 def pick_task(data_spec: str | None) -> Task:

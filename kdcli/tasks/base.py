@@ -15,7 +15,6 @@ the rank split, checkpoints, resume, DDP, device-side metric sums, crash points.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,11 @@ from kdcli.cache.manifest import stored_temperatures
 from kdcli.cache.modes import DEFAULT, IMPLIED, check_temperature, get_mode, modes
 from kdcli.cache.modes.base import Mode
 from kdcli.cache.reader import CacheReader
-from kdcli.config import given, parse_temperatures
+from kdcli.config import CacheConfig, EvalConfig, TrainConfig, given, parse_temperatures
 from kdcli.infra.errors import UsageError
 from kdcli.losses import LossParts
 from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
+from kdcli.tasks.reports import CacheSummary, EvalReport, ModelRow, TrainSummary
 
 
 LATENCY_WARMUP = 1  # untimed forwards at batch 1 before the timed ones (eval --latency-repeats)
@@ -65,45 +65,6 @@ def size_and_speed(model: nn.Module, path: str | None, example: torch.Tensor, ba
                                        warmup=0 if warm or per_row else LATENCY_WARMUP).values()
         out["latency_batch_s"] = float(np.median(per_row))
     return out
-
-
-@dataclass
-class CacheSummary:
-    cache_dir: str
-    status: str  # "written", "resumed" or "up-to-date"
-    mode: str
-    num_rows: int
-    rows_computed: int
-    rows_skipped: int
-    num_shards: int
-    bytes: int
-    bytes_per_row: float
-    seconds: float
-    rows_per_second: float
-    teacher: str
-    teacher_parameters: int
-    device: str
-    compression: str = "none"  # how the shards are stored (gzip-4+shuffle, lzf+shuffle, none)
-    # sample / priority caches: distinct teacher ids stored per row (per predicted token in a token cache), the
-    # mean over the cache (kdcli.cache.reader.mean_unique_ids); None for full and topk
-    unique_ids: float | None = None
-
-
-@dataclass
-class TrainSummary:
-    run_dir: str
-    loss_formula: str
-    epochs: int
-    steps: int
-    train_rows: int
-    final_train_loss: float
-    final_train_accuracy: float
-    val_accuracy: float | None
-    eval_accuracy: float | None
-    seconds: float
-    rows_per_second: float
-    student_parameters: int
-    resumed_from_step: int
 
 
 def cache_mode(cfg) -> Mode:
@@ -277,14 +238,28 @@ class TrainJob(ABC):
         return len(train_samples) * self.views
 
 
+class EvalJob(ABC):
+    """One ``eval`` run of one task: the data (and the teacher's targets from the cache) prepared once by
+    :meth:`Task.eval_job`; :func:`kdcli.stages.evaluate.evaluate` measures every ``--model`` with :meth:`measure`
+    and collects them with :meth:`report`."""
+
+    @abstractmethod
+    def measure(self, spec: str) -> ModelRow:
+        """One ``--model``: its metrics against the labels and (with a cache) the teacher, size and latency."""
+
+    @abstractmethod
+    def report(self, models: list) -> EvalReport:
+        """The eval report of the measured models (``failures`` empty: the stage checks the gates)."""
+
+
 class Task(ABC):
     """What differs between tasks. Implementations: :mod:`kdcli.tasks.classify`, :mod:`kdcli.tasks.lm`."""
 
-    name: str
+    name: str  # kdcli.config.CLASSIFICATION or LANGUAGE_MODEL: the options a field declares for it
     accuracy_name: str = "accuracy"  # what --min-accuracy checks
 
     @abstractmethod
-    def cache_job(self, cfg) -> CacheJob:
+    def cache_job(self, cfg: CacheConfig) -> CacheJob:
         """Check the options, load data and teacher, plan the manifest."""
 
     @abstractmethod
@@ -292,9 +267,9 @@ class Task(ABC):
         """A reader for a cache of this task (a cache of another task is refused, exit 3)."""
 
     @abstractmethod
-    def train_job(self, cfg, alpha: float, reader: CacheReader | None) -> TrainJob:
+    def train_job(self, cfg: TrainConfig, alpha: float, reader: CacheReader | None) -> TrainJob:
         """Check the options and load the data (the cache, if any, is already open); the student comes later."""
 
     @abstractmethod
-    def evaluate(self, cfg, device: torch.device, reader: CacheReader | None) -> Any:
-        """Every ``--model`` on the data (and against the cached teacher): the eval report, ``failures`` empty."""
+    def eval_job(self, cfg: EvalConfig, device: torch.device, reader: CacheReader | None) -> EvalJob:
+        """Load the eval data (and the teacher's targets) once, checked against the cache."""

@@ -29,8 +29,11 @@ from kdcli.losses import kd_loss, soft_kl
 from kdcli.models.classifiers import build_model, is_run_dir, save_run_model
 from kdcli.models.weights import MODEL_JSON, weight_bytes
 from kdcli.infra.precision import precision_context
-from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_layout,
-                              cache_mode, size_and_speed)
+from kdcli.config import EvalConfig
+from kdcli.infra.fmt import TableData
+from kdcli.tasks.base import (CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode,
+                              size_and_speed)
+from kdcli.tasks.reports import CacheSummary, TrainSummary, metric_table, teacher_and_size_rows
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -265,6 +268,25 @@ class EvalReport:
     class_counts: list[int] = field(default_factory=list)  # rows of each class in the data
     bias_data: str | None = None  # where CLASS=fit biases were chosen
 
+    def table(self) -> TableData:
+        fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
+               ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
+               ("macro recall", lambda m: f"{m.recall_macro:.4f}"), ("NLL", lambda m: f"{m.nll:.4f}"),
+               ("ECE", lambda m: f"{m.ece:.4f}")]
+        biased = [m for m in self.models if m.class_bias]
+        if biased:  # --class-bias: the corrected numbers above, what changed below the errors row
+            classes = sorted({int(c) for m in biased for c in m.class_bias}, key=int)
+            rows = [("class bias", lambda m: ", ".join(f"{c}: {b:+.2f}" for c, b in (m.class_bias or {}).items())),
+                    ("errors before bias", lambda m: f"{m.before_bias['errors']:,}" if m.before_bias else "")]
+            for c in classes:
+                rows.append((f"errors on class {c} (of {self.class_counts[c]:,})",
+                             lambda m, c=c: f"{m.before_bias['per_class_errors'][c]} → {m.per_class_errors[c]}"
+                             if m.before_bias else f"{m.per_class_errors[c]}"))
+            fmt[1:1] = rows
+        fmt += teacher_and_size_rows(self.cache, self.temperature, self.models, "agreement w/ teacher", "accuracy",
+                                     ("samples/s", lambda m: f"{m.samples_per_second:,.0f}"))
+        return metric_table(f"eval on {self.data} ({self.models[0].num_samples:,} rows)", self.models, fmt)
+
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
     """Accuracy, macro precision/recall/F1 (over classes present in labels or predictions), NLL, ECE."""
@@ -371,6 +393,82 @@ def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device: t
     return torch.cat(out)
 
 
+class ClassifyEvalJob(EvalJob):
+    """The eval data (and the teacher's targets from the cache) prepared once; every --model measured the same way:
+    accuracy/F1/NLL/ECE, agreement and KL to the teacher, the optional class bias, size and latency."""
+
+    def __init__(self, cfg: EvalConfig, device: torch.device, reader: CacheReader | None):
+        self.cfg, self.device = cfg, device
+        widths = {teacher_num_classes(m.rsplit("@", 1)[0] if "@" in m else m) for m in cfg.model} - {None}
+        if len(widths) > 1:
+            raise UsageError(f"the models output different numbers of classes: {sorted(widths)}")
+        num_classes = reader.num_classes if reader else (widths.pop() if widths else None)
+        self.data = data = load_data(cfg.data, num_classes=num_classes)
+        self.targets = None
+        if reader is not None:
+            reader.check_data(data.identity())
+            rows = reader.read_rows(0, data.n)  # view 0 of every sample
+            if not np.array_equal(rows["sample_index"], np.arange(data.n)) or not np.array_equal(
+                    rows["row_hash"], data.row_hash):
+                raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
+            self.targets = reader.targets(rows)
+        self.bias_spec = parse_class_bias(cfg.class_bias, data.num_classes)
+        self.fit_classes = [c for c, b in self.bias_spec.items() if b == "fit"]
+        if cfg.bias_data and not self.fit_classes:
+            raise UsageError("--bias-data is only used to fit --class-bias CLASS=fit; add one or drop --bias-data")
+        self.fit_data = data
+        if self.fit_classes and cfg.bias_data:
+            self.fit_data = load_data(cfg.bias_data, num_classes=data.num_classes)
+            if self.fit_data.input_shape != data.input_shape:
+                raise UsageError(f"--bias-data {cfg.bias_data} has input shape {self.fit_data.input_shape}, --data "
+                                 f"{data.input_shape}")
+        elif self.fit_classes:
+            log.warn("--class-bias CLASS=fit chooses the bias on the evaluation data itself (as Hinton et al. did), "
+                     "so the corrected numbers are optimistic; pass --bias-data DATA to choose it on held-out rows")
+
+    def measure(self, spec: str) -> ModelReport:
+        cfg, data, device = self.cfg, self.data, self.device
+        lat_batch = min(cfg.batch_size, data.n)
+        model, info = load_eval_model(spec, data.num_classes, data.input_shape)
+        model.to(device).eval()
+        t0 = time.perf_counter()
+        pass_times: list[float] = []
+        logits = batched_logits(model, data.x, lat_batch, device, pass_times)  # (n, C)
+        secs = time.perf_counter() - t0
+        files = spec if is_run_dir(spec) else spec.rsplit("@", 1)[1]  # a run dir, or MODEL@WEIGHTS's file
+        stats = size_and_speed(model, files, data.x[:lat_batch], lat_batch, cfg.latency_repeats,
+                               pass_times=pass_times[1:], warm=True)
+        applied = before = None
+        if self.bias_spec:
+            applied = {c: b for c, b in self.bias_spec.items() if b != "fit"}
+            fit_data = self.fit_data
+            fit_logits = logits if fit_data is data else batched_logits(model, fit_data.x, cfg.batch_size, device)
+            for _ in range(3 if len(self.fit_classes) > 1 else 1):  # coordinate descent when several are fitted
+                for c in self.fit_classes:
+                    rest = {k: v for k, v in applied.items() if k != c}
+                    applied[c] = fit_class_bias(apply_class_bias(fit_logits, rest), fit_data.y, c)
+            for c in self.fit_classes:
+                log.info(f"{spec}: class {c} bias {applied[c]:+.2f} (fewest errors on {fit_data.spec})")
+            plain = classification_metrics(logits, data.y, data.num_classes)
+            before = {k: plain[k] for k in ("errors", "accuracy", "nll", "per_class_errors")}
+            logits = apply_class_bias(logits, applied)
+        m = classification_metrics(logits, data.y, data.num_classes)
+        agreement = kl = None
+        if self.targets is not None:
+            agreement = float((logits.argmax(1) == self.targets.top1()).float().mean())
+            kl = float(soft_kl(logits, self.targets, cfg.temperature, approximate=cfg.approximate_temperature).mean())
+        return ModelReport(
+            model=spec, num_samples=data.n, agreement=agreement, kl_to_teacher=kl, num_parameters=info.num_parameters,
+            weight_bytes=weight_bytes(model), samples_per_second=data.n / max(secs, 1e-9), before_bias=before,
+            class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)}, **m, **stats)
+
+    def report(self, models: list[ModelReport]) -> EvalReport:
+        data, cfg = self.data, self.cfg
+        return EvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, models=models,
+                          failures=[], class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
+                          bias_data=(self.fit_data.spec if self.fit_classes else None))
+
+
 # -- the task ------------------------------------------------------------------------------------------------------
 
 class ClassifyTask(Task):
@@ -389,69 +487,5 @@ class ClassifyTask(Task):
     def train_job(self, cfg, alpha, reader) -> ClassifyTrainJob:
         return ClassifyTrainJob(cfg, alpha, reader)
 
-    def evaluate(self, cfg, device, reader) -> EvalReport:
-        widths = {teacher_num_classes(m.rsplit("@", 1)[0] if "@" in m else m) for m in cfg.model} - {None}
-        if len(widths) > 1:
-            raise UsageError(f"the models output different numbers of classes: {sorted(widths)}")
-        num_classes = reader.num_classes if reader else (widths.pop() if widths else None)
-        data = load_data(cfg.data, num_classes=num_classes)
-        targets = None
-        if reader is not None:
-            reader.check_data(data.identity())
-            rows = reader.read_rows(0, data.n)  # view 0 of every sample
-            if not np.array_equal(rows["sample_index"], np.arange(data.n)) or not np.array_equal(
-                    rows["row_hash"], data.row_hash):
-                raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
-            targets = reader.targets(rows)
-        bias_spec = parse_class_bias(cfg.class_bias, data.num_classes)
-        fit_classes = [c for c, b in bias_spec.items() if b == "fit"]
-        if cfg.bias_data and not fit_classes:
-            raise UsageError("--bias-data is only used to fit --class-bias CLASS=fit; add one or drop --bias-data")
-        fit_data = data
-        if fit_classes and cfg.bias_data:
-            fit_data = load_data(cfg.bias_data, num_classes=data.num_classes)
-            if fit_data.input_shape != data.input_shape:
-                raise UsageError(f"--bias-data {cfg.bias_data} has input shape {fit_data.input_shape}, --data "
-                                 f"{data.input_shape}")
-        elif fit_classes:
-            log.warn("--class-bias CLASS=fit chooses the bias on the evaluation data itself (as Hinton et al. did), "
-                     "so the corrected numbers are optimistic; pass --bias-data DATA to choose it on held-out rows")
-        reports = []
-        lat_batch = min(cfg.batch_size, data.n)
-        for spec in cfg.model:
-            model, info = load_eval_model(spec, data.num_classes, data.input_shape)
-            model.to(device).eval()
-            t0 = time.perf_counter()
-            pass_times: list[float] = []
-            logits = batched_logits(model, data.x, lat_batch, device, pass_times)  # (n, C)
-            secs = time.perf_counter() - t0
-            files = spec if is_run_dir(spec) else spec.rsplit("@", 1)[1]  # a run dir, or MODEL@WEIGHTS's file
-            stats = size_and_speed(model, files, data.x[:lat_batch], lat_batch, cfg.latency_repeats,
-                                   pass_times=pass_times[1:], warm=True)
-            applied = before = None
-            if bias_spec:
-                applied = {c: b for c, b in bias_spec.items() if b != "fit"}
-                fit_logits = logits if fit_data is data else batched_logits(model, fit_data.x, cfg.batch_size, device)
-                for _ in range(3 if len(fit_classes) > 1 else 1):  # coordinate descent when several are fitted
-                    for c in fit_classes:
-                        rest = {k: v for k, v in applied.items() if k != c}
-                        applied[c] = fit_class_bias(apply_class_bias(fit_logits, rest), fit_data.y, c)
-                for c in fit_classes:
-                    log.info(f"{spec}: class {c} bias {applied[c]:+.2f} (fewest errors on {fit_data.spec})")
-                plain = classification_metrics(logits, data.y, data.num_classes)
-                before = {k: plain[k] for k in ("errors", "accuracy", "nll", "per_class_errors")}
-                logits = apply_class_bias(logits, applied)
-            m = classification_metrics(logits, data.y, data.num_classes)
-            agreement = kl = None
-            if targets is not None:
-                agreement = float((logits.argmax(1) == targets.top1()).float().mean())
-                kl = float(soft_kl(logits, targets, cfg.temperature, approximate=cfg.approximate_temperature).mean())
-            reports.append(ModelReport(
-                model=spec, num_samples=data.n, agreement=agreement, kl_to_teacher=kl,
-                num_parameters=info.num_parameters,
-                weight_bytes=weight_bytes(model),
-                samples_per_second=data.n / max(secs, 1e-9), before_bias=before,
-                class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)}, **m, **stats))
-        return EvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, models=reports, failures=[],
-                          class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
-                          bias_data=(fit_data.spec if fit_classes else None))
+    def eval_job(self, cfg: EvalConfig, device: torch.device, reader: CacheReader | None) -> ClassifyEvalJob:
+        return ClassifyEvalJob(cfg, device, reader)

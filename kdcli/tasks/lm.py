@@ -49,8 +49,10 @@ from kdcli.losses import LossParts, kd_loss, soft_kl
 from kdcli.models.weights import weight_bytes
 from kdcli.models.plugins import is_plugin_spec
 from kdcli.infra.precision import precision_context
-from kdcli.tasks.base import (CacheJob, CacheSummary, Task, TrainJob, TrainSummary, cache_label, cache_layout,
-                              cache_mode, size_and_speed)
+from kdcli.config import EvalConfig
+from kdcli.infra.fmt import TableData, human_bytes, key_values
+from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode, size_and_speed
+from kdcli.tasks.reports import CacheSummary, TrainSummary, metric_table, teacher_and_size_rows
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -64,6 +66,18 @@ class LMCacheSummary(CacheSummary):
     vocab_size: int = 0
     full_fp16_ratio: float = 0.0  # (V * 2 bytes) / bytes_per_token: how much smaller than full fp16 log-probs
 
+    def table(self) -> TableData:
+        """A token-level (LM) cache: sizes per predicted token."""
+        return key_values(f"cache-teacher: {self.status}", [
+            ("cache", self.cache_dir), ("mode", self.mode), ("sequences", f"{self.num_rows:,}"),
+            ("predicted tokens", f"{self.num_tokens:,}"), ("shards", str(self.num_shards)),
+            ("size", f"{human_bytes(self.bytes)} ({self.bytes_per_token:.1f} B/token"
+                     + (f" for {self.unique_ids:.1f} distinct ids/token" if self.unique_ids is not None else "")
+                     + f", {self.full_fp16_ratio:,.0f}x smaller than full fp16 log-probs over {self.vocab_size:,})"),
+            ("compression", self.compression),
+            ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
+            ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)")])
+
 
 @dataclass
 class LMTrainSummary(TrainSummary):
@@ -73,6 +87,23 @@ class LMTrainSummary(TrainSummary):
     val_perplexity: float | None = None
     eval_perplexity: float | None = None
     trainable_parameters: int | None = None  # --peft: the adapter's parameters (student_parameters: all)
+
+    def table(self) -> TableData:
+        """An LM run: sequences are rows, tokens are what matters."""
+        rows = self.head_rows() + [("train rows", f"{self.train_rows:,}"),
+                                   ("train tokens", f"{self.train_tokens:,} ({self.divergence} divergence)")]
+        if self.eval_perplexity is not None:
+            rows.append(("eval perplexity", f"{self.eval_perplexity:.2f}"))
+        rows += [("final train loss", f"{self.final_train_loss:.4f}"),
+                 ("final train accuracy", f"{self.final_train_accuracy:.4f}")]
+        if self.val_accuracy is not None:
+            rows.append(("val accuracy", f"{self.val_accuracy:.4f}"))
+        if self.eval_accuracy is not None:
+            rows.append(("eval accuracy", f"{self.eval_accuracy:.4f}"))
+        trainable = f" ({self.trainable_parameters:,} trainable)" if self.trainable_parameters is not None else ""
+        rows += [("student parameters", f"{self.student_parameters:,}{trainable}"),
+                 ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s in the last epoch)")]
+        return key_values("train-student", rows + self.tail_rows())
 
 
 # -- shared by the stages ------------------------------------------------------------------------------------------
@@ -508,6 +539,20 @@ class LMEvalReport:
     kind: str = "lm"
     notes: list[str] = field(default_factory=list)
 
+    def table(self) -> TableData:
+        fmt = [("perplexity", lambda m: f"{m.perplexity:.3f}"), ("NLL / token", lambda m: f"{m.nll:.4f}"),
+               ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
+        fmt += teacher_and_size_rows(self.cache, self.temperature, self.models, "top-1 agreement w/ teacher",
+                                     "next-token accuracy",
+                                     ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}"))
+        caption = None
+        if self.teacher:
+            t = self.teacher
+            caption = (f"teacher (from the cache, {t['mode']}): {t['spec']}, {t['num_parameters']:,} parameters, "
+                       f"perplexity {t['perplexity']:.3f}")
+        return metric_table(f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted "
+                            "tokens)", self.models, fmt, caption)
+
 
 def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, TextSettings, int | None]:
     """(tokenizer, text settings, V) for eval: the cache's when there is one, else the first model's."""
@@ -532,6 +577,78 @@ def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, Te
     return tok, settings, None
 
 
+class TokenEvalJob(EvalJob):
+    """The eval text (and, with a cache, the teacher's perplexity from its target log-probs) prepared once; every
+    --model measured the same way: perplexity, next-token accuracy, agreement and KL per predicted token."""
+
+    def __init__(self, cfg: EvalConfig, device: torch.device, reader: TokenCacheReader | None):
+        self.cfg, self.device, self.reader = cfg, device, reader
+        self.tok, settings, self.V = eval_text_settings(cfg, reader)
+        self.data = data = load_text(cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok),
+                                     target_masks=True)
+        if reader is not None:
+            reader.check_data(data.identity())
+        self.pad_id = pad_id_of(self.tok)
+        self.bs = max(1, min(cfg.batch_size, 16))
+        self.teacher = None
+        if reader is not None:
+            nll_t = 0.0
+            for a in range(0, data.n, self.bs):
+                nll_t -= float(self.cached(a)["target_logprobs"].astype(np.float64).sum())
+            n_tok = int(data.num_targets.sum())
+            m = reader.manifest
+            self.teacher = {"spec": m["teacher"].get("spec"), "num_parameters": m["teacher"].get("num_parameters"),
+                            "mode": m["mode"], "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
+                            "nll": nll_t / max(n_tok, 1), "teacher_prompt": m.get("text", {}).get("teacher_prompt")}
+
+    def cached(self, a: int) -> dict:
+        """The cache's rows [a, a + bs), checked against the data; read again per model, so memory stays flat
+        whatever the eval set's size."""
+        reader, data, bs = self.reader, self.data, self.bs
+        batch = reader.read_rows(a, min(a + bs, data.n))
+        if not np.array_equal(batch["sample_index"], np.arange(a, min(a + bs, data.n))):
+            raise CacheError(f"cache {reader.dir} rows do not line up with {self.cfg.data}")
+        check_batch(batch, data, reader)
+        return batch
+
+    def measure(self, spec: str) -> LMModelReport:
+        cfg, data, device, reader, V = self.cfg, self.data, self.device, self.reader, self.V
+        model, info = build_lm(spec, None, vocab_size=V or len(self.tok), trust_remote_code=cfg.trust_remote_code)
+        if V is not None and info.vocab_size != V:
+            raise CacheError(f"vocabulary mismatch: the teacher (cache {reader.dir}) has {V} logits per token but "
+                             f"{spec} has {info.vocab_size}")
+        model.to(device).eval()
+        nll = correct = agree = kl = 0.0
+        tokens = 0
+        secs = 0.0
+        with torch.inference_mode():
+            for a, sel, y, dt in predicted_logits(model, data, np.arange(data.n), device, self.bs, self.pad_id):
+                secs += dt
+                nll += float(F.cross_entropy(sel, y, reduction="sum"))
+                correct += float((sel.argmax(-1) == y).sum())
+                tokens += len(y)
+                if reader is not None:
+                    targets = reader.targets(self.cached(a)).to(device)
+                    agree += float((sel.argmax(-1) == targets.top1()).sum())
+                    kl += float(soft_kl(sel, targets, cfg.temperature, approximate=cfg.approximate_temperature).sum())
+        mean = nll / max(tokens, 1)
+        # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
+        lat_ids, _ = pad_batch([data.ids[i] for i in range(min(self.bs, data.n))], self.pad_id)
+        stats = size_and_speed(model, spec if Path(spec).exists() else None, torch.from_numpy(lat_ids),
+                               len(lat_ids), cfg.latency_repeats, forward=lambda m, ids: lm_logits(m, ids), warm=True)
+        return LMModelReport(
+            model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
+            accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
+            kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
+            weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9), **stats)
+
+    def report(self, models: list[LMModelReport]) -> LMEvalReport:
+        cfg, data = self.cfg, self.data
+        return LMEvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, num_sequences=data.n,
+                            num_tokens=int(data.num_targets.sum()), teacher=self.teacher, models=models, failures=[],
+                            notes=data.notes)
+
+
 class TokenTask(Task):
     name = "language model"
     accuracy_name = "next-token accuracy"
@@ -545,65 +662,5 @@ class TokenTask(Task):
     def train_job(self, cfg, alpha, reader) -> TokenTrainJob:
         return TokenTrainJob(cfg, alpha, reader)
 
-    def evaluate(self, cfg, device, reader) -> LMEvalReport:
-        tok, settings, V = eval_text_settings(cfg, reader)
-        data = load_text(cfg.data, tok, settings, vocab_size=V or len(tok), target_masks=True)
-        if reader is not None:
-            reader.check_data(data.identity())
-        pad_id = pad_id_of(tok)
-        bs = max(1, min(cfg.batch_size, 16))
-        rows_all = np.arange(data.n)
-        teacher = None
-
-        def cached(a: int) -> dict:  # the cache's rows [a, a + bs), checked against the data; read again per model
-            batch = reader.read_rows(a, min(a + bs, data.n))  # so memory stays flat whatever the eval set's size
-            if not np.array_equal(batch["sample_index"], rows_all[a:a + bs]):
-                raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
-            check_batch(batch, data, reader)
-            return batch
-
-        if reader is not None:
-            nll_t = 0.0
-            for a in range(0, data.n, bs):
-                nll_t -= float(cached(a)["target_logprobs"].astype(np.float64).sum())
-            n_tok = int(data.num_targets.sum())
-            m = reader.manifest
-            teacher = {"spec": m["teacher"].get("spec"), "num_parameters": m["teacher"].get("num_parameters"),
-                       "mode": m["mode"], "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
-                       "nll": nll_t / max(n_tok, 1), "teacher_prompt": m.get("text", {}).get("teacher_prompt")}
-        reports = []
-        for spec in cfg.model:
-            model, info = build_lm(spec, None, vocab_size=V or len(tok), trust_remote_code=cfg.trust_remote_code)
-            if V is not None and info.vocab_size != V:
-                raise CacheError(f"vocabulary mismatch: the teacher (cache {reader.dir}) has {V} logits per token but "
-                                 f"{spec} has {info.vocab_size}")
-            model.to(device).eval()
-            nll = correct = agree = kl = 0.0
-            tokens = 0
-            secs = 0.0
-            with torch.inference_mode():
-                for a, sel, y, dt in predicted_logits(model, data, rows_all, device, bs, pad_id):
-                    secs += dt
-                    nll += float(F.cross_entropy(sel, y, reduction="sum"))
-                    correct += float((sel.argmax(-1) == y).sum())
-                    tokens += len(y)
-                    if reader is not None:
-                        targets = reader.targets(cached(a)).to(device)
-                        agree += float((sel.argmax(-1) == targets.top1()).sum())
-                        kl += float(soft_kl(sel, targets, cfg.temperature,
-                                            approximate=cfg.approximate_temperature).sum())
-            mean = nll / max(tokens, 1)
-            # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
-            lat_ids, _ = pad_batch([data.ids[i] for i in range(min(bs, data.n))], pad_id)
-            stats = size_and_speed(model, spec if Path(spec).exists() else None, torch.from_numpy(lat_ids),
-                                   len(lat_ids), cfg.latency_repeats, forward=lambda m, ids: lm_logits(m, ids),
-                                   warm=True)
-            reports.append(LMModelReport(
-                model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
-                accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
-                kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
-                weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
-                **stats))
-        return LMEvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, num_sequences=data.n,
-                            num_tokens=int(data.num_targets.sum()), teacher=teacher, models=reports, failures=[],
-                            notes=data.notes)
+    def eval_job(self, cfg: EvalConfig, device: torch.device, reader: TokenCacheReader | None) -> TokenEvalJob:
+        return TokenEvalJob(cfg, device, reader)

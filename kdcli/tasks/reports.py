@@ -1,0 +1,164 @@
+"""What every task's summaries and eval reports share: the dataclasses the stages return, and the rows of the eval
+table both tasks build (agreement and KL to the teacher, size, compression, speed). Each summary builds its own
+:class:`~kdcli.infra.fmt.TableData`; :mod:`kdcli.report` renders any of them the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from kdcli.infra.fmt import TableData, human_bytes, human_seconds, key_values, kl_text
+
+
+@dataclass
+class CacheSummary:
+    cache_dir: str
+    status: str  # "written", "resumed" or "up-to-date"
+    mode: str
+    num_rows: int
+    rows_computed: int
+    rows_skipped: int
+    num_shards: int
+    bytes: int
+    bytes_per_row: float
+    seconds: float
+    rows_per_second: float
+    teacher: str
+    teacher_parameters: int
+    device: str
+    compression: str = "none"  # how the shards are stored (gzip-4+shuffle, lzf+shuffle, none)
+    # sampled modes: distinct teacher ids stored per row (per predicted token in a token cache), the mean over the
+    # cache (kdcli.cache.reader.mean_unique_ids); None for the others
+    unique_ids: float | None = None
+
+    def table(self) -> TableData:
+        return key_values(f"cache-teacher: {self.status}", [
+            ("cache", self.cache_dir), ("mode", self.mode), ("rows", f"{self.num_rows:,}"),
+            ("computed / skipped", f"{self.rows_computed:,} / {self.rows_skipped:,}"),
+            ("shards", str(self.num_shards)),
+            ("size", f"{human_bytes(self.bytes)} ({self.bytes_per_row:.1f} B/row"
+                     + (f", {self.unique_ids:.1f} distinct ids/row" if self.unique_ids is not None else "") + ")"),
+            ("compression", self.compression),
+            ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
+            ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s)")])
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    loss_formula: str
+    epochs: int
+    steps: int
+    train_rows: int
+    final_train_loss: float
+    final_train_accuracy: float
+    val_accuracy: float | None
+    eval_accuracy: float | None
+    seconds: float
+    rows_per_second: float
+    student_parameters: int
+    resumed_from_step: int
+
+    def head_rows(self) -> list[tuple[str, str]]:
+        return [("run", self.run_dir), ("loss", self.loss_formula), ("epochs / steps", f"{self.epochs} / {self.steps}")]
+
+    def tail_rows(self) -> list[tuple[str, str]]:
+        return [("resumed from step", str(self.resumed_from_step))] if self.resumed_from_step else []
+
+    def table(self) -> TableData:
+        rows = self.head_rows() + [("train rows", f"{self.train_rows:,}"),
+                                   ("final train loss", f"{self.final_train_loss:.4f}"),
+                                   ("final train accuracy", f"{self.final_train_accuracy:.4f}")]
+        if self.val_accuracy is not None:
+            rows.append(("val accuracy", f"{self.val_accuracy:.4f}"))
+        if self.eval_accuracy is not None:
+            rows.append(("eval accuracy", f"{self.eval_accuracy:.4f}"))
+        rows += [("student parameters", f"{self.student_parameters:,}"),
+                 ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s in the last epoch)")]
+        return key_values("train-student", rows + self.tail_rows())
+
+
+class ModelRow(Protocol):
+    """What the shared eval rows read of a model's report (classification's ModelReport, LM's LMModelReport)."""
+
+    model: str
+    accuracy: float
+    agreement: float | None
+    kl_to_teacher: float | None
+    num_parameters: int
+    nonzero_parameters: int | None
+    bytes_on_disk: int | None
+    weight_bytes: int
+    latency_batch_size: int | None
+    latency_batch1_s: float | None
+    latency_batch_s: float | None
+
+
+class EvalReport(Protocol):
+    """What ``eval`` returns for any task: the models' reports, the gates that failed, and its table."""
+
+    data: str
+    models: list
+    failures: list[str]
+
+    def table(self) -> TableData: ...
+
+
+Rows = list[tuple[str, Callable[[Any], str]]]
+
+
+def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
+    """The compression report's rows (size, speed, the change in accuracy), each model against the first one.
+
+    Each model after the first shows in brackets how many times smaller (bytes) or faster (latency) it is than the
+    first --model (the teacher, in a teacher -> student -> compressed comparison): below 1 means larger / slower.
+    Rows whose values every model lacks (no files, --latency-repeats 0) are left out.
+    """
+    first = models[0]
+
+    def ratio(a, b, m):
+        if m is first or not a or not b:
+            return ""
+        r = a / b
+        return f" ({r:.2f}×)" if r < 10 else f" ({r:.1f}×)" if r < 100 else f" ({r:,.0f}×)"
+
+    rows: list[tuple[str, Any]] = [("non-zero parameters", lambda m: f"{m.nonzero_parameters:,}")]
+    if any(m.bytes_on_disk is not None for m in models):
+        rows.append(("bytes on disk (× smaller)", lambda m: "-" if m.bytes_on_disk is None else
+                     human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, m)))
+    if any(m.latency_batch1_s is not None for m in models):
+        rows.append(("latency/row, batch 1 (× faster)", lambda m: human_seconds(m.latency_batch1_s)
+                     + ratio(first.latency_batch1_s, m.latency_batch1_s, m)))
+        if any(m.latency_batch_size != 1 for m in models):
+            rows.append((f"latency/row, batch {first.latency_batch_size:,} (× faster)",
+                         lambda m: human_seconds(m.latency_batch_s) + ratio(first.latency_batch_s, m.latency_batch_s,
+                                                                              m)))
+    if len(models) > 1:
+        rows.append((f"{accuracy_name} Δ vs first", lambda m: f"{m.accuracy - first.accuracy:+.4f}"))
+    return rows
+
+
+def column_names(models: list) -> list[str]:
+    """One column per model: its folder or file name, or the whole spec when two names would be the same."""
+    names = [Path(m.model).name or m.model for m in models]
+    return [m.model for m in models] if len(set(names)) < len(names) else names
+
+
+def teacher_and_size_rows(cache: Any, temperature: float, models: list, agreement: str, accuracy_name: str,
+                          speed: tuple) -> Rows:
+    """The rows both eval tables end with: agreement and KL to the teacher (with a cache), then parameters, the
+    compression rows, weights in memory and the ``speed`` row."""
+    rows: Rows = []
+    if cache:
+        rows += [(agreement, lambda m: f"{m.agreement:.4f}"),
+                 (f"KL(teacher‖model) T={temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
+    return rows + [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(models, accuracy_name),
+                   ("weights in memory", lambda m: human_bytes(m.weight_bytes)), speed]
+
+
+def metric_table(title: str, models: list, rows: Rows, caption: str | None = None) -> TableData:
+    """One column per model, one row per (name, format) pair."""
+    return TableData(title=title, header=["metric", *column_names(models)],
+                     rows=[[name, *[f(m) for m in models]] for name, f in rows],
+                     justify=["left"] + ["right"] * len(models), caption=caption)
