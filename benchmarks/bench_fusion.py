@@ -41,8 +41,8 @@ def main() -> None:
     from kdcli.cache.reader import CacheReader
     from kdcli.config import CacheConfig, EvalConfig, TrainConfig
     from kdcli.data import load_data
-    from kdcli.stages.evaluate import evaluate
     from kdcli.stages.cache import cache_teacher
+    from kdcli.stages.evaluate import evaluate
     from kdcli.stages.train import train_student
 
     out = Path(a.out)
@@ -54,8 +54,18 @@ def main() -> None:
     results: dict = {"train": train, "test": test, "teachers": {}, "students": {}}
     for i, (name, (hidden, seed)) in enumerate(teachers.items()):
         run = out / f"teacher{i}"
-        train_student(TrainConfig(student="mlp", student_args={"hidden": hidden}, data=train, out=str(run),
-                                  epochs=a.teacher_epochs, seed=seed, lr=1e-3, overwrite=True))
+        train_student(
+            TrainConfig(
+                student="mlp",
+                student_args={"hidden": hidden},
+                data=train,
+                out=str(run),
+                epochs=a.teacher_epochs,
+                seed=seed,
+                lr=1e-3,
+                overwrite=True,
+            )
+        )
         caches[name] = (str(out / f"cache{i}-train"), str(out / f"cache{i}-test"))
         cache_teacher(CacheConfig(teacher=str(run), data=train, out=caches[name][0]))
         cache_teacher(CacheConfig(teacher=str(run), data=test, out=caches[name][1]))
@@ -73,29 +83,59 @@ def main() -> None:
     if a.sparse_only:
         runs = {}
     if a.sparse or a.sparse_only:
-        sparse = {"topk": dict(top_k=3), "sample": dict(mode="sample", samples=8),
-                  "priority": dict(mode="priority", samples=4)}
+        sparse = {
+            "topk": dict(top_k=3),
+            "sample": dict(mode="sample", samples=8),
+            "priority": dict(mode="priority", samples=4),
+        }
         for kind, kw in sparse.items():
             for i in range(len(teachers)):
-                cache_teacher(CacheConfig(teacher=str(out / f"teacher{i}"), data=train, temperatures="1",
-                                          out=str(out / f"cache{i}-train-{kind}"), **kw))
+                cache_teacher(
+                    CacheConfig(
+                        teacher=str(out / f"teacher{i}"),
+                        data=train,
+                        temperatures="1",
+                        out=str(out / f"cache{i}-train-{kind}"),
+                        **kw,
+                    )
+                )
         runs["T=1: fused full"] = ([c[0] for c in caches.values()], "mean", 1.0)
-        for kind, kw in sparse.items():
+        for kind in sparse:
             what = {"topk": "k = 3", "sample": "8 draws", "priority": "K = 4"}[kind]
-            runs[f"T=1: fused {kind} ({what})"] = ([str(out / f"cache{i}-train-{kind}") for i in range(len(teachers))],
-                                                  "mean", 1.0)
+            runs[f"T=1: fused {kind} ({what})"] = (
+                [str(out / f"cache{i}-train-{kind}") for i in range(len(teachers))],
+                "mean",
+                1.0,
+            )
     for i, (name, (cs, combine, temp)) in enumerate(runs.items()):
         run = out / f"student{i}"
-        train_student(TrainConfig(student="mlp", student_args={"hidden": [32]}, data=train, out=str(run), cache=cs,
-                                  combine=combine, epochs=a.student_epochs, seed=7, lr=1e-3, temperature=temp,
-                                  overwrite=True, **({} if cs else {"alpha": 0.0})))
+        train_student(
+            TrainConfig(
+                student="mlp",
+                student_args={"hidden": [32]},
+                data=train,
+                out=str(run),
+                cache=cs,
+                combine=combine,
+                epochs=a.student_epochs,
+                seed=7,
+                lr=1e-3,
+                temperature=temp,
+                overwrite=True,
+                **({} if cs else {"alpha": 0.0}),
+            )
+        )
         m = evaluate(EvalConfig(model=[str(run)], data=test, cache=test_fused)).models[0]
-        results["students"][name] = {"accuracy": m.accuracy, "agreement_with_fused_teacher": m.agreement,
-                                     "kl_to_fused_teacher": m.kl_to_teacher}
+        results["students"][name] = {
+            "accuracy": m.accuracy,
+            "agreement_with_fused_teacher": m.agreement,
+            "kl_to_fused_teacher": m.kl_to_teacher,
+        }
         if "bytes" not in results:
             results["bytes"] = {}
-        results["bytes"][name] = sum(sum(s["bytes"] for s in json.loads((Path(c) / "manifest.json").read_text())
-                                         ["shards"]) for c in cs)
+        results["bytes"][name] = sum(
+            sum(s["bytes"] for s in json.loads((Path(c) / "manifest.json").read_text())["shards"]) for c in cs
+        )
     results["wall_seconds"] = time.perf_counter() - t0
     (out / "bench_fusion.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -61,12 +61,17 @@ def main() -> None:
     args = ap.parse_args()
     for kind in ("transformer", "llama"):
         for ckpt in ("0", "1"):
-            p = subprocess.run([sys.executable, "-c", CHILD, kind, ckpt, str(args.batch), str(args.length),
-                                str(args.vocab)],
-                               capture_output=True, text=True, check=True)
+            p = subprocess.run(
+                [sys.executable, "-c", CHILD, kind, ckpt, str(args.batch), str(args.length), str(args.vocab)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"{r['student']:11} checkpointing={str(r['checkpointing']):5}  after build {r['built_mib']:6.0f} MiB  "
-                  f"peak {r['peak_mib']:6.0f} MiB  step {r['step_s']:5.2f} s  loss {r['loss']:.4f}")
+            print(
+                f"{r['student']:11} checkpointing={str(r['checkpointing']):5}  after build {r['built_mib']:6.0f} MiB  "
+                f"peak {r['peak_mib']:6.0f} MiB  step {r['step_s']:5.2f} s  loss {r['loss']:.4f}"
+            )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,12 @@ def tokenizer(directory: Path, texts: list[str], vocab: int = 512) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(str(directory))
     return directory
@@ -71,45 +75,92 @@ def main() -> None:
     t_rows = play_rows("macbeth", per) + play_rows("lear", per) + play_rows("othello", per)
     b_rows = play_rows("julius_caesar", a.base_chars // 2) + play_rows("romeo_and_juliet", a.base_chars // 2)
     d_rows, h_rows = play_rows("hamlet", a.distill_chars), play_rows("tempest", a.heldout_chars)
-    files = {n: write_jsonl(out / f"{n}.jsonl", r) for n, r in
-             (("teacher", t_rows + d_rows), ("base", b_rows), ("distill", d_rows), ("heldout", h_rows))}
+    files = {
+        n: write_jsonl(out / f"{n}.jsonl", r)
+        for n, r in (("teacher", t_rows + d_rows), ("base", b_rows), ("distill", d_rows), ("heldout", h_rows))
+    }
     tok = out / "tok" if reuse else tokenizer(out / "tok", [r["text"] for r in t_rows + b_rows + d_rows])
     common = dict(max_length=64, batch_size=16, seed=a.seed)
     t0 = time.perf_counter()
     if not reuse:
         pretrain(out, files, tok, common)
     lrs = {k: [float(x) for x in v.split(":")] for k, v in (kv.split("=") for kv in a.lrs.split(","))}
-    methods = {"full": {}, "lora": {"peft": "lora", "peft_args": {
-                   "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"]}},
-               "prompt": {"peft": "prompt", "peft_args": {"num_virtual_tokens": 16,
-                                                          "init_text": "A scene from a play by William Shakespeare."}}}
+    methods = {
+        "full": {},
+        "lora": {
+            "peft": "lora",
+            "peft_args": {
+                "r": 8,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            },
+        },
+        "prompt": {
+            "peft": "prompt",
+            "peft_args": {"num_virtual_tokens": 16, "init_text": "A scene from a play by William Shakespeare."},
+        },
+    }
     runs = {f"{m}-lr{lr:g}": (lr, extra) for m, extra in methods.items() for lr in lrs.get(m, [])}
     results = {"setup": vars(a), "students": {}}
     for name, (lr, extra) in runs.items():
         t = time.perf_counter()
         shutil.rmtree(out / name, ignore_errors=True)
-        s = train_student(resolve(TrainConfig, None, dict(
-            student=str(out / "base"), data=str(files["distill"]), cache=str(out / "cache"), out=str(out / name),
-            epochs=a.epochs, lr=lr, alpha=1.0, temperature=1.0, schedule="cosine", **common, **extra)))
-        results["students"][name] = {"lr": lr, "steps": s.steps, "train_tokens": s.train_tokens,
-                                     "trainable_parameters": s.trainable_parameters or s.student_parameters,
-                                     "seconds": time.perf_counter() - t}
-    rep = evaluate(resolve(EvalConfig, None, {
-        "model": [str(out / n) for n in ("teacher", "base", *runs)], "data": str(files["heldout"]),
-        "cache": str(out / "heldout-cache"), "temperature": 1.0}))
+        s = train_student(
+            resolve(
+                TrainConfig,
+                None,
+                dict(
+                    student=str(out / "base"),
+                    data=str(files["distill"]),
+                    cache=str(out / "cache"),
+                    out=str(out / name),
+                    epochs=a.epochs,
+                    lr=lr,
+                    alpha=1.0,
+                    temperature=1.0,
+                    schedule="cosine",
+                    **common,
+                    **extra,
+                ),
+            )
+        )
+        results["students"][name] = {
+            "lr": lr,
+            "steps": s.steps,
+            "train_tokens": s.train_tokens,
+            "trainable_parameters": s.trainable_parameters or s.student_parameters,
+            "seconds": time.perf_counter() - t,
+        }
+    rep = evaluate(
+        resolve(
+            EvalConfig,
+            None,
+            {
+                "model": [str(out / n) for n in ("teacher", "base", *runs)],
+                "data": str(files["heldout"]),
+                "cache": str(out / "heldout-cache"),
+                "temperature": 1.0,
+            },
+        )
+    )
     results["teacher_perplexity_from_cache"] = rep.teacher["perplexity"]
     results["heldout_tokens"] = rep.num_tokens
     for m, name in zip(rep.models, ("teacher", "base", *runs)):
         results["students"].setdefault(name, {}).update(
-            {"perplexity": m.perplexity, "kl_to_teacher": m.kl_to_teacher, "agreement": m.agreement,
-             "parameters": m.num_parameters})
+            {
+                "perplexity": m.perplexity,
+                "kl_to_teacher": m.kl_to_teacher,
+                "agreement": m.agreement,
+                "parameters": m.num_parameters,
+            }
+        )
     results["seconds"] = time.perf_counter() - t0
     (out / "bench_lm_peft.json").write_text(json.dumps(results, indent=2))
     print(f"{'model':16} {'trainable':>10} {'params':>9} {'steps':>5} {'ppl':>8} {'KL':>7} {'agree':>6}")
     for name, r in results["students"].items():
-        print(f"{name:16} {r.get('trainable_parameters', r['parameters']):>10,} {r['parameters']:>9,} "
-              f"{r.get('steps', '-'):>5} {r['perplexity']:>8.2f} {r['kl_to_teacher']:>7.4f} {r['agreement']:>6.3f}")
+        print(
+            f"{name:16} {r.get('trainable_parameters', r['parameters']):>10,} {r['parameters']:>9,} "
+            f"{r.get('steps', '-'):>5} {r['perplexity']:>8.2f} {r['kl_to_teacher']:>7.4f} {r['agreement']:>6.3f}"
+        )
 
 
 def pretrain(out: Path, files: dict, tok: Path, common: dict) -> None:
@@ -117,17 +168,50 @@ def pretrain(out: Path, files: dict, tok: Path, common: dict) -> None:
     from kdcli.stages.cache import cache_teacher
     from kdcli.stages.train import train_student
 
-    train_student(resolve(TrainConfig, None, dict(
-        student="llama", student_args={"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
-        data=str(files["teacher"]), tokenizer=str(tok), out=str(out / "teacher"), epochs=4, lr=3e-3,
-        schedule="cosine", **common)))
-    train_student(resolve(TrainConfig, None, dict(
-        student="llama", student_args={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
-        data=str(files["base"]), tokenizer=str(tok), out=str(out / "base"), epochs=3, lr=3e-3, schedule="cosine",
-        **common)))
+    train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                student="llama",
+                student_args={"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
+                data=str(files["teacher"]),
+                tokenizer=str(tok),
+                out=str(out / "teacher"),
+                epochs=4,
+                lr=3e-3,
+                schedule="cosine",
+                **common,
+            ),
+        )
+    )
+    train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                student="llama",
+                student_args={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+                data=str(files["base"]),
+                tokenizer=str(tok),
+                out=str(out / "base"),
+                epochs=3,
+                lr=3e-3,
+                schedule="cosine",
+                **common,
+            ),
+        )
+    )
     for name, data in (("cache", "distill"), ("heldout-cache", "heldout")):
-        cache_teacher(resolve(CacheConfig, None, dict(teacher=str(out / "teacher"), data=str(files[data]),
-                                                       out=str(out / name), mode="full", max_length=64)))
+        cache_teacher(
+            resolve(
+                CacheConfig,
+                None,
+                dict(
+                    teacher=str(out / "teacher"), data=str(files[data]), out=str(out / name), mode="full", max_length=64
+                ),
+            )
+        )
 
 
 if __name__ == "__main__":

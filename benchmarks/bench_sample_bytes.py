@@ -30,8 +30,9 @@ TEMPS = (1.0, 2.0, 4.0)
 
 
 def stored_bytes(arrays: dict[str, np.ndarray], mode: str) -> int:
-    return len(shard_image(arrays, {}, resolve_compression("gzip", token=True, mode=mode))) - \
-        len(shard_image({}, {}, None))
+    return len(shard_image(arrays, {}, resolve_compression("gzip", token=True, mode=mode))) - len(
+        shard_image({}, {}, None)
+    )
 
 
 def main() -> None:
@@ -48,9 +49,11 @@ def main() -> None:
     logp = torch.from_numpy(lp).float()
     n, V = logp.shape
     g = torch.Generator().manual_seed(args.seed)
-    runs = [("topk", int(k)) for k in args.top_k.split(",") if k] + \
-        [("sample", int(s)) for s in args.samples.split(",") if s] + \
-        [("priority", int(k)) for k in args.priority.split(",") if k]
+    runs = (
+        [("topk", int(k)) for k in args.top_k.split(",") if k]
+        + [("sample", int(s)) for s in args.samples.split(",") if s]
+        + [("priority", int(k)) for k in args.priority.split(",") if k]
+    )
     print(f"{cache}: {n} tokens, vocabulary {V}; bytes per token of the mode's arrays (gzip-4 + shuffle)")
     print(f"{'mode':12} {'ids/token':>9} {'raw':>8} {'stored':>8} {'ragged raw':>11} {'ragged stored':>14}")
     out = {}
@@ -65,16 +68,20 @@ def main() -> None:
         if mode == "sample":
             used = arrays["sample_counts"] > 0
             row["unique_ids"] = float(used.sum(1).mean())
-            ragged = {"n_unique": used.sum(1).astype(np.uint8), "ids": arrays["sample_ids"][used],
-                      "counts": arrays["sample_counts"][used], "logprobs": arrays["sample_logprobs"][used],
-                      "sample_logz_t": arrays["sample_logz_t"]}
+            ragged = {
+                "n_unique": used.sum(1).astype(np.uint8),
+                "ids": arrays["sample_ids"][used],
+                "counts": arrays["sample_counts"][used],
+                "logprobs": arrays["sample_logprobs"][used],
+                "sample_logz_t": arrays["sample_logz_t"],
+            }
             row["ragged_raw"] = sum(a.nbytes for a in ragged.values()) / n
             row["ragged_stored"] = stored_bytes(ragged, mode) / n
             ids = f"{row['unique_ids']:9.2f}"
         elif mode == "priority":
             row["unique_ids"] = float(arrays["priority_ids"].shape[1])
             ids = f"{row['unique_ids']:9.2f}"
-        rag = (f"{row['ragged_raw']:11.1f} {row['ragged_stored']:14.1f}" if "ragged_raw" in row else "")
+        rag = f"{row['ragged_raw']:11.1f} {row['ragged_stored']:14.1f}" if "ragged_raw" in row else ""
         print(f"{mode + '-' + str(k):12} {ids or '':>9} {raw:8.1f} {stored:8.1f} {rag}")
         out[f"{mode}{k}"] = row
     print(json.dumps({"tokens": n, "vocab_size": V, "modes": out}))

@@ -33,17 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
-RSS_WRAPPER = ("import resource, runpy, sys\n"
-               "sys.argv = ['kdcli'] + sys.argv[1:]\n"
-               "try:\n"
-               "    runpy.run_module('kdcli', run_name='__main__')\n"
-               "finally:\n"
-               "    sys.stderr.write('PEAK_RSS_KB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+RSS_WRAPPER = (
+    "import resource, runpy, sys\n"
+    "sys.argv = ['kdcli'] + sys.argv[1:]\n"
+    "try:\n"
+    "    runpy.run_module('kdcli', run_name='__main__')\n"
+    "finally:\n"
+    "    sys.stderr.write('PEAK_RSS_KB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+)
 
 
 def kdcli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+    p = subprocess.run(
+        [sys.executable, "-m", "kdcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if p.returncode:
         raise SystemExit(f"kdcli {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
     return p
@@ -51,8 +57,9 @@ def kdcli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def peak_rss_train(*args) -> tuple[int, float]:
     """(peak RSS in KiB, rows/s) of one `kdcli train-student` process."""
-    p = subprocess.run([sys.executable, "-c", RSS_WRAPPER, "train-student", *map(str, args)], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", RSS_WRAPPER, "train-student", *map(str, args)], capture_output=True, text=True
+    )
     if p.returncode:
         raise SystemExit(f"train-student failed:\n{p.stderr[-2000:]}")
     kb = int(p.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
@@ -64,8 +71,8 @@ def peak_rss_train(*args) -> tuple[int, float]:
 def memory_and_reader(work: Path, rows: int, classes: int, batch: int) -> dict:
     import torch
 
-    from kdcli.cache.reader import CacheReader
     from kdcli.cache.modes import targets_from_arrays
+    from kdcli.cache.reader import CacheReader
     from kdcli.losses import kd_loss
     from kdcli.models.classifiers import MLP
 
@@ -76,22 +83,52 @@ def memory_and_reader(work: Path, rows: int, classes: int, batch: int) -> dict:
     np.savez(work / "syn.npz", x=x, y=y)
     data = str(work / "syn.npz")
     if not (work / "syn-teacher" / "summary.json").exists():  # a re-run into the same --out reuses it
-        kdcli("train-student", "--student", "mlp", "--student-arg", "hidden=[256]", "--data", data, "--out",
-              work / "syn-teacher", "--epochs", "1", "--batch-size", "256")
+        kdcli(
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[256]",
+            "--data",
+            data,
+            "--out",
+            work / "syn-teacher",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "256",
+        )
     caches = {}
     for views in (1, 10):
         c = work / f"syn-cache-{views}x"
         extra = ["--views", views, "--augment", "shift:1"] if views > 1 else []
-        kdcli("cache-teacher", "--teacher", work / "syn-teacher", "--data", data, "--out", c, "--shard-size", 8192,
-              *extra)
+        kdcli(
+            "cache-teacher", "--teacher", work / "syn-teacher", "--data", data, "--out", c, "--shard-size", 8192, *extra
+        )
         caches[views] = c
     res = {"classes": classes, "rows_1x": rows, "rows_10x": rows * 10}
     for views, c in caches.items():
         m = json.loads((c / "manifest.json").read_text())
         res[f"cache_mib_{views}x"] = sum(s["bytes"] for s in m["shards"]) / 2**20
-        kb, rps = peak_rss_train("--cache", c, "--student", "mlp", "--student-arg", "hidden=[128]", "--data", data,
-                                 "--out", work / f"syn-student-{views}x", "--epochs", 1, "--batch-size", batch,
-                                 "--num-workers", 0, "--overwrite")
+        kb, rps = peak_rss_train(
+            "--cache",
+            c,
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[128]",
+            "--data",
+            data,
+            "--out",
+            work / f"syn-student-{views}x",
+            "--epochs",
+            1,
+            "--batch-size",
+            batch,
+            "--num-workers",
+            0,
+            "--overwrite",
+        )
         res[f"peak_rss_mib_{views}x"] = kb / 1024
         res[f"train_rows_per_s_{views}x"] = rps
     res["rss_growth"] = res["peak_rss_mib_10x"] / res["peak_rss_mib_1x"] - 1
@@ -132,10 +169,10 @@ def cache_worker(args) -> None:
     rank 0 writes the best wall times (slowest rank, between barriers) to --result."""
     import torch
 
-    from kdcli.infra import distributed
     from kdcli.cache.manifest import split_contiguous
     from kdcli.config import CacheConfig
     from kdcli.data import _load_mnist, split_slice
+    from kdcli.infra import distributed
     from kdcli.models.classifiers import load_run_model
     from kdcli.stages.cache import cache_teacher
 
@@ -154,7 +191,7 @@ def cache_worker(args) -> None:
         model.eval()
         with torch.inference_mode():
             for a in range(0, len(x), 512):
-                torch.log_softmax(model(x[a:a + 512]).float(), -1).half().numpy()
+                torch.log_softmax(model(x[a : a + 512]).float(), -1).half().numpy()
 
     def timed(fn) -> float:
         ctx.barrier()
@@ -168,8 +205,19 @@ def cache_worker(args) -> None:
         out = Path(args.work) / f"mnist-cache-{ctx.world}p-{r}"
         if ctx.is_main:
             shutil.rmtree(out, ignore_errors=True)  # a fresh cache each time (timed() starts with a barrier)
-        cache_s.append(timed(lambda: cache_teacher(CacheConfig(teacher=args.teacher, data=f"mnist:train[:{rows}]",
-                                                               out=str(out), shard_size=shard, batch_size=512))))
+        cache_s.append(
+            timed(
+                lambda out=out: cache_teacher(
+                    CacheConfig(
+                        teacher=args.teacher,
+                        data=f"mnist:train[:{rows}]",
+                        out=str(out),
+                        shard_size=shard,
+                        batch_size=512,
+                    )
+                )
+            )
+        )
     # the part of cache-teacher's overhead that is hashing every data row for the manifest (each rank hashes all)
     from kdcli.data import fingerprint, row_hashes
 
@@ -187,17 +235,47 @@ def caching_cost(work: Path, args) -> dict:
     teacher = work / "mnist-teacher"
     # A 784-1200-1200-10 teacher (Hinton et al.'s MNIST teacher), one short epoch: its cost per row is what matters.
     if not (teacher / "summary.json").exists():
-        kdcli("train-student", "--student", "mlp", "--student-arg", "hidden=[1200,1200]", "--data",
-              "mnist:train[:5000]", "--out", teacher, "--epochs", 1)
-    common = [__file__, "--worker-cache", "--teacher", str(teacher), "--work", str(work), "--mnist-rows",
-              str(args.mnist_rows), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        kdcli(
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[1200,1200]",
+            "--data",
+            "mnist:train[:5000]",
+            "--out",
+            teacher,
+            "--epochs",
+            1,
+        )
+    common = [
+        __file__,
+        "--worker-cache",
+        "--teacher",
+        str(teacher),
+        "--work",
+        str(work),
+        "--mnist-rows",
+        str(args.mnist_rows),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     res = {"mnist_rows": args.mnist_rows}
     for procs in (1, 2):
         result = work / f"cache-{procs}p.json"
-        launch = [sys.executable] if procs == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
-        p = subprocess.run([*launch, *common, "--result", str(result)], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1" if procs > 1 else str(args.threads)})
+        launch = (
+            [sys.executable]
+            if procs == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+        )
+        p = subprocess.run(
+            [*launch, *common, "--result", str(result)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1" if procs > 1 else str(args.threads)},
+        )
         if p.returncode:
             raise SystemExit(f"caching benchmark on {procs} process(es) failed:\n{p.stderr[-3000:]}")
         r = json.loads(result.read_text())
@@ -237,18 +315,24 @@ def main() -> None:
     print(json.dumps(res, indent=2))
     if "memory" in res:
         m = res["memory"]
-        print(f"peak RSS train-student 1x / 10x cache : {m['peak_rss_mib_1x']:.0f} / {m['peak_rss_mib_10x']:.0f} MiB "
-              f"(caches {m['cache_mib_1x']:.0f} / {m['cache_mib_10x']:.0f} MiB): growth {m['rss_growth']:+.1%} "
-              "(target <= 10%)")
-        print(f"reader alone / student step alone     : {m['reader_over_step']:.1f}x  ({m['reader_rows_per_s']:,.0f} "
-              f"vs {m['step_rows_per_s']:,.0f} rows/s; target > 1)")
+        print(
+            f"peak RSS train-student 1x / 10x cache : {m['peak_rss_mib_1x']:.0f} / {m['peak_rss_mib_10x']:.0f} MiB "
+            f"(caches {m['cache_mib_1x']:.0f} / {m['cache_mib_10x']:.0f} MiB): growth {m['rss_growth']:+.1%} "
+            "(target <= 10%)"
+        )
+        print(
+            f"reader alone / student step alone     : {m['reader_over_step']:.1f}x  ({m['reader_rows_per_s']:,.0f} "
+            f"vs {m['step_rows_per_s']:,.0f} rows/s; target > 1)"
+        )
     if "caching" in res:
         c = res["caching"]
         for p in (1, 2):
-            print(f"cache-teacher / bare inference, {p} proc : {c[f'cache_over_bare_{p}p']:.3f}  "
-                  f"({c[f'cache_s_{p}p']:.2f} s vs {c[f'bare_s_{p}p']:.2f} s, {c['mnist_rows']} rows, target <= 1.05); "
-                  f"without the {c[f'row_hashing_s_{p}p']:.2f} s of row hashing: "
-                  f"{c[f'cache_minus_hashing_over_bare_{p}p']:.3f}")
+            print(
+                f"cache-teacher / bare inference, {p} proc : {c[f'cache_over_bare_{p}p']:.3f}  "
+                f"({c[f'cache_s_{p}p']:.2f} s vs {c[f'bare_s_{p}p']:.2f} s, {c['mnist_rows']} rows, target <= 1.05); "
+                f"without the {c[f'row_hashing_s_{p}p']:.2f} s of row hashing: "
+                f"{c[f'cache_minus_hashing_over_bare_{p}p']:.3f}"
+            )
         print(f"cache-teacher wall 1 proc / 2 procs   : {c['speedup_2p']:.2f}x")
 
 

@@ -44,7 +44,7 @@ def bare_inference(run_dir: Path, spec: str, batch_size: int) -> float:
     outs = []
     with torch.inference_mode():
         for a in range(0, len(x), batch_size):
-            outs.append(torch.log_softmax(model(x[a:a + batch_size]).float(), -1).half().numpy())
+            outs.append(torch.log_softmax(model(x[a : a + batch_size]).float(), -1).half().numpy())
     return time.perf_counter() - t0
 
 
@@ -58,7 +58,7 @@ def bare_train_epoch(x: torch.Tensor, y: torch.Tensor, hidden: list[int], batch_
     perm = torch.randperm(len(x))
     t0 = CLOCK()
     for a in range(0, len(x), batch_size):
-        idx = perm[a:a + batch_size]
+        idx = perm[a : a + batch_size]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -71,20 +71,34 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=60000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--teacher", choices=("mlp", "cnn"), default="mlp",
-                    help="mlp: 784-1200-1200-10 (cheap per row); cnn: the built-in cnn (a costlier, more typical teacher)")
-    ap.add_argument("--student-hidden", type=int, nargs="+", default=[128],
-                    help="student MLP hidden sizes (128: per-step overhead dominates; 800 800: Hinton's student)")
+    ap.add_argument(
+        "--teacher",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp: 784-1200-1200-10 (cheap per row); cnn: the built-in cnn (a costlier, more typical teacher)",
+    )
+    ap.add_argument(
+        "--student-hidden",
+        type=int,
+        nargs="+",
+        default=[128],
+        help="student MLP hidden sizes (128: per-step overhead dominates; 800 800: Hinton's student)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--train-only", action="store_true", help="skip the cache-teacher timing (part 1)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: time both training epochs in CPU seconds of this process (time.process_time; with "
-                         "--threads 1 what a busy shared machine cannot inflate by descheduling us)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: time both training epochs in CPU seconds of this process (time.process_time; with "
+        "--threads 1 what a busy shared machine cannot inflate by descheduling us)",
+    )
     args = ap.parse_args()
     if args.clock == "cpu":  # kdcli's epoch timer (metrics.jsonl "seconds") reads the same clock as the bare loop
         global CLOCK
         CLOCK = time.process_time
         import kdcli.stages.train
+
         kdcli.stages.train.time = SimpleNamespace(perf_counter=time.process_time)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,23 +107,33 @@ def main() -> None:
     teacher = work / "teacher"
     # One short epoch: the teacher's cost per row is what matters, not its accuracy.
     teacher_args = {"hidden": [1200, 1200]} if args.teacher == "mlp" else {"channels": [32, 64], "hidden": 256}
-    train_student(TrainConfig(student=args.teacher, student_args=teacher_args, data="mnist:train[:5000]",
-                              out=str(teacher), epochs=1))
+    train_student(
+        TrainConfig(
+            student=args.teacher, student_args=teacher_args, data="mnist:train[:5000]", out=str(teacher), epochs=1
+        )
+    )
 
     cache_times, bare_times = [], []
     for r in range(args.repeats if not args.train_only else 1):
         bare_times.append(bare_inference(teacher, spec, args.batch_size))
         t0 = time.perf_counter()
-        cache_teacher(CacheConfig(teacher=str(teacher), data=spec, out=str(work / f"cache-full-{r}"),
-                                  batch_size=args.batch_size))
+        cache_teacher(
+            CacheConfig(teacher=str(teacher), data=spec, out=str(work / f"cache-full-{r}"), batch_size=args.batch_size)
+        )
         cache_times.append(time.perf_counter() - t0)
 
     sizes = {}
     for mode, extra in (("full", {}), ("topk", {"top_k": 5}), ("sample", {"mode": "sample", "samples": 16}))[
-            :1 if args.train_only else 3]:
+        : 1 if args.train_only else 3
+    ]:
         out = work / f"cache-{mode}"
-        s = cache_teacher(CacheConfig(teacher=str(teacher), data=spec, out=str(out), batch_size=args.batch_size,
-                                      **extra)) if mode != "full" else None
+        s = (
+            cache_teacher(
+                CacheConfig(teacher=str(teacher), data=spec, out=str(out), batch_size=args.batch_size, **extra)
+            )
+            if mode != "full"
+            else None
+        )
         m = json.loads(((work / "cache-full-0") if mode == "full" else out).joinpath("manifest.json").read_text())
         total = sum(sh["bytes"] for sh in m["shards"])
         sizes[mode] = total / m["num_rows"]
@@ -124,26 +148,46 @@ def main() -> None:
     for r in range(args.repeats):
         bare_epoch.append(bare_train_epoch(x, y, hidden, bs, seed=r))
         run = work / f"student-{r}"
-        train_student(TrainConfig(student="mlp", student_args={"hidden": hidden}, data=spec, out=str(run),
-                                  cache=str(work / "cache-full-0"), epochs=1, batch_size=bs, seed=r))
+        train_student(
+            TrainConfig(
+                student="mlp",
+                student_args={"hidden": hidden},
+                data=spec,
+                out=str(run),
+                cache=str(work / "cache-full-0"),
+                epochs=1,
+                batch_size=bs,
+                seed=r,
+            )
+        )
         kd_epoch.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["seconds"])
 
     ratios = sorted(k / b for k, b in zip(kd_epoch, bare_epoch))
     res = {
-        "rows": args.rows, "teacher": args.teacher, "student_hidden": hidden,
-        "cache_teacher_s": min(cache_times), "bare_inference_s": min(bare_times),
+        "rows": args.rows,
+        "teacher": args.teacher,
+        "student_hidden": hidden,
+        "cache_teacher_s": min(cache_times),
+        "bare_inference_s": min(bare_times),
         "cache_over_bare": min(cache_times) / min(bare_times),
-        "train_epoch_s": min(kd_epoch), "bare_train_epoch_s": min(bare_epoch),
-        "train_over_bare": min(kd_epoch) / min(bare_epoch), "train_over_bare_per_repeat": ratios,
-        "threads": torch.get_num_threads(), "clock": args.clock,
+        "train_epoch_s": min(kd_epoch),
+        "bare_train_epoch_s": min(bare_epoch),
+        "train_over_bare": min(kd_epoch) / min(bare_epoch),
+        "train_over_bare_per_repeat": ratios,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "bytes_per_row": sizes,
     }
     print(json.dumps(res, indent=2))
-    print(f"cache-teacher / bare inference : {res['cache_over_bare']:.3f}  ({res['cache_teacher_s']:.2f} s vs "
-          f"{res['bare_inference_s']:.2f} s, {args.rows} rows, {args.teacher} teacher, target <= 1.05)")
-    print(f"train epoch / bare label epoch : {res['train_over_bare']:.3f}  ({res['train_epoch_s']:.2f} s vs "
-          f"{res['bare_train_epoch_s']:.2f} s, student 784-{'-'.join(map(str, hidden))}-10, target <= 1.10; per "
-          f"repeat {ratios[0]:.3f}..{ratios[-1]:.3f}, {res['threads']} thread(s), {args.clock} clock)")
+    print(
+        f"cache-teacher / bare inference : {res['cache_over_bare']:.3f}  ({res['cache_teacher_s']:.2f} s vs "
+        f"{res['bare_inference_s']:.2f} s, {args.rows} rows, {args.teacher} teacher, target <= 1.05)"
+    )
+    print(
+        f"train epoch / bare label epoch : {res['train_over_bare']:.3f}  ({res['train_epoch_s']:.2f} s vs "
+        f"{res['bare_train_epoch_s']:.2f} s, student 784-{'-'.join(map(str, hidden))}-10, target <= 1.10; per "
+        f"repeat {ratios[0]:.3f}..{ratios[-1]:.3f}, {res['threads']} thread(s), {args.clock} clock)"
+    )
     print("bytes per row: " + ", ".join(f"{k} {v:.1f} B" for k, v in sizes.items()))
 
 

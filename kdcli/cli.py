@@ -11,20 +11,34 @@ import dataclasses
 import inspect
 import signal
 import sys
-import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-
 from rich.markup import escape
 
-from kdcli.config import (CLASSIFICATION, LANGUAGE_MODEL, PANELS, TASKS, CacheConfig, CompressConfig, EvalConfig, TrainConfig, field_type, fields_of,
-                          flag_name, parse_kv, resolve)
+from kdcli.config import (
+    CLASSIFICATION,
+    LANGUAGE_MODEL,
+    PANELS,
+    TASKS,
+    CacheConfig,
+    CompressConfig,
+    EvalConfig,
+    TrainConfig,
+    field_type,
+    fields_of,
+    flag_name,
+    parse_kv,
+    resolve,
+)
 from kdcli.infra.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, CacheError, CheckFailed, KdError
 
-EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
-                   "3 cache invalid or mismatched, 4 internal error, 130 interrupted.")
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 a requested check failed, 2 bad usage/config/input, "
+    "3 cache invalid or mismatched, 4 internal error, 130 interrupted."
+)
 
 
 def _err(msg: str) -> None:
@@ -39,8 +53,10 @@ def _click_exception(name: str) -> type[Exception]:
     for cls in typer.BadParameter.__mro__:
         if cls.__name__ == name:
             return cls
-    raise ImportError(f"typer {typer.__version__}: typer.BadParameter has no base class {name}; kdcli needs a typer "
-                      "whose BadParameter derives from click's UsageError (pip install 'typer>=0.16')")
+    raise ImportError(
+        f"typer {typer.__version__}: typer.BadParameter has no base class {name}; kdcli needs a typer "
+        "whose BadParameter derives from click's UsageError (pip install 'typer>=0.16')"
+    )
 
 
 USAGE_ERROR = _click_exception("UsageError")
@@ -52,8 +68,9 @@ class OneLineErrors(typer.core.TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(args=args, prog_name=prog_name or "kdcli", complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            rv = super().main(
+                args=args, prog_name=prog_name or "kdcli", complete_var=complete_var, standalone_mode=False, **extra
+            )
             code = rv if isinstance(rv, int) else 0
         except USAGE_ERROR as e:
             cmd = e.ctx.command_path if e.ctx is not None else "kdcli"
@@ -95,19 +112,27 @@ class OneValuePerOption(typer.core.TyperCommand):
                 for p in order:
                     if seen[id(p)] > 1 and p.param_type_name == "option" and not p.multiple:
                         name, n = "/".join(p.opts + p.secondary_opts), seen[id(p)]
-                        what = "is a switch" if p.is_flag else "takes one value, and kdcli does not silently keep " \
-                                                               "the last"
+                        what = (
+                            "is a switch" if p.is_flag else "takes one value, and kdcli does not silently keep the last"
+                        )
                         raise USAGE_ERROR(f"{name} given {n} times; it {what}: give it once", ctx=ctx)
         return super().parse_args(ctx, args)
 
 
 # name: the program name CliRunner shows too (it would say "root"); python -m kdcli passes "kdcli" itself.
-app = typer.Typer(cls=OneLineErrors, name="kdcli", add_completion=False, no_args_is_help=True,
-                  pretty_exceptions_enable=False, rich_markup_mode="rich",
-                  help="Offline knowledge distillation: run the teacher once, cache its log-probabilities, train "
-                       "any number of students from the cache. " + EXIT_CODES_HELP)
-cache_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, rich_markup_mode="rich",
-                        help="Inspect and check teacher caches.")
+app = typer.Typer(
+    cls=OneLineErrors,
+    name="kdcli",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="Offline knowledge distillation: run the teacher once, cache its log-probabilities, train "
+    "any number of students from the cache. " + EXIT_CODES_HELP,
+)
+cache_app = typer.Typer(
+    cls=OneLineErrors, no_args_is_help=True, rich_markup_mode="rich", help="Inspect and check teacher caches."
+)
 app.add_typer(cache_app, name="cache")
 
 
@@ -120,8 +145,11 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print the kdcli version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the kdcli version and exit."
+    ),
+) -> None:
     """Offline knowledge distillation."""
 
 
@@ -145,12 +173,16 @@ def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         from kdcli.infra.atomic import is_disk_full
 
         if is_disk_full(e):  # any write path: a full disk is the environment's problem, not kdcli's (exit 2)
-            _err(f"error: no space left on device ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); free "
-                 "some space and re-run the same command: whole shards/checkpoints already written are kept")
+            _err(
+                f"error: no space left on device ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); free "
+                "some space and re-run the same command: whole shards/checkpoints already written are kept"
+            )
             raise typer.Exit(EXIT_USAGE) from None
         first = (str(e).splitlines() or [""])[0][:300]
-        _err(f"error: internal error {e.__class__.__name__}: {first} (re-run with --debug for the traceback, and "
-             "please report it)")
+        _err(
+            f"error: internal error {e.__class__.__name__}: {first} (re-run with --debug for the traceback, and "
+            "please report it)"
+        )
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
@@ -182,22 +214,40 @@ def _option_params(cls: type) -> list[inspect.Parameter]:
         if len(tasks) == 1:
             help_text += f" [{ONLY[tasks[0]]}]"
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        annotation = Optional[bool] if tp is bool else Optional[typing.List[str]] if tp in (dict, list) else \
-            Optional[tp]
+        annotation = Optional[bool] if tp is bool else Optional[list[str]] if tp in (dict, list) else Optional[tp]
         metavar = {int: "N", float: "X", dict: "KEY=VALUE", bool: ""}.get(tp, f.name.upper())
         if required:  # checked by resolve() (it may come from --config), marked here
             help_text += " [required]"
-        option = typer.Option(None, _flag(f.name, tp), help=escape(help_text), show_default=False, metavar=metavar,
-                              rich_help_panel=f.metadata["panel"])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=annotation))
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                    default=typer.Option(None, "--config", help="YAML file of options (keys = flag "
-                                                         "names with underscores); flags override it.",
-                                                         rich_help_panel="Output")))
-    params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                                    default=typer.Option(False, "--debug", help="Show tracebacks.",
-                                                         rich_help_panel="Output")))
+        option = typer.Option(
+            None,
+            _flag(f.name, tp),
+            help=escape(help_text),
+            show_default=False,
+            metavar=metavar,
+            rich_help_panel=f.metadata["panel"],
+        )
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Path],
+            default=typer.Option(
+                None,
+                "--config",
+                help="YAML file of options (keys = flag names with underscores); flags override it.",
+                rich_help_panel="Output",
+            ),
+        )
+    )
+    params.append(
+        inspect.Parameter(
+            "debug",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--debug", help="Show tracebacks.", rich_help_panel="Output"),
+        )
+    )
     return params
 
 
@@ -248,8 +298,8 @@ def _train_student(cfg: TrainConfig) -> None:
 
 
 def _eval(cfg: EvalConfig) -> int:
-    from kdcli.stages.evaluate import evaluate
     from kdcli.report import print_json, show
+    from kdcli.stages.evaluate import evaluate
 
     report = evaluate(cfg)
     if cfg.plot:
@@ -266,8 +316,8 @@ def _eval(cfg: EvalConfig) -> int:
 
 
 def _compress(cfg: CompressConfig) -> None:
-    from kdcli.stages.compress import compress
     from kdcli.report import print_json, show
+    from kdcli.stages.compress import compress
 
     summary = compress(cfg)
     if cfg.json:
@@ -276,28 +326,55 @@ def _compress(cfg: CompressConfig) -> None:
         show(summary)
 
 
-command(app, "cache-teacher", CacheConfig, _cache_teacher,
-        "Example: kdcli cache-teacher --teacher runs/teacher --data mnist:train --out cache/mnist --top-k 5")
-command(app, "train-student", TrainConfig, _train_student,
-        "Example: kdcli train-student --cache cache/mnist --student mlp --student-arg hidden=[256] "
-        "--data mnist:train --out runs/student --temperature 4 --alpha 0.9")
-command(app, "eval", EvalConfig, _eval,
-        "Example: kdcli eval --model runs/teacher --model runs/student --data mnist:test --cache cache/test "
-        "--json")
-command(app, "compress", CompressConfig, _compress,
-        "Example: kdcli compress --model runs/student --out runs/student-int8 --prune 0.5 --structured "
-        "--quantize int8")
+command(
+    app,
+    "cache-teacher",
+    CacheConfig,
+    _cache_teacher,
+    "Example: kdcli cache-teacher --teacher runs/teacher --data mnist:train --out cache/mnist --top-k 5",
+)
+command(
+    app,
+    "train-student",
+    TrainConfig,
+    _train_student,
+    "Example: kdcli train-student --cache cache/mnist --student mlp --student-arg hidden=[256] "
+    "--data mnist:train --out runs/student --temperature 4 --alpha 0.9",
+)
+command(
+    app,
+    "eval",
+    EvalConfig,
+    _eval,
+    "Example: kdcli eval --model runs/teacher --model runs/student --data mnist:test --cache cache/test --json",
+)
+command(
+    app,
+    "compress",
+    CompressConfig,
+    _compress,
+    "Example: kdcli compress --model runs/student --out runs/student-int8 --prune 0.5 --structured --quantize int8",
+)
 
 
 @cache_app.command("verify", cls=OneValuePerOption, epilog="Example: kdcli cache verify cache/mnist --json")
 def cache_verify(
-    cache_dir: Annotated[Path, typer.Argument(show_default=False, metavar="CACHE_DIR",
-                                              help="Cache directory (manifest.json + shard-*.h5).")],
-    data: Annotated[Optional[str], typer.Option("--data", metavar="DATA", show_default=False,
-                                                help="Also check every row hash against DATA (classification "
-                                                     "caches).")] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of a "
-                                                      "table.")] = False,
+    cache_dir: Annotated[
+        Path,
+        typer.Argument(show_default=False, metavar="CACHE_DIR", help="Cache directory (manifest.json + shard-*.h5)."),
+    ],
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            metavar="DATA",
+            show_default=False,
+            help="Also check every row hash against DATA (classification caches).",
+        ),
+    ] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of a table.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Re-hash every shard against the manifest's sha256 and check its contents: datasets, dtypes and shapes, row

@@ -60,8 +60,13 @@ class LabelledData:
         return fingerprint(self.row_hash)
 
     def identity(self) -> dict:
-        return {"spec": self.spec, "num_samples": self.n, "num_classes": self.num_classes,
-                "input_shape": list(self.input_shape), "fingerprint": self.fingerprint}
+        return {
+            "spec": self.spec,
+            "num_samples": self.n,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "fingerprint": self.fingerprint,
+        }
 
 
 def row_hashes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -71,7 +76,7 @@ def row_hashes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     digests = []
     for i in range(len(x)):
         h = hashlib.blake2b(x[i], digest_size=8)  # hashes the row's buffer in place, no copy
-        h.update(yb[8 * i:8 * i + 8])
+        h.update(yb[8 * i : 8 * i + 8])
         digests.append(h.digest())
     return np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
 
@@ -87,8 +92,9 @@ def split_slice(spec: str) -> tuple[str, slice | None]:
     m = _SLICE.match(spec)
     if not m:
         if spec.endswith("]") and "[" in spec:
-            raise UsageError(f"DATA {spec!r}: a slice is [start:stop] with integers, e.g. data.jsonl[0:100] or "
-                             "mnist:train[:10000]")
+            raise UsageError(
+                f"DATA {spec!r}: a slice is [start:stop] with integers, e.g. data.jsonl[0:100] or mnist:train[:10000]"
+            )
         return spec, None
     a = int(m["a"]) if m["a"] else None
     b = int(m["b"]) if m["b"] else None
@@ -106,21 +112,28 @@ def split_filter(spec: str) -> tuple[str, tuple[str, frozenset[int]] | None]:
         return spec, None
     key = m["key"]
     if key not in FILTER_KEYS:
-        raise UsageError(f"{spec}: unknown data filter '?{key}='; use ?omit=LABELS (drop rows with these labels) "
-                         "or ?only=LABELS (keep only these), e.g. mnist:train?omit=3")
+        raise UsageError(
+            f"{spec}: unknown data filter '?{key}='; use ?omit=LABELS (drop rows with these labels) "
+            "or ?only=LABELS (keep only these), e.g. mnist:train?omit=3"
+        )
     try:
         labels = frozenset(int(v) for v in m["labels"].split(","))
     except ValueError:
-        raise UsageError(f"{spec}: '?{key}=' needs comma-separated integer labels, e.g. ?{key}=3 or "
-                         f"?{key}=3,5; got {m['labels']!r}") from None
+        raise UsageError(
+            f"{spec}: '?{key}=' needs comma-separated integer labels, e.g. ?{key}=3 or ?{key}=3,5; got {m['labels']!r}"
+        ) from None
     return m["base"], (key, labels)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (the MNIST file is a pickle; no other global may load)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -160,8 +173,10 @@ def _load_arrays_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in ("x", "y") if k not in z.files]
                 if missing:
-                    raise UsageError(f"{path} has no array {missing[0]!r} (found: {', '.join(z.files) or 'none'}); "
-                                     "an .npz needs arrays x (inputs) and y (integer labels)")
+                    raise UsageError(
+                        f"{path} has no array {missing[0]!r} (found: {', '.join(z.files) or 'none'}); "
+                        "an .npz needs arrays x (inputs) and y (integer labels)"
+                    )
                 return z["x"], z["y"]
         import h5py
 
@@ -208,18 +223,20 @@ def load_data(spec: str, *, num_classes: int | None = None) -> LabelledData:
     elif base.endswith(".jsonl"):
         raise UsageError(f"{spec}: JSONL text data is for language-model caches (see the README's LM section)")
     else:
-        raise UsageError(f"unrecognised DATA spec {spec!r}; use mnist:train, mnist:test, file.npz, file.h5 "
-                         "or path/to/file.py:factory")
+        raise UsageError(
+            f"unrecognised DATA spec {spec!r}; use mnist:train, mnist:test, file.npz, file.h5 "
+            "or path/to/file.py:factory"
+        )
     if sl is not None:
         x, y = x[sl], y[sl]
     x = np.asarray(x)
     y = np.asarray(y)
     if x.dtype.kind not in "fiub" or x.ndim < 2:
-        raise UsageError(f"{spec}: x must be a numeric array of shape (rows, features...); got "
-                         f"{x.dtype} {x.shape}")
+        raise UsageError(f"{spec}: x must be a numeric array of shape (rows, features...); got {x.dtype} {x.shape}")
     if y.ndim != 1 or len(y) != len(x):
-        raise UsageError(f"{spec}: y must be a 1-D array with one label per row of x; got shape {y.shape} "
-                         f"for {len(x)} rows")
+        raise UsageError(
+            f"{spec}: y must be a 1-D array with one label per row of x; got shape {y.shape} for {len(x)} rows"
+        )
     if len(y) == 0:
         raise UsageError(f"{spec}: the dataset is empty")
     if y.dtype.kind == "f":
@@ -239,11 +256,18 @@ def load_data(spec: str, *, num_classes: int | None = None) -> LabelledData:
     if label_filter is not None:  # after counting classes: the filtered data keeps the full label space
         key, labels = label_filter
         if max(labels) >= classes or min(labels) < 0:
-            raise UsageError(f"{spec}: filter label {max(labels) if max(labels) >= classes else min(labels)} is "
-                             f"out of range for {classes} classes (0..{classes - 1})")
+            raise UsageError(
+                f"{spec}: filter label {max(labels) if max(labels) >= classes else min(labels)} is "
+                f"out of range for {classes} classes (0..{classes - 1})"
+            )
         mask = np.isin(y, sorted(labels), invert=(key == "omit"))
         x, y = x[mask], y[mask]
         if len(y) == 0:
             raise UsageError(f"{spec}: the filter ?{key}={','.join(map(str, sorted(labels)))} leaves no rows")
-    return LabelledData(spec=spec, x=torch.from_numpy(np.ascontiguousarray(x)), y=torch.from_numpy(y),
-                        num_classes=classes, row_hash=row_hashes(x, y))
+    return LabelledData(
+        spec=spec,
+        x=torch.from_numpy(np.ascontiguousarray(x)),
+        y=torch.from_numpy(y),
+        num_classes=classes,
+        row_hash=row_hashes(x, y),
+    )

@@ -33,8 +33,15 @@ from kdcli.cache.modes import check_temperature
 from kdcli.cache.modes.base import DIVERGENCES, Targets, fmt_temperatures
 
 
-def soft_kl(student_logits: torch.Tensor, targets: Targets, temperature: float, divergence: str = "forward",
-            beta: float = 0.5, *, approximate: bool = False) -> torch.Tensor:
+def soft_kl(
+    student_logits: torch.Tensor,
+    targets: Targets,
+    temperature: float,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    *,
+    approximate: bool = False,
+) -> torch.Tensor:
     """(b,) divergence between teacher_T and student_T per row, *without* the T^2 factor.
 
     ``divergence``: ``forward`` KL(p || q) (Hinton et al. 2015), ``reverse`` KL(q || p) (mode-seeking; MiniLLM,
@@ -111,9 +118,18 @@ class _FullForwardKD(torch.autograd.Function):
         return g.mul_(grad_total), None, None, None, None
 
 
-def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None, *,
-            temperature: float, alpha: float, weight: torch.Tensor | None = None, divergence: str = "forward",
-            beta: float = 0.5, approximate: bool = False) -> LossParts:
+def kd_loss(
+    student_logits: torch.Tensor,
+    targets: Targets | None,
+    labels: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    weight: torch.Tensor | None = None,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    approximate: bool = False,
+) -> LossParts:
     """``alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(labels)``, averaged over rows.
 
     ``D`` is forward KL(teacher || student) by default (see :func:`soft_kl` for reverse and jsd); T^2 scales every
@@ -126,17 +142,19 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch
     # more in dispatch than in arithmetic for a classifier's (b, 10) logits: the step of a small student is
     # dominated by their number (benchmarks/bench_spine.py).
     b = student_logits.shape[0]
-    if (weight is None and targets is not None and targets.dense and divergence == "forward"
-            and alpha > 0):  # the common classifier case: one fused function, closed-form gradient
-        total, soft, hard = _FullForwardKD.apply(student_logits.float(), targets.logprobs, labels,
-                                                 float(temperature), float(alpha))
+    if (
+        weight is None and targets is not None and targets.dense and divergence == "forward" and alpha > 0
+    ):  # the common classifier case: one fused function, closed-form gradient
+        total, soft, hard = _FullForwardKD.apply(
+            student_logits.float(), targets.logprobs, labels, float(temperature), float(alpha)
+        )
         return LossParts(total=total, soft=soft, hard=hard)
     w = None if weight is None else weight.float()
     denom = float(max(b, 1)) if w is None else w.sum().clamp_min(1.0)
     soft = hard = None
     if targets is not None and alpha > 0:
         kl = soft_kl(student_logits, targets, temperature, divergence, beta, approximate=approximate)
-        soft = (temperature ** 2) * (kl if w is None else kl * w).sum() / denom
+        soft = (temperature**2) * (kl if w is None else kl * w).sum() / denom
     if labels is not None and alpha < 1:
         ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
         hard = (ce if w is None else ce * w).sum() / denom
@@ -146,22 +164,39 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets | None, labels: torch
     return LossParts(total=alpha * soft + (1.0 - alpha) * hard, soft=soft, hard=hard)
 
 
-def describe(alpha: float, temperature: float, has_cache: bool, divergence: str = "forward",
-             beta: float = 0.5, *, mode: str | None = None, temperatures=None, approximate: bool = False,
-             note: str = "", approximation: str = "") -> str:
+def describe(
+    alpha: float,
+    temperature: float,
+    has_cache: bool,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    *,
+    mode: str | None = None,
+    temperatures=None,
+    approximate: bool = False,
+    note: str = "",
+    approximation: str = "",
+) -> str:
     """The resolved loss, printed when training starts; with ``mode`` (and the cache's stored ``temperatures``)
     it also says what the soft term is at T: ``note`` (the mode's: exact, an unbiased estimate ...) at a stored T,
     else the documented ``approximation``."""
     T = temperature
     if not has_cache or alpha == 0:
         return "loss = CE(student, labels)   [alpha = 0: no teacher term]"
-    term = {"forward": "KL(teacher_T || student_T)", "reverse": "KL(student_T || teacher_T)",
-            "jsd": f"JSD_beta={beta:g}(teacher_T, student_T)"}[divergence]
-    out = (f"loss = {alpha:g} * {T:g}^2 * {term} + {1 - alpha:g} * CE(student, labels)   "
-           f"[T = {T:g}; soft weight alpha*T^2 = {alpha * T * T:g}]")
+    term = {
+        "forward": "KL(teacher_T || student_T)",
+        "reverse": "KL(student_T || teacher_T)",
+        "jsd": f"JSD_beta={beta:g}(teacher_T, student_T)",
+    }[divergence]
+    out = (
+        f"loss = {alpha:g} * {T:g}^2 * {term} + {1 - alpha:g} * CE(student, labels)   "
+        f"[T = {T:g}; soft weight alpha*T^2 = {alpha * T * T:g}]"
+    )
     if mode is None:
         return out
     if check_temperature(mode, temperatures or (1.0,), T, approximate):
         return out + f"   [{mode} cache: {note} at T = {T:g}]"
-    return out + (f"   [{mode} cache stores T = {fmt_temperatures(sorted({1.0, *temperatures}))}: APPROXIMATE at "
-                  f"T = {T:g} ({approximation})]")
+    return out + (
+        f"   [{mode} cache stores T = {fmt_temperatures(sorted({1.0, *temperatures}))}: APPROXIMATE at "
+        f"T = {T:g} ({approximation})]"
+    )

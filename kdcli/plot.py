@@ -58,8 +58,12 @@ def error_curve(run_dir: Path, label: str | None = None) -> ErrorCurve | None:
         xs = [int(r.get("step", r["epoch"])) * int(batch) for r in records]
     else:
         xs = [int(r["epoch"]) * int(rows_per_epoch) for r in records]
-    return ErrorCurve(label=label or run_dir.name, rows_seen=xs, errors=[int(r["eval_errors"]) for r in records],
-                      eval_data=config.get("eval_data"))
+    return ErrorCurve(
+        label=label or run_dir.name,
+        rows_seen=xs,
+        errors=[int(r["eval_errors"]) for r in records],
+        eval_data=config.get("eval_data"),
+    )
 
 
 def _read_yaml(path: Path) -> dict:
@@ -93,8 +97,10 @@ def _labels(report) -> list[str]:
 def build_figure(report):
     """A matplotlib ``Figure`` for an EvalReport: error curves (left) and the reliability diagram (right)."""
     if getattr(report, "kind", None) == "lm" or not hasattr(report.models[0], "reliability"):
-        raise UsageError("--plot draws classification reports (error curves, reliability); it does not support "
-                         "JSONL text evaluations")
+        raise UsageError(
+            "--plot draws classification reports (error curves, reliability); it does not support "
+            "JSONL text evaluations"
+        )
     Figure = _figure_class()
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_err, ax_rel = fig.subplots(1, 2)
@@ -120,8 +126,14 @@ def build_figure(report):
         ax_err.legend()
     missing = [name for c, name in zip(curves, labels) if c is None]
     if missing:
-        ax_err.text(0.02, 0.02, "no per-epoch test metrics (train with --eval-data): " + ", ".join(missing),
-                    transform=ax_err.transAxes, fontsize=8, va="bottom")
+        ax_err.text(
+            0.02,
+            0.02,
+            "no per-epoch test metrics (train with --eval-data): " + ", ".join(missing),
+            transform=ax_err.transAxes,
+            fontsize=8,
+            va="bottom",
+        )
 
     ax_rel.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
     low = 1.0  # zoom on the occupied range (MNIST models sit near confidence 1), diagonal kept
@@ -130,10 +142,15 @@ def build_figure(report):
         if not bins:
             continue
         sizes = [12 + 60 * math.sqrt(b["count"] / m.num_samples) for b in bins]
-        line, = ax_rel.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], linewidth=1,
-                            label=f"{name} (ECE {m.ece:.4f})")
-        ax_rel.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=sizes,
-                       color=line.get_color(), alpha=0.7)
+        (line,) = ax_rel.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            linewidth=1,
+            label=f"{name} (ECE {m.ece:.4f})",
+        )
+        ax_rel.scatter(
+            [b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=sizes, color=line.get_color(), alpha=0.7
+        )
         low = min(low, *(min(b["confidence"], b["accuracy"]) for b in bins))
     ax_rel.set_title(f"reliability on {report.data} (marker area ~ rows in bin)")
     ax_rel.set_xlabel("mean confidence in bin")

@@ -39,14 +39,16 @@ def print_json(obj: Any) -> None:
 def render(t: TableData) -> Table:
     """A :class:`TableData` as a rich table: with a header, one column per header cell; without one, a key-value
     table (the keys bold)."""
-    table = Table(title=t.title, show_header=t.header is not None, title_justify="left", caption=t.caption,
-                  caption_justify="left")
+    table = Table(
+        title=t.title, show_header=t.header is not None, title_justify="left", caption=t.caption, caption_justify="left"
+    )
     width = len(t.header) if t.header is not None else max((len(r) for r in t.rows), default=2)
     names = t.header or [""] * width
     for i, name in enumerate(names):
         justify = (t.justify or [])[i] if t.justify and i < len(t.justify) else "left"
-        table.add_column(name, justify=justify, style="bold" if i == 0 else None,
-                         overflow="fold" if t.fold else "ellipsis")
+        table.add_column(
+            name, justify=justify, style="bold" if i == 0 else None, overflow="fold" if t.fold else "ellipsis"
+        )
     for row in t.rows:
         table.add_row(*row)
     return table

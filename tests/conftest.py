@@ -59,11 +59,18 @@ def blobs_npz(tmp_path: Path) -> Path:
     return p
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None,
-            check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None, check: bool = False
+) -> subprocess.CompletedProcess:
     """Run kdcli as a CI shell script would: a real subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcli {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stderr}")
     return proc
@@ -76,6 +83,9 @@ def teacher_run(tmp_path: Path, blobs_npz: Path) -> Path:
     from kdcli.stages.train import train_student
 
     out = tmp_path / "teacher"
-    train_student(TrainConfig(student="mlp", student_args={"hidden": [32]}, data=str(blobs_npz), out=str(out),
-                              epochs=3, lr=3e-3, seed=0))
+    train_student(
+        TrainConfig(
+            student="mlp", student_args={"hidden": [32]}, data=str(blobs_npz), out=str(out), epochs=3, lr=3e-3, seed=0
+        )
+    )
     return out

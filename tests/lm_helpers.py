@@ -27,8 +27,12 @@ def make_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,8 +40,15 @@ def make_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     return directory
 
 
-def make_llama(directory: Path, tokenizer_dir: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0,
-               vocab_size: int | None = None) -> Path:
+def make_llama(
+    directory: Path,
+    tokenizer_dir: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> Path:
     """A random tiny LlamaForCausalLM saved as a HF directory (with the tokenizer files beside it)."""
     import shutil
 
@@ -47,10 +58,19 @@ def make_llama(directory: Path, tokenizer_dir: Path, *, hidden: int = 32, layers
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     V = vocab_size or len(tok)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # a peakier distribution than the default init, so top-k matters
         model.lm_head.weight.mul_(20.0)
@@ -67,8 +87,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def text_rows(n: int = 24) -> list[dict]:
-    return [{"text": CORPUS[i % len(CORPUS)] + (" " + CORPUS[(i * 3 + 1) % len(CORPUS)] if i % 2 else "")}
-            for i in range(n)]
+    return [
+        {"text": CORPUS[i % len(CORPUS)] + (" " + CORPUS[(i * 3 + 1) % len(CORPUS)] if i % 2 else "")} for i in range(n)
+    ]
 
 
 def prompt_rows(n: int = 16) -> list[dict]:
@@ -82,9 +103,12 @@ def two_prompt_setup(d: Path) -> dict:
     """A tiny llama teacher (to be cached under each of TEACHER_PROMPTS), a smaller llama student and 12 prompt
     rows: what the fused-teacher tests build their caches from."""
     tok = make_tokenizer(d / "tok")
-    return {"dir": d, "teacher": make_llama(d / "teacher", tok, seed=0),
-            "student": make_llama(d / "student", tok, hidden=16, layers=1, seed=1),
-            "data": write_jsonl(d / "pr.jsonl", prompt_rows(12))}
+    return {
+        "dir": d,
+        "teacher": make_llama(d / "teacher", tok, seed=0),
+        "student": make_llama(d / "student", tok, hidden=16, layers=1, seed=1),
+        "data": write_jsonl(d / "pr.jsonl", prompt_rows(12)),
+    }
 
 
 def smollm2_gguf() -> Path | None:

@@ -46,8 +46,13 @@ def test_full_round_trip_across_shards(tmp_path, teacher_run, blobs_npz):
     np.testing.assert_array_equal(part["logprobs"], rows["logprobs"][100:300])
     # each shard records its global row range and the manifest its checksum
     m = read_manifest(tmp_path / "c")
-    assert [(sh["row_start"], sh["row_stop"]) for sh in m["shards"]] == [(0, 128), (128, 256), (256, 384),
-                                                                          (384, 512), (512, 600)]
+    assert [(sh["row_start"], sh["row_stop"]) for sh in m["shards"]] == [
+        (0, 128),
+        (128, 256),
+        (256, 384),
+        (384, 512),
+        (512, 600),
+    ]
     for sh in m["shards"]:
         assert sha256_file(tmp_path / "c" / sh["name"]) == sh["sha256"]
         with h5py.File(tmp_path / "c" / sh["name"]) as f:
@@ -114,8 +119,16 @@ def test_augmented_views_store_params_and_match_teacher(tmp_path, teacher_run):
     y = (x.reshape(64, -1)[:, :8].sum(1) > 4).astype(np.int64)
     np.savez(tmp_path / "img.npz", x=x, y=y)
     train_student(TrainConfig(student="mlp", data=str(tmp_path / "img.npz"), out=str(tmp_path / "t"), epochs=1))
-    cache_teacher(CacheConfig(teacher=str(tmp_path / "t"), data=str(tmp_path / "img.npz"), out=str(tmp_path / "c"),
-                              views=3, augment="shift:1", shard_size=50))
+    cache_teacher(
+        CacheConfig(
+            teacher=str(tmp_path / "t"),
+            data=str(tmp_path / "img.npz"),
+            out=str(tmp_path / "c"),
+            views=3,
+            augment="shift:1",
+            shard_size=50,
+        )
+    )
     r = CacheReader(tmp_path / "c")
     assert r.num_rows == 192 and r.manifest["aug_param_names"] == ["dy", "dx"]
     rows = r.read_rows(0, 192)
@@ -149,8 +162,9 @@ def test_summary_reports_distinct_ids_per_row_for_sample_and_priority(tmp_path, 
     from kdcli.report import render
 
     def make(name, **kw):
-        return cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / name),
-                                         shard_size=256, **kw))
+        return cache_teacher(
+            CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / name), shard_size=256, **kw)
+        )
 
     s = make("s", mode="sample", samples=40)
     counts = []
@@ -178,17 +192,28 @@ def test_a_shard_with_impossible_values_is_never_published(tmp_path):
     from kdcli.cache.manifest import new_manifest, write_manifest
     from kdcli.cache.writer import ShardWriter
 
-    m = new_manifest(teacher={}, data={"num_samples": 4}, settings={}, num_rows=4,
-                     layout={"kind": "classification", "mode": "sample", "num_classes": 3, "samples": 300,
-                             "shard_size": 4})
+    m = new_manifest(
+        teacher={},
+        data={"num_samples": 4},
+        settings={},
+        num_rows=4,
+        layout={"kind": "classification", "mode": "sample", "num_classes": 3, "samples": 300, "shard_size": 4},
+    )
     write_manifest(tmp_path, m)
     counts = np.array([[300, 0], [200, 100], [255, 45], [1, 299]])
-    good = {"row_index": np.arange(4), "sample_index": np.arange(4), "row_hash": np.arange(4, dtype=np.uint64),
-            "sample_ids": np.array([[0, 0], [0, 1], [1, 2], [0, 2]], np.uint16),
-            "sample_logprobs": np.log(np.full((4, 2), 0.3, np.float32)).astype(np.float16)}
+    good = {
+        "row_index": np.arange(4),
+        "sample_index": np.arange(4),
+        "row_hash": np.arange(4, dtype=np.uint64),
+        "sample_ids": np.array([[0, 0], [0, 1], [1, 2], [0, 2]], np.uint16),
+        "sample_logprobs": np.log(np.full((4, 2), 0.3, np.float32)).astype(np.float16),
+    }
     w = ShardWriter(tmp_path, m, shard_size=4, threaded=False)
-    with pytest.raises(UsageError, match=r"the teacher's output for shard-00000\.h5 is not a valid cache \(sample_counts "
-                                         r"of row 0 add up to 44, not the 300 draws"):
+    with pytest.raises(
+        UsageError,
+        match=r"the teacher's output for shard-00000\.h5 is not a valid cache \(sample_counts "
+        r"of row 0 add up to 44, not the 300 draws",
+    ):
         w.add({**good, "sample_counts": counts.astype(np.uint8)})  # 300 wrapped to 44 in uint8
     assert not list(tmp_path.glob("shard-*"))
     w = ShardWriter(tmp_path, m, shard_size=4, threaded=False)

@@ -6,18 +6,18 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import make_blobs
+from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import make_blobs
 from kdcli.cache.reader import CacheReader
+from kdcli.cache.tokens import TokenCacheReader
 from kdcli.cache.verify import verify_cache
 from kdcli.cache.writer import CHUNK_BYTES, MIN_COMPRESS_BYTES, resolve_compression, shard_image
 from kdcli.cli import app
 from kdcli.config import CacheConfig, resolve
-from kdcli.cache.tokens import TokenCacheReader
 from kdcli.models.weights import sha256_file
 from kdcli.stages.cache import cache_teacher
-from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
 runner = CliRunner()
 
@@ -56,11 +56,14 @@ def test_shard_image_round_trips_bit_for_bit_with_bounded_chunks(tmp_path):
     rng = np.random.default_rng(0)
     lp = np.log(rng.dirichlet(np.ones(64), size=3000)).astype(np.float16)
     lp[0, :3] = [-np.inf, -0.0, np.float16(-6e-8)]  # -inf, a signed zero, a subnormal
-    arrays = {"row_index": np.arange(40, dtype=np.int64),  # 320 B: below MIN_COMPRESS_BYTES
-              "topk_ids": rng.integers(0, 49152, size=(3000, 64)).astype(np.uint16),
-              "topk_logprobs": lp, "tail_logmass": lp[:, -1].copy(),
-              "wide": rng.normal(size=(4, 40000)).astype(np.float32),  # a row bigger than a chunk
-              "empty": np.zeros((0, 8), np.float16)}
+    arrays = {
+        "row_index": np.arange(40, dtype=np.int64),  # 320 B: below MIN_COMPRESS_BYTES
+        "topk_ids": rng.integers(0, 49152, size=(3000, 64)).astype(np.uint16),
+        "topk_logprobs": lp,
+        "tail_logmass": lp[:, -1].copy(),
+        "wide": rng.normal(size=(4, 40000)).astype(np.float32),  # a row bigger than a chunk
+        "empty": np.zeros((0, 8), np.float16),
+    }
     plain = shard_image(arrays, {"row_start": 0})
     for name in ("gzip", "lzf"):
         spec = resolve_compression(name, token=False, mode="full")
@@ -92,7 +95,12 @@ def test_auto_is_gzip_for_token_topk_and_sample_only():
         assert resolve_compression("none", token=True, mode=mode) is None
         assert resolve_compression("lzf", token=False, mode=mode)["filter"] == "lzf"  # explicit: any cache
     assert resolve_compression("gzip", token=False, mode="full") == {
-        "filter": "gzip", "level": 4, "shuffle": True, "chunk_bytes": CHUNK_BYTES, "min_bytes": MIN_COMPRESS_BYTES}
+        "filter": "gzip",
+        "level": 4,
+        "shuffle": True,
+        "chunk_bytes": CHUNK_BYTES,
+        "min_bytes": MIN_COMPRESS_BYTES,
+    }
 
 
 @pytest.mark.parametrize("mode", ["topk", "sample"])
@@ -136,8 +144,9 @@ def test_classification_default_is_uncompressed_and_explicit_gzip_applies(tmp_pa
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["compression"] is None
     assert shard_datasets(tmp_path / "plain" / "shard-00000.h5")["logprobs"] == (None, False, None)
     assert shard_datasets(tmp_path / "gz" / "shard-00000.h5")["logprobs"][:2] == ("gzip", True)
-    assert_same_arrays(CacheReader(tmp_path / "plain").read_rows(0, 3000),
-                       CacheReader(tmp_path / "gz").read_rows(0, 3000))
+    assert_same_arrays(
+        CacheReader(tmp_path / "plain").read_rows(0, 3000), CacheReader(tmp_path / "gz").read_rows(0, 3000)
+    )
     assert verify_cache(tmp_path / "gz", str(tmp_path / "big.npz")).ok
 
 
@@ -181,9 +190,14 @@ def test_compression_is_a_flag_and_a_yaml_key(tmp_path):
     (tmp_path / "c.yaml").write_text("compression: lzf\n")
     cfg = resolve(CacheConfig, tmp_path / "c.yaml", {"teacher": "t", "data": "d", "out": "o"})
     assert cfg.compression == "lzf"
-    assert resolve(CacheConfig, tmp_path / "c.yaml", {"teacher": "t", "data": "d", "out": "o",
-                                                      "compression": "gzip"}).compression == "gzip"
+    assert (
+        resolve(
+            CacheConfig, tmp_path / "c.yaml", {"teacher": "t", "data": "d", "out": "o", "compression": "gzip"}
+        ).compression
+        == "gzip"
+    )
     assert resolve(CacheConfig, None, {"teacher": "t", "data": "d", "out": "o"}).compression == "auto"
-    r = runner.invoke(app, ["cache-teacher", "--teacher", "t", "--data", "d", "--out", str(tmp_path / "o"),
-                            "--compression", "zip"])
+    r = runner.invoke(
+        app, ["cache-teacher", "--teacher", "t", "--data", "d", "--out", str(tmp_path / "o"), "--compression", "zip"]
+    )
     assert r.exit_code == 2 and "compression" in r.stderr and not (tmp_path / "o").exists()

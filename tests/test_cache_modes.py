@@ -50,8 +50,14 @@ def round_trip(tmp_path, name: str, t: torch.Tensor, seed: int = 0):
     """Reduce ``t`` with mode ``name`` the way cache-teacher does, write one shard, read it back as targets."""
     mode = get_mode(name)
     k = mode.size(type("Opts", (), {"top_k": K, "samples": K})()) if mode.size_option else None
-    layout = {"kind": "classification", "num_classes": C, "mode": name, **mode.layout(k, C, token=False),
-              **mode.temperature_layout(TEMPS if mode.sparse else None), "shard_size": len(t)}
+    layout = {
+        "kind": "classification",
+        "num_classes": C,
+        "mode": name,
+        **mode.layout(k, C, token=False),
+        **mode.temperature_layout(TEMPS if mode.sparse else None),
+        "shard_size": len(t),
+    }
     m = new_manifest(teacher={}, data={"num_samples": len(t)}, settings={}, layout=layout, num_rows=len(t))
     d = tmp_path / f"{name}-{seed}"
     d.mkdir()
@@ -59,8 +65,14 @@ def round_trip(tmp_path, name: str, t: torch.Tensor, seed: int = 0):
     red = mode.reduce(torch.log_softmax(t, -1), k, torch.Generator().manual_seed(seed), TEMPS)
     arrays = mode.storage({key: v.numpy() for key, v in red.items()}, layout)
     w = ShardWriter(d, m, shard_size=len(t), threaded=False)
-    w.add({"row_index": np.arange(len(t)), "sample_index": np.arange(len(t)),
-           "row_hash": np.arange(len(t), dtype=np.uint64), **arrays})
+    w.add(
+        {
+            "row_index": np.arange(len(t)),
+            "sample_index": np.arange(len(t)),
+            "row_hash": np.arange(len(t), dtype=np.uint64),
+            **arrays,
+        }
+    )
     w.close()
     m["complete"] = True
     write_manifest(d, m)
@@ -100,5 +112,5 @@ def test_round_trip_against_the_full_vocabulary_reference(tmp_path, name, T):
         tt, ss = t[3:4].expand(rows, C), s[3:4].expand(rows, C)
         est = soft_kl(ss, round_trip(tmp_path, name, tt, seed=7), T).double()
         ref = reference_kl(t[3:4], s[3:4], T).item()
-        se = est.std().item() / rows ** 0.5
+        se = est.std().item() / rows**0.5
         assert abs(est.mean().item() - ref) < 5 * se + 1e-3, (est.mean().item(), ref, se)

@@ -7,27 +7,37 @@ from __future__ import annotations
 import time
 
 import pytest
+from lm_helpers import make_tokenizer
 
 from kdcli.infra.errors import UsageError
 from kdcli.lm import chat_template
 from kdcli.lm.chat_template import render
-from lm_helpers import make_tokenizer
 
-MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4"}]
+MSGS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 
 TEMPLATES = {
-    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
     # a default system prompt, loop variables, a namespace and the tokenizer's special tokens
-    "features": ("{{ bos_token or '' }}{% set ns = namespace(n=0) %}{% if messages[0]['role'] != 'system' %}"
-                 "{{ '[SYS] default\\n' }}{% endif %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
-                 "{{ loop.index ~ ':' ~ m['role'] | upper ~ ' ' ~ m['content'] | trim ~ eos_token ~ '\\n' }}"
-                 "{% endfor %}{{ 'turns=' ~ ns.n }}{% if add_generation_prompt %}{{ '\\nASSISTANT:' }}{% endif %}"),
-    "tojson and generation tags": ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
-                                   "{{ m.content | tojson }}{% endgeneration %}{% else %}{{ m | tojson }}{% endif %}"
-                                   "{% endfor %}{{ dict(a=1) | tojson }}"),
+    "features": (
+        "{{ bos_token or '' }}{% set ns = namespace(n=0) %}{% if messages[0]['role'] != 'system' %}"
+        "{{ '[SYS] default\\n' }}{% endif %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "{{ loop.index ~ ':' ~ m['role'] | upper ~ ' ' ~ m['content'] | trim ~ eos_token ~ '\\n' }}"
+        "{% endfor %}{{ 'turns=' ~ ns.n }}{% if add_generation_prompt %}{{ '\\nASSISTANT:' }}{% endif %}"
+    ),
+    "tojson and generation tags": (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "{{ m.content | tojson }}{% endgeneration %}{% else %}{{ m | tojson }}{% endif %}"
+        "{% endfor %}{{ dict(a=1) | tojson }}"
+    ),
 }
 
 
@@ -48,19 +58,27 @@ def test_renders_what_transformers_renders(tok, name, gen):
 
 
 BAD = {
-    "nested range loops (~1e10 steps)": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
-                                         "{% endfor %}", r"took more than [\d,]+ steps|took more than 5 s"),
-    "a string repeated 50,000,000 times": ("{{ messages[0]['content'] * 50000000 }}",
-                                           r"a repeated string or list of more than [\d,]+ items"),
-    "doubling a string in a loop": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
-                                    "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
-                                    r"a string or list of more than [\d,]+ items"),
+    "nested range loops (~1e10 steps)": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        r"took more than [\d,]+ steps|took more than 5 s",
+    ),
+    "a string repeated 50,000,000 times": (
+        "{{ messages[0]['content'] * 50000000 }}",
+        r"a repeated string or list of more than [\d,]+ items",
+    ),
+    "doubling a string in a loop": (
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        r"a string or list of more than [\d,]+ items",
+    ),
     "a huge power": ("{{ 2 ** 100000000 }}", r"a power with an exponent above 1024"),
     "division by zero": ("{{ 1 / 0 }}", r"failed: ZeroDivisionError: division by zero"),
     "endless recursion": ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", r"recursed without end"),
     "raise_exception": ("{{ raise_exception('only user/assistant roles') }}", r"failed: only user/assistant roles"),
     "not Jinja": ("{% for %}", r"is not a valid Jinja template"),
-    "sandbox escape attempt": ("{{ messages.__class__.__mro__ }}", r"failed: access to attribute .__class__. of .list. object is unsafe"),
+    "sandbox escape attempt": (
+        "{{ messages.__class__.__mro__ }}",
+        r"failed: access to attribute .__class__. of .list. object is unsafe",
+    ),
 }
 
 
@@ -75,7 +93,7 @@ def test_a_template_that_runs_away_or_fails_is_one_usage_error(tok, name):
 
 
 def test_the_time_limit_holds_whatever_the_step_count(tok, monkeypatch):
-    monkeypatch.setattr(chat_template, "MAX_STEPS", 10 ** 12)
+    monkeypatch.setattr(chat_template, "MAX_STEPS", 10**12)
     monkeypatch.setattr(chat_template, "TIME_LIMIT_S", 0.5)
     t0 = time.monotonic()
     with pytest.raises(UsageError, match=r"took more than 0\.5 s"):

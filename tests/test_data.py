@@ -3,10 +3,10 @@
 import h5py
 import numpy as np
 import pytest
+from conftest import make_blobs
 
 from kdcli.data import fingerprint, load_data, row_hashes
 from kdcli.infra.errors import UsageError
-from conftest import make_blobs
 
 
 def test_npz_and_h5_give_the_same_rows(tmp_path):
@@ -26,7 +26,8 @@ def test_plugin_dataset(tmp_path):
         "class D(torch.utils.data.Dataset):\n"
         "    def __len__(self): return 10\n"
         "    def __getitem__(self, i): return torch.full((3,), float(i)), i % 2\n"
-        "def make(): return D()\n")
+        "def make(): return D()\n"
+    )
     d = load_data(f"{tmp_path / 'ds.py'}:make")
     assert d.n == 10 and d.num_classes == 2 and d.x[7].tolist() == [7.0, 7.0, 7.0]
 
@@ -53,14 +54,17 @@ def test_row_hash_sees_every_change():
     assert fingerprint(h[::-1]) != fingerprint(h)  # order matters
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0, 1, -1])), "labels must be >= 0"),
-    (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0, 1])), "one label per row"),
-    (lambda p: np.savez(p, x=np.zeros((0, 2)), y=np.zeros(0, int)), "empty"),
-    (lambda p: np.savez(p, x=np.full((2, 2), np.nan), y=np.array([0, 1])), "NaN"),
-    (lambda p: np.savez(p, x=np.zeros((2, 2)), y=np.array([0.5, 1.0])), "integers"),
-    (lambda p: np.savez(p, inputs=np.zeros((2, 2)), y=np.array([0, 1])), "no array 'x'"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0, 1, -1])), "labels must be >= 0"),
+        (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0, 1])), "one label per row"),
+        (lambda p: np.savez(p, x=np.zeros((0, 2)), y=np.zeros(0, int)), "empty"),
+        (lambda p: np.savez(p, x=np.full((2, 2), np.nan), y=np.array([0, 1])), "NaN"),
+        (lambda p: np.savez(p, x=np.zeros((2, 2)), y=np.array([0.5, 1.0])), "integers"),
+        (lambda p: np.savez(p, inputs=np.zeros((2, 2)), y=np.array([0, 1])), "no array 'x'"),
+    ],
+)
 def test_bad_data_is_a_usage_error(tmp_path, make, match):
     p = tmp_path / "bad.npz"
     make(p)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_blobs
 from safetensors.torch import load_file
 
-from conftest import make_blobs
 from kdcli.cache.manifest import read_manifest
 from kdcli.cache.reader import CacheReader
 from kdcli.config import CacheConfig, TrainConfig
@@ -29,8 +29,13 @@ TRAIN_OPTS = dict(student="mlp", student_args={"hidden": [16]}, epochs=4, lr=3e-
 
 def torchrun(*args, env: dict | None = None, console_script: bool = False) -> subprocess.CompletedProcess:
     entry = ["--no-python", str(CONSOLE_SCRIPT)] if console_script else ["-m", "kdcli"]
-    return subprocess.run([*TORCHRUN, *entry, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [*TORCHRUN, *entry, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def flags(opts: dict) -> list[str]:
@@ -52,24 +57,34 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     x, y = make_blobs(600)
     np.savez(d / "blobs.npz", x=x, y=y)
-    train_student(TrainConfig(student="mlp", student_args={"hidden": [32]}, data=str(d / "blobs.npz"),
-                              out=str(d / "teacher"), epochs=3, lr=3e-3, seed=0))
-    cache_teacher(CacheConfig(teacher=str(d / "teacher"), data=str(d / "blobs.npz"), out=str(d / "c1"),
-                              **CACHE_OPTS))
+    train_student(
+        TrainConfig(
+            student="mlp",
+            student_args={"hidden": [32]},
+            data=str(d / "blobs.npz"),
+            out=str(d / "teacher"),
+            epochs=3,
+            lr=3e-3,
+            seed=0,
+        )
+    )
+    cache_teacher(CacheConfig(teacher=str(d / "teacher"), data=str(d / "blobs.npz"), out=str(d / "c1"), **CACHE_OPTS))
     return d
 
 
 def test_torchrun_cache_is_row_identical_to_one_process(setup):
     d = setup
-    p = torchrun("cache-teacher", "--teacher", d / "teacher", "--data", d / "blobs.npz", "--out", d / "c2",
-                 *flags(CACHE_OPTS))
+    p = torchrun(
+        "cache-teacher", "--teacher", d / "teacher", "--data", d / "blobs.npz", "--out", d / "c2", *flags(CACHE_OPTS)
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("cache-teacher: written") == 1  # one summary, from rank 0
     # whole shards with the global names, one manifest listing them all; no rank manifests or lock left behind
     assert sorted(f.name for f in (d / "c2").iterdir()) == ["manifest.json"] + [f"shard-{i:05d}.h5" for i in range(5)]
     m1, m2 = read_manifest(d / "c1"), read_manifest(d / "c2")
-    assert [(s["name"], s["row_start"], s["row_stop"]) for s in m2["shards"]] == \
-        [(s["name"], s["row_start"], s["row_stop"]) for s in m1["shards"]]
+    assert [(s["name"], s["row_start"], s["row_stop"]) for s in m2["shards"]] == [
+        (s["name"], s["row_start"], s["row_stop"]) for s in m1["shards"]
+    ]
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in m1["shards"]]  # even byte-identical
     a, b = CacheReader(d / "c1").read_rows(0, 600), CacheReader(d / "c2").read_rows(0, 600)
     assert set(a) == set(b) and "sample_ids" in a
@@ -84,10 +99,22 @@ def metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def ddp_run(setup):
     d = setup
-    train_student(TrainConfig(data=str(d / "blobs.npz"), cache=str(d / "c1"), out=str(d / "r1"), batch_size=64,
-                              **TRAIN_OPTS))
-    p = torchrun("train-student", "--data", d / "blobs.npz", "--cache", d / "c1", "--out", d / "r2",
-                 "--batch-size", 32, *flags(TRAIN_OPTS), console_script=CONSOLE_SCRIPT.exists())
+    train_student(
+        TrainConfig(data=str(d / "blobs.npz"), cache=str(d / "c1"), out=str(d / "r1"), batch_size=64, **TRAIN_OPTS)
+    )
+    p = torchrun(
+        "train-student",
+        "--data",
+        d / "blobs.npz",
+        "--cache",
+        d / "c1",
+        "--out",
+        d / "r2",
+        "--batch-size",
+        32,
+        *flags(TRAIN_OPTS),
+        console_script=CONSOLE_SCRIPT.exists(),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return d, p
 
@@ -96,8 +123,13 @@ def test_ddp_training_matches_one_process_at_the_same_global_batch(ddp_run):
     d, p = ddp_run
     assert "global batch 64" in p.stderr and p.stdout.count("train-student") == 1
     # only rank 0 wrote the run directory
-    assert sorted(f.name for f in (d / "r2").iterdir()) == ["config.yaml", "metrics.jsonl", "model.json",
-                                                            "model.safetensors", "summary.json"]
+    assert sorted(f.name for f in (d / "r2").iterdir()) == [
+        "config.yaml",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "summary.json",
+    ]
     one, ddp = metrics(d / "r1"), metrics(d / "r2")
     assert [m["step"] for m in ddp] == [m["step"] for m in one] == [9, 18, 27, 36]
     # metrics are reduced over ranks: each epoch counts both ranks' rows (2 x 270 = all 540 training rows)
@@ -113,16 +145,36 @@ def test_ddp_training_matches_one_process_at_the_same_global_batch(ddp_run):
 def test_killed_ddp_run_resumes_to_the_uninterrupted_weights(ddp_run):
     pytest.importorskip("kdcli.infra.crashpoints", reason="needs the test-only fault injection hook")
     d, _ = ddp_run
-    args = ["train-student", "--data", d / "blobs.npz", "--cache", d / "c1", "--out", d / "r3", "--batch-size", 32,
-            "--checkpoint-every", 4, *flags(TRAIN_OPTS)]
+    args = [
+        "train-student",
+        "--data",
+        d / "blobs.npz",
+        "--cache",
+        d / "c1",
+        "--out",
+        d / "r3",
+        "--batch-size",
+        32,
+        "--checkpoint-every",
+        4,
+        *flags(TRAIN_OPTS),
+    ]
     killed = torchrun(*args, env={"KDCLI_TEST_KILL_AT": "train-step:14"})  # checkpoints at steps 4, 8, 9, 12
     assert killed.returncode != 0
     assert (d / "r3" / "checkpoint.pt").exists() and not (d / "r3" / "summary.json").exists()
     before = (d / "r3" / "checkpoint.pt").read_bytes()
     # the checkpoint holds two ranks' data positions and RNG states: one process must not continue it
     with pytest.raises(UsageError, match="2 process"):
-        train_student(TrainConfig(data=str(d / "blobs.npz"), cache=str(d / "c1"), out=str(d / "r3"),
-                                  batch_size=32, checkpoint_every=4, **TRAIN_OPTS))
+        train_student(
+            TrainConfig(
+                data=str(d / "blobs.npz"),
+                cache=str(d / "c1"),
+                out=str(d / "r3"),
+                batch_size=32,
+                checkpoint_every=4,
+                **TRAIN_OPTS,
+            )
+        )
     assert (d / "r3" / "checkpoint.pt").read_bytes() == before
     resumed = torchrun(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,12 +1,13 @@
-"""Leaving a torchrun process group: on gloo the ranks exit one after another, the highest first (kdcli.infra.distributed
-.cleanup says why: gloo torn down at exit while a peer closes its connections aborts the process)."""
+"""Leaving a torchrun process group: on gloo the ranks exit one after another, the highest first
+(kdcli.infra.distributed.cleanup says why: gloo torn down at exit while a peer closes its connections aborts the
+process)."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import atexit, os, sys, time
     from pathlib import Path
     import torch
@@ -30,14 +31,27 @@ SCRIPT = textwrap.dedent('''
     ctx.barrier()
     if rank == 1:
         time.sleep(1.0)  # rank 1 is the slow one: without the ordered exit rank 0 would leave first
-''')
+""")
 
 
 def test_ranks_leave_highest_first(tmp_path):
     (tmp_path / "script.py").write_text(SCRIPT)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(tmp_path / "script.py"), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(tmp_path / "script.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     # rank 0 got to its very last line only after rank 1 (asleep for 1 s) had reached its exit path: it waited.
     # (Comparing the two exit timestamps raced: rank 1 closes its connection in cleanup, before its last atexit.)

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.stages.compress import compress
 from kdcli.config import CacheConfig, CompressConfig, TrainConfig, resolve
 from kdcli.stages.cache import cache_teacher
+from kdcli.stages.compress import compress
 from kdcli.stages.train import train_student
 
 runner = CliRunner()
@@ -33,8 +33,11 @@ def eval_json(*args) -> dict:
 
 def nonzero_in_file(run: Path) -> int:
     """Non-zero entries of every float parameter and int8 weight in model.safetensors (scales are not weights)."""
-    return sum(int(torch.count_nonzero(t)) for k, t in load_file(run / "model.safetensors").items()
-               if not k.endswith("weight_scale"))
+    return sum(
+        int(torch.count_nonzero(t))
+        for k, t in load_file(run / "model.safetensors").items()
+        if not k.endswith("weight_scale")
+    )
 
 
 def model_file_bytes(run: Path) -> int:
@@ -50,22 +53,52 @@ def runs(tmp_path_factory):
     x, y = make_blobs(n=300)
     data = root / "blobs.npz"
     np.savez(data, x=x, y=y)
-    train_student(resolve(TrainConfig, None, dict(student="mlp", student_args={"hidden": [256]}, data=str(data),
-                                                  out=str(root / "student"), epochs=2, seed=0)))
-    cache_teacher(resolve(CacheConfig, None, dict(teacher=str(root / "student"), data=str(data),
-                                                  out=str(root / "cache"))))
-    compress(resolve(CompressConfig, None, dict(model=str(root / "student"), out=str(root / "int8"),
-                                                quantize="int8")))
+    train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                student="mlp",
+                student_args={"hidden": [256]},
+                data=str(data),
+                out=str(root / "student"),
+                epochs=2,
+                seed=0,
+            ),
+        )
+    )
+    cache_teacher(
+        resolve(CacheConfig, None, dict(teacher=str(root / "student"), data=str(data), out=str(root / "cache")))
+    )
+    compress(resolve(CompressConfig, None, dict(model=str(root / "student"), out=str(root / "int8"), quantize="int8")))
     compress(resolve(CompressConfig, None, dict(model=str(root / "student"), out=str(root / "pruned"), prune=0.5)))
-    compress(resolve(CompressConfig, None, dict(model=str(root / "student"), out=str(root / "pq"), prune=0.5,
-                                                quantize="int8")))
+    compress(
+        resolve(
+            CompressConfig, None, dict(model=str(root / "student"), out=str(root / "pq"), prune=0.5, quantize="int8")
+        )
+    )
     return root
 
 
 def test_classifier_report_fields(runs):
-    rep = eval_json("--model", runs / "student", "--model", runs / "int8", "--model", runs / "pruned",
-                    "--model", runs / "pq", "--data", runs / "blobs.npz", "--cache", runs / "cache",
-                    "--batch-size", 128, "--latency-repeats", 2)
+    rep = eval_json(
+        "--model",
+        runs / "student",
+        "--model",
+        runs / "int8",
+        "--model",
+        runs / "pruned",
+        "--model",
+        runs / "pq",
+        "--data",
+        runs / "blobs.npz",
+        "--cache",
+        runs / "cache",
+        "--batch-size",
+        128,
+        "--latency-repeats",
+        2,
+    )
     full, int8, pruned, pq = rep["models"]
     for m in rep["models"]:
         assert all(f in m for f in NEW_FIELDS)
@@ -94,11 +127,31 @@ def test_table_shows_the_comparison_against_the_first_model(runs, monkeypatch):
     from kdcli import report
 
     monkeypatch.setattr(report.out_console, "width", 200)  # no wrapped cells
-    r = runner.invoke(app, ["eval", "--model", str(runs / "student"), "--model", str(runs / "pq"), "--data",
-                            str(runs / "blobs.npz"), "--batch-size", "64", "--latency-repeats", "1"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(runs / "student"),
+            "--model",
+            str(runs / "pq"),
+            "--data",
+            str(runs / "blobs.npz"),
+            "--batch-size",
+            "64",
+            "--latency-repeats",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
-    for row in ("non-zero parameters", "bytes on disk", "latency/row, batch 1", "latency/row, batch 64",
-                "accuracy Δ vs first", "bytes on disk (× smaller)"):
+    for row in (
+        "non-zero parameters",
+        "bytes on disk",
+        "latency/row, batch 1",
+        "latency/row, batch 64",
+        "accuracy Δ vs first",
+        "bytes on disk (× smaller)",
+    ):
         assert row in r.stdout, row
     ratio = model_file_bytes(runs / "student") / model_file_bytes(runs / "pq")
     assert f"({ratio:.2f}×)" in r.stdout  # the compressed run's size against the first model's
@@ -108,8 +161,9 @@ def test_latency_repeats_0_skips_latency(runs):
     rep = eval_json("--model", runs / "student", "--data", runs / "blobs.npz", "--latency-repeats", 0)
     m = rep["models"][0]
     assert m["latency_batch1_s"] is None and m["latency_batch_s"] is None and m["bytes_on_disk"] > 0
-    r = runner.invoke(app, ["eval", "--model", str(runs / "student"), "--data", str(runs / "blobs.npz"),
-                            "--latency-repeats", "0"])
+    r = runner.invoke(
+        app, ["eval", "--model", str(runs / "student"), "--data", str(runs / "blobs.npz"), "--latency-repeats", "0"]
+    )
     assert r.exit_code == 0 and "latency" not in r.stdout and "bytes on disk" in r.stdout
 
 
@@ -120,18 +174,47 @@ def test_builtin_model_with_weights_file_counts_the_file(runs, tmp_path):
 
 
 def test_lm_report_fields(tmp_path, monkeypatch):
-    from kdcli import report
     from lm_helpers import make_tokenizer, text_rows, write_jsonl
+
+    from kdcli import report
 
     tok = make_tokenizer(tmp_path / "tok")
     text = write_jsonl(tmp_path / "text.jsonl", text_rows(12))
-    train_student(resolve(TrainConfig, None, dict(
-        student="transformer", out=str(tmp_path / "lm"), data=str(text), tokenizer=str(tok), epochs=1,
-        max_length=32, batch_size=8, student_args={"d_model": 32, "n_layers": 1, "n_heads": 2})))
-    compress(resolve(CompressConfig, None, dict(model=str(tmp_path / "lm"), out=str(tmp_path / "lm8"),
-                                                quantize="int8", prune=0.5)))
-    rep = eval_json("--model", tmp_path / "lm", "--model", tmp_path / "lm8", "--data", text, "--batch-size", 4,
-                    "--latency-repeats", 2)
+    train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                student="transformer",
+                out=str(tmp_path / "lm"),
+                data=str(text),
+                tokenizer=str(tok),
+                epochs=1,
+                max_length=32,
+                batch_size=8,
+                student_args={"d_model": 32, "n_layers": 1, "n_heads": 2},
+            ),
+        )
+    )
+    compress(
+        resolve(
+            CompressConfig,
+            None,
+            dict(model=str(tmp_path / "lm"), out=str(tmp_path / "lm8"), quantize="int8", prune=0.5),
+        )
+    )
+    rep = eval_json(
+        "--model",
+        tmp_path / "lm",
+        "--model",
+        tmp_path / "lm8",
+        "--data",
+        text,
+        "--batch-size",
+        4,
+        "--latency-repeats",
+        2,
+    )
     full, small = rep["models"]
     for name, m in (("lm", full), ("lm8", small)):
         assert all(f in m for f in NEW_FIELDS)
@@ -142,11 +225,29 @@ def test_lm_report_fields(tmp_path, monkeypatch):
     assert small["nonzero_parameters"] < full["nonzero_parameters"] and small["bytes_on_disk"] < full["bytes_on_disk"]
     assert np.isfinite(small["perplexity"])
     monkeypatch.setattr(report.out_console, "width", 200)  # no wrapped cells
-    r = runner.invoke(app, ["eval", "--model", str(tmp_path / "lm"), "--model", str(tmp_path / "lm8"), "--data",
-                            str(text), "--batch-size", "4"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "lm"),
+            "--model",
+            str(tmp_path / "lm8"),
+            "--data",
+            str(text),
+            "--batch-size",
+            "4",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
-    for row in ("non-zero parameters", "bytes on disk (× smaller)", "×)", "latency/row, batch 1", "latency/row, batch 4",
-                "next-token accuracy Δ vs first"):
+    for row in (
+        "non-zero parameters",
+        "bytes on disk (× smaller)",
+        "×)",
+        "latency/row, batch 1",
+        "latency/row, batch 4",
+        "next-token accuracy Δ vs first",
+    ):
         assert row in r.stdout, row
 
 
@@ -163,7 +264,9 @@ def test_latency_reuses_the_eval_pass_timings_and_tops_up_small_sets():
     x = torch.randn(8, 3)
     # a large eval set: 5 timed full batches of 8 rows -> their median, no extra forward at batch 8
     s = size_and_speed(net, None, x, 8, 3, forward=forward, pass_times=[0.8, 0.08, 0.16, 0.24, 8.0], warm=True)
-    assert s["latency_batch_s"] == pytest.approx(0.24 / 8)  # median of 0.08, 0.16, 0.24, 0.8, 8.0 and s["bytes_on_disk"] is None
+    assert s["latency_batch_s"] == pytest.approx(
+        0.24 / 8
+    )  # median of 0.08, 0.16, 0.24, 0.8, 8.0 and s["bytes_on_disk"] is None
     assert calls == [1] * 4  # batch 1: one warm-up + 3 timed
     # a small one (one batch, the warm-up): 3 timed forwards at batch 8, no second warm-up
     calls.clear()

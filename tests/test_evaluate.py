@@ -10,10 +10,7 @@ from kdcli.tasks.classify import classification_metrics
 
 def test_metrics_hand_computed():
     # 4 rows, 3 classes. predictions: 0, 1, 1, 2 ; labels: 0, 1, 2, 2
-    logits = torch.log(torch.tensor([[0.8, 0.1, 0.1],
-                                     [0.2, 0.7, 0.1],
-                                     [0.1, 0.6, 0.3],
-                                     [0.1, 0.1, 0.8]]))
+    logits = torch.log(torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]]))
     y = torch.tensor([0, 1, 2, 2])
     m = classification_metrics(logits, y, 3)
     assert m["accuracy"] == pytest.approx(0.75) and m["errors"] == 1

@@ -45,15 +45,25 @@ def calls(tmp_path: Path) -> list[str]:
 def run_sh(repo: Path, example: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(PATH=BARE_PATH, QUICK="1")
-    return subprocess.run(["bash", str(repo / "examples" / example / "run.sh"), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(repo / "examples" / example / "run.sh"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def run_py(repo: Path, example: str) -> subprocess.CompletedProcess:
     # -I -S: no site-packages and no PYTHONPATH, so kdcli is not importable (as with a system python3)
     env = {k: v for k, v in os.environ.items() if k not in ("KDCLI_EXAMPLE_REEXEC", "PYTHONPATH")}
-    return subprocess.run([sys.executable, "-I", "-S", str(repo / "examples" / example / "run.py"), "--help"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(repo / "examples" / example / "run.py"), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("example", SHELL_EXAMPLES)
@@ -96,8 +106,7 @@ def test_python_example_without_kdcli_or_venv_prints_the_one_command(tmp_path, e
     proc = run_py(repo, example)
     assert proc.returncode == 2
     [line] = proc.stderr.splitlines()
-    assert line.startswith("error: kdcli is not installed") and line.endswith(
-        f"bash {repo}/examples/mnist-demo/run.sh")
+    assert line.startswith("error: kdcli is not installed") and line.endswith(f"bash {repo}/examples/mnist-demo/run.sh")
 
 
 def test_mnist_demo_commands_parse(tmp_path):
@@ -114,8 +123,13 @@ def test_mnist_demo_commands_parse(tmp_path):
         repo = scratch_repo(tmp_path / quick, venv=True)
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
         env.update(PATH=BARE_PATH, QUICK=quick)
-        proc = subprocess.run(["bash", str(repo / "examples/mnist-demo/run.sh"), str(tmp_path / "out")], env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["bash", str(repo / "examples/mnist-demo/run.sh"), str(tmp_path / "out")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         argvs = [shlex.split(c)[1:] for c in calls(tmp_path / quick) if c.startswith("kdcli ")]
         assert [a[0] for a in argvs].count("compress") == 3 and argvs[-1][0] == "eval"

@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from kdcli.cache.fused import FusedReader, first_difference, parse_cache_weights
 from kdcli.cache.reader import CacheReader
+from kdcli.cache.tokens import TokenCacheReader
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig
 from kdcli.infra.errors import UsageError
-from kdcli.stages.evaluate import evaluate
-from kdcli.cache.tokens import TokenCacheReader
 from kdcli.models.classifiers import load_run_model
 from kdcli.stages.cache import cache_teacher
+from kdcli.stages.evaluate import evaluate
 from kdcli.stages.train import train_student
 from tests.conftest import make_blobs
 from tests.lm_helpers import TEACHER_PROMPTS, two_prompt_setup
@@ -58,15 +58,27 @@ def cls(tmp_path_factory):
     data = str(d / "blobs.npz")
     runs = []
     for i, hidden in enumerate((32, 16)):
-        train_student(TrainConfig(student="mlp", student_args={"hidden": [hidden]}, data=data, out=str(d / f"t{i}"),
-                                  epochs=2, lr=3e-3, seed=i))
+        train_student(
+            TrainConfig(
+                student="mlp",
+                student_args={"hidden": [hidden]},
+                data=data,
+                out=str(d / f"t{i}"),
+                epochs=2,
+                lr=3e-3,
+                seed=i,
+            )
+        )
         runs.append(d / f"t{i}")
     cache_teacher(CacheConfig(teacher=str(runs[0]), data=data, out=str(d / "c0"), shard_size=70))
     cache_teacher(CacheConfig(teacher=str(runs[1]), data=data, out=str(d / "c1"), shard_size=128))
     cache_teacher(CacheConfig(teacher=str(runs[1]), data=str(d / "other.npz"), out=str(d / "c_other")))
     cache_teacher(CacheConfig(teacher=str(runs[1]), data=data, out=str(d / "c_topk"), top_k=2))
-    train_student(TrainConfig(student="mlp", student_args={"hidden": [8]}, data=data, out=str(d / "student"),
-                              epochs=1, seed=3, alpha=0.0))
+    train_student(
+        TrainConfig(
+            student="mlp", student_args={"hidden": [8]}, data=data, out=str(d / "student"), epochs=1, seed=3, alpha=0.0
+        )
+    )
     return d
 
 
@@ -147,13 +159,15 @@ def test_train_from_the_same_cache_twice_matches_one_cache(cls):
     """The fused path through the training loop: a teacher fused from one cache with a copy of itself is that
     teacher, so the student is the same (up to float rounding of the fp16 -> fp32 widening). (The same path given
     twice is refused: tests/test_bad_inputs.py.)"""
-    common = dict(student="mlp", student_args={"hidden": [8]}, data=str(cls / "blobs.npz"), epochs=2, seed=1,
-                  batch_size=64)
+    common = dict(
+        student="mlp", student_args={"hidden": [8]}, data=str(cls / "blobs.npz"), epochs=2, seed=1, batch_size=64
+    )
     if not (cls / "c0copy").exists():
         shutil.copytree(cls / "c0", cls / "c0copy")
     train_student(TrainConfig(**common, cache=[str(cls / "c0")], out=str(cls / "s_one")))
-    train_student(TrainConfig(**common, cache=[str(cls / "c0"), str(cls / "c0copy")], combine="geometric",
-                              out=str(cls / "s_two")))
+    train_student(
+        TrainConfig(**common, cache=[str(cls / "c0"), str(cls / "c0copy")], combine="geometric", out=str(cls / "s_two"))
+    )
     m1, _ = load_run_model(cls / "s_one")
     m2, _ = load_run_model(cls / "s_two")
     for p1, p2 in zip(m1.state_dict().values(), m2.state_dict().values()):
@@ -161,8 +175,15 @@ def test_train_from_the_same_cache_twice_matches_one_cache(cls):
 
 
 def test_eval_measures_against_the_fused_teacher(cls):
-    rep = evaluate(EvalConfig(model=[str(cls / "student")], data=str(cls / "blobs.npz"),
-                              cache=[str(cls / "c0"), str(cls / "c1")], cache_weights="0.7,0.3", temperature=2.0))
+    rep = evaluate(
+        EvalConfig(
+            model=[str(cls / "student")],
+            data=str(cls / "blobs.npz"),
+            cache=[str(cls / "c0"), str(cls / "c1")],
+            cache_weights="0.7,0.3",
+            temperature=2.0,
+        )
+    )
     model, _ = load_run_model(cls / "student")
     x, _ = make_blobs(n=300)
     with torch.no_grad():
@@ -177,32 +198,54 @@ def test_eval_measures_against_the_fused_teacher(cls):
     assert m.agreement == pytest.approx(agree)
     assert rep.cache == [str(cls / "c0"), str(cls / "c1")]
     # and it is not the agreement/KL to either teacher alone
-    single = evaluate(EvalConfig(model=[str(cls / "student")], data=str(cls / "blobs.npz"), cache=[str(cls / "c0")],
-                                 temperature=2.0)).models[0]
+    single = evaluate(
+        EvalConfig(model=[str(cls / "student")], data=str(cls / "blobs.npz"), cache=[str(cls / "c0")], temperature=2.0)
+    ).models[0]
     assert single.kl_to_teacher != pytest.approx(m.kl_to_teacher, rel=1e-3)
 
 
 def test_cli_train_and_eval_with_two_caches(cls):
     out = cls / "s_cli"
-    r = invoke("train-student", "--student", "mlp", "--data", cls / "blobs.npz", "--out", out, "--epochs", "1",
-               "--cache", cls / "c0", "--cache", cls / "c1", "--cache-weights", "3,1", "--combine", "mean")
+    r = invoke(
+        "train-student",
+        "--student",
+        "mlp",
+        "--data",
+        cls / "blobs.npz",
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--cache",
+        cls / "c0",
+        "--cache",
+        cls / "c1",
+        "--cache-weights",
+        "3,1",
+        "--combine",
+        "mean",
+    )
     assert r.exit_code == 0, r.output
     assert "mean of 2 teachers (0.75 x" in r.output
-    r = invoke("eval", "--model", out, "--data", cls / "blobs.npz", "--cache", cls / "c0", "--cache", cls / "c1",
-               "--json")
+    r = invoke(
+        "eval", "--model", out, "--data", cls / "blobs.npz", "--cache", cls / "c0", "--cache", cls / "c1", "--json"
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["cache"] == [str(cls / "c0"), str(cls / "c1")] and doc["models"][0]["agreement"] is not None
 
 
-@pytest.mark.parametrize("argv,code,needle", [
-    (["--cache", "c0", "--cache", "c_other"], 3, "data fingerprint differ"),
-    (["--cache", "c0", "--cache", "c_topk"], 2, "cannot fuse full + topk caches"),
-    (["--cache", "c0", "--cache", "c1", "--cache-weights", "1,2,3"], 2, "--cache-weights has 3 value(s) but 2"),
-    (["--cache", "c0", "--cache", "c1", "--cache-weights", "0,0"], 2, "sum to more than 0"),
-    (["--cache", "c0", "--cache", "c1", "--combine", "median"], 2, "median"),
-    (["--cache-weights", "1,1"], 2, "--cache-weights weights several --cache values; none was given"),
-])
+@pytest.mark.parametrize(
+    "argv,code,needle",
+    [
+        (["--cache", "c0", "--cache", "c_other"], 3, "data fingerprint differ"),
+        (["--cache", "c0", "--cache", "c_topk"], 2, "cannot fuse full + topk caches"),
+        (["--cache", "c0", "--cache", "c1", "--cache-weights", "1,2,3"], 2, "--cache-weights has 3 value(s) but 2"),
+        (["--cache", "c0", "--cache", "c1", "--cache-weights", "0,0"], 2, "sum to more than 0"),
+        (["--cache", "c0", "--cache", "c1", "--combine", "median"], 2, "median"),
+        (["--cache-weights", "1,1"], 2, "--cache-weights weights several --cache values; none was given"),
+    ],
+)
 def test_bad_fusions_are_refused_before_anything_is_written(cls, argv, code, needle):
     argv = [str(cls / a) if a.startswith("c") and (cls / a).exists() else a for a in argv]
     out = cls / f"s_bad_{abs(hash(tuple(argv)))}"
@@ -217,9 +260,16 @@ def test_bad_fusions_are_refused_before_anything_is_written(cls, argv, code, nee
 
 
 def test_first_difference_names_the_property():
-    base = {"kind": "token", "data": {"num_samples": 4, "fingerprint": "f"}, "num_rows": 4, "num_classes": 9,
-            "tokenizer": {"sha256": "t"}, "text": {"max_length": 8, "teacher_prompt": "a"}, "views": 1,
-            "settings": {}}
+    base = {
+        "kind": "token",
+        "data": {"num_samples": 4, "fingerprint": "f"},
+        "num_rows": 4,
+        "num_classes": 9,
+        "tokenizer": {"sha256": "t"},
+        "text": {"max_length": 8, "teacher_prompt": "a"},
+        "views": 1,
+        "settings": {},
+    }
     assert first_difference(base, {**base, "text": {"max_length": 8, "teacher_prompt": "b"}}) is None
     assert first_difference(base, {**base, "tokenizer": {"sha256": "u"}}).startswith("tokenizer differ")
     assert first_difference(base, {**base, "num_classes": 10}).startswith("classes / vocabulary size differ")
@@ -233,8 +283,16 @@ def lm(tmp_path_factory):
     lm = two_prompt_setup(tmp_path_factory.mktemp("fusion_lm"))
     d, teacher, data = lm["dir"], str(lm["teacher"]), str(lm["data"])
     for i, prompt in enumerate(TEACHER_PROMPTS):
-        cache_teacher(CacheConfig(teacher=teacher, data=data, out=str(d / f"c{i}"), teacher_prompt=prompt,
-                                  max_length=48, shard_size=5 + 2 * i))
+        cache_teacher(
+            CacheConfig(
+                teacher=teacher,
+                data=data,
+                out=str(d / f"c{i}"),
+                teacher_prompt=prompt,
+                max_length=48,
+                shard_size=5 + 2 * i,
+            )
+        )
     cache_teacher(CacheConfig(teacher=teacher, data=data, out=str(d / "c_len"), max_length=40))
     return lm
 
@@ -259,26 +317,38 @@ def test_token_caches_fuse_per_token(lm, combine):
     # lock-step batches over caches with different shard sizes: every batch's tokens are the fused tokens
     off = np.concatenate([[0], np.cumsum(got["lengths"])])
     for batch in fused.iter_batches(batch_size=5, seed=0, epoch=0, block_rows=4, shuffle_blocks=2):
-        want = np.concatenate([got["logprobs"][off[r]:off[r + 1]] for r in batch["row_index"]])
+        want = np.concatenate([got["logprobs"][off[r] : off[r + 1]] for r in batch["row_index"]])
         np.testing.assert_array_equal(batch["logprobs"], want)
 
 
 def test_lm_train_and_eval_against_the_fused_teacher(lm):
     d = lm["dir"]
     caches = [str(d / "c0"), str(d / "c1")]
-    train_student(TrainConfig(student=str(lm["student"]), data=str(lm["data"]), out=str(d / "s"), cache=caches,
-                              epochs=1, batch_size=4, lr=1e-3))
+    train_student(
+        TrainConfig(
+            student=str(lm["student"]),
+            data=str(lm["data"]),
+            out=str(d / "s"),
+            cache=caches,
+            epochs=1,
+            batch_size=4,
+            lr=1e-3,
+        )
+    )
     rep = evaluate(EvalConfig(model=[str(d / "s")], data=str(lm["data"]), cache=caches))
     ra, rb = TokenCacheReader(d / "c0").read_rows(0, 12), TokenCacheReader(d / "c1").read_rows(0, 12)
-    fused_t = np.logaddexp(ra["target_logprobs"].astype(np.float64) + math.log(0.5),
-                           rb["target_logprobs"].astype(np.float64) + math.log(0.5))
+    fused_t = np.logaddexp(
+        ra["target_logprobs"].astype(np.float64) + math.log(0.5),
+        rb["target_logprobs"].astype(np.float64) + math.log(0.5),
+    )
     assert rep.teacher["perplexity"] == pytest.approx(math.exp(-fused_t.mean()), rel=1e-3)
     assert rep.teacher["spec"].startswith("mean of 2 teachers")
     # an independent reference: a copy of cache c0 whose stored log-probs are replaced by the mixture computed here
     ref_dir = d / "c_handmix"
     shutil.copytree(d / "c0", ref_dir)
-    mix = mixture([torch.from_numpy(ra["logprobs"]).float(), torch.from_numpy(rb["logprobs"]).float()],
-                  [0.5, 0.5]).numpy()
+    mix = mixture(
+        [torch.from_numpy(ra["logprobs"]).float(), torch.from_numpy(rb["logprobs"]).float()], [0.5, 0.5]
+    ).numpy()
     tok_off = np.concatenate([[0], np.cumsum(ra["lengths"])])
     for shard in json.loads((ref_dir / "manifest.json").read_text())["shards"]:
         with h5py.File(ref_dir / shard["name"], "r+") as f:

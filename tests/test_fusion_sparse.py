@@ -18,20 +18,19 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 from typer.testing import CliRunner
 
-from kdcli.cache.fused import FusedReader
+from kdcli.cache.fused import FusedReader, mixture_targets
+from kdcli.cache.modes import targets_from_arrays
+from kdcli.cache.modes.full import FullTargets
 from kdcli.cache.modes.topk import fuse_topk
 from kdcli.cache.reader import CacheReader
 from kdcli.cache.reduce import reduce_logits
+from kdcli.cache.tokens import TokenCacheReader
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig
-from kdcli.stages.evaluate import evaluate
-from kdcli.cache.tokens import TokenCacheReader
-from kdcli.cache.fused import mixture_targets
-from kdcli.cache.modes import targets_from_arrays
-from kdcli.cache.modes.full import FullTargets
 from kdcli.losses import soft_kl
 from kdcli.models.classifiers import load_run_model
 from kdcli.stages.cache import cache_teacher
+from kdcli.stages.evaluate import evaluate
 from kdcli.stages.train import train_student
 from tests.conftest import make_blobs
 from tests.lm_helpers import TEACHER_PROMPTS, two_prompt_setup
@@ -54,19 +53,28 @@ def sp(tmp_path_factory):
     data = str(d / "blobs.npz")
     for i, hidden in enumerate((32, 12)):
         run = str(d / f"t{i}")
-        train_student(TrainConfig(student="mlp", student_args={"hidden": [hidden]}, data=data, out=run, epochs=2,
-                                  lr=3e-3, seed=i))
+        train_student(
+            TrainConfig(student="mlp", student_args={"hidden": [hidden]}, data=data, out=run, epochs=2, lr=3e-3, seed=i)
+        )
         shard = 70 if i == 0 else 128
         cache_teacher(CacheConfig(teacher=run, data=data, out=str(d / f"full{i}"), shard_size=shard))
         cache_teacher(CacheConfig(teacher=run, data=data, out=str(d / f"topk{i}"), top_k=4 + i, shard_size=shard))
-        cache_teacher(CacheConfig(teacher=run, data=data, out=str(d / f"sample{i}"), mode="sample", samples=24,
-                                  shard_size=shard))
-        cache_teacher(CacheConfig(teacher=run, data=data, out=str(d / f"prio{i}"), mode="priority", samples=5,
-                                  shard_size=shard))
-        cache_teacher(CacheConfig(teacher=run, data=data, out=str(d / f"prioall{i}"), mode="priority", samples=C,
-                                  shard_size=shard))  # K = C: every class kept, the estimate is exact
-    train_student(TrainConfig(student="mlp", student_args={"hidden": [8]}, data=data, out=str(d / "student"),
-                              epochs=1, seed=3, alpha=0.0))
+        cache_teacher(
+            CacheConfig(teacher=run, data=data, out=str(d / f"sample{i}"), mode="sample", samples=24, shard_size=shard)
+        )
+        cache_teacher(
+            CacheConfig(teacher=run, data=data, out=str(d / f"prio{i}"), mode="priority", samples=5, shard_size=shard)
+        )
+        cache_teacher(
+            CacheConfig(
+                teacher=run, data=data, out=str(d / f"prioall{i}"), mode="priority", samples=C, shard_size=shard
+            )
+        )  # K = C: every class kept, the estimate is exact
+    train_student(
+        TrainConfig(
+            student="mlp", student_args={"hidden": [8]}, data=data, out=str(d / "student"), epochs=1, seed=3, alpha=0.0
+        )
+    )
     return d
 
 
@@ -157,15 +165,25 @@ def test_topk_loss_is_the_exact_bucketed_divergence(sp, divergence):
 def test_eval_against_fused_topk_caches(sp):
     """``kdcli eval --cache topk0 --cache topk1``: KL is the mean exact bucketed KL, agreement is against the most
     likely shared id -- both recomputed here from the full caches and the student's own logits."""
-    rep = evaluate(EvalConfig(model=[str(sp / "student")], data=str(sp / "blobs.npz"),
-                              cache=[str(sp / "topk0"), str(sp / "topk1")], cache_weights="7,3"))
+    rep = evaluate(
+        EvalConfig(
+            model=[str(sp / "student")],
+            data=str(sp / "blobs.npz"),
+            cache=[str(sp / "topk0"), str(sp / "topk1")],
+            cache_weights="7,3",
+        )
+    )
     mix, inter = _reference_buckets(sp)
     model, _ = load_run_model(sp / "student")
     x = torch.from_numpy(np.load(sp / "blobs.npz")["x"])
     with torch.no_grad():
         s_log = F.log_softmax(model(x).double(), dim=1)
-    kls = [float(kl_divergence(Categorical(probs=_bucket(mix[r], inter[r])),
-                               Categorical(probs=_bucket(s_log[r], inter[r])))) for r in range(240)]
+    kls = [
+        float(
+            kl_divergence(Categorical(probs=_bucket(mix[r], inter[r])), Categorical(probs=_bucket(s_log[r], inter[r])))
+        )
+        for r in range(240)
+    ]
     full = [lp.exp() for lp in _full(sp)]
     ids = [CacheReader(sp / f"topk{i}").read_rows(0, 240)["topk_ids"] for i in (0, 1)]
     known = lambda r, i: sum(w * float(p[r, i]) for w, p, k in zip(W, full, ids) if i in k[r])  # noqa: E731
@@ -177,8 +195,23 @@ def test_eval_against_fused_topk_caches(sp):
 
 
 def test_train_from_fused_topk_caches_logs_what_it_fused(sp):
-    r = invoke("train-student", "--student", "mlp", "--data", sp / "blobs.npz", "--out", sp / "s_topk",
-               "--epochs", "1", "--temperature", "1", "--cache", sp / "topk0", "--cache", sp / "topk1")
+    r = invoke(
+        "train-student",
+        "--student",
+        "mlp",
+        "--data",
+        sp / "blobs.npz",
+        "--out",
+        sp / "s_topk",
+        "--epochs",
+        "1",
+        "--temperature",
+        "1",
+        "--cache",
+        sp / "topk0",
+        "--cache",
+        sp / "topk1",
+    )
     assert r.exit_code == 0, r.output
     assert "exact over the buckets of the ids every teacher kept" in r.output
 
@@ -231,32 +264,64 @@ def test_mixture_gradient_is_unbiased_over_draws(mode, k):
             red = reduce_logits(t, mode, top_k=None, samples=k, generator=draws, temperatures=(1.0,))
             parts.append(targets_from_arrays({key: v.numpy() for key, v in red.items()}, mode, 10))
         mixt = mixture_targets(parts, w)
-        total += _student_grad(logits, lambda z: soft_kl(z, mixt, 1.0))[1]
+        total += _student_grad(logits, lambda z, mixt=mixt: soft_kl(z, mixt, 1.0))[1]
     assert torch.allclose(total / reps, want, atol=0.01), (total / reps - want).abs().max()
 
 
 def test_train_from_a_sample_and_a_priority_cache(sp):
     out = sp / "s_mix"
-    r = invoke("train-student", "--student", "mlp", "--data", sp / "blobs.npz", "--out", out, "--epochs", "2",
-               "--temperature", "1", "--cache", sp / "sample0", "--cache", sp / "prio1", "--cache-weights", "7,3")
+    r = invoke(
+        "train-student",
+        "--student",
+        "mlp",
+        "--data",
+        sp / "blobs.npz",
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--temperature",
+        "1",
+        "--cache",
+        sp / "sample0",
+        "--cache",
+        sp / "prio1",
+        "--cache-weights",
+        "7,3",
+    )
     assert r.exit_code == 0, r.output
     assert "unbiased gradient of the KL to the mixture" in r.output
     # the student learned the fused teacher: measured against the full caches' fusion
-    rep = evaluate(EvalConfig(model=[str(out)], data=str(sp / "blobs.npz"),
-                              cache=[str(sp / "full0"), str(sp / "full1")], cache_weights="7,3"))
-    base = evaluate(EvalConfig(model=[str(sp / "student")], data=str(sp / "blobs.npz"),
-                               cache=[str(sp / "full0"), str(sp / "full1")], cache_weights="7,3"))
+    rep = evaluate(
+        EvalConfig(
+            model=[str(out)],
+            data=str(sp / "blobs.npz"),
+            cache=[str(sp / "full0"), str(sp / "full1")],
+            cache_weights="7,3",
+        )
+    )
+    base = evaluate(
+        EvalConfig(
+            model=[str(sp / "student")],
+            data=str(sp / "blobs.npz"),
+            cache=[str(sp / "full0"), str(sp / "full1")],
+            cache_weights="7,3",
+        )
+    )
     assert rep.models[0].kl_to_teacher < base.models[0].kl_to_teacher
 
 
-@pytest.mark.parametrize("caches,extra,needle", [
-    (("sample0", "prio1"), ["--temperature", "2"], "exact only at T = 1"),
-    (("topk0", "topk1"), ["--temperature", "4"], "exact only at T = 1"),
-    (("topk0", "topk1"), ["--combine", "geometric"], "--combine geometric needs full caches"),
-    (("topk0", "sample1"), [], "cannot fuse sample + topk caches"),
-    (("full0", "topk1"), [], "cannot fuse full + topk caches"),
-    (("sample0", "prio1"), ["--divergence", "reverse"], "forward KL only"),
-])
+@pytest.mark.parametrize(
+    "caches,extra,needle",
+    [
+        (("sample0", "prio1"), ["--temperature", "2"], "exact only at T = 1"),
+        (("topk0", "topk1"), ["--temperature", "4"], "exact only at T = 1"),
+        (("topk0", "topk1"), ["--combine", "geometric"], "--combine geometric needs full caches"),
+        (("topk0", "sample1"), [], "cannot fuse sample + topk caches"),
+        (("full0", "topk1"), [], "cannot fuse full + topk caches"),
+        (("sample0", "prio1"), ["--divergence", "reverse"], "forward KL only"),
+    ],
+)
 def test_what_sparse_fusion_cannot_serve_is_refused(sp, caches, extra, needle):
     out = sp / f"s_bad_{abs(hash((caches, tuple(extra))))}"
     cs = [a for c in caches for a in ("--cache", sp / c)]
@@ -268,17 +333,56 @@ def test_what_sparse_fusion_cannot_serve_is_refused(sp, caches, extra, needle):
 
 
 def test_eval_refuses_a_mixture_and_approximates_only_when_asked(sp):
-    r = invoke("eval", "--model", sp / "student", "--data", sp / "blobs.npz", "--cache", sp / "sample0",
-               "--cache", sp / "prio1", "--temperature", "1")
+    r = invoke(
+        "eval",
+        "--model",
+        sp / "student",
+        "--data",
+        sp / "blobs.npz",
+        "--cache",
+        sp / "sample0",
+        "--cache",
+        sp / "prio1",
+        "--temperature",
+        "1",
+    )
     assert r.exit_code == 2 and "eval cannot measure KL or agreement against fused sample/priority" in r.output
-    r = invoke("eval", "--model", sp / "student", "--data", sp / "blobs.npz", "--cache", sp / "topk0",
-               "--cache", sp / "topk1", "--temperature", "2", "--approximate-temperature", "--json")
+    r = invoke(
+        "eval",
+        "--model",
+        sp / "student",
+        "--data",
+        sp / "blobs.npz",
+        "--cache",
+        sp / "topk0",
+        "--cache",
+        sp / "topk1",
+        "--temperature",
+        "2",
+        "--approximate-temperature",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["models"][0]["kl_to_teacher"] > 0
     out = sp / "s_approx"
-    r = invoke("train-student", "--student", "mlp", "--data", sp / "blobs.npz", "--out", out, "--epochs", "1",
-               "--cache", sp / "sample0", "--cache", sp / "prio1", "--temperature", "2",
-               "--approximate-temperature")
+    r = invoke(
+        "train-student",
+        "--student",
+        "mlp",
+        "--data",
+        sp / "blobs.npz",
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--cache",
+        sp / "sample0",
+        "--cache",
+        sp / "prio1",
+        "--temperature",
+        "2",
+        "--approximate-temperature",
+    )
     assert r.exit_code == 0, r.output
     assert "APPROXIMATE at T = 2 (the mean of the tempered teachers)" in r.output
 
@@ -312,8 +416,9 @@ def lm(tmp_path_factory):
     lm = two_prompt_setup(tmp_path_factory.mktemp("fusion_sparse_lm"))
     d = lm["dir"]
     for i, prompt in enumerate(TEACHER_PROMPTS):
-        common = dict(teacher=str(lm["teacher"]), data=str(lm["data"]), teacher_prompt=prompt, max_length=48,
-                      shard_size=5 + 2 * i)
+        common = dict(
+            teacher=str(lm["teacher"]), data=str(lm["data"]), teacher_prompt=prompt, max_length=48, shard_size=5 + 2 * i
+        )
         cache_teacher(CacheConfig(**common, out=str(d / f"full{i}")))
         cache_teacher(CacheConfig(**common, out=str(d / f"topk{i}"), top_k=8))
         cache_teacher(CacheConfig(**common, out=str(d / f"sample{i}"), mode="sample", samples=16))
@@ -326,17 +431,40 @@ def test_lm_fused_topk_is_a_lower_bound_of_the_fused_full_kl(lm):
     got = FusedReader([TokenCacheReader(d / "topk0"), TokenCacheReader(d / "topk1")], (0.5, 0.5)).read_rows(0, 12)
     np.testing.assert_array_equal(got["lengths"], ra["lengths"])
     # the fused log-prob of the next token is the mixture of the teachers' (each stores its own)
-    want_t = np.logaddexp(ra["target_logprobs"].astype(np.float64), rb["target_logprobs"].astype(np.float64)) \
-        - math.log(2)
+    want_t = np.logaddexp(
+        ra["target_logprobs"].astype(np.float64), rb["target_logprobs"].astype(np.float64)
+    ) - math.log(2)
     np.testing.assert_allclose(got["target_logprobs"], want_t, atol=1e-4)
     run = d / "s"
-    train_student(TrainConfig(student=str(lm["student"]), data=str(lm["data"]), out=str(run), epochs=1,
-                              batch_size=4, lr=1e-3, temperature=1.0, cache=[str(d / "topk0"), str(d / "topk1")]))
-    train_student(TrainConfig(student=str(lm["student"]), data=str(lm["data"]), out=str(d / "s_mix"), epochs=1,
-                              batch_size=4, lr=1e-3, temperature=1.0, cache=[str(d / "sample0"), str(d / "sample1")]))
-    sparse = evaluate(EvalConfig(model=[str(run)], data=str(lm["data"]), temperature=1.0,
-                                 cache=[str(d / "topk0"), str(d / "topk1")]))
-    full = evaluate(EvalConfig(model=[str(run)], data=str(lm["data"]), temperature=1.0,
-                               cache=[str(d / "full0"), str(d / "full1")]))
+    train_student(
+        TrainConfig(
+            student=str(lm["student"]),
+            data=str(lm["data"]),
+            out=str(run),
+            epochs=1,
+            batch_size=4,
+            lr=1e-3,
+            temperature=1.0,
+            cache=[str(d / "topk0"), str(d / "topk1")],
+        )
+    )
+    train_student(
+        TrainConfig(
+            student=str(lm["student"]),
+            data=str(lm["data"]),
+            out=str(d / "s_mix"),
+            epochs=1,
+            batch_size=4,
+            lr=1e-3,
+            temperature=1.0,
+            cache=[str(d / "sample0"), str(d / "sample1")],
+        )
+    )
+    sparse = evaluate(
+        EvalConfig(model=[str(run)], data=str(lm["data"]), temperature=1.0, cache=[str(d / "topk0"), str(d / "topk1")])
+    )
+    full = evaluate(
+        EvalConfig(model=[str(run)], data=str(lm["data"]), temperature=1.0, cache=[str(d / "full0"), str(d / "full1")])
+    )
     assert 0 < sparse.models[0].kl_to_teacher <= full.models[0].kl_to_teacher + 1e-3
     assert sparse.teacher["perplexity"] == pytest.approx(full.teacher["perplexity"], rel=2e-3)

@@ -37,43 +37,116 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import make_blobs
+from lm_helpers import make_tokenizer, text_rows, write_jsonl
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import make_blobs
 from kdcli.cli import app
 from kdcli.config import CacheConfig, resolve
 from kdcli.stages.cache import cache_teacher
-from lm_helpers import make_tokenizer, text_rows, write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden"
 RECORD = bool(os.environ.get("KDCLI_GOLDEN_RECORD"))
 
 # The manifest fields that define a cache's content (no timestamps, versions, paths, byte sizes or checksums).
-MANIFEST_KEYS = ("format", "format_version", "kind", "mode", "num_classes", "vocab_size", "top_k", "samples",
-                 "logprob_dtype", "id_dtype", "count_dtype", "tail_dtype", "token_keys", "views", "augment",
-                 "aug_param_names", "shard_size", "text", "num_rows", "complete", "temperatures",
-                 "stat_temperatures", "stat_dtype", "sampler_temperatures")
+MANIFEST_KEYS = (
+    "format",
+    "format_version",
+    "kind",
+    "mode",
+    "num_classes",
+    "vocab_size",
+    "top_k",
+    "samples",
+    "logprob_dtype",
+    "id_dtype",
+    "count_dtype",
+    "tail_dtype",
+    "token_keys",
+    "views",
+    "augment",
+    "aug_param_names",
+    "shard_size",
+    "text",
+    "num_rows",
+    "complete",
+    "temperatures",
+    "stat_temperatures",
+    "stat_dtype",
+    "sampler_temperatures",
+)
 DATA_KEYS = ("kind", "num_samples", "num_tokens", "num_targets", "num_classes", "input_shape", "fingerprint")
 
 CLS = dict(shard_size=64, batch_size=32, seed=3)  # 200 rows -> shards of 64, 64, 64, 8; batches never straddle
-CLS_MODES = {"full": dict(mode="full"), "topk": dict(top_k=2), "sample": dict(mode="sample", samples=8),
-             "priority": dict(mode="priority", samples=3)}
+CLS_MODES = {
+    "full": dict(mode="full"),
+    "topk": dict(top_k=2),
+    "sample": dict(mode="sample", samples=8),
+    "priority": dict(mode="priority", samples=3),
+}
 LM = dict(max_length=32, shard_size=8, batch_size=4, seed=3)  # 17 sequences -> 3 shards; batch 4 divides 8
-LM_MODES = {"full": dict(mode="full"), "topk": dict(top_k=8), "sample": dict(mode="sample", samples=16),
-            "priority": dict(mode="priority", samples=8)}
+LM_MODES = {
+    "full": dict(mode="full"),
+    "topk": dict(top_k=8),
+    "sample": dict(mode="sample", samples=16),
+    "priority": dict(mode="priority", samples=8),
+}
 STUDENT = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_length": 64}
 
 # classification student: 180 training rows / batch 32 -> 6 steps per epoch, 18 in all; checkpoints at 4, 6, 8, 12, 16
-CLS_TRAIN = ["--student", "mlp", "--student-arg", "hidden=[16]", "--student-arg", "dropout=0.3", "--epochs", "3",
-             "--batch-size", "32", "--lr", "3e-3", "--schedule", "cosine", "--warmup-steps", "3", "--val-fraction",
-             "0.1", "--seed", "7", "--checkpoint-every", "4", "--temperature", "3", "--alpha", "0.7"]
+CLS_TRAIN = [
+    "--student",
+    "mlp",
+    "--student-arg",
+    "hidden=[16]",
+    "--student-arg",
+    "dropout=0.3",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--lr",
+    "3e-3",
+    "--schedule",
+    "cosine",
+    "--warmup-steps",
+    "3",
+    "--val-fraction",
+    "0.1",
+    "--seed",
+    "7",
+    "--checkpoint-every",
+    "4",
+    "--temperature",
+    "3",
+    "--alpha",
+    "0.7",
+]
 CLS_KILL = "train-step:10"  # SIGKILL after step 10: the re-run continues from the step-8 checkpoint
 # LM student: 17 sequences / batch 4 -> 5 steps per epoch, 10 in all; checkpoints at 3, 5 (epoch end), 6, 9
-LM_TRAIN = ["--student", "transformer", *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
-            "--epochs", "2", "--batch-size", "4", "--lr", "3e-3", "--schedule", "cosine", "--warmup-steps", "2",
-            "--temperature", "2", "--checkpoint-every", "3", "--seed", "5"]
+LM_TRAIN = [
+    "--student",
+    "transformer",
+    *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--schedule",
+    "cosine",
+    "--warmup-steps",
+    "2",
+    "--temperature",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--seed",
+    "5",
+]
 LM_KILL = "checkpoint.pt.partial:3"  # SIGKILL while writing the step-6 checkpoint: the re-run continues from step 5
 
 # -- what a comparison tolerates ----------------------------------------------------------------------------------
@@ -85,7 +158,7 @@ float32 rounding of the computation itself: reductions over a few hundred classe
 weights after a few dozen steps: 64 ulps (1.5e-5 relative). Measured against goldens recorded on AVX-512, under
 ATEN_CPU_CAPABILITY default / avx2 / avx512 and MKL_ENABLE_INSTRUCTIONS=SSE4_2: at most 0.50 of the
 float16 tolerance (one step) and 0.22 of the float32 one (14 ulps, the LM student)."""
-ABS_FLOOR = 2.0 ** -14
+ABS_FLOOR = 2.0**-14
 """Absolute slack near zero: a log-prob of -1e-5 is the difference of two numbers of the logits' size, so its
 float32 rounding is absolute (~ |logit| * 2^-24), not relative to the result."""
 
@@ -117,13 +190,14 @@ def deviation(golden: np.ndarray, got: np.ndarray) -> float:
 def near_ties(logprobs: np.ndarray, k: int, margin: float = 1e-3) -> int:
     """Rows of (rows, C) log-probs where the k largest are not separated from each other and from the rest by
     ``margin`` nats: where a top-k cache's ids (or their order) could flip on float32 rounding (~1e-6 here)."""
-    s = -np.sort(-logprobs.astype(np.float64), axis=1)[:, :k + 1]
+    s = -np.sort(-logprobs.astype(np.float64), axis=1)[:, : k + 1]
     gaps = s[:, :-1] - s[:, 1:]
     finite = np.isfinite(s[:, :-1]) & np.isfinite(s[:, 1:])
     return int(((gaps < margin) & finite).any(axis=1).sum())
 
 
 # -- building and reading what is compared ------------------------------------------------------------------------
+
 
 def numpy_weights(model: torch.nn.Module, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Every parameter of ``model`` drawn from numpy's seeded generator (bit-identical on every machine), scaled by
@@ -154,10 +228,19 @@ def numpy_llama(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     state = numpy_weights(model, seed)
     for name, t in state.items():
@@ -206,8 +289,11 @@ def problems(golden: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> list[
         dev = deviation(golden[name], got[name])
         if dev > 1.0:
             g, x = golden[name], got[name]
-            what = f"{g.dtype}{g.shape} vs {x.dtype}{x.shape}" if g.shape != x.shape or g.dtype != x.dtype else \
-                f"{dev:.3g}x its tolerance"
+            what = (
+                f"{g.dtype}{g.shape} vs {x.dtype}{x.shape}"
+                if g.shape != x.shape or g.dtype != x.dtype
+                else f"{dev:.3g}x its tolerance"
+            )
             out.append(f"{name}: {what}")
     return out
 
@@ -234,8 +320,9 @@ def env() -> dict:
 
 
 def spawn(args: list, **extra) -> subprocess.Popen:
-    return subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env(), **extra})
+    return subprocess.Popen(
+        [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env(), **extra}
+    )
 
 
 def flags(opts: dict) -> list[str]:
@@ -261,30 +348,95 @@ def ws(tmp_path_factory, one_thread):
         np.savez(d / "blobs.npz", x=x, y=y)
         teacher = mlp_teacher(d, "teacher", 4, (8,), seed=11)
         for mode, opts in CLS_MODES.items():
-            cli("cache-teacher", *teacher, "--data", d / "blobs.npz", "--out", d / f"cls-{mode}",
-                *flags({**CLS, **opts}))
-        procs["torchrun"] = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                   "2", "-m", "kdcli", "cache-teacher", *teacher, "--data", d / "blobs.npz", "--out",
-                                   d / "cls-sample-2proc", *flags({**CLS, **CLS_MODES["sample"]})])
-        procs["cls-killed"] = spawn([sys.executable, "-m", "kdcli", "train-student", "--data", d / "blobs.npz",
-                                     "--cache", d / "cls-full", "--out", d / "cls-run", *CLS_TRAIN],
-                                    KDCLI_TEST_KILL_AT=CLS_KILL)
+            cli(
+                "cache-teacher",
+                *teacher,
+                "--data",
+                d / "blobs.npz",
+                "--out",
+                d / f"cls-{mode}",
+                *flags({**CLS, **opts}),
+            )
+        procs["torchrun"] = spawn(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "kdcli",
+                "cache-teacher",
+                *teacher,
+                "--data",
+                d / "blobs.npz",
+                "--out",
+                d / "cls-sample-2proc",
+                *flags({**CLS, **CLS_MODES["sample"]}),
+            ]
+        )
+        procs["cls-killed"] = spawn(
+            [
+                sys.executable,
+                "-m",
+                "kdcli",
+                "train-student",
+                "--data",
+                d / "blobs.npz",
+                "--cache",
+                d / "cls-full",
+                "--out",
+                d / "cls-run",
+                *CLS_TRAIN,
+            ],
+            KDCLI_TEST_KILL_AT=CLS_KILL,
+        )
 
         rng = np.random.default_rng(0)  # 4x4 one-channel "images", so a pixel shift means something
         xi = rng.random((64, 1, 4, 4)).astype(np.float32)
         np.savez(d / "img.npz", x=xi, y=(xi.reshape(64, -1)[:, :8].sum(1) > 4).astype(np.int64))
-        cli("cache-teacher", *mlp_teacher(d, "img-teacher", 2, (1, 4, 4), seed=12), "--data", d / "img.npz", "--out",
-            d / "cls-views", "--views", 3, "--augment", "shift:1", *flags(CLS))
+        cli(
+            "cache-teacher",
+            *mlp_teacher(d, "img-teacher", 2, (1, 4, 4), seed=12),
+            "--data",
+            d / "img.npz",
+            "--out",
+            d / "cls-views",
+            "--views",
+            3,
+            "--augment",
+            "shift:1",
+            *flags(CLS),
+        )
 
         tok = make_tokenizer(d / "tok")
         lm_teacher = numpy_llama(d / "lm-teacher", tok, seed=7)  # seed 7: no top-k near-tie (test below)
         write_jsonl(d / "text.jsonl", text_rows(12))
         for mode, opts in LM_MODES.items():
-            cache_teacher(resolve(CacheConfig, None, dict(teacher=str(lm_teacher), data=str(d / "text.jsonl"),
-                                                          out=str(d / f"lm-{mode}"), **LM, **opts)))
-        procs["lm-killed"] = spawn([sys.executable, "-m", "kdcli", "train-student", "--data", d / "text.jsonl",
-                                    "--cache", d / "lm-sample", "--out", d / "lm-run", *LM_TRAIN],
-                                   KDCLI_TEST_KILL_AT=LM_KILL)
+            cache_teacher(
+                resolve(
+                    CacheConfig,
+                    None,
+                    dict(teacher=str(lm_teacher), data=str(d / "text.jsonl"), out=str(d / f"lm-{mode}"), **LM, **opts),
+                )
+            )
+        procs["lm-killed"] = spawn(
+            [
+                sys.executable,
+                "-m",
+                "kdcli",
+                "train-student",
+                "--data",
+                d / "text.jsonl",
+                "--cache",
+                d / "lm-sample",
+                "--out",
+                d / "lm-run",
+                *LM_TRAIN,
+            ],
+            KDCLI_TEST_KILL_AT=LM_KILL,
+        )
         done = {}
         for name, p in procs.items():
             out, err = p.communicate(timeout=300)
@@ -306,8 +458,9 @@ def teacher_logprobs(d: Path) -> tuple[np.ndarray, np.ndarray]:
     from kdcli.models.classifiers import build_model
 
     data = load_data(str(d / "blobs.npz"))
-    model, _ = build_model("mlp", {"hidden": [16]}, num_classes=4, input_shape=(8,),
-                           weights=str(d / "teacher.safetensors"))
+    model, _ = build_model(
+        "mlp", {"hidden": [16]}, num_classes=4, input_shape=(8,), weights=str(d / "teacher.safetensors")
+    )
     with torch.inference_mode():
         cls = torch.log_softmax(model(data.x).float(), dim=-1).numpy()
         tok = load_tokenizer(str(d / "lm-teacher"))
@@ -399,6 +552,7 @@ def test_lm_student_killed_and_resumed(ws, tmp_path):
 
 # -- the comparison still catches real changes ---------------------------------------------------------------------
 
+
 def _golden(name: str) -> dict[str, np.ndarray]:
     with np.load(GOLDEN / f"{name}.npz", allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
@@ -413,8 +567,9 @@ def test_the_comparison_catches_one_changed_logprob_or_id_or_row_order():
     lp = g["topk_logprobs"].copy()
     i = np.unravel_index(np.argmin(np.abs(lp.astype(np.float32) + 1.0)), lp.shape)  # a log-prob near -1
     lp[i] = np.float16(float(lp[i]) + 0.01)
-    assert problems(g, {**g, "topk_logprobs": lp}) == [f"topk_logprobs: {deviation(g['topk_logprobs'], lp):.3g}x "
-                                                       "its tolerance"]
+    assert problems(g, {**g, "topk_logprobs": lp}) == [
+        f"topk_logprobs: {deviation(g['topk_logprobs'], lp):.3g}x its tolerance"
+    ]
     ids = g["topk_ids"].copy()
     ids[7, 0] += 1
     assert [p.split(":")[0] for p in problems(g, {**g, "topk_ids": ids})] == ["topk_ids"]
@@ -430,8 +585,18 @@ def test_the_comparison_catches_a_student_trained_on_another_batch_order(ws, tmp
     """The same classification run with its batches in another order (--block-rows 32 instead of the default
     block size: the same rows, shuffled differently) ends outside the golden's tolerance by a wide margin."""
     d, _ = ws
-    args = ["train-student", "--data", d / "blobs.npz", "--cache", d / "cls-full", "--out", tmp_path / "other",
-            *CLS_TRAIN, "--block-rows", "32"]
+    args = [
+        "train-student",
+        "--data",
+        d / "blobs.npz",
+        "--cache",
+        d / "cls-full",
+        "--out",
+        tmp_path / "other",
+        *CLS_TRAIN,
+        "--block-rows",
+        "32",
+    ]
     r = CliRunner().invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.stderr[-3000:]
     g, got = _golden("cls-student-resumed"), weight_arrays(tmp_path / "other")

@@ -33,12 +33,18 @@ def record_commands(tmp_path: Path, out: Path, quick: bool) -> list[list[str]]:
     shim_dir = tmp_path / "shim"
     shim_dir.mkdir(exist_ok=True)
     shim = shim_dir / "kdcli"
-    shim.write_text('#!/usr/bin/env bash\n{ for a in "$@"; do printf \'%s\\x1f\' "$a"; done; printf \'\\n\'; } '
-                    '>> "$KDCLI_ARGV_LOG"\n')
+    shim.write_text(
+        "#!/usr/bin/env bash\n{ for a in \"$@\"; do printf '%s\\x1f' \"$a\"; done; printf '\\n'; } "
+        '>> "$KDCLI_ARGV_LOG"\n'
+    )
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / f"argv-{int(quick)}.log"
-    env = {**os.environ, "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}", "KDCLI_ARGV_LOG": str(log),
-           "QUICK": "1" if quick else "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}",
+        "KDCLI_ARGV_LOG": str(log),
+        "QUICK": "1" if quick else "0",
+    }
     proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
@@ -68,12 +74,22 @@ def test_every_command_of_the_script_resolves(tmp_path: Path, quick: bool):
     out = tmp_path / "out"
     commands = record_commands(tmp_path, out, quick)
     names = [c[0] for c in commands]
-    assert names == ["train-student", "cache-teacher", "cache-teacher", "train-student", "train-student", "eval",
-                     "cache-teacher", "train-student", "eval"]
+    assert names == [
+        "train-student",
+        "cache-teacher",
+        "cache-teacher",
+        "train-student",
+        "train-student",
+        "eval",
+        "cache-teacher",
+        "train-student",
+        "eval",
+    ]
     cfgs = [resolve_argv(c) for c in commands]
     for name, cfg in cfgs:
-        for spec in filter(None, [getattr(cfg, "data", None), getattr(cfg, "eval_data", None),
-                                  getattr(cfg, "bias_data", None)]):
+        for spec in filter(
+            None, [getattr(cfg, "data", None), getattr(cfg, "eval_data", None), getattr(cfg, "bias_data", None)]
+        ):
             base, _ = split_filter(spec)
             assert split_slice(base)[0] in ("mnist:train", "mnist:test"), spec
         if name == "train-student" and cfg.student in BUILTINS:  # model arguments build the model
@@ -104,8 +120,18 @@ def test_quick_mode_in_one_process(tmp_path: Path):
         assert (out / cache / "manifest.json").is_file()
     assert (out / "hinton-mnist.png").read_bytes()[:4] == b"\x89PNG"
     table, omit3 = outputs[5], outputs[8]
-    for row in ("errors", "accuracy", "NLL", "ECE", "agreement w/ teacher", "parameters", "samples/s", "teacher",
-                "baseline", "distilled"):
+    for row in (
+        "errors",
+        "accuracy",
+        "NLL",
+        "ECE",
+        "agreement w/ teacher",
+        "parameters",
+        "samples/s",
+        "teacher",
+        "baseline",
+        "distilled",
+    ):
         assert row in table
     assert "errors on class 3 (of" in omit3 and "class bias" in omit3 and "errors before bias" in omit3
 
@@ -114,8 +140,9 @@ def test_quick_mode_in_one_process(tmp_path: Path):
 def test_quick_mode_script(tmp_path: Path):
     """QUICK=1 bash examples/hinton-mnist/run.sh, as CI or a user runs it (each command a new process)."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(SCRIPT), str(out)], env={**os.environ, "QUICK": "1"}, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env={**os.environ, "QUICK": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "agreement w/ teacher" in proc.stdout and "errors on class 3 (of" in proc.stdout
     assert (out / "hinton-mnist.png").is_file() and "[hinton-mnist] done" in proc.stderr

@@ -109,8 +109,9 @@ def analyse(sources: dict[str, str]) -> Graph:
                             private(alias.name, node)
                     else:
                         third_party(alias.name, node)
-                        other_names[alias.asname or alias.name.split(".")[0]] = \
+                        other_names[alias.asname or alias.name.split(".")[0]] = (
                             alias.name if alias.asname else alias.name.split(".")[0]
+                        )
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # relative: level 1 is this module's package, each further level one up
                     base = src if is_pkg else src.rpartition(".")[0]
@@ -141,9 +142,14 @@ def analyse(sources: dict[str, str]) -> Graph:
         for node in ast.walk(tree):
             chain: list[str] = []
             cur: ast.AST = node
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
-                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
-                    and isinstance(node.args[1].value, str):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "getattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
                 chain, cur = [node.args[1].value], node.args[0]
             elif not isinstance(node, ast.Attribute):
                 continue
@@ -235,11 +241,13 @@ def cycle_report(g: Graph) -> list[str]:
 
 
 def read_package() -> dict[str, str]:
-    return {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")
-            for p in sorted((ROOT / PACKAGE).rglob("*.py"))}
+    return {
+        p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in sorted((ROOT / PACKAGE).rglob("*.py"))
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- the codebase
+
 
 def test_the_checker_sees_the_whole_package():
     g = analyse(read_package())
@@ -255,45 +263,56 @@ def test_no_import_cycles():
     g = analyse(read_package())
     report = cycle_report(g)
     if report:
-        pytest.fail(f"{len(strongly_connected(g.edges))} import cycle(s) (modules that import, "
-                    "directly or not, themselves; imports inside functions count):\n" + "\n".join(report),
-                    pytrace=False)
+        pytest.fail(
+            f"{len(strongly_connected(g.edges))} import cycle(s) (modules that import, "
+            "directly or not, themselves; imports inside functions count):\n" + "\n".join(report),
+            pytrace=False,
+        )
 
 
 def test_no_module_uses_another_modules_private_names():
     private = analyse(read_package()).private
     if private:
-        pytest.fail(f"{len(private)} private name(s) of one kdcli module used by another (make it public, or move "
-                    "it where both can use it):\n  " + "\n  ".join(private), pytrace=False)
+        pytest.fail(
+            f"{len(private)} private name(s) of one kdcli module used by another (make it public, or move "
+            "it where both can use it):\n  " + "\n  ".join(private),
+            pytrace=False,
+        )
 
 
 # Private third-party names kdcli uses on purpose, each with why and what happens when it is gone.
 ALLOWED_PRIVATE = {
     "torch._int_mm": "the int8 x int8 -> int32 matmul behind `compress --quantize int8-dynamic` (what PyTorch's own "
-                     "dynamic quantisation and torchao call); no public equivalent in torch 2.13. kdcli/models/quant.py "
-                     "checks for it and falls back to the float product where a torch lacks it.",
+    "dynamic quantisation and torchao call); no public equivalent in torch 2.13. kdcli/models/quant.py "
+    "checks for it and falls back to the float product where a torch lacks it.",
 }
 
 
 def test_no_private_modules_of_third_party_packages():
     private = [p for p in analyse(read_package()).third_party_private if p.rpartition(": ")[2] not in ALLOWED_PRIVATE]
     if private:
-        pytest.fail(f"{len(private)} use(s) of a third-party package's private module/name (they change or vanish "
-                    "between releases; use the package's public API):\n  " + "\n  ".join(private), pytrace=False)
+        pytest.fail(
+            f"{len(private)} use(s) of a third-party package's private module/name (they change or vanish "
+            "between releases; use the package's public API):\n  " + "\n  ".join(private),
+            pytrace=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the checker itself
 
+
 def test_checker_finds_a_cycle_through_a_function_level_relative_import_and_a_package_init():
-    g = analyse({
-        "kdcli/__init__.py": "",
-        "kdcli/a.py": "from kdcli.b import f\n",
-        "kdcli/b.py": "def f():\n    from .c import g\n",  # function level, relative
-        "kdcli/c.py": "import kdcli.a\n",
-        "kdcli/lm/__init__.py": "from kdcli.lm import text\ndef spec(): pass\n",
-        "kdcli/lm/text.py": "def t():\n    from . import spec\n",  # a name defined in the package __init__
-        "kdcli/lm/hf.py": "from ..lm import text\n",  # not part of any cycle
-    })
+    g = analyse(
+        {
+            "kdcli/__init__.py": "",
+            "kdcli/a.py": "from kdcli.b import f\n",
+            "kdcli/b.py": "def f():\n    from .c import g\n",  # function level, relative
+            "kdcli/c.py": "import kdcli.a\n",
+            "kdcli/lm/__init__.py": "from kdcli.lm import text\ndef spec(): pass\n",
+            "kdcli/lm/text.py": "def t():\n    from . import spec\n",  # a name defined in the package __init__
+            "kdcli/lm/hf.py": "from ..lm import text\n",  # not part of any cycle
+        }
+    )
     assert strongly_connected(g.edges) == [["kdcli.a", "kdcli.b", "kdcli.c"], ["kdcli.lm", "kdcli.lm.text"]]
     assert one_cycle(g.edges, ["kdcli.a", "kdcli.b", "kdcli.c"]) == ["kdcli.a", "kdcli.b", "kdcli.c", "kdcli.a"]
     assert g.edges["kdcli.lm.hf"] == {"kdcli.lm.text": "kdcli/lm/hf.py:1: from ..lm import text"}
@@ -303,67 +322,84 @@ def test_checker_finds_a_cycle_through_a_function_level_relative_import_and_a_pa
 
 
 def test_checker_finds_private_names_imported_or_reached_as_attributes():
-    g = analyse({
-        "kdcli/__init__.py": "__version__ = '1'\n",
-        "kdcli/x.py": "_helper = 1\ndef _own(): return _helper\n",
-        "kdcli/lm/__init__.py": "",
-        "kdcli/lm/text.py": "_tok = 2\n",
-        "kdcli/y.py": (
-            "from kdcli import __version__\n"  # dunder: fine
-            "from kdcli.x import _helper\n"  # 2
-            "def f():\n"
-            "    from .x import _own as own\n"  # 4, relative and aliased
-            "import kdcli.lm.text\n"
-            "import kdcli.x as xx\n"
-            "from kdcli.lm import text\n"
-            "a = kdcli.lm.text._tok\n"  # 8, through the package path
-            "b = xx._helper\n"  # 9
-            "c = text._tok + len(text.__name__)\n"  # 10 (dunder fine)
-            "d = getattr(xx, '_own')\n"  # 11
-        ),
-    })
-    assert g.private == ["kdcli/y.py:2: kdcli.x._helper", "kdcli/y.py:4: kdcli.x._own",
-                         "kdcli/y.py:8: kdcli.lm.text._tok", "kdcli/y.py:9: kdcli.x._helper",
-                         "kdcli/y.py:10: kdcli.lm.text._tok", "kdcli/y.py:11: kdcli.x._own"]
+    g = analyse(
+        {
+            "kdcli/__init__.py": "__version__ = '1'\n",
+            "kdcli/x.py": "_helper = 1\ndef _own(): return _helper\n",
+            "kdcli/lm/__init__.py": "",
+            "kdcli/lm/text.py": "_tok = 2\n",
+            "kdcli/y.py": (
+                "from kdcli import __version__\n"  # dunder: fine
+                "from kdcli.x import _helper\n"  # 2
+                "def f():\n"
+                "    from .x import _own as own\n"  # 4, relative and aliased
+                "import kdcli.lm.text\n"
+                "import kdcli.x as xx\n"
+                "from kdcli.lm import text\n"
+                "a = kdcli.lm.text._tok\n"  # 8, through the package path
+                "b = xx._helper\n"  # 9
+                "c = text._tok + len(text.__name__)\n"  # 10 (dunder fine)
+                "d = getattr(xx, '_own')\n"  # 11
+            ),
+        }
+    )
+    assert g.private == [
+        "kdcli/y.py:2: kdcli.x._helper",
+        "kdcli/y.py:4: kdcli.x._own",
+        "kdcli/y.py:8: kdcli.lm.text._tok",
+        "kdcli/y.py:9: kdcli.x._helper",
+        "kdcli/y.py:10: kdcli.lm.text._tok",
+        "kdcli/y.py:11: kdcli.x._own",
+    ]
     clean = analyse({"kdcli/__init__.py": "", "kdcli/x.py": "_a = 1\nimport kdcli.x as me\nb = me._a\n"})
     assert clean.private == []  # a module's own private names are its business
 
 
 def test_checker_finds_third_party_private_modules():
-    g = analyse({
-        "kdcli/__init__.py": "",
-        "kdcli/cli.py": (
-            "import typer\n"
-            "import os, sys\n"
-            "from typer._click import exceptions\n"  # 3
-            "import torch.utils._pytree as pt\n"  # 4
-            "from torch import _dynamo\n"  # 5
-            "try:\n"
-            "    pass\n"
-            "except typer._click.exceptions.UsageError:\n"  # 8
-            "    os._exit(1)\n"  # stdlib: not a third-party package
-            "x = typer.core.TyperGroup\n"
-            "y = getattr(typer, '_click')\n"  # 11
-        ),
-    })
-    assert g.third_party_private == ["kdcli/cli.py:3: typer._click.exceptions", "kdcli/cli.py:4: torch.utils._pytree",
-                                     "kdcli/cli.py:5: torch._dynamo", "kdcli/cli.py:8: typer._click",
-                                     "kdcli/cli.py:11: typer._click"]
+    g = analyse(
+        {
+            "kdcli/__init__.py": "",
+            "kdcli/cli.py": (
+                "import typer\n"
+                "import os, sys\n"
+                "from typer._click import exceptions\n"  # 3
+                "import torch.utils._pytree as pt\n"  # 4
+                "from torch import _dynamo\n"  # 5
+                "try:\n"
+                "    pass\n"
+                "except typer._click.exceptions.UsageError:\n"  # 8
+                "    os._exit(1)\n"  # stdlib: not a third-party package
+                "x = typer.core.TyperGroup\n"
+                "y = getattr(typer, '_click')\n"  # 11
+            ),
+        }
+    )
+    assert g.third_party_private == [
+        "kdcli/cli.py:3: typer._click.exceptions",
+        "kdcli/cli.py:4: torch.utils._pytree",
+        "kdcli/cli.py:5: torch._dynamo",
+        "kdcli/cli.py:8: typer._click",
+        "kdcli/cli.py:11: typer._click",
+    ]
     assert g.private == []
 
 
 def test_checker_passes_a_clean_graph():
-    g = analyse({
-        "kdcli/__init__.py": "__version__ = '1'\n",
-        "kdcli/errors.py": "class KdError(Exception): pass\n",
-        "kdcli/config.py": "from kdcli.errors import KdError\nfrom . import __version__\n",
-        "kdcli/cache/__init__.py": "",
-        "kdcli/cache/manifest.py": "from ..config import *\nfrom kdcli import errors\nimport typer\nimport os\n"
-                                   "def f():\n    import kdcli.errors as e\n    return e.KdError, os._exit\n",
-        "kdcli/cli.py": "import typer\nfrom kdcli.cache import manifest\nx = typer.Exit\n",
-    })
-    assert g.edges["kdcli.cache.manifest"] == {"kdcli.config": "kdcli/cache/manifest.py:1: from ..config import *",
-                                               "kdcli.errors": "kdcli/cache/manifest.py:2: from kdcli import errors"}
+    g = analyse(
+        {
+            "kdcli/__init__.py": "__version__ = '1'\n",
+            "kdcli/errors.py": "class KdError(Exception): pass\n",
+            "kdcli/config.py": "from kdcli.errors import KdError\nfrom . import __version__\n",
+            "kdcli/cache/__init__.py": "",
+            "kdcli/cache/manifest.py": "from ..config import *\nfrom kdcli import errors\nimport typer\nimport os\n"
+            "def f():\n    import kdcli.errors as e\n    return e.KdError, os._exit\n",
+            "kdcli/cli.py": "import typer\nfrom kdcli.cache import manifest\nx = typer.Exit\n",
+        }
+    )
+    assert g.edges["kdcli.cache.manifest"] == {
+        "kdcli.config": "kdcli/cache/manifest.py:1: from ..config import *",
+        "kdcli.errors": "kdcli/cache/manifest.py:2: from kdcli import errors",
+    }
     assert g.edges["kdcli.cli"] == {"kdcli.cache.manifest": "kdcli/cli.py:2: from kdcli.cache import manifest"}
     assert strongly_connected(g.edges) == [] and cycle_report(g) == []
     assert g.private == [] and g.third_party_private == []

@@ -9,24 +9,28 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
+
 from kdcli.config import CacheConfig, TrainConfig, resolve
 from kdcli.infra.errors import UsageError
 from kdcli.lm.hf import build_lm, enable_gradient_checkpointing, input_device, is_placed
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer
-from kdcli.tasks.lm import student_loss
 from kdcli.stages.cache import cache_teacher
 from kdcli.stages.train import train_student
-from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
+from kdcli.tasks.lm import student_loss
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("bigteach")
     tok = make_tokenizer(root / "tok")
-    return {"root": root, "tok": tok, "teacher": make_llama(root / "teacher", tok),
-            "text": write_jsonl(root / "text.jsonl", text_rows(12))}
+    return {
+        "root": root,
+        "tok": tok,
+        "teacher": make_llama(root / "teacher", tok),
+        "text": write_jsonl(root / "text.jsonl", text_rows(12)),
+    }
 
 
 def cache(lm, out: Path, **kw):
@@ -47,6 +51,7 @@ def manifest(d: Path) -> dict:
 
 
 # -- --teacher-device-map auto ---------------------------------------------------------------------------------------
+
 
 def test_device_map_auto_gives_the_plain_cache(lm, tmp_path):
     """On a CPU-only machine accelerate puts every module on the CPU: the cache is the plain run's, array for array;
@@ -77,8 +82,21 @@ def test_placed_model_reads_inputs_on_its_embedding_device(lm):
 
 def test_device_map_refused_for_a_non_hf_teacher_on_the_command_line(lm, tmp_path):
     out = tmp_path / "c"
-    p = run_cli("cache-teacher", "--teacher", "transformer", "--teacher-weights", str(tmp_path / "w.safetensors"),
-                "--tokenizer", lm["tok"], "--data", lm["text"], "--out", out, "--teacher-device-map", "auto")
+    p = run_cli(
+        "cache-teacher",
+        "--teacher",
+        "transformer",
+        "--teacher-weights",
+        str(tmp_path / "w.safetensors"),
+        "--tokenizer",
+        lm["tok"],
+        "--data",
+        lm["text"],
+        "--out",
+        out,
+        "--teacher-device-map",
+        "auto",
+    )
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --teacher-device-map auto") and "Traceback" not in p.stderr
@@ -86,10 +104,16 @@ def test_device_map_refused_for_a_non_hf_teacher_on_the_command_line(lm, tmp_pat
 
 
 def test_device_map_refused_for_a_classification_teacher(teacher_run, blobs_npz, tmp_path):
-    with pytest.raises(UsageError, match="--teacher-device-map is for language model runs; DATA .* makes this a "
-                                         "classification run"):
-        cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher_run), data=str(blobs_npz),
-                                                      out=str(tmp_path / "c"), teacher_device_map="auto")))
+    with pytest.raises(
+        UsageError, match="--teacher-device-map is for language model runs; DATA .* makes this a classification run"
+    ):
+        cache_teacher(
+            resolve(
+                CacheConfig,
+                None,
+                dict(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / "c"), teacher_device_map="auto"),
+            )
+        )
     assert not (tmp_path / "c").exists()
 
 
@@ -105,6 +129,7 @@ def test_device_map_without_accelerate_names_the_extra(lm, tmp_path, monkeypatch
 
 
 # -- --dtype bf16 loads the weights in bfloat16 ----------------------------------------------------------------------
+
 
 def test_bf16_teacher_loads_bf16_weights_and_caches_their_log_probs(lm, tmp_path):
     model, info = build_lm(str(lm["teacher"]), dtype="bf16")
@@ -123,8 +148,10 @@ def test_bf16_teacher_loads_bf16_weights_and_caches_their_log_probs(lm, tmp_path
     for dt in (torch.bfloat16, torch.float32):
         ref = AutoModelForCausalLM.from_pretrained(str(lm["teacher"]), dtype=dt).eval()
         with torch.no_grad():
-            refs[dt] = [torch.log_softmax(ref(torch.tensor(s[None], dtype=torch.long)).logits[0, :-1].float(), -1)
-                        for s in data.ids]
+            refs[dt] = [
+                torch.log_softmax(ref(torch.tensor(s[None], dtype=torch.long)).logits[0, :-1].float(), -1)
+                for s in data.ids
+            ]
     got = torch.from_numpy(np.concatenate([s["logprobs"] for s in shards(tmp_path / "bf16")])).float()
     f32 = torch.from_numpy(np.concatenate([s["logprobs"] for s in shards(tmp_path / "fp32")])).float()
     want_bf16, want_f32 = torch.cat(refs[torch.bfloat16]), torch.cat(refs[torch.float32])
@@ -137,6 +164,7 @@ def test_bf16_teacher_loads_bf16_weights_and_caches_their_log_probs(lm, tmp_path
 
 
 # -- train-student --gradient-checkpointing --------------------------------------------------------------------------
+
 
 def _counting(modules) -> list[int]:
     calls = [0]
@@ -158,8 +186,9 @@ def test_gradient_checkpointing_same_loss_and_gradients(lm, kind):
     for ckpt in (False, True):
         if kind == "transformer":
             torch.manual_seed(0)
-            model, _ = build_lm("transformer", {"d_model": 32, "n_layers": 3, "n_heads": 2, "dropout": 0.2},
-                                vocab_size=len(tok))
+            model, _ = build_lm(
+                "transformer", {"d_model": 32, "n_layers": 3, "n_heads": 2, "dropout": 0.2}, vocab_size=len(tok)
+            )
             blocks = [b.mlp for b in model.blocks]
         else:
             model, _ = build_lm(str(lm["teacher"]))
@@ -183,15 +212,26 @@ def test_gradient_checkpointing_same_loss_and_gradients(lm, kind):
 def test_train_student_with_gradient_checkpointing_matches_the_plain_run(lm, tmp_path):
     from safetensors.torch import load_file
 
-    common = dict(student="transformer", data=str(lm["text"]), tokenizer=str(lm["tok"]), max_length=32,
-                  student_args={"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1}, epochs=1, batch_size=4,
-                  lr=3e-3, seed=3)
+    common = dict(
+        student="transformer",
+        data=str(lm["text"]),
+        tokenizer=str(lm["tok"]),
+        max_length=32,
+        student_args={"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1},
+        epochs=1,
+        batch_size=4,
+        lr=3e-3,
+        seed=3,
+    )
     a = train_student(resolve(TrainConfig, None, dict(out=str(tmp_path / "plain"), **common)))
-    b = train_student(resolve(TrainConfig, None, dict(out=str(tmp_path / "ckpt"), gradient_checkpointing=True,
-                                                      **common)))
+    b = train_student(
+        resolve(TrainConfig, None, dict(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **common))
+    )
     assert a.steps == b.steps > 1 and abs(a.final_train_loss - b.final_train_loss) < 1e-5
-    wa, wb = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "ckpt" /
-                                                                                    "model.safetensors"))
+    wa, wb = (
+        load_file(str(tmp_path / "plain" / "model.safetensors")),
+        load_file(str(tmp_path / "ckpt" / "model.safetensors")),
+    )
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
@@ -199,15 +239,32 @@ def test_train_student_with_gradient_checkpointing_matches_the_plain_run(lm, tmp
 
 def test_gradient_checkpointing_refused_for_classification_and_plain_plugin_students(lm, blobs_npz, tmp_path):
     with pytest.raises(UsageError, match="--gradient-checkpointing is for language model runs; .* classification run"):
-        train_student(resolve(TrainConfig, None, dict(student="mlp", data=str(blobs_npz), out=str(tmp_path / "r"),
-                                                      gradient_checkpointing=True)))
+        train_student(
+            resolve(
+                TrainConfig,
+                None,
+                dict(student="mlp", data=str(blobs_npz), out=str(tmp_path / "r"), gradient_checkpointing=True),
+            )
+        )
     assert not (tmp_path / "r").exists()
     plugin = tmp_path / "plug.py"
-    plugin.write_text("import torch\n"
-                      "def make(vocab_size):\n"
-                      "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 8), torch.nn.Linear(8, vocab_size))\n")
+    plugin.write_text(
+        "import torch\n"
+        "def make(vocab_size):\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 8), torch.nn.Linear(8, vocab_size))\n"
+    )
     with pytest.raises(UsageError, match="does not support it"):
-        train_student(resolve(TrainConfig, None, dict(student=f"{plugin}:make", data=str(lm["text"]),
-                                                      tokenizer=str(lm["tok"]), out=str(tmp_path / "p"),
-                                                      gradient_checkpointing=True)))
+        train_student(
+            resolve(
+                TrainConfig,
+                None,
+                dict(
+                    student=f"{plugin}:make",
+                    data=str(lm["text"]),
+                    tokenizer=str(lm["tok"]),
+                    out=str(tmp_path / "p"),
+                    gradient_checkpointing=True,
+                ),
+            )
+        )
     assert not (tmp_path / "p").exists()  # a run that fails before anything to resume leaves no --out behind

@@ -13,25 +13,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lm_helpers import CORPUS, make_llama, make_tokenizer, prompt_rows, text_rows, write_jsonl
 from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.infra.errors import UsageError
 from kdcli.lm import is_text_spec
-from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch, read_chat_template, \
-    render_chat, target_counts, teacher_sequences, teacher_view, token_row_hashes
-from lm_helpers import CORPUS, make_llama, make_tokenizer, prompt_rows, text_rows, write_jsonl
+from kdcli.lm.text import (
+    TextSettings,
+    load_text,
+    load_tokenizer,
+    loss_positions,
+    pad_batch,
+    read_chat_template,
+    render_chat,
+    target_counts,
+    teacher_sequences,
+    teacher_view,
+    token_row_hashes,
+)
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # The same rendering with the assistant part marked for transformers' return_assistant_tokens_mask.
-CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-              "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
-              "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_GEN = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # No generation prompt at all: a turn is "role: content<eos>".
 PLAIN = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<eos>\\n' }}{% endfor %}"
 
@@ -50,8 +65,12 @@ def toks(tmp_path_factory):
     t.save_pretrained(str(root / "bare"))
     t.chat_template = CHATML
     t.save_pretrained(str(root / "chat"))
-    return {"chat": load_tokenizer(str(root / "chat")), "bare": load_tokenizer(str(root / "bare")),
-            "dir": root / "chat", "root": root}
+    return {
+        "chat": load_tokenizer(str(root / "chat")),
+        "bare": load_tokenizer(str(root / "bare")),
+        "dir": root / "chat",
+        "root": root,
+    }
 
 
 def messages(i: int, multi: bool) -> list[dict]:
@@ -70,8 +89,7 @@ def chat_rows(n: int = 10, multi: bool = False) -> list[dict]:
 
 def sharegpt(rows: list[dict]) -> list[dict]:
     who = {"system": "system", "user": "human", "assistant": "gpt"}
-    return [{"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in r["messages"]]}
-            for r in rows]
+    return [{"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in r["messages"]]} for r in rows]
 
 
 def pieces(tok, *parts: tuple[str, bool]) -> tuple[list[int], list[bool]]:
@@ -85,9 +103,13 @@ def pieces(tok, *parts: tuple[str, bool]) -> tuple[list[int], list[bool]]:
 
 # -- chat rows ---------------------------------------------------------------------------------------------------
 
-MULTI = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "to be or not"},
-         {"role": "assistant", "content": "the question"}, {"role": "user", "content": "and then"},
-         {"role": "assistant", "content": "a horse"}]
+MULTI = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "to be or not"},
+    {"role": "assistant", "content": "the question"},
+    {"role": "user", "content": "and then"},
+    {"role": "assistant", "content": "a horse"},
+]
 
 
 def test_multi_turn_predicts_exactly_the_assistant_turns(toks, tmp_path):
@@ -97,18 +119,35 @@ def test_multi_turn_predicts_exactly_the_assistant_turns(toks, tmp_path):
     ids, mask = data.ids[0], data.target_mask[0]
     # hand-checked: the tokens of "the question<|im_end|>" and "a horse<|im_end|>", nothing of the headers, the
     # system or user turns, or the newline after each <|im_end|>; the sequence ends at the last <|im_end|>
-    assert [tk.decode([t]) for t in ids[mask]] == ["th", "e", " ", "qu", "est", "i", "o", "n", "<|im_end|>",
-                                                   "a", " horse", "<|im_end|>"]
+    assert [tk.decode([t]) for t in ids[mask]] == [
+        "th",
+        "e",
+        " ",
+        "qu",
+        "est",
+        "i",
+        "o",
+        "n",
+        "<|im_end|>",
+        "a",
+        " horse",
+        "<|im_end|>",
+    ]
     assert np.flatnonzero(mask).tolist() == list(range(40, 49)) + [70, 71, 72] and len(ids) == 73
     assert data.first_target[0] == 40 and data.num_targets[0] == 12
     # ids: what apply_chat_template tokenizes, minus the trailing "\n" (after the last predicted token)
     ref = tk.apply_chat_template(MULTI, tokenize=True, return_dict=True)["input_ids"]
     assert ids.tolist() == ref[:-1] and tk.decode(ref[-1:]) == "\n"
-    expect_ids, expect_mask = pieces(tk, ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nto be or not"
-                                          "<|im_end|>\n<|im_start|>assistant\n", False),
-                                     ("the question<|im_end|>", True),
-                                     ("\n<|im_start|>user\nand then<|im_end|>\n<|im_start|>assistant\n", False),
-                                     ("a horse<|im_end|>", True))
+    expect_ids, expect_mask = pieces(
+        tk,
+        (
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nto be or not<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("the question<|im_end|>", True),
+        ("\n<|im_start|>user\nand then<|im_end|>\n<|im_start|>assistant\n", False),
+        ("a horse<|im_end|>", True),
+    )
     assert ids.tolist() == expect_ids and mask.tolist() == expect_mask
     # loss positions: the logit at t - 1 predicts token t, for exactly the masked tokens
     batch, _ = pad_batch(data.ids)
@@ -123,8 +162,9 @@ def test_mask_matches_the_templates_own_generation_mask(toks):
     for i in range(10):
         msgs = messages(i, multi=True)
         ids, mask = render_chat(tk, msgs, CHATML_GEN)
-        ref = tk.apply_chat_template(msgs, chat_template=CHATML_GEN, tokenize=True, return_dict=True,
-                                     return_assistant_tokens_mask=True)
+        ref = tk.apply_chat_template(
+            msgs, chat_template=CHATML_GEN, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert ids == ref["input_ids"] and mask.astype(int).tolist() == ref["assistant_masks"]
         ids2, mask2 = render_chat(tk, msgs, CHATML)  # the same rendering without the markers: the same answer
         assert ids2 == ids and np.array_equal(mask2, mask)
@@ -137,8 +177,9 @@ def test_single_turn_rows_are_one_run_and_work_without_masks(toks, tmp_path):
     assert data.kind == "chat" and data.target_mask is None and data.n == 6
     for i, r in enumerate(rows):
         msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
-        head = tk.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
-                                      return_dict=True)["input_ids"]
+        head = tk.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
         answer = tk(msgs[-1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
         assert data.ids[i].tolist() == head + answer and data.first_target[i] == len(head)
     seqs, first = teacher_sequences(data, tk, None)
@@ -219,6 +260,7 @@ def test_chat_template_file_overrides_and_is_read(toks, tmp_path):
 
 # -- the teacher-only system prompt ------------------------------------------------------------------------------
 
+
 def test_teacher_system_prompt_precedes_the_rows_own(toks, tmp_path):
     tk = toks["chat"]
     rows = chat_rows(6, multi=True)
@@ -247,8 +289,8 @@ def test_teacher_prompt_on_single_turn_rows_keeps_the_one_run_interface(toks, tm
     data = load_text(str(write_jsonl(tmp_path / "c.jsonl", chat_rows(5))), tk, TextSettings())
     seqs, first = teacher_sequences(data, tk, "Be terse.")
     for i in range(data.n):
-        assert seqs[i][first[i]:].tolist() == data.ids[i][data.first_target[i]:].tolist()
-        assert tk.decode(seqs[i][:first[i]]).startswith("<|im_start|>system\nBe terse.")
+        assert seqs[i][first[i] :].tolist() == data.ids[i][data.first_target[i] :].tolist()
+        assert tk.decode(seqs[i][: first[i]]).startswith("<|im_start|>system\nBe terse.")
     with pytest.raises(UsageError, match="drop the \\{prompt\\} placeholder"):
         teacher_view(data, tk, "Be terse. {prompt}")
     pl = load_text(str(tmp_path / "c.jsonl"), tk, TextSettings(prompt_loss=True))
@@ -263,7 +305,7 @@ def test_teacher_prompt_without_placeholder_for_prompt_rows_keeps_the_students_t
     seqs, first = teacher_sequences(data, tk, "@" + str(write_file(tmp_path / "tp.txt", "Be terse.\n")))
     for i, r in enumerate(rows):
         prefix = tk(f"Be terse.\n\nQ: {r['prompt']}\nA:", add_special_tokens=False)["input_ids"]
-        assert seqs[i].tolist() == prefix + data.ids[i][data.first_target[i]:].tolist() and first[i] == len(prefix)
+        assert seqs[i].tolist() == prefix + data.ids[i][data.first_target[i] :].tolist() and first[i] == len(prefix)
 
 
 def write_file(p: Path, text: str) -> Path:
@@ -272,6 +314,7 @@ def write_file(p: Path, text: str) -> Path:
 
 
 # -- Parquet and saved datasets ----------------------------------------------------------------------------------
+
 
 def write_formats(root: Path, rows: list[dict]) -> dict[str, str]:
     """The same rows as JSONL, one Parquet file (row groups of 3, an extra column), a directory of two Parquet
@@ -292,17 +335,28 @@ def write_formats(root: Path, rows: list[dict]) -> dict[str, str]:
 
 
 def same(a, b) -> bool:
-    masks_equal = (a.target_mask is None) == (b.target_mask is None) and \
-        all(np.array_equal(x, y) for x, y in zip(a.target_mask or [], b.target_mask or []))
-    return a.kind == b.kind and a.n == b.n and masks_equal and (a.row_hash == b.row_hash).all() and \
-        (a.first_target == b.first_target).all() and all(np.array_equal(x, y) for x, y in zip(a.ids, b.ids))
+    masks_equal = (a.target_mask is None) == (b.target_mask is None) and all(
+        np.array_equal(x, y) for x, y in zip(a.target_mask or [], b.target_mask or [])
+    )
+    return (
+        a.kind == b.kind
+        and a.n == b.n
+        and masks_equal
+        and (a.row_hash == b.row_hash).all()
+        and (a.first_target == b.first_target).all()
+        and all(np.array_equal(x, y) for x, y in zip(a.ids, b.ids))
+    )
 
 
 @pytest.mark.parametrize("kind", ["text", "prompt", "messages", "conversations"])
 def test_jsonl_parquet_and_saved_dataset_give_identical_sequences(toks, tmp_path, kind):
     tk = toks["chat"]
-    rows = {"text": text_rows(11), "prompt": prompt_rows(11), "messages": chat_rows(11, multi=True),
-            "conversations": sharegpt(chat_rows(11, multi=True))}[kind]
+    rows = {
+        "text": text_rows(11),
+        "prompt": prompt_rows(11),
+        "messages": chat_rows(11, multi=True),
+        "conversations": sharegpt(chat_rows(11, multi=True)),
+    }[kind]
     specs = write_formats(tmp_path / kind, rows)
     settings = TextSettings(max_length=24 if kind == "text" else 128)
     for sl in ("", "[2:9]", "[-4:]", "[:5]", "[7:]", "[3:-3]", "[10:99]"):
@@ -329,8 +383,20 @@ def test_identical_caches_from_jsonl_and_parquet(toks, tmp_path):
     arrays = {}
     for name in ("jsonl", "parquet", "saved"):
         out = tmp_path / f"cache-{name}"
-        cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher), data=specs[name] + "[1:7]", out=str(out),
-                                                      top_k=4, max_length=128, teacher_prompt="Be terse.")))
+        cache_teacher(
+            resolve(
+                CacheConfig,
+                None,
+                dict(
+                    teacher=str(teacher),
+                    data=specs[name] + "[1:7]",
+                    out=str(out),
+                    top_k=4,
+                    max_length=128,
+                    teacher_prompt="Be terse.",
+                ),
+            )
+        )
         m = json.loads((out / "manifest.json").read_text())
         with h5py.File(out / m["shards"][0]["name"]) as f:
             arrays[name] = ({k: f[k][()] for k in f}, m["data"]["fingerprint"], m["data"]["kind"])
@@ -343,8 +409,9 @@ def test_identical_caches_from_jsonl_and_parquet(toks, tmp_path):
     from transformers import AutoModelForCausalLM
 
     msgs = [{"role": m["role"], "content": m["content"]} for m in chat_rows(7)[1]["messages"]]
-    t_ids = toks["chat"].apply_chat_template([{"role": "system", "content": "Be terse."}] + msgs, tokenize=True,
-                                             return_dict=True)["input_ids"][:-1]
+    t_ids = toks["chat"].apply_chat_template(
+        [{"role": "system", "content": "Be terse."}] + msgs, tokenize=True, return_dict=True
+    )["input_ids"][:-1]
     n = int(np.diff(ref[0]["offsets"])[0])
     model = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
     with torch.no_grad():
@@ -362,14 +429,23 @@ def test_is_text_spec(tmp_path):
     ds = datasets.Dataset.from_list([{"text": "a"}])
     ds.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
-    for spec in ("a.jsonl", "a.jsonl[1:2]", "x.parquet", "x.parquet[:5]", str(tmp_path / "pq"),
-                 str(tmp_path / "pq") + "[0:1]", str(tmp_path / "saved"), str(tmp_path / "dd")):
+    for spec in (
+        "a.jsonl",
+        "a.jsonl[1:2]",
+        "x.parquet",
+        "x.parquet[:5]",
+        str(tmp_path / "pq"),
+        str(tmp_path / "pq") + "[0:1]",
+        str(tmp_path / "saved"),
+        str(tmp_path / "dd"),
+    ):
         assert is_text_spec(spec), spec
     for spec in (None, "", "mnist:train", "x.npz", "x.h5", "m.py:make", str(tmp_path / "empty"), "nope/dir"):
         assert not is_text_spec(spec), spec
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
+
 
 def bad_chat(tmp_path: Path, rows) -> str:
     return str(write_jsonl(tmp_path / "bad.jsonl", rows))
@@ -387,29 +463,42 @@ def junk_parquet_dir(d: Path) -> str:
 
 
 CASES = {
-    "no assistant turn": (lambda d: bad_chat(d, [{"messages": MULTI[:2]}]),
-                          r"bad.jsonl line 1: no assistant turn"),
-    "unknown role": (lambda d: bad_chat(d, [{"messages": MULTI[1:3]},
-                                           {"messages": [{"role": "tool", "content": "x"}]}]),
-                     r"bad.jsonl line 2: turn 1 has unknown role 'tool'; use one of system, user, assistant"),
-    "unknown sharegpt speaker": (lambda d: bad_chat(d, [{"conversations": [{"from": "bot", "value": "x"}]}]),
-                                 r"line 1: turn 1 has unknown from 'bot'"),
-    "content not a string": (lambda d: bad_chat(d, [{"messages": [{"role": "user", "content": ["x"]}]}]),
-                             r"line 1: turn 1 \(user\) needs a string \"content\", got list"),
+    "no assistant turn": (lambda d: bad_chat(d, [{"messages": MULTI[:2]}]), r"bad.jsonl line 1: no assistant turn"),
+    "unknown role": (
+        lambda d: bad_chat(d, [{"messages": MULTI[1:3]}, {"messages": [{"role": "tool", "content": "x"}]}]),
+        r"bad.jsonl line 2: turn 1 has unknown role 'tool'; use one of system, user, assistant",
+    ),
+    "unknown sharegpt speaker": (
+        lambda d: bad_chat(d, [{"conversations": [{"from": "bot", "value": "x"}]}]),
+        r"line 1: turn 1 has unknown from 'bot'",
+    ),
+    "content not a string": (
+        lambda d: bad_chat(d, [{"messages": [{"role": "user", "content": ["x"]}]}]),
+        r"line 1: turn 1 \(user\) needs a string \"content\", got list",
+    ),
     "messages not a list": (lambda d: bad_chat(d, [{"messages": "hi"}]), r"\"messages\" must be a non-empty list"),
-    "chat mixed with prompt rows": (lambda d: bad_chat(d, [{"messages": MULTI[1:3]}, {"prompt": "p", "response": "r"}]),
-                                    r"mixes chat rows and prompt/response rows \(.*line 2\)"),
-    "no usable columns": (lambda d: bad_parquet(d, pa.table({"question": ["a"], "answer": ["b"]})),
-                          r"bad.parquet: no usable columns: need \"text\", .*; found columns \['question', "
-                          r"'answer'\]"),
-    "text column of ints": (lambda d: bad_parquet(d, pa.table({"text": [1, 2]})),
-                            r"column \"text\" holds int64, not strings; found columns \['text'\]"),
-    "messages as JSON strings": (lambda d: bad_parquet(d, pa.table({"messages": [json.dumps(MULTI)]})),
-                                 r"column \"messages\" holds string, not lists of \{role, content\}"),
+    "chat mixed with prompt rows": (
+        lambda d: bad_chat(d, [{"messages": MULTI[1:3]}, {"prompt": "p", "response": "r"}]),
+        r"mixes chat rows and prompt/response rows \(.*line 2\)",
+    ),
+    "no usable columns": (
+        lambda d: bad_parquet(d, pa.table({"question": ["a"], "answer": ["b"]})),
+        r"bad.parquet: no usable columns: need \"text\", .*; found columns \['question', "
+        r"'answer'\]",
+    ),
+    "text column of ints": (
+        lambda d: bad_parquet(d, pa.table({"text": [1, 2]})),
+        r"column \"text\" holds int64, not strings; found columns \['text'\]",
+    ),
+    "messages as JSON strings": (
+        lambda d: bad_parquet(d, pa.table({"messages": [json.dumps(MULTI)]})),
+        r"column \"messages\" holds string, not lists of \{role, content\}",
+    ),
     "null text": (lambda d: bad_parquet(d, pa.table({"text": ["a", None]})), r"bad.parquet row 1: \"text\" is null"),
-    "no assistant turn (parquet)": (lambda d: bad_parquet(d, pa.Table.from_pylist([{"messages": MULTI[1:3]},
-                                                                                   {"messages": MULTI[:2]}])),
-                                    r"bad.parquet row 1: no assistant turn"),
+    "no assistant turn (parquet)": (
+        lambda d: bad_parquet(d, pa.Table.from_pylist([{"messages": MULTI[1:3]}, {"messages": MULTI[:2]}])),
+        r"bad.parquet row 1: no assistant turn",
+    ),
     "corrupt file in a parquet dir": (lambda d: junk_parquet_dir(d), r"x.parquet is not a Parquet file"),
 }
 
@@ -440,8 +529,11 @@ def test_dataset_dict_asks_for_a_split_and_missing_pyarrow_names_the_extra(toks,
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{"text": "a b"}])
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(UsageError, match=r"holds several splits \(train, test\); pass one of them as DATA, e\.g\. "
-                                         r".*dd/train"):
+    with pytest.raises(
+        UsageError,
+        match=r"holds several splits \(train, test\); pass one of them as DATA, e\.g\. "
+        r".*dd/train",
+    ):
         load_text(str(tmp_path / "dd"), toks["chat"], TextSettings())
     assert load_text(str(tmp_path / "dd" / "train"), toks["chat"], TextSettings()).n == 1
     monkeypatch.setitem(sys.modules, "pyarrow", None)
@@ -469,18 +561,30 @@ def test_multi_turn_chat_parquet_through_cache_train_and_eval(toks, tmp_path):
     trains on the same positions (row hashes and counts checked per batch) and eval reads the run."""
     import torch
 
-    from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
-    from kdcli.stages.evaluate import evaluate
     from kdcli.cache.tokens import TokenCacheReader
+    from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
     from kdcli.stages.cache import cache_teacher
+    from kdcli.stages.evaluate import evaluate
     from kdcli.stages.train import train_student
 
     teacher = make_llama(tmp_path / "teacher", toks["root"] / "bare")  # its tokenizer has no chat template
     template = write_file(tmp_path / "chatml.jinja", CHATML)
     rows = chat_rows(8, multi=True)
     spec = write_formats(tmp_path / "rows", rows)["parquet"]
-    cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher), data=spec, out=str(tmp_path / "c"), top_k=4,
-                                                  max_length=128, chat_template=str(template))))
+    cache_teacher(
+        resolve(
+            CacheConfig,
+            None,
+            dict(
+                teacher=str(teacher),
+                data=spec,
+                out=str(tmp_path / "c"),
+                top_k=4,
+                max_length=128,
+                chat_template=str(template),
+            ),
+        )
+    )
     reader = TokenCacheReader(tmp_path / "c")
     cached = reader.read_rows(0, reader.num_rows)
     tok = toks["bare"]
@@ -496,14 +600,28 @@ def test_multi_turn_chat_parquet_through_cache_train_and_eval(toks, tmp_path):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         want = logp[torch.tensor(targets - 1), torch.tensor(np.asarray(ids)[targets])].numpy()
-        got = cached["target_logprobs"][at:at + len(targets)].astype(np.float32)
+        got = cached["target_logprobs"][at : at + len(targets)].astype(np.float32)
         assert np.allclose(got, want, atol=2e-2), i
         at += len(targets)
     assert sum(len(m["content"]) > 0 for r in rows for m in r["messages"] if m["role"] == "assistant") > len(rows)
-    summary = train_student(resolve(TrainConfig, None, dict(
-        cache=str(tmp_path / "c"), data=spec, out=str(tmp_path / "run"), student="transformer",
-        student_args={"d_model": 16, "n_layers": 1, "n_heads": 2}, epochs=1, batch_size=4, temperature=2.0)))
+    summary = train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                cache=str(tmp_path / "c"),
+                data=spec,
+                out=str(tmp_path / "run"),
+                student="transformer",
+                student_args={"d_model": 16, "n_layers": 1, "n_heads": 2},
+                epochs=1,
+                batch_size=4,
+                temperature=2.0,
+            ),
+        )
+    )
     assert summary.train_tokens == int(cached["lengths"].sum())
-    report = evaluate(resolve(EvalConfig, None, dict(model=[str(tmp_path / "run")], data=spec,
-                                                     cache=str(tmp_path / "c"))))
+    report = evaluate(
+        resolve(EvalConfig, None, dict(model=[str(tmp_path / "run")], data=spec, cache=str(tmp_path / "c")))
+    )
     assert report.models[0].num_tokens == int(cached["lengths"].sum()) and 0 <= report.models[0].agreement <= 1

@@ -12,21 +12,49 @@ import sys
 
 import numpy as np
 import pytest
+from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 from safetensors.numpy import load_file
 
 from kdcli.cache.manifest import read_manifest
 from kdcli.cache.tokens import TokenCacheReader
-from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
 pytest.importorskip("transformers")
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 # 33 sequences of <= 32 tokens; shards of 4 rows -> 9 shards; teacher batches of 3 rows: before the one cache pass
 # an LM batch ran across shard boundaries (rows 3..5 straddle shards 0 and 1), so a resumed run drew differently
-CACHE = ["--mode", "sample", "--samples", "8", "--shard-size", "4", "--batch-size", "3", "--seed", "5",
-         "--max-length", "32"]
-TRAIN = ["--student", "transformer", "--student-arg", "d_model=16", "--student-arg", "n_layers=1",
-         "--student-arg", "n_heads=2", "--epochs", "2", "--lr", "3e-3", "--seed", "1", "--temperature", "2"]
+CACHE = [
+    "--mode",
+    "sample",
+    "--samples",
+    "8",
+    "--shard-size",
+    "4",
+    "--batch-size",
+    "3",
+    "--seed",
+    "5",
+    "--max-length",
+    "32",
+]
+TRAIN = [
+    "--student",
+    "transformer",
+    "--student-arg",
+    "d_model=16",
+    "--student-arg",
+    "n_layers=1",
+    "--student-arg",
+    "n_heads=2",
+    "--epochs",
+    "2",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "1",
+    "--temperature",
+    "2",
+]
 
 
 def env(extra: dict | None = None) -> dict:
@@ -35,8 +63,9 @@ def env(extra: dict | None = None) -> dict:
 
 def kdcli(*args, extra_env: dict | None = None, torchrun: bool = False) -> subprocess.Popen:
     cmd = [*TORCHRUN, "-m", "kdcli"] if torchrun else [sys.executable, "-m", "kdcli"]
-    return subprocess.Popen([*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(extra_env))
+    return subprocess.Popen(
+        [*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(extra_env)
+    )
 
 
 def finish(p: subprocess.Popen, ok: bool = True) -> tuple[str, str]:
@@ -65,8 +94,9 @@ def arrays(cache) -> dict:
 
 def assert_same_cache(a, b) -> None:
     ma, mb = read_manifest(a), read_manifest(b)
-    assert [(s["name"], s["row_start"], s["row_stop"]) for s in ma["shards"]] == \
-        [(s["name"], s["row_start"], s["row_stop"]) for s in mb["shards"]]
+    assert [(s["name"], s["row_start"], s["row_stop"]) for s in ma["shards"]] == [
+        (s["name"], s["row_start"], s["row_stop"]) for s in mb["shards"]
+    ]
     x, y = arrays(a), arrays(b)
     assert set(x) == set(y) and "sample_ids" in x
     for k in x:  # the draws too: every row was computed in the same batch with the same seed
@@ -87,8 +117,9 @@ def test_torchrun_lm_cache_equals_one_process(ws):
     assert out.count("cache-teacher: written") == 1  # one summary, from rank 0
     assert sorted(f.name for f in (ws / "c2").iterdir()) == ["manifest.json"] + [f"shard-{i:05d}.h5" for i in range(9)]
     assert_same_cache(ws / "c1", ws / "c2")
-    assert [s["sha256"] for s in read_manifest(ws / "c2")["shards"]] == \
-        [s["sha256"] for s in read_manifest(ws / "c1")["shards"]]  # even byte-identical
+    assert [s["sha256"] for s in read_manifest(ws / "c2")["shards"]] == [
+        s["sha256"] for s in read_manifest(ws / "c1")["shards"]
+    ]  # even byte-identical
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 5, 7])
@@ -104,8 +135,10 @@ def test_sample_lm_cache_killed_after_n_shards_resumes_to_the_same_cache(ws, sha
 def test_lm_cache_resumes_with_another_process_count(ws):
     two_then_one, one_then_two = ws / "two-then-one", ws / "one-then-two"
     # each rank publishes its own run of shards; rank 0 of 2 is killed after its 2nd
-    finish(kdcli(*cache_cmd(ws, two_then_one), torchrun=True, extra_env={"KDCLI_TEST_KILL_AT": "shard-published:2"}),
-           ok=False)
+    finish(
+        kdcli(*cache_cmd(ws, two_then_one), torchrun=True, extra_env={"KDCLI_TEST_KILL_AT": "shard-published:2"}),
+        ok=False,
+    )
     finish(kdcli(*cache_cmd(ws, one_then_two), extra_env={"KDCLI_TEST_KILL_AT": "shard-published:3"}), ok=False)
     finish(kdcli(*cache_cmd(ws, two_then_one)))
     finish(kdcli(*cache_cmd(ws, one_then_two), torchrun=True))
@@ -125,14 +158,29 @@ def test_ddp_lm_training_runs_resumes_and_evaluates(ws):
     base = ["train-student", "--data", ws / "text.jsonl", "--cache", ws / "c1", *TRAIN, "--val-fraction", "0.1"]
     one = kdcli(*base, "--out", ws / "r1", "--batch-size", "8")
     two = kdcli(*base, "--out", ws / "r2", "--batch-size", "4", torchrun=True)
-    killed = kdcli(*base, "--out", ws / "r3", "--batch-size", "4", "--checkpoint-every", "2", torchrun=True,
-                   extra_env={"KDCLI_TEST_KILL_AT": "train-step:5"})
+    killed = kdcli(
+        *base,
+        "--out",
+        ws / "r3",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "2",
+        torchrun=True,
+        extra_env={"KDCLI_TEST_KILL_AT": "train-step:5"},
+    )
     finish(one)
     out, err = finish(two)
     finish(killed, ok=False)
     assert "global batch 8" in err and out.count("train-student") == 1
-    assert sorted(f.name for f in (ws / "r2").iterdir()) == ["config.yaml", "metrics.jsonl", "model.json",
-                                                            "model.safetensors", "summary.json", "tokenizer"]
+    assert sorted(f.name for f in (ws / "r2").iterdir()) == [
+        "config.yaml",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "summary.json",
+        "tokenizer",
+    ]
     m1, m2 = metrics(ws / "r1"), metrics(ws / "r2")
     # 30 training sequences: 15 per rank, 4 steps of 4 on each rank (equal step counts: no rank waits forever)
     assert [m["step"] for m in m2] == [m["step"] for m in m1] == [4, 8]
@@ -156,11 +204,32 @@ def test_fsdp_hf_student_matches_ddp_resumes_and_evaluates(ws):
     """--fsdp (FSDP2 on gloo): the same averaged gradients as DDP, so the same weights to float rounding; a killed
     sharded run resumes from its whole-model checkpoint to the uninterrupted run's weights; eval reads the run."""
     student = make_llama(ws / "hf-student", ws / "tok", hidden=16, layers=2, seed=1)
-    base = ["train-student", "--data", ws / "text.jsonl", "--cache", ws / "c1", "--student", student, "--epochs", "2",
-            "--lr", "3e-3", "--seed", "1", "--temperature", "2", "--batch-size", "4", "--checkpoint-every", "3"]
+    base = [
+        "train-student",
+        "--data",
+        ws / "text.jsonl",
+        "--cache",
+        ws / "c1",
+        "--student",
+        student,
+        "--epochs",
+        "2",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "1",
+        "--temperature",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "3",
+    ]
     ddp = kdcli(*base, "--out", ws / "h-ddp", torchrun=True)
     fsdp = kdcli(*base, "--out", ws / "h-fsdp", "--fsdp", torchrun=True)
-    killed = kdcli(*base, "--out", ws / "h-cut", "--fsdp", torchrun=True, extra_env={"KDCLI_TEST_KILL_AT": "train-step:5"})
+    killed = kdcli(
+        *base, "--out", ws / "h-cut", "--fsdp", torchrun=True, extra_env={"KDCLI_TEST_KILL_AT": "train-step:5"}
+    )
     finish(ddp)
     finish(fsdp)
     finish(killed, ok=False)
@@ -174,17 +243,39 @@ def test_fsdp_hf_student_matches_ddp_resumes_and_evaluates(ws):
     for k in wf:
         np.testing.assert_array_equal(wc[k], wf[k], err_msg=k)
     # resuming a sharded checkpoint without --fsdp is refused, nothing touched
-    p = subprocess.run([sys.executable, "-m", "kdcli", *map(str, base), "--out", ws / "h-cut", "--resume"],
-                       capture_output=True, text=True, env=env())
+    p = subprocess.run(
+        [sys.executable, "-m", "kdcli", *map(str, base), "--out", ws / "h-cut", "--resume"],
+        capture_output=True,
+        text=True,
+        env=env(),
+    )
     assert p.returncode == 2 and "already holds a finished run" in p.stderr
-    out, _ = finish(kdcli("eval", "--model", ws / "h-fsdp", "--data", ws / "text.jsonl", "--cache", ws / "c1",
-                          "--json"))
+    out, _ = finish(
+        kdcli("eval", "--model", ws / "h-fsdp", "--data", ws / "text.jsonl", "--cache", ws / "c1", "--json")
+    )
     assert json.loads(out)["models"][0]["num_tokens"] > 0
 
 
 def test_fsdp_needs_torchrun(ws, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "kdcli", "train-student", "--data", ws / "text.jsonl", "--cache",
-                        ws / "c1", *TRAIN, "--out", tmp_path / "r", "--fsdp"], capture_output=True, text=True, env=env())
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdcli",
+            "train-student",
+            "--data",
+            ws / "text.jsonl",
+            "--cache",
+            ws / "c1",
+            *TRAIN,
+            "--out",
+            tmp_path / "r",
+            "--fsdp",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+    )
     assert p.returncode == 2 and "--fsdp shards the student over torchrun processes" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()  # refused before anything is written
 

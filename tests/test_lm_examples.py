@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from lm_helpers import make_llama, make_tokenizer, shakespeare_texts, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +33,26 @@ def run_script(path: Path, *argv, monkeypatch) -> None:
 @needs_shakespeare
 def test_shakespeare_example_runs(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_script(ROOT / "examples/lm-shakespeare/run.py", "--out", out, "--teacher", tiny_teacher, "--train-chars", 3000,
-               "--heldout-chars", 1200, "--max-length", 32, "--top-k", 8, "--epochs", 1, "--student-args",
-               "d_model=32,n_layers=1,n_heads=2", monkeypatch=monkeypatch)
+    run_script(
+        ROOT / "examples/lm-shakespeare/run.py",
+        "--out",
+        out,
+        "--teacher",
+        tiny_teacher,
+        "--train-chars",
+        3000,
+        "--heldout-chars",
+        1200,
+        "--max-length",
+        32,
+        "--top-k",
+        8,
+        "--epochs",
+        1,
+        "--student-args",
+        "d_model=32,n_layers=1,n_heads=2",
+        monkeypatch=monkeypatch,
+    )
     res = json.loads((out / "results.json").read_text())
     assert set(res["models"]) == {"distilled", "baseline", "teacher"}
     assert res["models"]["teacher"]["agreement"] == 1.0  # the teacher against its own cache
@@ -47,9 +63,24 @@ def test_shakespeare_example_runs(tiny_teacher, tmp_path, monkeypatch):
 
 def test_prompt_distillation_example_runs(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_script(ROOT / "examples/lm-prompt-distill/run.py", "--out", out, "--teacher", tiny_teacher,
-               "--train-prompts", 8, "--heldout-prompts", 4, "--max-new-tokens", 6, "--epochs", 1, "--lr", "1e-4",
-               monkeypatch=monkeypatch)
+    run_script(
+        ROOT / "examples/lm-prompt-distill/run.py",
+        "--out",
+        out,
+        "--teacher",
+        tiny_teacher,
+        "--train-prompts",
+        8,
+        "--heldout-prompts",
+        4,
+        "--max-new-tokens",
+        6,
+        "--epochs",
+        1,
+        "--lr",
+        "1e-4",
+        monkeypatch=monkeypatch,
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["heldout_prompts"] == 4 and res["before"]["kl_to_teacher"] > 0
     m = json.loads((out / "cache-train" / "manifest.json").read_text())
@@ -58,12 +89,28 @@ def test_prompt_distillation_example_runs(tiny_teacher, tmp_path, monkeypatch):
 
 def test_multi_prompt_fusion_example_runs(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_script(ROOT / "examples/multi-prompt-fusion/run.py", "--out", out, "--teacher", tiny_teacher, "--train", 6,
-               "--heldout", 3, "--epochs", 1, "--lr", "1e-4", monkeypatch=monkeypatch)
+    run_script(
+        ROOT / "examples/multi-prompt-fusion/run.py",
+        "--out",
+        out,
+        "--teacher",
+        tiny_teacher,
+        "--train",
+        6,
+        "--heldout",
+        3,
+        "--epochs",
+        1,
+        "--lr",
+        "1e-4",
+        monkeypatch=monkeypatch,
+    )
     res = json.loads((out / "results.json").read_text())
     assert set(res["students"]) == {"terse", "geographer", "assistant", "fused-mean", "fused-geometric"}
-    prompts = {json.loads((out / f"cache-{n}-train" / "manifest.json").read_text())["settings"]["teacher_prompt"]
-               for n in ("terse", "geographer", "assistant")}
+    prompts = {
+        json.loads((out / f"cache-{n}-train" / "manifest.json").read_text())["settings"]["teacher_prompt"]
+        for n in ("terse", "geographer", "assistant")
+    }
     assert len(prompts) == 3  # one teacher, three teacher-only system prompts
     # each student is measured against its own teacher: the fused teacher is none of the single ones
     singles = [res["students"][n]["teacher_perplexity"] for n in ("terse", "geographer", "assistant")]
@@ -84,8 +131,11 @@ def test_smollm2_gguf_teacher_token_cache(tmp_path):
     from lm_common import play_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "h.jsonl", play_rows("hamlet", 1500))
-    s = cache_teacher(resolve(CacheConfig, None, dict(teacher=str(gguf), data=str(data), out=str(tmp_path / "c"),
-                                                      top_k=64, max_length=64)))
+    s = cache_teacher(
+        resolve(
+            CacheConfig, None, dict(teacher=str(gguf), data=str(data), out=str(tmp_path / "c"), top_k=64, max_length=64)
+        )
+    )
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["vocab_size"] == 49152 and m["tokenizer"]["vocab_size"] == 49152 and m["id_dtype"] == "uint16"
     assert m["teacher"]["num_parameters"] > 100_000_000 and len(m["teacher"]["weights_sha256"]) == 64
@@ -101,12 +151,38 @@ def test_smollm2_gguf_teacher_token_cache(tmp_path):
 @pytest.mark.slow
 @needs_shakespeare
 def test_benchmark_runs_tiny(tiny_teacher, tmp_path, monkeypatch, capsys):
-    run_script(ROOT / "benchmarks/bench_lm.py", "--teacher", tiny_teacher, "--out", tmp_path / "b", "--train-chars",
-               2000, "--heldout-chars", 800, "--max-length", 32, "--epochs", 1, "--student-args",
-               "d_model=32,n_layers=1,n_heads=2", "--steps", 2, monkeypatch=monkeypatch)
+    run_script(
+        ROOT / "benchmarks/bench_lm.py",
+        "--teacher",
+        tiny_teacher,
+        "--out",
+        tmp_path / "b",
+        "--train-chars",
+        2000,
+        "--heldout-chars",
+        800,
+        "--max-length",
+        32,
+        "--epochs",
+        1,
+        "--student-args",
+        "d_model=32,n_layers=1,n_heads=2",
+        "--steps",
+        2,
+        monkeypatch=monkeypatch,
+    )
     res = json.loads((tmp_path / "b" / "bench_lm.json").read_text())
-    assert set(res["quality"]) == {"full", "topk8", "topk64", "sample12", "sample24", "sample50", "priority8",
-                                   "priority15", "priority30"}  # every mode the benchmark compares, by default
+    assert set(res["quality"]) == {
+        "full",
+        "topk8",
+        "topk64",
+        "sample12",
+        "sample24",
+        "sample50",
+        "priority8",
+        "priority15",
+        "priority30",
+    }  # every mode the benchmark compares, by default
     assert res["quality"]["full"]["kl_ratio"] == 1.0 and res["timing"]["fp32"]["speedup"] > 0  # per --precisions
     assert "faster offline" in capsys.readouterr().out
 
@@ -117,10 +193,28 @@ def test_chat_distill_example_runs(tiny_teacher, tmp_path, monkeypatch):
     students from one cache, eval, and transformers loading both run dirs and generating."""
     pytest.importorskip("peft")
     out = tmp_path / "out"
-    run_script(ROOT / "examples/lm-chat-distill/run.py", "--out", out, "--teacher", tiny_teacher, "--train-rows", 6,
-               "--heldout-rows", 3, "--max-length", 150, "--speech-chars", 40, "--epochs", 1, "--max-new-tokens", 4, "--full-student-args",
-               "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,intermediate_size=32",
-               monkeypatch=monkeypatch)
+    run_script(
+        ROOT / "examples/lm-chat-distill/run.py",
+        "--out",
+        out,
+        "--teacher",
+        tiny_teacher,
+        "--train-rows",
+        6,
+        "--heldout-rows",
+        3,
+        "--max-length",
+        150,
+        "--speech-chars",
+        40,
+        "--epochs",
+        1,
+        "--max-new-tokens",
+        4,
+        "--full-student-args",
+        "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,intermediate_size=32",
+        monkeypatch=monkeypatch,
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["heldout_rows"] == 3 and res["heldout_assistant_tokens"] > 0
     assert set(res["models"]) == {"before (SmolLM2, unprompted)", "LoRA student", "full student"}

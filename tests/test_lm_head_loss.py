@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcli.cache.reduce import reduce_logits
-from kdcli.cache.modes.topk import fuse_topk
-from kdcli.lm.head_loss import head_kd_loss
 from kdcli.cache.fused import mixture_targets
 from kdcli.cache.modes import targets_from_arrays
+from kdcli.cache.modes.topk import fuse_topk
+from kdcli.cache.reduce import reduce_logits
+from kdcli.lm.head_loss import head_kd_loss
 from kdcli.losses import kd_loss
 
 N, D, V = 37, 16, 300  # 37 tokens: chunks of 8 leave a ragged last chunk
@@ -27,21 +27,33 @@ def _targets(mode: str, teacher_logits: torch.Tensor, seed: int = 0, temperature
     if mode == "fused-topk":  # two fused topk teachers: the union of their ids, the shared ones used
         other = teacher_logits.roll(1, dims=1) * 0.7 + teacher_logits * 0.5
         a, b = (_targets("topk", t, seed, temperatures) for t in (teacher_logits, other))
-        ids, lps, tail = fuse_topk([a.ids.numpy(), b.ids.numpy()], [a.id_logprobs.numpy(), b.id_logprobs.numpy()],
-                                   [a.tail_logmass.numpy(), b.tail_logmass.numpy()], [0.6, 0.4])
-        t = targets_from_arrays({"topk_ids": ids, "topk_logprobs": lps, "tail_logmass": tail}, "topk",
-                                teacher_logits.shape[1])
+        ids, lps, tail = fuse_topk(
+            [a.ids.numpy(), b.ids.numpy()],
+            [a.id_logprobs.numpy(), b.id_logprobs.numpy()],
+            [a.tail_logmass.numpy(), b.tail_logmass.numpy()],
+            [0.6, 0.4],
+        )
+        t = targets_from_arrays(
+            {"topk_ids": ids, "topk_logprobs": lps, "tail_logmass": tail}, "topk", teacher_logits.shape[1]
+        )
         t.padded = True
         return t
     if mode == "mixture":  # two fused teachers: a sampled one and a priority-sampled other (test_fusion_sparse.py)
         other = teacher_logits.roll(1, dims=1) * 0.7
-        return mixture_targets([_targets("sample", teacher_logits, seed, temperatures),
-                                _targets("priority", other, seed + 1, temperatures)], (0.6, 0.4))
+        return mixture_targets(
+            [
+                _targets("sample", teacher_logits, seed, temperatures),
+                _targets("priority", other, seed + 1, temperatures),
+            ],
+            (0.6, 0.4),
+        )
     kw = {"top_k": 12} if mode == "topk" else {"samples": 9} if mode in ("sample", "priority") else {}
-    red = reduce_logits(teacher_logits, mode, generator=torch.Generator().manual_seed(seed), temperatures=temperatures,
-                        **kw, **extra)
-    return targets_from_arrays({k: v.numpy() for k, v in red.items()}, mode, teacher_logits.shape[1],
-                               temperatures=temperatures, **extra)
+    red = reduce_logits(
+        teacher_logits, mode, generator=torch.Generator().manual_seed(seed), temperatures=temperatures, **kw, **extra
+    )
+    return targets_from_arrays(
+        {k: v.numpy() for k, v in red.items()}, mode, teacher_logits.shape[1], temperatures=temperatures, **extra
+    )
 
 
 def _both(h0, w0, targets, y, T, alpha, chunk=8, approximate=False):
@@ -120,8 +132,9 @@ def test_student_loss_uses_the_fused_path_for_the_builtin_transformer():
     grads = []
     for fused in (True, False):
         model.zero_grad()
-        parts, correct = student_loss(model, ids, None, idx, _targets("topk", teacher), y, temperature=2.0,
-                                      alpha=0.6, fused=fused)
+        parts, correct = student_loss(
+            model, ids, None, idx, _targets("topk", teacher), y, temperature=2.0, alpha=0.6, fused=fused
+        )
         parts.total.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         if fused:

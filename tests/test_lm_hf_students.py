@@ -13,22 +13,21 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 from safetensors.torch import load_file
-
 from typer.testing import CliRunner
 
-from conftest import run_cli
+from kdcli.cache.modes import targets_from_arrays
+from kdcli.cache.tokens import TokenCacheReader
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
-from kdcli.stages.evaluate import evaluate
-from kdcli.cache.tokens import TokenCacheReader
 from kdcli.lm.hf import build_lm, fused_head_weight, lm_logits, load_lm_run
 from kdcli.lm.text import load_text, load_tokenizer, loss_positions, pad_batch
-from kdcli.cache.modes import targets_from_arrays
-from kdcli.tasks.lm import settings_from_manifest, student_loss
 from kdcli.stages.cache import cache_teacher
+from kdcli.stages.evaluate import evaluate
 from kdcli.stages.train import train_student
-from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
+from kdcli.tasks.lm import settings_from_manifest, student_loss
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -43,15 +42,21 @@ def ws(tmp_path_factory):
     tok = make_tokenizer(d / "tok")
     teacher = make_llama(d / "teacher", tok)
     data = write_jsonl(d / "text.jsonl", text_rows(24))
-    cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher), data=str(data), out=str(d / "c"),
-                                                   max_length=32, top_k=8, shard_size=8)))
+    cache_teacher(
+        resolve(
+            CacheConfig,
+            None,
+            dict(teacher=str(teacher), data=str(data), out=str(d / "c"), max_length=32, top_k=8, shard_size=8),
+        )
+    )
     base = make_llama(d / "base", tok, hidden=16, layers=1, seed=1)  # a "pretrained" student to adapt
     return {"d": d, "tok": tok, "teacher": teacher, "data": data, "cache": d / "c", "base": base}
 
 
 def train(ws, out, **kw):
-    args = dict(cache=str(ws["cache"]), data=str(ws["data"]), out=str(ws["d"] / out), epochs=1, batch_size=8,
-                lr=3e-3, seed=2)
+    args = dict(
+        cache=str(ws["cache"]), data=str(ws["data"]), out=str(ws["d"] / out), epochs=1, batch_size=8, lr=3e-3, seed=2
+    )
     return train_student(resolve(TrainConfig, None, {**args, **kw}))
 
 
@@ -59,8 +64,9 @@ def batch(ws, rows=range(6)):
     """A cached batch: (ids, mask, flat positions, labels, targets) exactly as TokenTrainJob.step builds it."""
     r = TokenCacheReader(str(ws["cache"]))
     tok = load_tokenizer(str(ws["tok"]))
-    data = load_text(str(ws["data"]), tok, settings_from_manifest(r.manifest), vocab_size=r.vocab_size,
-                     target_masks=True)
+    data = load_text(
+        str(ws["data"]), tok, settings_from_manifest(r.manifest), vocab_size=r.vocab_size, target_masks=True
+    )
     rows = np.asarray(list(rows))
     seqs = [data.ids[i] for i in rows]
     ids, mask = pad_batch(seqs, tok.pad_token_id)
@@ -72,12 +78,22 @@ def batch(ws, rows=range(6)):
 
 # -- 4. HF-native run dirs -----------------------------------------------------------------------------------------
 
+
 def test_llama_student_run_dir_is_a_hugging_face_model_dir(ws):
     s = train(ws, "llama", student="llama", student_args=SMALL)
     run = ws["d"] / "llama"
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "model.json", "config.yaml", "metrics.jsonl", "summary.json"} <= names and "tokenizer" not in names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    } <= names and "tokenizer" not in names
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 16 and cfg["vocab_size"] == 300
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(run)).eval()
@@ -105,17 +121,31 @@ def test_large_students_are_saved_in_shards_that_transformers_loads(ws, monkeypa
     train(ws, "sharded", student=str(ws["base"]), epochs=1)
     run = ws["d"] / "sharded"
     shards = sorted(run.glob("model-*-of-*.safetensors"))
-    assert len(shards) >= 2 and (run / "model.safetensors.index.json").is_file() and not (run / "model.safetensors"
-                                                                                          ).exists()
+    assert (
+        len(shards) >= 2
+        and (run / "model.safetensors.index.json").is_file()
+        and not (run / "model.safetensors").exists()
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(run))
     ours, _ = load_lm_run(run)
     a, b = hf.state_dict(), ours.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from kdcli.models.stats import bytes_on_disk  # compress/eval's size: every model file, no training leftovers
 
-    model_files = [*shards, *(run / n for n in ("model.safetensors.index.json", "config.json",
-                                                "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                                                "model.json"))]
+    model_files = [
+        *shards,
+        *(
+            run / n
+            for n in (
+                "model.safetensors.index.json",
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "model.json",
+            )
+        ),
+    ]
     assert bytes_on_disk(run) == sum(f.stat().st_size for f in model_files)
     # a later save of the same run dir unsharded leaves no stale shard behind
     monkeypatch.setattr(hf_mod, "HF_SHARD_SIZE", "5GB")
@@ -133,19 +163,35 @@ def test_run_dirs_of_earlier_kdcli_still_load_and_evaluate(ws, tmp_path):
     (run / "tokenizer").mkdir(parents=True)
     save_model(hf, str(run / "model.safetensors"))
     load_tokenizer(str(ws["tok"])).save_pretrained(str(run / "tokenizer"))
-    (run / "model.json").write_text(json.dumps({
-        "kind": "lm", "spec": str(ws["base"]), "model_kind": "hf", "args": {}, "vocab_size": 300,
-        "num_parameters": 1, "hf_config": hf.config.to_dict(), "tokenizer": {}, "text": {"max_length": 32}}))
+    (run / "model.json").write_text(
+        json.dumps(
+            {
+                "kind": "lm",
+                "spec": str(ws["base"]),
+                "model_kind": "hf",
+                "args": {},
+                "vocab_size": 300,
+                "num_parameters": 1,
+                "hf_config": hf.config.to_dict(),
+                "tokenizer": {},
+                "text": {"max_length": 32},
+            }
+        )
+    )
     model, info = build_lm(str(run))
     ids = torch.tensor([[5, 9, 17, 3, 40]])
     with torch.no_grad():
         torch.testing.assert_close(lm_logits(model.eval(), ids), hf(ids).logits, rtol=0, atol=0)
-    rep = evaluate(resolve(EvalConfig, None, {"model": [str(run), str(ws["base"])], "data": str(ws["data"]),
-                                             "cache": str(ws["cache"])}))
+    rep = evaluate(
+        resolve(
+            EvalConfig, None, {"model": [str(run), str(ws["base"])], "data": str(ws["data"]), "cache": str(ws["cache"])}
+        )
+    )
     assert rep.models[0].perplexity == pytest.approx(rep.models[1].perplexity, rel=1e-6)
 
 
 # -- the fused output-layer loss on HF students ---------------------------------------------------------------------
+
 
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
@@ -164,8 +210,11 @@ def test_fused_loss_on_hf_students_equals_the_autograd_path(ws, kind, alpha):
     else:
         model, _ = build_lm(str(ws["base"]))
     if kind in ("lora", "prompt"):
-        args = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]} if kind == "lora" else \
-            {"num_virtual_tokens": 3}
+        args = (
+            {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+            if kind == "lora"
+            else {"num_virtual_tokens": 3}
+        )
         model = add_adapter(model, kind, args, tokenizer=load_tokenizer(str(ws["tok"])), student="base")
         if kind == "lora":  # LoRA's B starts at zero: move it so the adapter matters in the check
             for n, p in model.named_parameters():
@@ -193,8 +242,9 @@ def test_fused_path_is_refused_where_logits_are_not_the_plain_head(ws):
     from kdcli.lm.adapters import add_adapter
 
     model, _ = build_lm(str(ws["base"]))
-    lora_head = add_adapter(model, "lora", {"r": 2, "target_modules": ["lm_head"]},
-                            tokenizer=load_tokenizer(str(ws["tok"])), student="base")
+    lora_head = add_adapter(
+        model, "lora", {"r": 2, "target_modules": ["lm_head"]}, tokenizer=load_tokenizer(str(ws["tok"])), student="base"
+    )
     assert fused_head_weight(lora_head) is None  # the head has a LoRA update: not hidden @ W.T
     other, _ = build_lm(str(ws["base"]))
     other.config.final_logit_softcapping = 30.0  # Gemma-2-style soft-capping
@@ -206,13 +256,15 @@ def test_fused_path_is_refused_where_logits_are_not_the_plain_head(ws):
 
 # -- 5. peft students -------------------------------------------------------------------------------------------------
 
+
 def test_prompt_tuned_logits_drop_the_virtual_positions_as_peft_does(ws):
     """lm_logits of a prompt-tuned model = peft's own forward with the num_virtual_tokens leading logits cut."""
     from kdcli.lm.adapters import add_adapter
 
     model, _ = build_lm(str(ws["base"]))
-    model = add_adapter(model, "prompt", {"num_virtual_tokens": 5}, tokenizer=load_tokenizer(str(ws["tok"])),
-                        student="base").eval()
+    model = add_adapter(
+        model, "prompt", {"num_virtual_tokens": 5}, tokenizer=load_tokenizer(str(ws["tok"])), student="base"
+    ).eval()
     ids = torch.tensor([[5, 9, 17, 3, 40, 2], [7, 8, 9, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     with torch.no_grad():
@@ -227,11 +279,21 @@ def test_init_text_starts_the_soft_prompt_as_peft_text_init_does(ws):
 
     text = "the quick brown fox"
     model, _ = build_lm(str(ws["base"]))
-    ours = add_adapter(model, "prompt", {"num_virtual_tokens": 7, "init_text": text},
-                       tokenizer=load_tokenizer(str(ws["tok"])), student="base")
+    ours = add_adapter(
+        model,
+        "prompt",
+        {"num_virtual_tokens": 7, "init_text": text},
+        tokenizer=load_tokenizer(str(ws["tok"])),
+        student="base",
+    )
     base, _ = build_lm(str(ws["base"]))
-    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT",
-                                  prompt_tuning_init_text=text, tokenizer_name_or_path=str(ws["tok"]))
+    cfg = peft.PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=7,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(ws["tok"]),
+    )
     theirs = peft.get_peft_model(base, cfg)
     a = ours.prompt_encoder["default"].embedding.weight
     b = theirs.prompt_encoder["default"].embedding.weight
@@ -253,15 +315,24 @@ def test_lora_merged_and_adapter_run_dirs_load_and_evaluate_alike(ws):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(m_run))
     assert not any("lora" in k for k in hf.state_dict())
     base = transformers.AutoModelForCausalLM.from_pretrained(str(ws["base"]))
-    assert not torch.equal(hf.state_dict()["model.layers.0.self_attn.q_proj.weight"],
-                           base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(hf.state_dict()["model.layers.0.mlp.up_proj.weight"],
-                       base.state_dict()["model.layers.0.mlp.up_proj.weight"])  # not a target: untouched
-    rep = evaluate(resolve(EvalConfig, None, {"model": [str(m_run), str(a_run), str(ws["base"])],
-                                             "data": str(ws["data"]), "cache": str(ws["cache"])}))
+    assert not torch.equal(
+        hf.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+        base.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert torch.equal(
+        hf.state_dict()["model.layers.0.mlp.up_proj.weight"], base.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    )  # not a target: untouched
+    rep = evaluate(
+        resolve(
+            EvalConfig,
+            None,
+            {"model": [str(m_run), str(a_run), str(ws["base"])], "data": str(ws["data"]), "cache": str(ws["cache"])},
+        )
+    )
     m, a, b = rep.models
     assert m.perplexity == pytest.approx(a.perplexity, rel=1e-5) and m.kl_to_teacher == pytest.approx(
-        a.kl_to_teacher, rel=1e-5)
+        a.kl_to_teacher, rel=1e-5
+    )
     assert m.kl_to_teacher < b.kl_to_teacher  # distillation moved the adapted student toward the teacher
     # the same seed trained the same adapter either way
     ad = load_file(str(a_run / "adapter_model.safetensors"))
@@ -269,8 +340,15 @@ def test_lora_merged_and_adapter_run_dirs_load_and_evaluate_alike(ws):
 
 
 def test_prompt_tuned_run_trains_saves_and_evaluates(ws):
-    s = train(ws, "prompt", student=str(ws["base"]), peft="prompt", epochs=2, lr=3e-2,
-              peft_args={"num_virtual_tokens": 4, "init_text": "the quick"})
+    s = train(
+        ws,
+        "prompt",
+        student=str(ws["base"]),
+        peft="prompt",
+        epochs=2,
+        lr=3e-2,
+        peft_args={"num_virtual_tokens": 4, "init_text": "the quick"},
+    )
     assert s.trainable_parameters == 4 * 16
     run = ws["d"] / "prompt"
     meta = json.loads((run / "model.json").read_text())
@@ -280,8 +358,11 @@ def test_prompt_tuned_run_trains_saves_and_evaluates(ws):
     assert cfg["base_model_name_or_path"] == str(ws["base"])
     saved = load_file(str(run / "adapter_model.safetensors"))
     assert [v.shape for v in saved.values()] == [(4, 16)]
-    rep = evaluate(resolve(EvalConfig, None, {"model": [str(run), str(ws["base"])], "data": str(ws["data"]),
-                                             "cache": str(ws["cache"])}))
+    rep = evaluate(
+        resolve(
+            EvalConfig, None, {"model": [str(run), str(ws["base"])], "data": str(ws["data"]), "cache": str(ws["cache"])}
+        )
+    )
     p, b = rep.models
     assert p.num_tokens == b.num_tokens and p.kl_to_teacher < b.kl_to_teacher
     # the base must be the one the prompt was trained on
@@ -293,12 +374,35 @@ def test_prompt_tuned_run_trains_saves_and_evaluates(ws):
         load_lm_run(run)
 
 
-@pytest.mark.parametrize("method,args", [("lora", ["--peft-arg", "r=4", "--peft-save", "adapter"]),
-                                         ("prompt", ["--peft-arg", "num_virtual_tokens=3"])])
+@pytest.mark.parametrize(
+    "method,args",
+    [("lora", ["--peft-arg", "r=4", "--peft-save", "adapter"]), ("prompt", ["--peft-arg", "num_virtual_tokens=3"])],
+)
 def test_a_killed_peft_run_resumes_to_the_uninterrupted_adapter(ws, method, args):
-    common = ["train-student", "--cache", ws["cache"], "--data", ws["data"], "--student", ws["base"], "--peft", method,
-              *args, "--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "3", "--seed", "4",
-              "--device", "cpu"]
+    common = [
+        "train-student",
+        "--cache",
+        ws["cache"],
+        "--data",
+        ws["data"],
+        "--student",
+        ws["base"],
+        "--peft",
+        method,
+        *args,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "3",
+        "--seed",
+        "4",
+        "--device",
+        "cpu",
+    ]
     full, cut = ws["d"] / f"full-{method}", ws["d"] / f"cut-{method}"
     run_cli(*common, "--out", full, check=True, env={"OMP_NUM_THREADS": "1"})
     p = run_cli(*common, "--out", cut, env={"OMP_NUM_THREADS": "1", "KDCLI_TEST_KILL_AT": "train-step:7"})
@@ -313,18 +417,26 @@ def test_a_killed_peft_run_resumes_to_the_uninterrupted_adapter(ws, method, args
 
 # -- bad inputs ------------------------------------------------------------------------------------------------------
 
+
 def test_bad_peft_inputs_exit_2_with_one_line(ws, tmp_path, blobs_npz):
     base = ["train-student", "--cache", ws["cache"], "--data", ws["data"], "--epochs", "1"]
     cases = [
-        ([*base, "--student", ws["base"], "--peft", "lora", "--peft-arg", "target_modules=[q_proj,qkv]"],
-         "target modules ['qkv'] are not in"),
+        (
+            [*base, "--student", ws["base"], "--peft", "lora", "--peft-arg", "target_modules=[q_proj,qkv]"],
+            "target modules ['qkv'] are not in",
+        ),
         ([*base, "--student", ws["base"], "--peft", "prompt", "--peft-save", "merged"], "cannot be merged"),
         ([*base, "--student", "llama", "--peft", "prompt"], "has no saved weights"),
-        ([*base, "--student", "transformer", "--peft", "lora", "--peft-save", "merged"],
-         "adapts a Hugging Face causal LM"),
+        (
+            [*base, "--student", "transformer", "--peft", "lora", "--peft-save", "merged"],
+            "adapts a Hugging Face causal LM",
+        ),
         ([*base, "--student", ws["base"], "--peft-arg", "r=4"], "add --peft lora"),
         ([*base, "--student", ws["base"], "--peft", "lora", "--peft-arg", "rank=4"], "bad --peft-arg for lora"),
-        (["train-student", "--data", blobs_npz, "--student", "mlp", "--peft", "lora"], "--peft is for language model runs"),
+        (
+            ["train-student", "--data", blobs_npz, "--student", "mlp", "--peft", "lora"],
+            "--peft is for language model runs",
+        ),
     ]
     for i, (args, msg) in enumerate(cases):
         out = tmp_path / f"r{i}"
@@ -340,8 +452,22 @@ def test_bad_peft_inputs_exit_2_with_one_line(ws, tmp_path, blobs_npz):
 
 def test_peft_without_the_package_names_the_extra(ws, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    r = runner.invoke(app, ["train-student", "--cache", str(ws["cache"]), "--data", str(ws["data"]), "--student",
-                            str(ws["base"]), "--peft", "lora", "--out", str(tmp_path / "r")])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(ws["cache"]),
+            "--data",
+            str(ws["data"]),
+            "--student",
+            str(ws["base"]),
+            "--peft",
+            "lora",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert r.exit_code == 2 and "kdcli[peft]" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "r").exists()
 
@@ -352,14 +478,39 @@ def test_ddp_prompt_tuned_run_resumes_to_the_uninterrupted_adapter(ws):
     import subprocess
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcli"]
-    common = ["train-student", "--cache", ws["cache"], "--data", ws["data"], "--student", ws["base"], "--peft",
-              "prompt", "--peft-arg", "num_virtual_tokens=3", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2",
-              "--checkpoint-every", "2", "--seed", "4"]
+    common = [
+        "train-student",
+        "--cache",
+        ws["cache"],
+        "--data",
+        ws["data"],
+        "--student",
+        ws["base"],
+        "--peft",
+        "prompt",
+        "--peft-arg",
+        "num_virtual_tokens=3",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "4",
+    ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out, extra_env=None):
-        return subprocess.run([*torchrun, *map(str, common), "--out", str(out)], capture_output=True, text=True,
-                              env={**env, **(extra_env or {})}, timeout=300)
+        return subprocess.run(
+            [*torchrun, *map(str, common), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env={**env, **(extra_env or {})},
+            timeout=300,
+        )
 
     full, cut = ws["d"] / "ddp-full", ws["d"] / "ddp-cut"
     p = launch(full)
@@ -371,7 +522,9 @@ def test_ddp_prompt_tuned_run_resumes_to_the_uninterrupted_adapter(ws):
     assert p.returncode == 0 and "resuming" in p.stderr, p.stderr[-2000:]
     a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(cut / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rep = evaluate(resolve(EvalConfig, None, {"model": [str(full)], "data": str(ws["data"]), "cache": str(ws["cache"])}))
+    rep = evaluate(
+        resolve(EvalConfig, None, {"model": [str(full)], "data": str(ws["data"]), "cache": str(ws["cache"])})
+    )
     assert rep.models[0].num_tokens > 0
 
 

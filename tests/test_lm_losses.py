@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from kdcli.cache.reduce import reduce_logits
 from kdcli.cache.modes import targets_from_arrays
 from kdcli.cache.modes.full import FullTargets
+from kdcli.cache.reduce import reduce_logits
 from kdcli.losses import kd_loss, soft_kl
 from tests.conftest import divergence_reference as reference
 
@@ -43,8 +43,9 @@ def test_full_mode_matches_reference(divergence, T):
 def test_jsd_hand_value():
     # p = (0.5, 0.5), q = (0.9, 0.1), beta = 0.5: m = (0.7, 0.3)
     p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
-    expect = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) + \
-        0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))
+    expect = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) + 0.5 * (
+        0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3)
+    )
     tg = FullTargets(2, logprobs=p.log())
     assert soft_kl(q.log(), tg, 1.0, "jsd", 0.5).item() == pytest.approx(expect, rel=1e-5)
 
@@ -113,8 +114,9 @@ def test_sample_mode_is_consistent_at_T_not_1(divergence):
     t = logits(rows=1, C=C, seed=11, scale=1.5)
     s = logits(rows=1, C=C, seed=12, scale=1.5)
     g = torch.Generator().manual_seed(2)
-    est = soft_kl(s.expand(R, C), targets("sample", t.expand(R, C), samples=S, generator=g), 2.0, divergence,
-                  approximate=True).double()
+    est = soft_kl(
+        s.expand(R, C), targets("sample", t.expand(R, C), samples=S, generator=g), 2.0, divergence, approximate=True
+    ).double()
     full = reference(t, s, 2.0, divergence).item()
     se = est.std().item() / math.sqrt(R)
     assert abs(est.mean().item() - full) < 5 * se + 0.01, (est.mean().item(), full, se)
@@ -131,7 +133,8 @@ def test_kd_loss_divergence_scaling_and_masking():
         assert none.total.item() == 0.0
     # the default is forward KL: classification behaviour unchanged
     assert kd_loss(s, tg, labels, temperature=2.0, alpha=0.7).total.item() == pytest.approx(
-        kd_loss(s, tg, labels, temperature=2.0, alpha=0.7, divergence="forward").total.item())
+        kd_loss(s, tg, labels, temperature=2.0, alpha=0.7, divergence="forward").total.item()
+    )
 
 
 def test_unknown_divergence_and_bad_beta():

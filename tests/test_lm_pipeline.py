@@ -11,17 +11,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from lm_helpers import make_llama, make_tokenizer, prompt_rows, text_rows, write_jsonl
 from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, resolve
 from kdcli.infra.errors import CacheError
-from kdcli.stages.evaluate import evaluate
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer, teacher_sequences
 from kdcli.stages.cache import cache_teacher
+from kdcli.stages.evaluate import evaluate
 from kdcli.stages.train import train_student
-from lm_helpers import make_llama, make_tokenizer, prompt_rows, text_rows, write_jsonl
-from conftest import run_cli
 
 runner = CliRunner()
 STUDENT = {"d_model": 32, "n_layers": 1, "n_heads": 2}
@@ -32,9 +32,13 @@ def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     tok = make_tokenizer(root / "tok")
     teacher = make_llama(root / "teacher", tok)
-    return {"root": root, "tok": tok, "teacher": teacher,
-            "text": write_jsonl(root / "text.jsonl", text_rows(24)),
-            "pr": write_jsonl(root / "pr.jsonl", prompt_rows(16))}
+    return {
+        "root": root,
+        "tok": tok,
+        "teacher": teacher,
+        "text": write_jsonl(root / "text.jsonl", text_rows(24)),
+        "pr": write_jsonl(root / "pr.jsonl", prompt_rows(16)),
+    }
 
 
 def cache(lm, out, **kw):
@@ -100,8 +104,9 @@ def test_sample_cache_counts_and_bytes(lm, tmp_path):
     assert p["sample_ids"].dtype == np.uint16
     # 12 slots x (2 B id + 1 B count + 2 B log-prob) + 2 B target log-prob = 62 B/token; the rest is per-row
     # (offsets, hashes) and per-file HDF5 overhead, which dominates only in a cache this tiny
-    payload = sum(q[k].nbytes for q in parts for k in ("sample_ids", "sample_counts", "sample_logprobs",
-                                                         "target_logprobs"))
+    payload = sum(
+        q[k].nbytes for q in parts for k in ("sample_ids", "sample_counts", "sample_logprobs", "target_logprobs")
+    )
     assert payload / s.num_tokens == 62 and s.bytes_per_token > 62
     # the summary's distinct ids per token, counted independently from the stored counts
     distinct = np.concatenate([(q["sample_counts"] > 0).sum(1) for q in parts])
@@ -117,8 +122,10 @@ def test_sparse_caches_are_gzipped_and_report_distinct_ids_per_token(lm, tmp_pat
     smp = cache(lm, tmp_path / "s", mode="sample", samples=24)
     top = cache(lm, tmp_path / "t", top_k=8)
     assert smp.compression.startswith("gzip") and top.unique_ids is None
-    from kdcli.report import render
     from rich.console import Console
+
+    from kdcli.report import render
+
     con = Console(record=True, width=200)
     con.print(render(smp.table()))
     assert f"{smp.bytes_per_token:.1f} B/token for {smp.unique_ids:.1f} distinct ids/token" in con.export_text()
@@ -129,8 +136,22 @@ def test_rerun_is_a_noop_and_other_settings_refuse(lm, tmp_path):
     assert cache(lm, tmp_path / "c", top_k=8).status == "up-to-date"
     with pytest.raises(CacheError, match="top_k"):
         cache(lm, tmp_path / "c", top_k=4)
-    r = runner.invoke(app, ["cache-teacher", "--teacher", str(lm["teacher"]), "--data", str(lm["text"]), "--out",
-                            str(tmp_path / "c"), "--top-k", "8", "--max-length", "16"])
+    r = runner.invoke(
+        app,
+        [
+            "cache-teacher",
+            "--teacher",
+            str(lm["teacher"]),
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "c"),
+            "--top-k",
+            "8",
+            "--max-length",
+            "16",
+        ],
+    )
     assert r.exit_code == 3 and "max_length" in r.stderr and "--overwrite" in r.stderr
     assert cache(lm, tmp_path / "c", top_k=4, overwrite=True).status == "written"
 
@@ -148,8 +169,14 @@ def test_resume_from_whole_shards(lm, tmp_path):
 
 def test_prompt_distillation_cache_is_aligned_to_the_response(lm, tmp_path):
     tp = "You speak only in riddles.\n{prompt}"
-    args = dict(teacher=str(lm["teacher"]), data=str(lm["pr"]), out=str(tmp_path / "c"), max_length=32, top_k=8,
-                teacher_prompt=tp)
+    args = dict(
+        teacher=str(lm["teacher"]),
+        data=str(lm["pr"]),
+        out=str(tmp_path / "c"),
+        max_length=32,
+        top_k=8,
+        teacher_prompt=tp,
+    )
     s = cache_teacher(resolve(CacheConfig, None, args))
     tok = load_tokenizer(str(lm["teacher"]))
     data = load_text(str(lm["pr"]), tok, TextSettings(max_length=32))
@@ -158,8 +185,8 @@ def test_prompt_distillation_cache_is_aligned_to_the_response(lm, tmp_path):
     p = read_shards(tmp_path / "c")[0]
     row = 2
     a, b = p["offsets"][row], p["offsets"][row + 1]
-    logp = teacher_logp(lm, seqs[row])[first[row] - 1:-1]  # the teacher's positions that predict the response
-    resp = torch.tensor(data.ids[row][data.first_target[row]:], dtype=torch.long)
+    logp = teacher_logp(lm, seqs[row])[first[row] - 1 : -1]  # the teacher's positions that predict the response
+    resp = torch.tensor(data.ids[row][data.first_target[row] :], dtype=torch.long)
     assert np.allclose(p["target_logprobs"][a:b], logp.gather(1, resp[:, None])[:, 0].numpy(), atol=2e-3, rtol=1e-3)
     assert (p["topk_ids"][a:b] == torch.topk(logp, 8, -1).indices.numpy()).all()
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
@@ -174,20 +201,57 @@ def test_prompt_distillation_cache_is_aligned_to_the_response(lm, tmp_path):
 def test_train_and_eval_cli(lm, tmp_path):
     c, run = tmp_path / "c", tmp_path / "run"
     cache(lm, c, mode="sample", samples=16)
-    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", "transformer", "--data", str(lm["text"]),
-                            "--out", str(run), "--epochs", "3", "--batch-size", "4", "--lr", "3e-3",
-                            "--temperature", "1", "--divergence", "reverse", "--val-fraction", "0.2",
-                            *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], [])])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(c),
+            "--student",
+            "transformer",
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(run),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--temperature",
+            "1",
+            "--divergence",
+            "reverse",
+            "--val-fraction",
+            "0.2",
+            *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     assert "KL(student_T || teacher_T)" in r.stderr
-    assert {"model.safetensors", "model.json", "config.yaml", "metrics.jsonl", "summary.json",
-            "tokenizer"} <= {p.name for p in run.iterdir()}
+    assert {"model.safetensors", "model.json", "config.yaml", "metrics.jsonl", "summary.json", "tokenizer"} <= {
+        p.name for p in run.iterdir()
+    }
     assert not (run / "checkpoint.pt").exists()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all("val_perplexity" in x for x in lines)
     assert lines[-1]["train_soft"] < lines[0]["train_soft"]
-    r = runner.invoke(app, ["eval", "--model", str(run), "--model", str(lm["teacher"]), "--data", str(lm["text"]),
-                            "--cache", str(c), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(run),
+            "--model",
+            str(lm["teacher"]),
+            "--data",
+            str(lm["text"]),
+            "--cache",
+            str(c),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     student, teacher = rep["models"]
@@ -203,14 +267,41 @@ def test_train_and_eval_cli(lm, tmp_path):
 def test_vocab_mismatch_exits_3_naming_both_sizes(lm, tmp_path):
     c = tmp_path / "c"
     cache(lm, c, top_k=8)
-    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", "transformer", "--data", str(lm["text"]),
-                            "--out", str(tmp_path / "run"), "--student-arg", "vocab_size=320",
-                            "--student-arg", "d_model=32"])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(c),
+            "--student",
+            "transformer",
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "run"),
+            "--student-arg",
+            "vocab_size=320",
+            "--student-arg",
+            "d_model=32",
+        ],
+    )
     assert r.exit_code == 3 and "300" in r.stderr and "320" in r.stderr and r.stderr.startswith("error:")
     assert "Traceback" not in r.stderr
     big = make_llama(tmp_path / "big", lm["tok"], vocab_size=320)
-    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", str(big), "--data", str(lm["text"]),
-                            "--out", str(tmp_path / "run2")])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(c),
+            "--student",
+            str(big),
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "run2"),
+        ],
+    )
     assert r.exit_code == 3 and "300" in r.stderr and "320" in r.stderr
 
 
@@ -220,12 +311,38 @@ def test_data_or_tokenizer_mismatch_exits_3(lm, tmp_path):
     rows = text_rows(24)
     rows[5] = {"text": rows[5]["text"] + " and more"}
     edited = write_jsonl(tmp_path / "edited.jsonl", rows)
-    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", "transformer", "--data", str(edited),
-                            "--out", str(tmp_path / "run")])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(c),
+            "--student",
+            "transformer",
+            "--data",
+            str(edited),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 3 and "does not match the data" in r.stderr
     other = make_tokenizer(tmp_path / "tok2", vocab_size=280)
-    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", "transformer", "--data", str(lm["text"]),
-                            "--out", str(tmp_path / "run"), "--tokenizer", str(other)])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(c),
+            "--student",
+            "transformer",
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "run"),
+            "--tokenizer",
+            str(other),
+        ],
+    )
     assert r.exit_code == 3 and "differs from the one that built" in r.stderr
 
 
@@ -233,8 +350,17 @@ def test_hf_student_and_resume_match_an_uninterrupted_run(lm, tmp_path, monkeypa
     c = tmp_path / "c"
     cache(lm, c, top_k=8)
     student = make_llama(tmp_path / "student", lm["tok"], hidden=16, layers=1, seed=1)
-    base = dict(cache=str(c), student=str(student), data=str(lm["text"]), epochs=2, batch_size=4, lr=1e-3,
-                divergence="jsd", checkpoint_every=3, temperature=2.0)
+    base = dict(
+        cache=str(c),
+        student=str(student),
+        data=str(lm["text"]),
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        divergence="jsd",
+        checkpoint_every=3,
+        temperature=2.0,
+    )
     full = train_student(resolve(TrainConfig, None, {**base, "out": str(tmp_path / "full")}))
     import kdcli.tasks.lm as lt
 
@@ -256,30 +382,70 @@ def test_hf_student_and_resume_match_an_uninterrupted_run(lm, tmp_path, monkeypa
     assert resumed.resumed_from_step == 6 and resumed.steps == full.steps
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" /
-                                                                                  "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rep = evaluate(resolve(EvalConfig, None, {"model": [str(tmp_path / "full")], "data": str(lm["text"]),
-                                             "cache": str(c)}))
+    rep = evaluate(
+        resolve(EvalConfig, None, {"model": [str(tmp_path / "full")], "data": str(lm["text"]), "cache": str(c)})
+    )
     assert rep.models[0].kl_to_teacher is not None and rep.models[0].num_parameters == full.student_parameters
 
 
 def test_label_only_lm_training_needs_a_tokenizer(lm, tmp_path):
-    r = runner.invoke(app, ["train-student", "--student", "transformer", "--data", str(lm["text"]), "--out",
-                            str(tmp_path / "run")])
+    r = runner.invoke(
+        app, ["train-student", "--student", "transformer", "--data", str(lm["text"]), "--out", str(tmp_path / "run")]
+    )
     assert r.exit_code == 2 and "--tokenizer" in r.stderr
-    s = train_student(resolve(TrainConfig, None, dict(student="transformer", student_args=STUDENT, data=str(lm["pr"]),
-                                                      out=str(tmp_path / "run"), tokenizer=str(lm["tok"]), epochs=1,
-                                                      max_length=32, batch_size=8)))
+    s = train_student(
+        resolve(
+            TrainConfig,
+            None,
+            dict(
+                student="transformer",
+                student_args=STUDENT,
+                data=str(lm["pr"]),
+                out=str(tmp_path / "run"),
+                tokenizer=str(lm["tok"]),
+                epochs=1,
+                max_length=32,
+                batch_size=8,
+            ),
+        )
+    )
     assert s.loss_formula.startswith("loss = CE") and s.train_tokens > 0
 
 
 def test_cli_subprocess_prints_one_table_and_bytes_per_token(lm, tmp_path):
-    p = run_cli("cache-teacher", "--teacher", lm["teacher"], "--data", lm["pr"], "--out", tmp_path / "c",
-                "--top-k", "4", "--max-length", "32", "--teacher-prompt", "Be terse.\n{prompt}", check=True)
+    p = run_cli(
+        "cache-teacher",
+        "--teacher",
+        lm["teacher"],
+        "--data",
+        lm["pr"],
+        "--out",
+        tmp_path / "c",
+        "--top-k",
+        "4",
+        "--max-length",
+        "32",
+        "--teacher-prompt",
+        "Be terse.\n{prompt}",
+        check=True,
+    )
     assert "B/token" in p.stdout and "caching teacher" in p.stderr and "caching teacher" not in p.stdout
-    p = run_cli("cache-teacher", "--teacher", lm["teacher"], "--data", tmp_path / "missing.jsonl", "--out",
-                tmp_path / "d", "--top-k", "4")
+    p = run_cli(
+        "cache-teacher",
+        "--teacher",
+        lm["teacher"],
+        "--data",
+        tmp_path / "missing.jsonl",
+        "--out",
+        tmp_path / "d",
+        "--top-k",
+        "4",
+    )
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: data file not found")
 
 
@@ -293,15 +459,41 @@ def test_damaged_token_cache_stops_training_and_verify_passes_a_good_one(lm, tmp
         v = f["topk_logprobs"][()]
         v[3, 0] = np.nan
         f["topk_logprobs"][...] = v
-    r = runner.invoke(app, ["train-student", "--cache", str(c), "--student", "transformer", "--data", str(lm["text"]),
-                            "--out", str(tmp_path / "run"), *sum([["--student-arg", f"{k}={v}"] for k, v in
-                                                                   STUDENT.items()], [])])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--cache",
+            str(c),
+            "--student",
+            "transformer",
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "run"),
+            *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
+        ],
+    )
     assert r.exit_code == 3 and "damaged" in r.stderr, r.stderr
 
 
 def test_a_teacher_without_weights_is_refused(lm, tmp_path):
-    r = runner.invoke(app, ["cache-teacher", "--teacher", "transformer", "--tokenizer", str(lm["tok"]), "--data",
-                            str(lm["text"]), "--out", str(tmp_path / "c"), "--top-k", "4"])
+    r = runner.invoke(
+        app,
+        [
+            "cache-teacher",
+            "--teacher",
+            "transformer",
+            "--tokenizer",
+            str(lm["tok"]),
+            "--data",
+            str(lm["text"]),
+            "--out",
+            str(tmp_path / "c"),
+            "--top-k",
+            "4",
+        ],
+    )
     assert r.exit_code == 2 and "has no weights" in r.stderr and not (tmp_path / "c").exists()
 
 
@@ -311,17 +503,36 @@ def test_bf16_precision_trains_float32_weights(lm, tmp_path, student_kind):
     the saved weights stay float32, close to (not equal to) an fp32 run's."""
     c = tmp_path / "c"
     cache(lm, c, top_k=8)
-    student = "transformer" if student_kind == "transformer" else str(
-        make_llama(tmp_path / "student", lm["tok"], hidden=16, layers=1, seed=1))
+    student = (
+        "transformer"
+        if student_kind == "transformer"
+        else str(make_llama(tmp_path / "student", lm["tok"], hidden=16, layers=1, seed=1))
+    )
     args = {"student_args": STUDENT} if student_kind == "transformer" else {}
     from safetensors.torch import load_file
 
     weights, summaries = [], []
     for precision in ("fp32", "bf16"):
         run = tmp_path / precision
-        s = train_student(resolve(TrainConfig, None, dict(cache=str(c), student=student, data=str(lm["text"]),
-                                                           epochs=3, batch_size=4, lr=3e-3, temperature=1.0,
-                                                           precision=precision, out=str(run), seed=0, **args)))
+        s = train_student(
+            resolve(
+                TrainConfig,
+                None,
+                dict(
+                    cache=str(c),
+                    student=student,
+                    data=str(lm["text"]),
+                    epochs=3,
+                    batch_size=4,
+                    lr=3e-3,
+                    temperature=1.0,
+                    precision=precision,
+                    out=str(run),
+                    seed=0,
+                    **args,
+                ),
+            )
+        )
         summaries.append(s)
         weights.append(load_file(str(run / "model.safetensors")))
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -337,9 +548,18 @@ def test_out_naming_a_file_is_a_usage_error_for_text_data_too(lm, tmp_path, comm
     target = tmp_path / "taken.txt"
     target.write_text("not a directory\n")
     common = ["--data", str(lm["text"]), "--out", str(target)]
-    args = ["--teacher", str(lm["teacher"]), "--max-length", "32", *common] if command == "cache-teacher" else \
-        ["--student", "transformer", *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
-         "--tokenizer", str(lm["tok"]), *common]
+    args = (
+        ["--teacher", str(lm["teacher"]), "--max-length", "32", *common]
+        if command == "cache-teacher"
+        else [
+            "--student",
+            "transformer",
+            *sum([["--student-arg", f"{k}={v}"] for k, v in STUDENT.items()], []),
+            "--tokenizer",
+            str(lm["tok"]),
+            *common,
+        ]
+    )
     r = runner.invoke(app, [command, *args])
     assert r.exit_code == 2, r.stderr
     assert f"--out {target} exists and is not a directory" in r.stderr and "internal error" not in r.stderr

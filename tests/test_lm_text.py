@@ -4,11 +4,18 @@ import json
 
 import numpy as np
 import pytest
+from lm_helpers import make_tokenizer, prompt_rows, text_rows, write_jsonl
 
 from kdcli.infra.errors import UsageError
-from kdcli.lm.text import TextSettings, load_text, load_tokenizer, loss_positions, pad_batch, teacher_sequences, \
-    tokenizer_identity
-from lm_helpers import make_tokenizer, prompt_rows, text_rows, write_jsonl
+from kdcli.lm.text import (
+    TextSettings,
+    load_text,
+    load_tokenizer,
+    loss_positions,
+    pad_batch,
+    teacher_sequences,
+    tokenizer_identity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def test_packing_covers_every_token_once(tok, tmp_path):
     flat = np.concatenate(data.ids)
     expect = [t for r in rows for t in tk(r["text"], add_special_tokens=False)["input_ids"] + [tk.eos_token_id]]
     assert len(data.ids[-1]) <= 16 and all(len(s) == 16 for s in data.ids[:-1])
-    assert flat.tolist() == expect[:len(flat)] and len(expect) - len(flat) <= 1  # a 1-token tail is dropped
+    assert flat.tolist() == expect[: len(flat)] and len(expect) - len(flat) <= 1  # a 1-token tail is dropped
     assert (data.first_target == 1).all()
     assert data.num_targets.sum() == sum(len(s) - 1 for s in data.ids)
 
@@ -63,7 +70,7 @@ def test_teacher_prompt_aligns_response_tokens(tok, tmp_path):
     seqs, first = teacher_sequences(data, tk, "You are a poet. Answer in verse.\n{prompt}")
     for i in range(data.n):
         assert len(seqs[i]) - first[i] == data.num_targets[i]
-        assert seqs[i][first[i]:].tolist() == data.ids[i][data.first_target[i]:].tolist()
+        assert seqs[i][first[i] :].tolist() == data.ids[i][data.first_target[i] :].tolist()
         assert len(seqs[i]) > len(data.ids[i])  # the teacher reads more context
     text = write_jsonl(tmp_path / "t.jsonl", text_rows(3))
     with pytest.raises(UsageError, match="prompt/response rows"):
@@ -72,7 +79,7 @@ def test_teacher_prompt_aligns_response_tokens(tok, tmp_path):
     seqs, first = teacher_sequences(data, tk, "Be terse. {not a field}\n")
     for i in range(data.n):
         prefix = tk("Be terse. {not a field}\n\n" + prompt_rows(5)[i]["prompt"], add_special_tokens=False)
-        assert seqs[i].tolist() == prefix["input_ids"] + data.ids[i][data.first_target[i]:].tolist()
+        assert seqs[i].tolist() == prefix["input_ids"] + data.ids[i][data.first_target[i] :].tolist()
         assert first[i] == len(prefix["input_ids"])
     with pytest.raises(UsageError, match="placeholder"):  # the student's template still needs one
         load_text(str(p), tk, TextSettings(prompt_template="no placeholder here"))
@@ -100,14 +107,17 @@ def test_tokenizer_identity_is_content_based(tok, tmp_path):
     assert a["sha256"] == b["sha256"] and a["vocab_size"] == len(tk)
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"text": "a"}\nnot json\n', "line 2: not valid JSON"),
-    ('{"text": "a"}\n{"prompt": "p", "response": "r"}\n', "mixes"),
-    ('{"question": "a"}\n', "needs \"text\""),
-    ('{"text": 3}\n', "must be a string"),
-    ('[1, 2]\n', "JSON object"),
-    ('\n\n', "no rows"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"text": "a"}\nnot json\n', "line 2: not valid JSON"),
+        ('{"text": "a"}\n{"prompt": "p", "response": "r"}\n', "mixes"),
+        ('{"question": "a"}\n', 'needs "text"'),
+        ('{"text": 3}\n', "must be a string"),
+        ("[1, 2]\n", "JSON object"),
+        ("\n\n", "no rows"),
+    ],
+)
 def test_bad_jsonl_is_a_usage_error(tok, tmp_path, content, match):
     tk, _ = tok
     p = tmp_path / "bad.jsonl"

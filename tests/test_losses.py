@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
-from kdcli.cache.reduce import reduce_logits
 from kdcli.cache.modes import targets_from_arrays
 from kdcli.cache.modes.full import FullTargets
+from kdcli.cache.reduce import reduce_logits
 from kdcli.losses import kd_loss, soft_kl
 
 
@@ -88,7 +88,8 @@ def test_alpha_edges_ignore_the_other_term():
     assert kd_loss(s, t, y, temperature=2.0, alpha=0.0).total.item() == pytest.approx(F.cross_entropy(s, y).item())
     # alpha = 1 with no labels at all is pure distillation
     assert kd_loss(s, t, None, temperature=2.0, alpha=1.0).total.item() == pytest.approx(
-        4.0 * reference_kl(t.logprobs, s, 2.0).mean().item(), rel=1e-5)
+        4.0 * reference_kl(t.logprobs, s, 2.0).mean().item(), rel=1e-5
+    )
 
 
 def test_gradient_scale_is_temperature_invariant_to_first_order():
@@ -108,8 +109,7 @@ def test_masked_rows_and_all_masked():
     y = torch.tensor([0, 1, 2, 0])
     w = torch.tensor([1.0, 0.0, 1.0, 0.0])
     masked = kd_loss(s, t, y, temperature=2.0, alpha=0.5, weight=w).total
-    kept = kd_loss(s[[0, 2]], FullTargets(3, logprobs=t.logprobs[[0, 2]]), y[[0, 2]], temperature=2.0,
-                   alpha=0.5).total
+    kept = kd_loss(s[[0, 2]], FullTargets(3, logprobs=t.logprobs[[0, 2]]), y[[0, 2]], temperature=2.0, alpha=0.5).total
     assert masked.item() == pytest.approx(kept.item(), rel=1e-6)
     none = kd_loss(s, t, y, temperature=2.0, alpha=0.5, weight=torch.zeros(4)).total
     assert none.item() == 0.0 and not torch.isnan(none)
@@ -156,10 +156,25 @@ def test_sample_mode_is_unbiased_at_t1():
     t, s = torch.randn(4, 8, generator=g) * 1.5, torch.randn(4, 8, generator=g)
     full = soft_kl(s, full_targets(t), 1.0)
     draws = 400
-    est = torch.stack([
-        soft_kl(s, targets_from_arrays({k: v.numpy() for k, v in reduce_logits(
-            t, "sample", samples=8, generator=torch.Generator().manual_seed(i)).items()}, "sample", 8), 1.0)
-        for i in range(draws)]).mean(0)
+    est = torch.stack(
+        [
+            soft_kl(
+                s,
+                targets_from_arrays(
+                    {
+                        k: v.numpy()
+                        for k, v in reduce_logits(
+                            t, "sample", samples=8, generator=torch.Generator().manual_seed(i)
+                        ).items()
+                    },
+                    "sample",
+                    8,
+                ),
+                1.0,
+            )
+            for i in range(draws)
+        ]
+    ).mean(0)
     # Monte Carlo: mean of 400 estimates of 8 draws each; tolerance ~4 standard errors
     assert torch.allclose(est, full, atol=0.08), (est, full)
 

@@ -21,11 +21,14 @@ def test_plugin_with_weights_from_torch_save(tmp_path):
     (tmp_path / "m.py").write_text(
         "import torch\n"
         "def make(num_classes, width=4):\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.ReLU(), torch.nn.Linear(width, num_classes))\n")
+        "    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(width, num_classes))\n"
+    )
     ref, _ = build_model(f"{tmp_path}/m.py:make", {"width": 6}, num_classes=3, input_shape=(2,))
     torch.save(ref.state_dict(), tmp_path / "w.pt")
-    m, info = build_model(f"{tmp_path}/m.py:make", {"width": 6}, num_classes=3, input_shape=(2,),
-                          weights=str(tmp_path / "w.pt"))
+    m, info = build_model(
+        f"{tmp_path}/m.py:make", {"width": 6}, num_classes=3, input_shape=(2,), weights=str(tmp_path / "w.pt")
+    )
     x = torch.randn(4, 2)
     assert torch.equal(m(x), ref(x)) and info.weights_sha256
 
@@ -84,9 +87,11 @@ def test_a_run_started_from_a_run_keeps_the_recipe(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "net.py").write_text("import torch\ndef make(num_classes, width=4):\n"
-                                "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, "
-                                "num_classes))\n")
+    (src / "net.py").write_text(
+        "import torch\ndef make(num_classes, width=4):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, "
+        "num_classes))\n"
+    )
     for spec, args in (("mlp", {"hidden": [5]}), (f"{src}/net.py:make", {"width": 6})):
         first, second = tmp_path / "first", tmp_path / "second"
         for d in (first, second):

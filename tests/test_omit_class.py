@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_blobs, run_cli
 from typer.testing import CliRunner
 
-from conftest import make_blobs, run_cli
 from kdcli.cli import app
 from kdcli.config import EvalConfig
 from kdcli.data import load_data, split_filter
@@ -42,11 +42,17 @@ def test_slice_applies_before_the_filter_and_only_keeps(blobs_npz: Path):
     assert set(only.y.tolist()) == {2} and only.n == int((full.y == 2).sum())
 
 
-@pytest.mark.parametrize("suffix, needle", [
-    ("?drop=3", "unknown data filter '?drop='"), ("?omit=x", "comma-separated integer labels"),
-    ("?omit=", "comma-separated integer labels"), ("?omit=9", "out of range for 4 classes"),
-    ("?omit=-1", "out of range"), ("?only=1[:5]", "integer labels"),
-])
+@pytest.mark.parametrize(
+    "suffix, needle",
+    [
+        ("?drop=3", "unknown data filter '?drop='"),
+        ("?omit=x", "comma-separated integer labels"),
+        ("?omit=", "comma-separated integer labels"),
+        ("?omit=9", "out of range for 4 classes"),
+        ("?omit=-1", "out of range"),
+        ("?only=1[:5]", "integer labels"),
+    ],
+)
 def test_bad_filters_are_usage_errors(blobs_npz: Path, suffix: str, needle: str):
     with pytest.raises(UsageError, match=None) as e:
         load_data(f"{blobs_npz}{suffix}")
@@ -62,16 +68,41 @@ def test_a_filter_that_leaves_nothing_is_refused(tmp_path: Path):
     assert split_filter("mnist:train[:10]?omit=3,5") == ("mnist:train[:10]", ("omit", frozenset({3, 5})))
 
 
-def test_a_cache_of_the_filtered_set_trains_and_refuses_the_unfiltered_set(tmp_path: Path, teacher_run: Path,
-                                                                          blobs_npz: Path):
+def test_a_cache_of_the_filtered_set_trains_and_refuses_the_unfiltered_set(
+    tmp_path: Path, teacher_run: Path, blobs_npz: Path
+):
     spec = f"{blobs_npz}?omit=2"
     cache = tmp_path / "cache"
     run_cli("cache-teacher", "--teacher", teacher_run, "--data", spec, "--out", cache, check=True)
-    ok = run_cli("train-student", "--cache", cache, "--student", "mlp", "--student-arg", "hidden=[8]", "--data",
-                 spec, "--epochs", "1", "--out", tmp_path / "s1")
+    ok = run_cli(
+        "train-student",
+        "--cache",
+        cache,
+        "--student",
+        "mlp",
+        "--student-arg",
+        "hidden=[8]",
+        "--data",
+        spec,
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "s1",
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = run_cli("train-student", "--cache", cache, "--student", "mlp", "--data", blobs_npz, "--epochs", "1",
-                  "--out", tmp_path / "s2")
+    bad = run_cli(
+        "train-student",
+        "--cache",
+        cache,
+        "--student",
+        "mlp",
+        "--data",
+        blobs_npz,
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "s2",
+    )
     assert bad.returncode == 3 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -137,8 +168,9 @@ def test_fit_on_bias_data_never_makes_the_fit_set_worse(teacher_run: Path, blobs
     x, y = make_blobs(n=300, seed=1)
     held = tmp_path / "held.npz"
     np.savez(held, x=x, y=y)
-    r = evaluate(EvalConfig(model=[str(teacher_run)], data=str(blobs_npz), class_bias={"1": "fit"},
-                            bias_data=str(held)))
+    r = evaluate(
+        EvalConfig(model=[str(teacher_run)], data=str(blobs_npz), class_bias={"1": "fit"}, bias_data=str(held))
+    )
     assert r.bias_data == str(held)
     b = r.models[0].class_bias["1"]
     on_held_plain = evaluate(EvalConfig(model=[str(teacher_run)], data=str(held))).models[0].errors
@@ -147,17 +179,17 @@ def test_fit_on_bias_data_never_makes_the_fit_set_worse(teacher_run: Path, blobs
 
 
 def test_cli_class_bias_table_and_errors(teacher_run: Path, blobs_npz: Path):
-    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz),
-                              "--class-bias", "2=fit"])
+    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz), "--class-bias", "2=fit"])
     assert res.exit_code == 0, res.output
     assert "errors on class 2 (of" in res.stdout and "errors before bias" in res.stdout and "→" in res.stdout
     assert "evaluation data itself" in res.stderr  # the optimistic choice is said out loud
-    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz),
-                              "--bias-data", str(blobs_npz)])
+    res = runner.invoke(
+        app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz), "--bias-data", str(blobs_npz)]
+    )
     assert res.exit_code == 2 and "--bias-data is only used" in res.stderr
-    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz),
-                              "--class-bias", "7=1"])
+    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz), "--class-bias", "7=1"])
     assert res.exit_code == 2 and "class index 0..3" in res.stderr
-    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", f"{blobs_npz}?omit=2",
-                              "--class-bias", "2=fit"])  # fitting on data without the class
+    res = runner.invoke(
+        app, ["eval", "--model", str(teacher_run), "--data", f"{blobs_npz}?omit=2", "--class-bias", "2=fit"]
+    )  # fitting on data without the class
     assert res.exit_code == 2 and "no rows of class 2" in res.stderr

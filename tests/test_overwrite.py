@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_blobs
 from typer.testing import CliRunner
 
-from conftest import make_blobs
 from kdcli.cli import app
 from kdcli.infra.outdir import staging_dir
 
@@ -25,8 +25,11 @@ runner = CliRunner()
 
 def tree(d: Path) -> dict[str, str]:
     """The content of an output directory (a killed writer's stale .lock aside: the next writer takes it over)."""
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def ok(*args) -> None:
@@ -35,8 +38,13 @@ def ok(*args) -> None:
 
 
 def kdcli_process(*args, kill_at: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "KDCLI_TEST_KILL_AT": kill_at})
+    return subprocess.run(
+        [sys.executable, "-m", "kdcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "KDCLI_TEST_KILL_AT": kill_at},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +72,10 @@ def test_a_killed_cache_replacement_leaves_the_old_cache_and_resumes(ws, tmp_pat
     assert not stage.exists() and json.loads((tmp_path / "c" / "manifest.json").read_text())["mode"] == "topk"
     ok("cache", "verify", tmp_path / "c")
     ok(*common, "--top-k", 2, "--out", tmp_path / "fresh")  # the resumed replacement equals a fresh cache
-    shards = lambda d: {s["name"]: s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]}
+
+    def shards(d: Path) -> dict:
+        return {s["name"]: s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]}
+
     assert shards(tmp_path / "c") == shards(tmp_path / "fresh")
 
 
@@ -79,20 +90,38 @@ def test_a_failed_run_replacement_leaves_the_old_run(ws, tmp_path):
     p = kdcli_process(*base, "--overwrite", "--seed", 3, "--checkpoint-every", 2, kill_at="train-step:7")
     assert p.returncode == -9
     assert tree(run) == before and (staging_dir(run) / "checkpoint.pt").exists()
-    r = runner.invoke(app, [str(a) for a in base] + ["--overwrite", "--seed", "3", "--checkpoint-every", "2",
-                                                     "--resume"])
+    r = runner.invoke(
+        app, [str(a) for a in base] + ["--overwrite", "--seed", "3", "--checkpoint-every", "2", "--resume"]
+    )
     assert r.exit_code == 0, r.stderr
     assert "continuing the replacement" in r.stderr and "resuming" in r.stderr
     assert not staging_dir(run).exists() and tree(run) != before
     assert json.loads((run / "summary.json").read_text())["run_dir"] == str(run)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "model.json",
-                                                       "model.safetensors", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.yaml",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "summary.json",
+    ]
 
 
 def test_a_failed_first_run_leaves_no_directory(ws, tmp_path):
     """A command that fails before it has anything to resume from leaves no half-made --out behind."""
-    r = runner.invoke(app, ["train-student", "--student", "mlp", "--student-arg", "hidden=oops", "--data",
-                            str(ws / "blobs.npz"), "--out", str(tmp_path / "new")])
+    r = runner.invoke(
+        app,
+        [
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=oops",
+            "--data",
+            str(ws / "blobs.npz"),
+            "--out",
+            str(tmp_path / "new"),
+        ],
+    )
     assert r.exit_code == 2 and not (tmp_path / "new").exists()
 
 
@@ -100,7 +129,7 @@ def test_compress_overwrite_and_stale_partials(ws, tmp_path):
     out = tmp_path / "small"
     ok("compress", "--model", ws / "teacher", "--out", out, "--quantize", "int8")
     first = tree(out)
-    dead = tmp_path / f".small.{2 ** 22 + 12345}-deadbeef.partial"  # a killed compress's temp dir (no such pid)
+    dead = tmp_path / f".small.{2**22 + 12345}-deadbeef.partial"  # a killed compress's temp dir (no such pid)
     dead.mkdir()
     (dead / "model.json").write_text("{}")
     r = runner.invoke(app, ["compress", "--model", str(ws / "teacher"), "--out", str(out), "--prune", "0.5"])

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from kdcli.cli import app
 from kdcli.config import EvalConfig, TrainConfig
 from kdcli.infra.errors import UsageError
-from kdcli.stages.evaluate import evaluate
-from kdcli.tasks.classify import EvalReport, ModelReport
 from kdcli.plot import build_figure, error_curve, plot_report
+from kdcli.stages.evaluate import evaluate
 from kdcli.stages.train import train_student
+from kdcli.tasks.classify import EvalReport, ModelReport
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()
@@ -23,8 +23,10 @@ runner = CliRunner()
 def _fake_run(root: Path, name: str, errors: list[int], rows: int | None = 1000, torn: bool = False) -> Path:
     d = root / name
     d.mkdir()
-    lines = [json.dumps({"epoch": i + 1, "step": (i + 1) * 8, "eval_errors": e, "eval_accuracy": 1 - e / 500})
-             for i, e in enumerate(errors)]
+    lines = [
+        json.dumps({"epoch": i + 1, "step": (i + 1) * 8, "eval_errors": e, "eval_accuracy": 1 - e / 500})
+        for i, e in enumerate(errors)
+    ]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + ('{"epoch": 9, "eval_err' if torn else ""))
     (d / "config.yaml").write_text("batch_size: 128\neval_data: mnist:test\n")
     if rows is not None:
@@ -33,11 +35,30 @@ def _fake_run(root: Path, name: str, errors: list[int], rows: int | None = 1000,
 
 
 def _report(models: list[str], ece: float = 0.02) -> EvalReport:
-    bins = [{"bin": 13, "count": 20, "confidence": 0.9, "accuracy": 0.8},
-            {"bin": 14, "count": 480, "confidence": 0.99, "accuracy": 0.995}]
-    ms = [ModelReport(model=m, num_samples=500, accuracy=0.98, errors=10, precision_macro=0.98, recall_macro=0.98,
-                      f1_macro=0.98, nll=0.07, ece=ece, agreement=None, kl_to_teacher=None, num_parameters=10,
-                      weight_bytes=40, samples_per_second=1e4, reliability=bins) for m in models]
+    bins = [
+        {"bin": 13, "count": 20, "confidence": 0.9, "accuracy": 0.8},
+        {"bin": 14, "count": 480, "confidence": 0.99, "accuracy": 0.995},
+    ]
+    ms = [
+        ModelReport(
+            model=m,
+            num_samples=500,
+            accuracy=0.98,
+            errors=10,
+            precision_macro=0.98,
+            recall_macro=0.98,
+            f1_macro=0.98,
+            nll=0.07,
+            ece=ece,
+            agreement=None,
+            kl_to_teacher=None,
+            num_parameters=10,
+            weight_bytes=40,
+            samples_per_second=1e4,
+            reliability=bins,
+        )
+        for m in models
+    ]
     return EvalReport(data="mnist:test", cache=None, temperature=1.0, models=ms, failures=[])
 
 
@@ -88,18 +109,30 @@ def test_missing_matplotlib_is_a_clear_exit_2(tmp_path: Path, monkeypatch, teach
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(UsageError, match="needs matplotlib"):
         build_figure(_report(["x"]))
-    res = runner.invoke(app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz), "--plot",
-                              str(tmp_path / "p.png")])
+    res = runner.invoke(
+        app, ["eval", "--model", str(teacher_run), "--data", str(blobs_npz), "--plot", str(tmp_path / "p.png")]
+    )
     assert res.exit_code == 2
-    assert res.stderr.strip() == "error: --plot needs matplotlib, which is not installed (install it with: pip " \
-                                 "install 'kdcli[plot]')"
+    assert (
+        res.stderr.strip() == "error: --plot needs matplotlib, which is not installed (install it with: pip "
+        "install 'kdcli[plot]')"
+    )
     assert not (tmp_path / "p.png").exists()
 
 
 def test_cli_eval_plot_end_to_end(tmp_path: Path, blobs_npz: Path):
     run = tmp_path / "run"
-    train_student(TrainConfig(student="mlp", student_args={"hidden": [16]}, data=str(blobs_npz), out=str(run),
-                              epochs=3, lr=3e-3, eval_data=str(blobs_npz)))
+    train_student(
+        TrainConfig(
+            student="mlp",
+            student_args={"hidden": [16]},
+            data=str(blobs_npz),
+            out=str(run),
+            epochs=3,
+            lr=3e-3,
+            eval_data=str(blobs_npz),
+        )
+    )
     out = tmp_path / "plot.png"
     res = runner.invoke(app, ["eval", "--model", str(run), "--data", str(blobs_npz), "--plot", str(out)])
     assert res.exit_code == 0, res.output

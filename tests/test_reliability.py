@@ -18,9 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import make_blobs
 from typer.testing import CliRunner, Result
 
-from conftest import make_blobs
 from kdcli.cache.reader import CacheReader
 from kdcli.cache.verify import verify_cache
 from kdcli.cli import app
@@ -42,16 +42,39 @@ def _workspace(tmp_path_factory):
     d = tmp_path_factory.mktemp("reliability")
     x, y = make_blobs(n=ROWS)
     np.savez(d / "blobs.npz", x=x, y=y)
-    train_student(TrainConfig(student="mlp", student_args={"hidden": [32]}, data=str(d / "blobs.npz"),
-                              out=str(d / "teacher"), epochs=2, lr=3e-3, seed=0))
-    cache_teacher(CacheConfig(teacher=str(d / "teacher"), data=str(d / "blobs.npz"), out=str(d / "ref"),
-                              shard_size=SHARD, batch_size=50))
+    train_student(
+        TrainConfig(
+            student="mlp",
+            student_args={"hidden": [32]},
+            data=str(d / "blobs.npz"),
+            out=str(d / "teacher"),
+            epochs=2,
+            lr=3e-3,
+            seed=0,
+        )
+    )
+    cache_teacher(
+        CacheConfig(
+            teacher=str(d / "teacher"), data=str(d / "blobs.npz"), out=str(d / "ref"), shard_size=SHARD, batch_size=50
+        )
+    )
     return d
 
 
 def cmd(ws: Path, out: Path) -> list:
-    return ["cache-teacher", "--teacher", ws / "teacher", "--data", ws / "blobs.npz", "--out", out,
-            "--shard-size", SHARD, "--batch-size", 50]
+    return [
+        "cache-teacher",
+        "--teacher",
+        ws / "teacher",
+        "--data",
+        ws / "blobs.npz",
+        "--out",
+        out,
+        "--shard-size",
+        SHARD,
+        "--batch-size",
+        50,
+    ]
 
 
 def rerun(ws: Path, out: Path) -> Result:
@@ -61,8 +84,13 @@ def rerun(ws: Path, out: Path) -> Result:
 
 
 def popen(args: list, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kdcli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV, **env})
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ENV, **env},
+    )
 
 
 def wait_stopped(p: subprocess.Popen, timeout: float = 60) -> None:
@@ -73,8 +101,9 @@ def wait_stopped(p: subprocess.Popen, timeout: float = 60) -> None:
         if pid and os.WIFSTOPPED(status):
             return
         if pid:
-            raise AssertionError(f"child ended before its crash point: status {status}, "
-                                 f"stderr {p.stderr.read()[-2000:]}")
+            raise AssertionError(
+                f"child ended before its crash point: status {status}, stderr {p.stderr.read()[-2000:]}"
+            )
         time.sleep(0.02)
     raise AssertionError("child never reached its crash point")
 
@@ -128,8 +157,10 @@ KILL_POINTS = {
 def killed(ws):
     """Every SIGKILL scenario started at once (independent processes, one directory each): their ~2 s of imports
     overlap instead of adding up. Each test below then checks and resumes its own."""
-    runs = {where: (popen(cmd(ws, ws / f"killed-{i}"), {"KDCLI_TEST_KILL_AT": point}), ws / f"killed-{i}")
-            for i, (where, (point, _, _)) in enumerate(KILL_POINTS.items())}
+    runs = {
+        where: (popen(cmd(ws, ws / f"killed-{i}"), {"KDCLI_TEST_KILL_AT": point}), ws / f"killed-{i}")
+        for i, (where, (point, _, _)) in enumerate(KILL_POINTS.items())
+    }
     yield runs
     for p, _ in runs.values():
         if p.poll() is None:
@@ -221,21 +252,21 @@ def test_deleted_damaged_shard_is_recomputed_alone(ws, tmp_path):
 
 
 # -- cache verify: no false alarms on every layout, and the JSON document --------------------------------------
-@pytest.mark.parametrize("settings", [{"top_k": 2}, {"mode": "sample", "samples": 9},
-                                      {"views": 3, "augment": "shift:1"}],
-                         ids=["topk", "sample", "views"])
+@pytest.mark.parametrize(
+    "settings",
+    [{"top_k": 2}, {"mode": "sample", "samples": 9}, {"views": 3, "augment": "shift:1"}],
+    ids=["topk", "sample", "views"],
+)
 def test_verify_passes_healthy_classification_caches(ws, tmp_path, settings):
     if "views" in settings:  # pixel shifts need images: 4x4 "images" and a teacher trained on them
         rng = np.random.default_rng(0)
         x = rng.random((64, 1, 4, 4)).astype(np.float32)
         np.savez(tmp_path / "img.npz", x=x, y=(x.reshape(64, -1)[:, :8].sum(1) > 4).astype(np.int64))
-        train_student(TrainConfig(student="mlp", data=str(tmp_path / "img.npz"), out=str(tmp_path / "t"),
-                                  epochs=1))
+        train_student(TrainConfig(student="mlp", data=str(tmp_path / "img.npz"), out=str(tmp_path / "t"), epochs=1))
         data, teacher = tmp_path / "img.npz", tmp_path / "t"
     else:
         data, teacher = ws / "blobs.npz", ws / "teacher"
-    cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "c"), shard_size=50,
-                              **settings))
+    cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "c"), shard_size=50, **settings))
     r = CliRunner().invoke(app, ["cache", "verify", str(tmp_path / "c"), "--data", str(data), "--json"])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)  # exactly one JSON document on stdout
@@ -247,8 +278,11 @@ def test_verify_passes_healthy_classification_caches(ws, tmp_path, settings):
         rep = verify_cache(tmp_path / "c")
         # ... and (with the default --temperatures 1,2,4) no longer fits the stored tempered tail mass either
         assert not rep.ok and rep.shards[1].sha256_ok is False and len(rep.shards[1].problems) == 3
-        assert re.fullmatch(r"top-k log-probs \+ tail log-mass does not normalise at row 57: logsumexp = \+0\.\d+ "
-                            r"\(tolerance 0\.01\)", rep.shards[1].problems[1]), rep.shards[1].problems
+        assert re.fullmatch(
+            r"top-k log-probs \+ tail log-mass does not normalise at row 57: logsumexp = \+0\.\d+ "
+            r"\(tolerance 0\.01\)",
+            rep.shards[1].problems[1],
+        ), rep.shards[1].problems
         assert rep.shards[1].problems[2].startswith("tail_logmass_t is not a possible tempered tail mass at row 57")
 
 
@@ -262,10 +296,14 @@ def test_verify_token_caches(tmp_path):
 
     teacher = make_llama(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"))
     text = write_jsonl(tmp_path / "text.jsonl", text_rows(12))
-    for mode, kw in (("full", {"mode": "full"}), ("topk", {"top_k": 5}), ("sample", {"mode": "sample",
-                                                                                      "samples": 8})):
-        cache_teacher(resolve(CacheConfig, None, dict(teacher=str(teacher), data=str(text), out=str(tmp_path / mode),
-                                                      max_length=32, shard_size=4, **kw)))
+    for mode, kw in (("full", {"mode": "full"}), ("topk", {"top_k": 5}), ("sample", {"mode": "sample", "samples": 8})):
+        cache_teacher(
+            resolve(
+                CacheConfig,
+                None,
+                dict(teacher=str(teacher), data=str(text), out=str(tmp_path / mode), max_length=32, shard_size=4, **kw),
+            )
+        )
         rep = verify_cache(tmp_path / mode)
         assert rep.ok and rep.kind == "token" and rep.rows_verified == rep.num_rows, rep.problems
     shard = tmp_path / "topk" / "shard-00001.h5"
@@ -276,8 +314,9 @@ def test_verify_token_caches(tmp_path):
     (tmp_path / "topk" / "manifest.json").write_text(json.dumps(m))
     rep = verify_cache(tmp_path / "topk")
     assert not rep.ok and rep.shards[1].sha256_ok and len(rep.problems) == 1, rep.problems
-    assert re.fullmatch(r"shard-00001\.h5: tail_logmass is NaN or positive at row \d+ \(token 3 of the block\)",
-                        rep.problems[0]), rep.problems
+    assert re.fullmatch(
+        r"shard-00001\.h5: tail_logmass is NaN or positive at row \d+ \(token 3 of the block\)", rep.problems[0]
+    ), rep.problems
     b = bytearray((tmp_path / "full" / "shard-00000.h5").read_bytes())
     b[len(b) // 2] ^= 0x01
     (tmp_path / "full" / "shard-00000.h5").write_bytes(bytes(b))

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import make_blobs
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import make_blobs
 from kdcli.cli import app
 from kdcli.config import CacheConfig
 from kdcli.stages.cache import cache_teacher
@@ -37,19 +37,59 @@ def ws(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("resume")
     x, y = make_blobs(n=600)
     np.savez(d / "blobs.npz", x=x, y=y)
-    r = CliRunner().invoke(app, ["train-student", "--student", "mlp", "--student-arg", "hidden=[32]", "--data",
-                                 str(d / "blobs.npz"), "--out", str(d / "teacher"), "--epochs", "2"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train-student",
+            "--student",
+            "mlp",
+            "--student-arg",
+            "hidden=[32]",
+            "--data",
+            str(d / "blobs.npz"),
+            "--out",
+            str(d / "teacher"),
+            "--epochs",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
-    cache_teacher(CacheConfig(teacher=str(d / "teacher"), data=str(d / "blobs.npz"), out=str(d / "cache"),
-                              shard_size=128))
+    cache_teacher(
+        CacheConfig(teacher=str(d / "teacher"), data=str(d / "blobs.npz"), out=str(d / "cache"), shard_size=128)
+    )
     return d
 
 
 def train_args(ws, out, with_cache: bool) -> list[str]:
-    args = ["train-student", "--student", "mlp", "--student-arg", "hidden=[32]", "--student-arg", "dropout=0.3",
-            "--data", ws / "blobs.npz", "--out", out, "--epochs", 3, "--batch-size", 64, "--lr", 3e-3,
-            "--schedule", "cosine", "--warmup-steps", 3, "--val-fraction", 0.1, "--seed", 7,
-            "--checkpoint-every", 4]
+    args = [
+        "train-student",
+        "--student",
+        "mlp",
+        "--student-arg",
+        "hidden=[32]",
+        "--student-arg",
+        "dropout=0.3",
+        "--data",
+        ws / "blobs.npz",
+        "--out",
+        out,
+        "--epochs",
+        3,
+        "--batch-size",
+        64,
+        "--lr",
+        3e-3,
+        "--schedule",
+        "cosine",
+        "--warmup-steps",
+        3,
+        "--val-fraction",
+        0.1,
+        "--seed",
+        7,
+        "--checkpoint-every",
+        4,
+    ]
     if with_cache:
         args += ["--cache", ws / "cache", "--temperature", 3, "--alpha", 0.7]
     return [str(a) for a in args]
@@ -77,8 +117,10 @@ def reference(ws):
 
 
 def metrics(run) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def assert_same_run(a, b) -> None:
@@ -87,8 +129,13 @@ def assert_same_run(a, b) -> None:
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
     assert metrics(a) == metrics(b)
-    assert sorted(p.name for p in b.iterdir()) == ["config.yaml", "metrics.jsonl", "model.json",
-                                                   "model.safetensors", "summary.json"]
+    assert sorted(p.name for p in b.iterdir()) == [
+        "config.yaml",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "summary.json",
+    ]
 
 
 # (kill point, the checkpoint's global step the re-run continues from, checkpoint.pt.partial left, with a cache)
@@ -104,13 +151,22 @@ KILLS = {
 def killed(ws):
     """Every kill scenario started at once (independent processes and run dirs): their imports overlap."""
     runs = {}
-    plan = {**{where: (point, with_cache) for where, (point, _, _, with_cache) in KILLS.items()},
-            "for the different-settings test": ("train-step:6", True)}
+    plan = {
+        **{where: (point, with_cache) for where, (point, _, _, with_cache) in KILLS.items()},
+        "for the different-settings test": ("train-step:6", True),
+    }
     for i, (where, (point, with_cache)) in enumerate(plan.items()):
         out = ws / f"killed-{i}"
-        runs[where] = (subprocess.Popen([sys.executable, "-m", "kdcli", *train_args(ws, out, with_cache)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **env(), "KDCLI_TEST_KILL_AT": point}), out)
+        runs[where] = (
+            subprocess.Popen(
+                [sys.executable, "-m", "kdcli", *train_args(ws, out, with_cache)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **env(), "KDCLI_TEST_KILL_AT": point},
+            ),
+            out,
+        )
     yield runs
     for p, _ in runs.values():
         if p.poll() is None:
@@ -140,9 +196,13 @@ def test_sigkill_then_rerun_equals_uninterrupted(ws, killed, reference, where):
 def test_sigterm_mid_epoch_exits_130_then_resume_flag_continues(ws, reference, tmp_path):
     """A scheduler's SIGTERM (preemption) is handled like Ctrl-C: exit 130, whole files only; --resume goes on."""
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "kdcli", *train_args(ws, out, True)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **env(), "KDCLI_TEST_KILL_AT": "train-step:19:STOP"})
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kdcli", *train_args(ws, out, True)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env(), "KDCLI_TEST_KILL_AT": "train-step:19:STOP"},
+    )
     t0 = time.monotonic()
     while True:  # wait until it froze itself at step 19 (epoch 3), then preempt it
         pid, status = os.waitpid(p.pid, os.WUNTRACED | os.WNOHANG)
@@ -174,7 +234,9 @@ def test_resume_with_different_settings_is_refused_and_keeps_the_checkpoint(ws, 
     args[args.index("--lr") + 1] = "1e-2"
     r = invoke(args)
     assert r.exit_code == 2
-    assert r.stderr.strip().splitlines()[-1] == (f"error: {out} holds a checkpoint from a run with different "
-                                                 "settings; use the same options to resume, or --overwrite to start "
-                                                 "over")
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {out} holds a checkpoint from a run with different "
+        "settings; use the same options to resume, or --overwrite to start "
+        "over"
+    )
     assert {x.name: x.read_bytes() for x in out.iterdir() if x.is_file() and x.name != ".lock"} == before

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_blobs
+from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import make_blobs
 from kdcli.cli import app
-from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
 
 EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
@@ -67,12 +67,53 @@ def ws(tmp_path_factory, one_thread) -> Path:
     tok = make_tokenizer(d / "tok")
     make_llama(d / "llama", tok)
     write_jsonl(d / "text.jsonl", text_rows(8))
-    cli("cache-teacher", "--teacher", d / "llama", "--data", d / "text.jsonl", "--out", d / "lm-cache",
-        "--max-length", 32, "--top-k", 4)
-    cli("train-student", "--student", "transformer", "--student-arg", "d_model=16", "--student-arg", "n_layers=1",
-        "--data", d / "text.jsonl", "--cache", d / "lm-cache", "--out", d / "lm-run", "--epochs", 1)
-    cli("train-student", "--student", d / "llama", "--peft", "lora", "--peft-save", "adapter", "--data",
-        d / "text.jsonl", "--cache", d / "lm-cache", "--out", d / "adapter-run", "--epochs", 1)
+    cli(
+        "cache-teacher",
+        "--teacher",
+        d / "llama",
+        "--data",
+        d / "text.jsonl",
+        "--out",
+        d / "lm-cache",
+        "--max-length",
+        32,
+        "--top-k",
+        4,
+    )
+    cli(
+        "train-student",
+        "--student",
+        "transformer",
+        "--student-arg",
+        "d_model=16",
+        "--student-arg",
+        "n_layers=1",
+        "--data",
+        d / "text.jsonl",
+        "--cache",
+        d / "lm-cache",
+        "--out",
+        d / "lm-run",
+        "--epochs",
+        1,
+    )
+    cli(
+        "train-student",
+        "--student",
+        d / "llama",
+        "--peft",
+        "lora",
+        "--peft-save",
+        "adapter",
+        "--data",
+        d / "text.jsonl",
+        "--cache",
+        d / "lm-cache",
+        "--out",
+        d / "adapter-run",
+        "--epochs",
+        1,
+    )
     # the payloads are live: importing evil.py and unpickling a Payload both write the marker
     subprocess.run([sys.executable, str(d / "evil.py")], check=True)
     assert marker.exists()
@@ -98,8 +139,14 @@ def refused(ws: Path, argv: list, code: int, match: str, stdin: str | None = Non
     """Run kdcli (in-process through typer's CliRunner, or as a real process: where stdin must be a real pipe);
     check the exit code, one error line matching ``match``, nothing on stdout, no marker. Returns stderr."""
     if process:
-        p = subprocess.run([sys.executable, "-m", "kdcli", *map(str, argv)], input=stdin, capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = subprocess.run(
+            [sys.executable, "-m", "kdcli", *map(str, argv)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         rc, out, err = p.returncode, p.stdout, p.stderr
     else:
         r = CliRunner().invoke(app, [str(a) for a in argv], input=stdin)
@@ -114,8 +161,11 @@ def refused(ws: Path, argv: list, code: int, match: str, stdin: str | None = Non
     return err
 
 
-OUTSIDE = {"absolute": lambda ws: f"{ws}/evil.py:make", "dot-dot": lambda ws: "../evil.py:make",
-           "another file of the run": lambda ws: "helper.py:make"}
+OUTSIDE = {
+    "absolute": lambda ws: f"{ws}/evil.py:make",
+    "dot-dot": lambda ws: "../evil.py:make",
+    "another file of the run": lambda ws: "helper.py:make",
+}
 
 
 @pytest.mark.parametrize("where", list(OUTSIDE))
@@ -140,8 +190,12 @@ def test_a_model_source_that_links_out_of_the_run_dir_never_runs(ws, tmp_path):
     run = hijack(ws, "cls-run", "h-link", lambda m: {**m, "spec": "model_source.py:make"})
     (run / "model_source.py").symlink_to(ws / "evil.py")
     refused(ws, ["eval", "--model", run, "--data", ws / "blobs.npz"], 2, r"model_source\.py is missing or a link out")
-    refused(ws, ["train-student", "--student", run, "--data", ws / "blobs.npz", "--out", tmp_path / "r"], 2,
-            r"model_source\.py is missing or a link out")
+    refused(
+        ws,
+        ["train-student", "--student", run, "--data", ws / "blobs.npz", "--out", tmp_path / "r"],
+        2,
+        r"model_source\.py is missing or a link out",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -156,8 +210,9 @@ BASES = {
 @pytest.mark.parametrize("base", list(BASES))
 def test_an_adapter_base_is_checked_before_it_loads(ws, base):
     spec, match = BASES[base]
-    run = hijack(ws, "adapter-run", f"h-peft-{base.split()[1]}",
-                 lambda m: {**m, "peft": {**m["peft"], "base": spec(ws)}})
+    run = hijack(
+        ws, "adapter-run", f"h-peft-{base.split()[1]}", lambda m: {**m, "peft": {**m["peft"], "base": spec(ws)}}
+    )
     refused(ws, ["eval", "--model", run, "--data", ws / "text.jsonl"], 2, match)
 
 
@@ -166,8 +221,10 @@ def _auto_map_dir(ws: Path) -> Path:
     if not d.exists():
         shutil.copytree(ws / "llama", d)
         cfg = json.loads((d / "config.json").read_text())
-        cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
-                           "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+        cfg["auto_map"] = {
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "modeling_evil.EvilModel",
+        }
         (d / "config.json").write_text(json.dumps(cfg))
         for name in ("configuration_evil.py", "modeling_evil.py"):
             (d / name).write_text(EVIL.format(marker=str(ws / "PWNED")))
@@ -177,11 +234,32 @@ def _auto_map_dir(ws: Path) -> Path:
 def test_a_model_dir_with_its_own_code_is_refused_even_with_yes_on_stdin(ws, tmp_path):
     d = _auto_map_dir(ws)
     msg = r"asks to run its own code .*via auto_map.*unless you pass --trust-remote-code"
-    refused(ws, ["cache-teacher", "--teacher", d, "--data", ws / "text.jsonl", "--out", tmp_path / "c",
-                 "--max-length", 32], 2, msg, stdin="y\ny\n", process=True)
+    refused(
+        ws,
+        ["cache-teacher", "--teacher", d, "--data", ws / "text.jsonl", "--out", tmp_path / "c", "--max-length", 32],
+        2,
+        msg,
+        stdin="y\ny\n",
+        process=True,
+    )
     refused(ws, ["eval", "--model", d, "--data", ws / "text.jsonl"], 2, msg, stdin="y\n")
-    refused(ws, ["train-student", "--student", d, "--data", ws / "text.jsonl", "--cache", ws / "lm-cache", "--out",
-                 tmp_path / "r"], 2, msg, stdin="y\n")
+    refused(
+        ws,
+        [
+            "train-student",
+            "--student",
+            d,
+            "--data",
+            ws / "text.jsonl",
+            "--cache",
+            ws / "lm-cache",
+            "--out",
+            tmp_path / "r",
+        ],
+        2,
+        msg,
+        stdin="y\n",
+    )
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
 
 
@@ -217,8 +295,12 @@ def test_a_saved_dataset_cannot_point_outside_itself(ws, tmp_path):
     shutil.copy(tmp_path / "saved" / state["_data_files"][0]["filename"], tmp_path / "elsewhere.arrow")
     state["_data_files"][0]["filename"] = "../elsewhere.arrow"
     (tmp_path / "saved" / "state.json").write_text(json.dumps(state))
-    refused(ws, ["eval", "--model", ws / "lm-run", "--data", tmp_path / "saved"], 2,
-            r"state\.json lists the data file '\.\./elsewhere\.arrow'; a saved dataset's files are plain file names")
+    refused(
+        ws,
+        ["eval", "--model", ws / "lm-run", "--data", tmp_path / "saved"],
+        2,
+        r"state\.json lists the data file '\.\./elsewhere\.arrow'; a saved dataset's files are plain file names",
+    )
 
 
 def _pickled(ws: Path, dst: Path, name: str) -> Path:
@@ -228,23 +310,61 @@ def _pickled(ws: Path, dst: Path, name: str) -> Path:
 
 PICKLES = {
     "HF model dir with a pickle for weights (pytorch_model.bin)": (
-        lambda ws, t: ["cache-teacher", "--teacher", _hf_with_bin(ws, t), "--data", ws / "text.jsonl", "--out",
-                       t / "c", "--max-length", 32], 2, r"cannot load a causal LM from .*"),
+        lambda ws, t: [
+            "cache-teacher",
+            "--teacher",
+            _hf_with_bin(ws, t),
+            "--data",
+            ws / "text.jsonl",
+            "--out",
+            t / "c",
+            "--max-length",
+            32,
+        ],
+        2,
+        r"cannot load a causal LM from .*",
+    ),
     "run dir whose model.safetensors is a pickle": (
-        lambda ws, t: ["eval", "--model", _pickled(ws, _copy(ws, "cls-run", t), "model.safetensors"), "--data",
-                       ws / "blobs.npz"], 2, r"cannot read safetensors file .*model\.safetensors"),
+        lambda ws, t: [
+            "eval",
+            "--model",
+            _pickled(ws, _copy(ws, "cls-run", t), "model.safetensors"),
+            "--data",
+            ws / "blobs.npz",
+        ],
+        2,
+        r"cannot read safetensors file .*model\.safetensors",
+    ),
     "adapter run whose adapter is a pickle (adapter_model.bin)": (
-        lambda ws, t: ["eval", "--model", _adapter_bin(ws, t), "--data", ws / "text.jsonl"], 2,
-        r"has no adapter_model\.safetensors \(kdcli reads adapters as safetensors only\)"),
+        lambda ws, t: ["eval", "--model", _adapter_bin(ws, t), "--data", ws / "text.jsonl"],
+        2,
+        r"has no adapter_model\.safetensors \(kdcli reads adapters as safetensors only\)",
+    ),
     "cache shard that is a pickle": (
-        lambda ws, t: ["eval", "--model", ws / "cls-run", "--data", ws / "blobs.npz", "--cache",
-                       _pickled_shard(ws, t)], 3, r"shard-00000\.h5 has \d+ bytes, the manifest says"),
+        lambda ws, t: ["eval", "--model", ws / "cls-run", "--data", ws / "blobs.npz", "--cache", _pickled_shard(ws, t)],
+        3,
+        r"shard-00000\.h5 has \d+ bytes, the manifest says",
+    ),
     "teacher weights that are a pickle": (
-        lambda ws, t: ["cache-teacher", "--teacher", "mlp", "--teacher-weights", ws / "evil.pt", "--data",
-                       ws / "blobs.npz", "--out", t / "c"], 2, r"refusing to load .*evil\.pt"),
+        lambda ws, t: [
+            "cache-teacher",
+            "--teacher",
+            "mlp",
+            "--teacher-weights",
+            ws / "evil.pt",
+            "--data",
+            ws / "blobs.npz",
+            "--out",
+            t / "c",
+        ],
+        2,
+        r"refusing to load .*evil\.pt",
+    ),
     "checkpoint that is a pickle": (
-        lambda ws, t: ["train-student", "--student", "mlp", "--data", ws / "blobs.npz", "--out",
-                       _interrupted(ws, t)], 2, r"cannot load .*checkpoint\.pt as a plain checkpoint"),
+        lambda ws, t: ["train-student", "--student", "mlp", "--data", ws / "blobs.npz", "--out", _interrupted(ws, t)],
+        2,
+        r"cannot load .*checkpoint\.pt as a plain checkpoint",
+    ),
 }
 
 

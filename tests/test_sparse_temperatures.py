@@ -42,11 +42,18 @@ def teacher_student(rows: int, C: int = 200, seed: int = 0, scale: float = 2.0, 
 
 
 def make(mode: str, t: torch.Tensor, temperatures=TEMPS, seed: int = 12345, sampler=None, **kw) -> Targets:
-    red = reduce_logits(t, mode, generator=torch.Generator().manual_seed(seed), temperatures=temperatures,
-                        sampler_temperatures=sampler, **kw)
+    red = reduce_logits(
+        t,
+        mode,
+        generator=torch.Generator().manual_seed(seed),
+        temperatures=temperatures,
+        sampler_temperatures=sampler,
+        **kw,
+    )
     arrays = storage_arrays({k: v.numpy() for k, v in red.items()}, t.shape[1])
-    return targets_from_arrays(arrays, mode, t.shape[1], temperatures=temperatures or (1.0,),
-                               sampler_temperatures=sampler or (1.0,))
+    return targets_from_arrays(
+        arrays, mode, t.shape[1], temperatures=temperatures or (1.0,), sampler_temperatures=sampler or (1.0,)
+    )
 
 
 def bucket_reference(t, s, ids, T, divergence="forward"):
@@ -73,7 +80,7 @@ def test_tail_logmass_t_is_the_true_tempered_tail_mass():
     for j, T in enumerate((0.5, 2.0, 4.0)):
         q = torch.softmax(t.double() / T, -1)
         want = torch.log1p(-q.gather(1, ids).sum(1))
-        torch.testing.assert_close(red["tail_logmass_t"][:, j].double(), want, rtol=2 ** -10, atol=1e-4)
+        torch.testing.assert_close(red["tail_logmass_t"][:, j].double(), want, rtol=2**-10, atol=1e-4)
     # tempering above 1 never moves mass into the top k, below 1 never out of it
     tail1 = red["tail_logmass"].double()
     assert (red["tail_logmass_t"][:, 1:].double() >= tail1[:, None] - 1e-3).all()
@@ -111,17 +118,20 @@ def repeated(mode, t_row, R, seed, **kw):
     return make(mode, t_row.expand(R, t_row.shape[1]).contiguous(), seed=seed, **kw)
 
 
-@pytest.mark.parametrize("mode,kw", [("sample", {"samples": 24}), ("priority", {"samples": 8}),
-                                     ("priority", {"samples": 8, "sampler": TEMPS})])
+@pytest.mark.parametrize(
+    "mode,kw",
+    [("sample", {"samples": 24}), ("priority", {"samples": 8}), ("priority", {"samples": 8, "sampler": TEMPS})],
+)
 @pytest.mark.parametrize("T", [2.0, 4.0])
 @pytest.mark.parametrize("divergence", DIVS)
 def test_sample_and_priority_are_unbiased_at_stored_temperatures(mode, kw, T, divergence):
     R, C = 4000, 40
     t, s = teacher_student(3, C=C, seed=7)
     for row in range(3):
-        est = soft_kl(s[row:row + 1].expand(R, C), repeated(mode, t[row:row + 1], R, 100 + row, **kw), T,
-                      divergence).double()
-        ref = reference(t[row:row + 1], s[row:row + 1], T, divergence).item()
+        est = soft_kl(
+            s[row : row + 1].expand(R, C), repeated(mode, t[row : row + 1], R, 100 + row, **kw), T, divergence
+        ).double()
+        ref = reference(t[row : row + 1], s[row : row + 1], T, divergence).item()
         se = est.std().item() / math.sqrt(R)
         assert abs(est.mean().item() - ref) < 5 * se + 2e-3 * abs(ref), (row, est.mean().item(), ref, se)
 
@@ -150,10 +160,10 @@ def test_the_old_self_normalised_estimator_is_biased_at_T2_and_the_new_one_is_no
     t, s = teacher_student(4, C=C, seed=3)
     z_old, z_new = [], []
     for row in range(4):
-        tg = repeated("sample", t[row:row + 1], R, 40 + row, samples=24)
+        tg = repeated("sample", t[row : row + 1], R, 40 + row, samples=24)
         old_tg = dataclasses.replace(tg, temperatures=(1.0,), stats=None)  # the same draws, no log Z_T
-        ss = s[row:row + 1].expand(R, C)
-        ref = reference(t[row:row + 1], s[row:row + 1], T).item()
+        ss = s[row : row + 1].expand(R, C)
+        ref = reference(t[row : row + 1], s[row : row + 1], T).item()
         new, old = soft_kl(ss, tg, T).double(), soft_kl(ss, old_tg, T, approximate=True).double()
         z_new.append((new.mean().item() - ref) / (new.std().item() / math.sqrt(R)))
         z_old.append((old.mean().item() - ref) / (old.std().item() / math.sqrt(R)))
@@ -216,8 +226,7 @@ def test_priority_reduce_on_wide_rows():
     n, V, K = 32, 49152, 15
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(n, V, generator=g) * 3
-    red = reduce_logits(logits, "priority", samples=K, generator=torch.Generator().manual_seed(5),
-                        temperatures=TEMPS)
+    red = reduce_logits(logits, "priority", samples=K, generator=torch.Generator().manual_seed(5), temperatures=TEMPS)
     assert red["priority_ids"].shape == (n, K) and red["priority_ids"].dtype == torch.int32
     assert red["priority_logprobs"].dtype == torch.float16 and red["priority_tau"].dtype == torch.float32
     assert red["priority_logz_t"].shape == (n, 2) and red["priority_logz_t"].dtype == torch.float32
@@ -269,8 +278,7 @@ def test_issue_targets_at_T2_on_a_small_teacher():
     T = 2.0
     exact = reference(t, s, T).mean().item()
     for mode in ("sample", "priority"):
-        est = np.mean([soft_kl(s, make(mode, t, seed=900 + i, samples=24), T).double().mean().item()
-                       for i in range(3)])
+        est = np.mean([soft_kl(s, make(mode, t, seed=900 + i, samples=24), T).double().mean().item() for i in range(3)])
         assert abs(est / exact - 1) < 0.02, (mode, est, exact)
     tg = make("topk", t, top_k=16)
     assert abs(soft_kl(s, tg, T).double().mean().item() / bucket_reference(t, s, tg.ids, T).mean().item() - 1) < 0.01
@@ -311,10 +319,34 @@ def test_issue_targets_at_T2_through_cache_teacher_and_eval(tmp_path):
         return r.stdout
 
     def kl(name, *flags, seed=0):
-        cli("cache-teacher", "--teacher", tmp_path / "teacher", "--data", tmp_path / "d.npz", "--out",
-            tmp_path / name, "--seed", seed, "--batch-size", 2000, *flags)
-        rep = json.loads(cli("eval", "--model", tmp_path / "student", "--data", tmp_path / "d.npz", "--cache",
-                             tmp_path / name, "--temperature", T, "--json"))
+        cli(
+            "cache-teacher",
+            "--teacher",
+            tmp_path / "teacher",
+            "--data",
+            tmp_path / "d.npz",
+            "--out",
+            tmp_path / name,
+            "--seed",
+            seed,
+            "--batch-size",
+            2000,
+            *flags,
+        )
+        rep = json.loads(
+            cli(
+                "eval",
+                "--model",
+                tmp_path / "student",
+                "--data",
+                tmp_path / "d.npz",
+                "--cache",
+                tmp_path / name,
+                "--temperature",
+                T,
+                "--json",
+            )
+        )
         return rep["models"][0]["kl_to_teacher"]
 
     exact = kl("full", "--mode", "full")
@@ -332,10 +364,15 @@ def test_an_unstored_temperature_raises_unless_approximate(mode, kw):
     t, s = teacher_student(8, C=20)
     tg = make(mode, t, **kw)
     y = torch.zeros(8, dtype=torch.long)
-    for call in (lambda a: soft_kl(s, tg, 3.0, approximate=a),
-                 lambda a: kd_loss(s, tg, y, temperature=3.0, alpha=0.5, approximate=a).total,
-                 lambda a: head_kd_loss(s[:, :4].clone(), torch.randn(20, 4), tg, y, temperature=3.0, alpha=0.5,
-                                        approximate=a)[0].total):
+    for call in (
+        lambda a: soft_kl(s, tg, 3.0, approximate=a),
+        lambda a: kd_loss(s, tg, y, temperature=3.0, alpha=0.5, approximate=a).total,
+        lambda a: (
+            head_kd_loss(s[:, :4].clone(), torch.randn(20, 4), tg, y, temperature=3.0, alpha=0.5, approximate=a)[
+                0
+            ].total
+        ),
+    ):
         with pytest.raises(UsageError, match=r"T = 1, 2, 4\b.*not at T = 3.*--approximate-temperature"):
             call(False)
         assert torch.isfinite(call(True)).all()
@@ -387,8 +424,16 @@ def test_fused_head_matches_autograd_for_priority_weights(sampler, T):
 
 # -- cache layout and per-block checks ---------------------------------------------------------------------------
 def _manifest(mode, **layout):
-    m = {"mode": mode, "num_classes": 200, "data": {"num_samples": 16}, "top_k": 16, "samples": 24,
-         "id_dtype": "uint16", **get_mode(mode).temperature_layout(TEMPS, layout.pop("sampler", None)), **layout}
+    m = {
+        "mode": mode,
+        "num_classes": 200,
+        "data": {"num_samples": 16},
+        "top_k": 16,
+        "samples": 24,
+        "id_dtype": "uint16",
+        **get_mode(mode).temperature_layout(TEMPS, layout.pop("sampler", None)),
+        **layout,
+    }
     return m
 
 
@@ -401,8 +446,12 @@ def _block(mode, **kw):
 
 
 def test_layout_and_manifest_helpers():
-    assert get_mode("topk").temperature_layout((4, 2)) == {"temperatures": [1.0, 2.0, 4.0], "stat_temperatures": [2.0, 4.0],
-                                                  "stat_dtype": "float16", "sampler_temperatures": None}
+    assert get_mode("topk").temperature_layout((4, 2)) == {
+        "temperatures": [1.0, 2.0, 4.0],
+        "stat_temperatures": [2.0, 4.0],
+        "stat_dtype": "float16",
+        "sampler_temperatures": None,
+    }
     assert get_mode("priority").temperature_layout(TEMPS)["sampler_temperatures"] == [1.0]
     assert get_mode("full").temperature_layout(TEMPS)["temperatures"] is None
     with pytest.raises(ValueError, match="sampler"):
@@ -420,8 +469,9 @@ def test_layout_and_manifest_helpers():
             assert block[key].dtype == dt and block[key].shape[1:] == trail, key
 
 
-@pytest.mark.parametrize("mode,kw", [("topk", {"top_k": 16}), ("sample", {"samples": 24}),
-                                     ("priority", {"samples": 24})])
+@pytest.mark.parametrize(
+    "mode,kw", [("topk", {"top_k": 16}), ("sample", {"samples": 24}), ("priority", {"samples": 24})]
+)
 def test_block_checks_pass_a_sound_block_and_name_damage(mode, kw):
     m = _manifest(mode)
     block = _block(mode, **kw)

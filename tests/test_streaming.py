@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli.cache.manifest import (contiguous_runs, merge_rank_manifests, missing_shards, rank_manifest_name,
-                                  read_manifest, split_contiguous, write_manifest)
+from kdcli.cache.manifest import (
+    contiguous_runs,
+    merge_rank_manifests,
+    missing_shards,
+    rank_manifest_name,
+    read_manifest,
+    split_contiguous,
+    write_manifest,
+)
 from kdcli.cache.reader import CacheLoader, CacheReader
 from kdcli.cache.reduce import HostCopy, reduce_logits, storage_arrays, to_host
 from kdcli.cache.writer import ShardWriter
@@ -19,14 +26,16 @@ from kdcli.infra.distributed import Dist, env_world
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.stages.cache import batch_ranges, cache_teacher
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread, for every test here
 
 
 @pytest.fixture
 def cache(tmp_path, teacher_run, blobs_npz):
-    cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / "c"), shard_size=128,
-                              batch_size=50))
+    cache_teacher(
+        CacheConfig(
+            teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / "c"), shard_size=128, batch_size=50
+        )
+    )
     return CacheReader(tmp_path / "c")
 
 
@@ -44,15 +53,18 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_epoch(cache, with_val):
     whole = rows_of(cache.iter_batches(batch_size=32, seed=5, epoch=2, keep=keep, block_rows=40))
     assert len(whole) == total and len(set(whole)) == total  # one process: every kept row exactly once
     for world in (2, 3):
-        shares = [rows_of(cache.iter_batches(batch_size=32, seed=5, epoch=2, keep=keep, block_rows=40, rank=r,
-                                             world=world)) for r in range(world)]
+        shares = [
+            rows_of(cache.iter_batches(batch_size=32, seed=5, epoch=2, keep=keep, block_rows=40, rank=r, world=world))
+            for r in range(world)
+        ]
         union = np.concatenate(shares)
         assert {len(s) for s in shares} == {total // world}  # equal: every rank takes the same number of steps
         assert len(set(union)) == len(union) and total - len(union) < world  # disjoint; < world rows sit out
         if keep is not None:
             assert keep[union % 600].all()  # held-out samples never appear
-        again = rows_of(cache.iter_batches(batch_size=32, seed=5, epoch=2, keep=keep, block_rows=40, rank=1,
-                                           world=world))
+        again = rows_of(
+            cache.iter_batches(batch_size=32, seed=5, epoch=2, keep=keep, block_rows=40, rank=1, world=world)
+        )
         np.testing.assert_array_equal(again, shares[1])  # a pure function of (seed, epoch, rank, world)
     other = rows_of(cache.iter_batches(batch_size=32, seed=5, epoch=3, keep=keep, block_rows=40))
     assert not np.array_equal(other, whole)  # each epoch its own order
@@ -67,8 +79,11 @@ def test_block_rows_gives_caches_of_every_mode_the_same_batches(tmp_path, teache
 
     readers = {}
     for mode, extra in (("full", {}), ("sample", {"mode": "sample", "samples": 600})):
-        cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / mode),
-                                  shard_size=256, **extra))
+        cache_teacher(
+            CacheConfig(
+                teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / mode), shard_size=256, **extra
+            )
+        )
         readers[mode] = CacheReader(tmp_path / mode)
     # 600 draws: ~3.6 KiB a row (~145 rows a block) against ~40 B (a whole 256-row shard): the automatic blocks differ
     assert readers["full"].default_block_rows() != readers["sample"].default_block_rows()
@@ -84,11 +99,21 @@ def test_block_rows_gives_caches_of_every_mode_the_same_batches(tmp_path, teache
 
     seen = []  # train-student hands --block-rows to the loader (0: auto)
     real = kdcli.stages.train.CacheLoader
-    monkeypatch.setattr(kdcli.stages.train, "CacheLoader", lambda *a, **kw: seen.append(kw["block_rows"]) or real(*a, **kw))
+    monkeypatch.setattr(
+        kdcli.stages.train, "CacheLoader", lambda *a, **kw: seen.append(kw["block_rows"]) or real(*a, **kw)
+    )
     for n in (40, 0):
-        train_student(TrainConfig(student="mlp", student_args={"hidden": [8]}, data=str(blobs_npz),
-                                  cache=str(tmp_path / "sample"), out=str(tmp_path / f"run{n}"), epochs=1,
-                                  block_rows=n))
+        train_student(
+            TrainConfig(
+                student="mlp",
+                student_args={"hidden": [8]},
+                data=str(blobs_npz),
+                cache=str(tmp_path / "sample"),
+                out=str(tmp_path / f"run{n}"),
+                epochs=1,
+                block_rows=n,
+            )
+        )
     assert seen == [40, None]
 
 
@@ -144,8 +169,9 @@ def test_writer_queue_is_bounded_and_the_producer_waits(tmp_path):
     t.join(10)
     w.close()
     assert added == list(range(10)) and written == list(range(10))
-    assert [s["row_start"] for s in json.loads((tmp_path / "manifest.json").read_text())["shards"]] == \
-        list(range(0, 640, 64))
+    assert [s["row_start"] for s in json.loads((tmp_path / "manifest.json").read_text())["shards"]] == list(
+        range(0, 640, 64)
+    )
 
 
 def test_host_copy_on_cpu_is_the_same_path_and_result():
@@ -191,8 +217,16 @@ def make(num_classes):
 """)
     torch.save({"lin.weight": torch.randn(4, 8), "lin.bias": torch.zeros(4)}, tmp_path / "w.pt")
     with pytest.raises(UsageError, match=f"NaN/inf logits at row {bad_row} "):
-        cache_teacher(CacheConfig(teacher=f"{src}:make", teacher_weights=str(tmp_path / "w.pt"),
-                                  data=str(blobs_npz), out=str(tmp_path / "c"), shard_size=128, batch_size=50))
+        cache_teacher(
+            CacheConfig(
+                teacher=f"{src}:make",
+                teacher_weights=str(tmp_path / "w.pt"),
+                data=str(blobs_npz),
+                out=str(tmp_path / "c"),
+                shard_size=128,
+                batch_size=50,
+            )
+        )
     c = tmp_path / "c"
     assert all(int(f.name[6:11]) < bad_row // 128 for f in c.glob("shard-*"))  # only whole shards before it
     if (c / "manifest.json").exists():
@@ -208,8 +242,7 @@ def test_teacher_batches_never_cross_shards_and_cover_the_range():
 
 def test_resumed_sample_cache_is_identical_to_an_uninterrupted_one(tmp_path, teacher_run, blobs_npz):
     """Sample mode seeds draws per batch: a run resumed at a shard boundary must batch rows as a fresh run did."""
-    opts = dict(teacher=str(teacher_run), data=str(blobs_npz), mode="sample", samples=8, shard_size=128,
-                batch_size=50)
+    opts = dict(teacher=str(teacher_run), data=str(blobs_npz), mode="sample", samples=8, shard_size=128, batch_size=50)
     cache_teacher(CacheConfig(out=str(tmp_path / "ref"), **opts))
     cache_teacher(CacheConfig(out=str(tmp_path / "c"), **opts))
     m = read_manifest(tmp_path / "c")
@@ -236,8 +269,11 @@ def test_resume_collects_rank_manifests_and_fills_the_gaps(tmp_path, teacher_run
     (c / "shard-00004.h5").unlink()  # rank 1 (shards 2-4) stopped after shard 3
     write_manifest(c, {**m, "shards": [], "complete": False})
     write_manifest(c, {**m, "shards": [shards["shard-00000.h5"]], "complete": False}, rank_manifest_name(0))
-    write_manifest(c, {**m, "shards": [shards["shard-00002.h5"], shards["shard-00003.h5"]], "complete": False},
-                   rank_manifest_name(1))
+    write_manifest(
+        c,
+        {**m, "shards": [shards["shard-00002.h5"], shards["shard-00003.h5"]], "complete": False},
+        rank_manifest_name(1),
+    )
     with pytest.raises(CacheError, match="incomplete"):
         CacheReader(c)
     stamp = {n: (c / n).stat().st_mtime_ns for n in ("shard-00000.h5", "shard-00002.h5", "shard-00003.h5")}
@@ -260,9 +296,19 @@ def test_shard_plan_helpers():
 
 
 def test_merge_ignores_rank_manifests_of_another_cache(tmp_path):
-    base = {"format": "kdcli-cache", "format_version": 1, "teacher": {"weights_sha256": "a"},
-            "data": {"num_samples": 5, "fingerprint": "f"}, "tokenizer": None, "settings": {"top_k": None},
-            "mode": "full", "num_classes": 3, "num_rows": 5, "shards": [], "complete": False}
+    base = {
+        "format": "kdcli-cache",
+        "format_version": 1,
+        "teacher": {"weights_sha256": "a"},
+        "data": {"num_samples": 5, "fingerprint": "f"},
+        "tokenizer": None,
+        "settings": {"top_k": None},
+        "mode": "full",
+        "num_classes": 3,
+        "num_rows": 5,
+        "shards": [],
+        "complete": False,
+    }
     write_manifest(tmp_path, base)
     foreign = {**base, "settings": {"top_k": 2}, "shards": [{"name": "shard-00000.h5", "row_start": 0}]}
     write_manifest(tmp_path, foreign, rank_manifest_name(1))
@@ -296,8 +342,7 @@ def test_cuda_cache_matches_cpu_cache(tmp_path, teacher_run, blobs_npz):
     a, b = CacheReader(tmp_path / "cpu").read_rows(0, 600), CacheReader(tmp_path / "gpu").read_rows(0, 600)
     np.testing.assert_array_equal(a["row_index"], b["row_index"])
     assert (a["topk_ids"] == b["topk_ids"]).mean() > 0.99
-    np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32),
-                               atol=2e-2)
+    np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32), atol=2e-2)
 
 
 def test_batches_of_equals_slicing_the_concatenated_stream():
@@ -313,7 +358,7 @@ def test_batches_of_equals_slicing_the_concatenated_stream():
     for bs in (1, 7, 32, 500):
         for skip in (0, 2):
             got = list(batches_of(iter(bufs), bs, skip))
-            want = [{k: v[a:a + bs] for k, v in whole.items()} for a in range(0, start, bs)][skip:]
+            want = [{k: v[a : a + bs] for k, v in whole.items()} for a in range(0, start, bs)][skip:]
             assert len(got) == len(want)
             for g, w in zip(got, want):
                 for k in w:
@@ -329,9 +374,19 @@ def test_train_student_with_dataloader_workers_ends_with_the_same_weights(cache,
     runs = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        train_student(TrainConfig(student="mlp", student_args={"hidden": [16]}, data=str(blobs_npz),
-                                  cache=str(cache.dir), out=str(out), epochs=2, batch_size=64, val_fraction=0.1,
-                                  num_workers=workers))
+        train_student(
+            TrainConfig(
+                student="mlp",
+                student_args={"hidden": [16]},
+                data=str(blobs_npz),
+                cache=str(cache.dir),
+                out=str(out),
+                epochs=2,
+                batch_size=64,
+                val_fraction=0.1,
+                num_workers=workers,
+            )
+        )
         runs[workers] = load_file(out / "model.safetensors")
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[2][k]), k

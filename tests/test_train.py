@@ -9,17 +9,26 @@ from safetensors.torch import load_file
 from kdcli.config import CacheConfig, TrainConfig
 from kdcli.infra.errors import UsageError
 from kdcli.stages.cache import cache_teacher
-from kdcli.stages.train import schedule as lr_schedule, train_student
+from kdcli.stages.train import schedule as lr_schedule
+from kdcli.stages.train import train_student
 
 
 def cfg(blobs_npz, out, **kw):
-    return TrainConfig(**{"student": "mlp", "student_args": {"hidden": [16]}, "data": str(blobs_npz),
-                          "out": str(out), "epochs": 2, "batch_size": 64, **kw})
+    return TrainConfig(
+        **{
+            "student": "mlp",
+            "student_args": {"hidden": [16]},
+            "data": str(blobs_npz),
+            "out": str(out),
+            "epochs": 2,
+            "batch_size": 64,
+            **kw,
+        }
+    )
 
 
 def test_same_seed_same_weights_different_seed_different(tmp_path, blobs_npz, teacher_run):
-    cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / "c"),
-                              shard_size=100))
+    cache_teacher(CacheConfig(teacher=str(teacher_run), data=str(blobs_npz), out=str(tmp_path / "c"), shard_size=100))
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("z", 2)):
         train_student(cfg(blobs_npz, tmp_path / name, cache=str(tmp_path / "c"), seed=seed, val_fraction=0.2))
@@ -62,8 +71,7 @@ def test_alpha_without_cache_is_refused(tmp_path, blobs_npz):
         train_student(cfg(blobs_npz, tmp_path / "r", alpha=0.5))
 
 
-@pytest.mark.parametrize("schedule,expect", [("constant", [1, 1, 1]), ("cosine", [1, 0.5, 0]),
-                                             ("linear", [1, 0.5, 0])])
+@pytest.mark.parametrize("schedule,expect", [("constant", [1, 1, 1]), ("cosine", [1, 0.5, 0]), ("linear", [1, 0.5, 0])])
 def test_schedules(schedule, expect):
     f = lr_schedule(TrainConfig(student="m", data="d", out="o", schedule=schedule, warmup_steps=2), total_steps=12)
     assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)  # warmup

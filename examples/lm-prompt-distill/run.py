@@ -29,11 +29,37 @@ ensure_project_env()  # kdcli, else the quick start's .venv (re-run with it), el
 SYSTEM = "You are a pirate captain. Answer every question in pirate speak, starting with 'Arr!'"
 USER = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 TEACHER = "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n" + USER
-TOPICS = ["the ocean", "bread", "the moon", "rain", "music", "gold", "maps", "birds", "winter", "cats", "coffee",
-          "trees", "books", "stars", "boats", "fire", "mountains", "gardens", "clocks", "honey"]
+TOPICS = [
+    "the ocean",
+    "bread",
+    "the moon",
+    "rain",
+    "music",
+    "gold",
+    "maps",
+    "birds",
+    "winter",
+    "cats",
+    "coffee",
+    "trees",
+    "books",
+    "stars",
+    "boats",
+    "fire",
+    "mountains",
+    "gardens",
+    "clocks",
+    "honey",
+]
 HELDOUT_TOPICS = ["volcanoes", "bicycles", "chess", "apples", "bridges", "snow", "libraries", "wolves"]
-FORMS = ["Tell me about {t}.", "What do you think of {t}?", "Give me one fact about {t}.",
-         "Describe {t} in two sentences.", "Why do people like {t}?", "Write a short note about {t}."]
+FORMS = [
+    "Tell me about {t}.",
+    "What do you think of {t}?",
+    "Give me one fact about {t}.",
+    "Describe {t} in two sentences.",
+    "Why do people like {t}?",
+    "Write a short note about {t}.",
+]
 
 
 def prompts(topics: list[str], n: int) -> list[str]:
@@ -56,11 +82,11 @@ def generate(teacher: str, questions: list[str], max_new: int, batch: int = 16) 
         tok.pad_token = tok.eos_token
     out = []
     for a in range(0, len(questions), batch):
-        texts = [TEACHER.format(prompt=q) for q in questions[a:a + batch]]
+        texts = [TEACHER.format(prompt=q) for q in questions[a : a + batch]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        out += [tok.decode(g[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for g in gen]
+        out += [tok.decode(g[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for g in gen]
         print(f"generated {len(out)}/{len(questions)} responses", file=sys.stderr, flush=True)
     return out
 
@@ -83,27 +109,66 @@ def main() -> None:
     held_q = prompts(HELDOUT_TOPICS, args.heldout_prompts)
     answers = generate(teacher, train_q + held_q, args.max_new_tokens)
     rows = [{"prompt": q, "response": r} for q, r in zip(train_q + held_q, answers)]
-    train = write_jsonl(out / "train.jsonl", rows[:len(train_q)])
-    heldout = write_jsonl(out / "heldout.jsonl", rows[len(train_q):])
+    train = write_jsonl(out / "train.jsonl", rows[: len(train_q)])
+    heldout = write_jsonl(out / "heldout.jsonl", rows[len(train_q) :])
 
-    common = ["--teacher", teacher, "--teacher-prompt", TEACHER, "--prompt-template", USER, "--top-k", 64,
-              "--max-length", 128, "--batch-size", 8]
+    common = [
+        "--teacher",
+        teacher,
+        "--teacher-prompt",
+        TEACHER,
+        "--prompt-template",
+        USER,
+        "--top-k",
+        64,
+        "--max-length",
+        128,
+        "--batch-size",
+        8,
+    ]
     kdcli("cache-teacher", *common, "--data", train, "--out", out / "cache-train")
     kdcli("cache-teacher", *common, "--data", heldout, "--out", out / "cache-heldout")
 
-    before = kdcli("eval", "--model", teacher, "--data", heldout, "--cache", out / "cache-heldout", "--json",
-                   json_out=True)
-    kdcli("train-student", "--student", teacher, "--cache", out / "cache-train", "--data", train, "--alpha", 1,
-          "--temperature", 1, "--epochs", args.epochs, "--batch-size", 8, "--lr", args.lr, "--out", out / "student",
-          "--overwrite")
-    after = kdcli("eval", "--model", out / "student", "--data", heldout, "--cache", out / "cache-heldout", "--json",
-                  json_out=True)
+    before = kdcli(
+        "eval", "--model", teacher, "--data", heldout, "--cache", out / "cache-heldout", "--json", json_out=True
+    )
+    kdcli(
+        "train-student",
+        "--student",
+        teacher,
+        "--cache",
+        out / "cache-train",
+        "--data",
+        train,
+        "--alpha",
+        1,
+        "--temperature",
+        1,
+        "--epochs",
+        args.epochs,
+        "--batch-size",
+        8,
+        "--lr",
+        args.lr,
+        "--out",
+        out / "student",
+        "--overwrite",
+    )
+    after = kdcli(
+        "eval", "--model", out / "student", "--data", heldout, "--cache", out / "cache-heldout", "--json", json_out=True
+    )
     pick = lambda m: {k: m[k] for k in ("kl_to_teacher", "agreement", "perplexity")}  # noqa: E731
-    results = {"system_prompt": SYSTEM, "train_prompts": len(train_q), "heldout_prompts": len(held_q),
-               "heldout_response_tokens": after["num_tokens"],
-               "before": pick(before["models"][0]), "after": pick(after["models"][0]),
-               "prompted_teacher_perplexity": after["teacher"]["perplexity"],
-               "example": rows[len(train_q)], "wall_seconds": time.perf_counter() - t0}
+    results = {
+        "system_prompt": SYSTEM,
+        "train_prompts": len(train_q),
+        "heldout_prompts": len(held_q),
+        "heldout_response_tokens": after["num_tokens"],
+        "before": pick(before["models"][0]),
+        "after": pick(after["models"][0]),
+        "prompted_teacher_perplexity": after["teacher"]["perplexity"],
+        "example": rows[len(train_q)],
+        "wall_seconds": time.perf_counter() - t0,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

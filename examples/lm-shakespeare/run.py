@@ -65,25 +65,70 @@ def main() -> None:
     student = []
     for kv in args.student_args.split(","):
         student += ["--student-arg", kv]
-    budget = ["--student", "transformer", *student, "--data", train, "--epochs", args.epochs, "--batch-size", 8,
-              "--lr", "2e-3", "--schedule", "cosine", "--warmup-steps", 10, "--eval-data", heldout]
+    budget = [
+        "--student",
+        "transformer",
+        *student,
+        "--data",
+        train,
+        "--epochs",
+        args.epochs,
+        "--batch-size",
+        8,
+        "--lr",
+        "2e-3",
+        "--schedule",
+        "cosine",
+        "--warmup-steps",
+        10,
+        "--eval-data",
+        heldout,
+    ]
     train_once(out / "distilled", *budget, "--cache", out / "cache-train", "--alpha", 1, "--temperature", 1)
     # the baseline reads the same sequences: same tokenizer and --max-length as the cache, no teacher term
     train_once(out / "baseline", *budget, "--alpha", 0, "--tokenizer", teacher, "--max-length", args.max_length)
 
-    rep = kdcli("eval", "--model", out / "distilled", "--model", out / "baseline", "--model", teacher,
-                "--data", heldout, "--cache", out / "cache-heldout", "--json", json_out=True)
+    rep = kdcli(
+        "eval",
+        "--model",
+        out / "distilled",
+        "--model",
+        out / "baseline",
+        "--model",
+        teacher,
+        "--data",
+        heldout,
+        "--cache",
+        out / "cache-heldout",
+        "--json",
+        json_out=True,
+    )
     manifest = json.loads((out / "cache-train" / "manifest.json").read_text())
     cache_bytes = sum(s["bytes"] for s in manifest["shards"])
     tokens = manifest["data"]["num_targets"]
-    results = {"train_tokens": tokens, "heldout_tokens": rep["num_tokens"],
-               "cache_bytes_per_token": cache_bytes / tokens,
-               "full_fp16_bytes_per_token": 2 * manifest["vocab_size"],
-               "teacher_perplexity_from_cache": rep["teacher"]["perplexity"],
-               "models": {name: {k: m[k] for k in ("perplexity", "accuracy", "agreement", "kl_to_teacher",
-                                                   "num_parameters", "weight_bytes", "tokens_per_second")}
-                          for name, m in zip(("distilled", "baseline", "teacher"), rep["models"])},
-               "wall_seconds": time.perf_counter() - t0}
+    results = {
+        "train_tokens": tokens,
+        "heldout_tokens": rep["num_tokens"],
+        "cache_bytes_per_token": cache_bytes / tokens,
+        "full_fp16_bytes_per_token": 2 * manifest["vocab_size"],
+        "teacher_perplexity_from_cache": rep["teacher"]["perplexity"],
+        "models": {
+            name: {
+                k: m[k]
+                for k in (
+                    "perplexity",
+                    "accuracy",
+                    "agreement",
+                    "kl_to_teacher",
+                    "num_parameters",
+                    "weight_bytes",
+                    "tokens_per_second",
+                )
+            }
+            for name, m in zip(("distilled", "baseline", "teacher"), rep["models"])
+        },
+        "wall_seconds": time.perf_counter() - t0,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

@@ -21,8 +21,9 @@ What each cache mode fuses to (docs/fusion.md has the reasoning and the measured
   the tail ``sum_k w_k (tail_k + p_k(S_k minus I))`` are exact: the loss is the exact KL between the fused
   teacher's and the student's (|I| + 1)-bucket distributions at T = 1 (a lower bound of the full KL, like one
   topk cache). The reader yields topk arrays laid out on the union of the teachers' ids, unused slots (ids
-  outside I, repeats) with log-prob -inf (``Targets.padded``). At T != 1 the tempered mixture's normaliser needs every class of every
-  teacher: refused unless ``--approximate-temperature`` (the uniform-tail approximation on those buckets).
+  outside I, repeats) with log-prob -inf (``Targets.padded``). At T != 1 the tempered mixture's normaliser needs every
+  class of every teacher: refused unless ``--approximate-temperature`` (the uniform-tail approximation on those
+  buckets).
 - ``sample`` / ``priority`` (``mean`` only, any mix of the two): a *mixture* target, the teachers' own targets
   side by side (arrays ``t{k}/...``). The soft term is ``sum_k w_k KL(p_k || s)``, each estimated without bias
   from its own cache. For forward KL at T = 1 that is ``KL(sum_k w_k p_k || s)`` plus the teachers' generalised
@@ -44,12 +45,10 @@ predicted tokens per row, augmentation parameters); the task then checks the fus
 from __future__ import annotations
 
 import os
-
-import numpy as np
-
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from kdcli.cache.modes import get_mode, modes
@@ -97,16 +96,22 @@ class MixtureTargets(WeightedIdTargets):
 def check_mixture_divergence(divergence: str) -> None:
     """UsageError (exit 2): a mixture of sampled teachers trains with forward KL only."""
     if divergence != "forward":
-        raise UsageError(f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
-                         "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
-                         "no such identity holds for reverse KL or JSD): use --divergence forward")
+        raise UsageError(
+            f"--divergence {divergence}: fused sample/priority caches train with forward KL only "
+            "(the weighted mean of the teachers' KLs has the gradient of the KL to their mixture; "
+            "no such identity holds for reverse KL or JSD): use --divergence forward"
+        )
 
 
 def mixture_targets(parts, weights) -> MixtureTargets:
     """The targets of fused sample/priority teachers: every part's targets and its weight (the weights sum to 1)."""
     parts = tuple(parts)
-    return MixtureTargets(parts[0].num_classes, ids=torch.cat([p.ids for p in parts], dim=1), parts=parts,
-                          part_weights=tuple(float(w) for w in weights))
+    return MixtureTargets(
+        parts[0].num_classes,
+        ids=torch.cat([p.ids for p in parts], dim=1),
+        parts=parts,
+        part_weights=tuple(float(w) for w in weights),
+    )
 
 
 def part_key(k: int, key: str) -> str:
@@ -121,15 +126,19 @@ def fused_mode(names: list[str], combine: str) -> str:
     if len(set(names)) == 1 and kinds == {"exact"}:
         return names[0]
     if combine != "mean":
-        raise UsageError(f"--combine {combine} needs full caches (its normaliser sums every teacher's probability of "
-                         f"every class; these are {'/'.join(sorted(set(names)))} caches): use --combine mean, or "
-                         "rebuild them with cache-teacher --mode full")
+        raise UsageError(
+            f"--combine {combine} needs full caches (its normaliser sums every teacher's probability of "
+            f"every class; these are {'/'.join(sorted(set(names)))} caches): use --combine mean, or "
+            "rebuild them with cache-teacher --mode full"
+        )
     if len(set(names)) == 1 and kinds == {"buckets"}:
         return names[0]
     if kinds == {MIXTURE}:
         return MIXTURE
-    raise UsageError(f"cannot fuse {' + '.join(sorted(set(names)))} caches: fuse caches of one kind (all full, all "
-                     "topk, or sample/priority); rebuild the others with the same cache-teacher --mode")
+    raise UsageError(
+        f"cannot fuse {' + '.join(sorted(set(names)))} caches: fuse caches of one kind (all full, all "
+        "topk, or sample/priority); rebuild the others with the same cache-teacher --mode"
+    )
 
 
 def parse_cache_weights(text: str | None, n: int) -> tuple[float, ...]:
@@ -142,8 +151,10 @@ def parse_cache_weights(text: str | None, n: int) -> tuple[float, ...]:
     except ValueError:
         raise UsageError(f"--cache-weights {text!r}: expected comma-separated numbers, e.g. 0.5,0.3,0.2") from None
     if len(ws) != n:
-        raise UsageError(f"--cache-weights has {len(ws)} value(s) but {n} --cache value(s) were given; give one "
-                         "weight per cache, in the same order")
+        raise UsageError(
+            f"--cache-weights has {len(ws)} value(s) but {n} --cache value(s) were given; give one "
+            "weight per cache, in the same order"
+        )
     if any(not np.isfinite(w) or w < 0 for w in ws):
         raise UsageError(f"--cache-weights {text!r}: every weight must be a finite number >= 0")
     top = max(ws)
@@ -201,8 +212,10 @@ class FusedReader(CacheReader):
         for r in readers[1:]:
             diff = first_difference(first.manifest, r.manifest)
             if diff:
-                raise CacheError(f"cannot fuse caches {first.dir} and {r.dir}: {diff}; fused caches must be built "
-                                 "from the same data, classes/vocabulary, tokenizer and rows")
+                raise CacheError(
+                    f"cannot fuse caches {first.dir} and {r.dir}: {diff}; fused caches must be built "
+                    "from the same data, classes/vocabulary, tokenizer and rows"
+                )
         self.readers, self.weights, self.combine = list(readers), tuple(float(w) for w in weights), combine
         self.dir = first.dir
         self.mode = mode
@@ -221,12 +234,19 @@ class FusedReader(CacheReader):
         m["mode"] = self.mode
         if not self.exact:  # exact / unbiased at T = 1 only (module docstring)
             m.update(temperatures=[1.0], stat_temperatures=[], stat_dtype=None, sampler_temperatures=None)
-        m["teacher"] = {"spec": self.describe(),
-                        "num_parameters": sum(int(r.manifest["teacher"].get("num_parameters") or 0)
-                                              for r in self.readers),
-                        "fused": [{"cache": str(r.dir), "weight": w, "teacher": r.manifest["teacher"].get("spec"),
-                                   "teacher_prompt": (r.manifest.get("text") or {}).get("teacher_prompt")}
-                                  for r, w in zip(self.readers, self.weights)]}
+        m["teacher"] = {
+            "spec": self.describe(),
+            "num_parameters": sum(int(r.manifest["teacher"].get("num_parameters") or 0) for r in self.readers),
+            "fused": [
+                {
+                    "cache": str(r.dir),
+                    "weight": w,
+                    "teacher": r.manifest["teacher"].get("spec"),
+                    "teacher_prompt": (r.manifest.get("text") or {}).get("teacher_prompt"),
+                }
+                for r, w in zip(self.readers, self.weights)
+            ],
+        }
         if "text" in first:
             prompts = [(r.manifest.get("text") or {}).get("teacher_prompt") for r in self.readers]
             m["text"] = {**first["text"], "teacher_prompt": prompts[0] if len(set(map(str, prompts))) == 1 else None}
@@ -244,11 +264,13 @@ class FusedReader(CacheReader):
 
     def exactness(self) -> str:
         """How the fused target relates to the fused teacher (the training log's line)."""
-        return {"exact": f"exact ({self.mode} caches, fused per {{unit}})",
-                "buckets": f"exact over the buckets of the ids every teacher kept + one tail ({self.mode} caches, "
-                           "fused per {unit}, T = 1)",
-                MIXTURE: "unbiased gradient of the KL to the mixture (sampled caches: the weighted mean of the "
-                         "teachers' KLs, fused per {unit}, T = 1)"}[self.fusion]
+        return {
+            "exact": f"exact ({self.mode} caches, fused per {{unit}})",
+            "buckets": f"exact over the buckets of the ids every teacher kept + one tail ({self.mode} caches, "
+            "fused per {unit}, T = 1)",
+            MIXTURE: "unbiased gradient of the KL to the mixture (sampled caches: the weighted mean of the "
+            "teachers' KLs, fused per {unit}, T = 1)",
+        }[self.fusion]
 
     @property
     def loss_note(self) -> str:
@@ -271,8 +293,10 @@ class FusedReader(CacheReader):
         """The fused teacher's targets of a block: the fused arrays' (padded, for bucketed fusion), or a mixture of
         the teachers' own."""
         if self.fusion == MIXTURE:
-            parts = tuple(r.targets({key: arrays[part_key(k, key)] for key in self.part_keys(k)})
-                          for k, r in ((k, self.readers[k]) for k in self.live))
+            parts = tuple(
+                r.targets({key: arrays[part_key(k, key)] for key in self.part_keys(k)})
+                for k, r in ((k, self.readers[k]) for k in self.live)
+            )
             return mixture_targets(parts, [self.weights[k] for k in self.live])
         t = get_mode(self.mode).targets(arrays, self.num_classes, **temperature_kwargs(self.manifest))
         if self.fusion == "buckets":
@@ -285,14 +309,18 @@ class FusedReader(CacheReader):
         if self.exact:
             return
         if evaluating and self.fusion == MIXTURE:
-            raise UsageError("eval cannot measure KL or agreement against fused sample/priority caches (the fused "
-                             "teacher's probability of a class one teacher drew is unknown to the others' caches): "
-                             "evaluate against full or topk caches of the held-out data")
+            raise UsageError(
+                "eval cannot measure KL or agreement against fused sample/priority caches (the fused "
+                "teacher's probability of a class one teacher drew is unknown to the others' caches): "
+                "evaluate against full or topk caches of the held-out data"
+            )
         if abs(float(temperature) - 1.0) > 1e-6 and not approximate:
-            raise UsageError(f"fused {self.readers[0].mode} caches are exact only at T = 1, not at T = "
-                             f"{float(temperature):g} (tempering a mixture needs every teacher's probability of "
-                             "every class): use --temperature 1, full caches, or accept the documented approximation "
-                             "with --approximate-temperature")
+            raise UsageError(
+                f"fused {self.readers[0].mode} caches are exact only at T = 1, not at T = "
+                f"{float(temperature):g} (tempering a mixture needs every teacher's probability of "
+                "every class): use --temperature 1, full caches, or accept the documented approximation "
+                "with --approximate-temperature"
+            )
 
     # -- checks ------------------------------------------------------------------------------------------------
     def check_data(self, data_identity: dict) -> None:
@@ -340,8 +368,10 @@ class FusedReader(CacheReader):
                     bad = 0
                     if k in p and len(p[k]) == len(head[k]):
                         bad = int(np.flatnonzero(np.any((head[k] != p[k]).reshape(len(head[k]), -1), axis=1))[0])
-                    raise CacheError(f"cannot fuse caches {self.readers[0].dir} and {r.dir}: row {start + bad} "
-                                     f"differs ({k}); fused caches must hold the same rows in the same order")
+                    raise CacheError(
+                        f"cannot fuse caches {self.readers[0].dir} and {r.dir}: row {start + bad} "
+                        f"differs ({k}); fused caches must hold the same rows in the same order"
+                    )
         live = [parts[k] for k in self.live]
         ws = [self.weights[k] for k in self.live]
         if self.exact:  # a zero-weight teacher takes no part (0 * -inf)
@@ -377,5 +407,14 @@ def open_fused(readers: list[CacheReader], weights: str | None, combine: str) ->
     return FusedReader(readers, ws, combine)
 
 
-__all__ = ["COMBINES", "FusedReader", "MixtureTargets", "first_difference", "fused_mode", "mixture_targets",
-           "open_fused", "parse_cache_weights", "part_key"]
+__all__ = [
+    "COMBINES",
+    "FusedReader",
+    "MixtureTargets",
+    "first_difference",
+    "fused_mode",
+    "mixture_targets",
+    "open_fused",
+    "parse_cache_weights",
+    "part_key",
+]

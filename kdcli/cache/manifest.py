@@ -11,14 +11,13 @@ same document, listing only that rank's shards), so no two processes ever write 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from kdcli import __version__
-from kdcli.infra.atomic import atomic_write_bytes
 from kdcli.cache.modes import mode_names
+from kdcli.infra.atomic import atomic_write_bytes
 from kdcli.infra.errors import CacheError
 
 MANIFEST = "manifest.json"
@@ -31,16 +30,19 @@ def stored_temperatures(manifest: dict) -> dict:
     """``temperatures`` and ``sampler_temperatures`` keyword arguments for
     :func:`kdcli.losses.targets_from_arrays` from a manifest; a cache written before temperatures were recorded
     stores T = 1 only (its sparse targets are exact/unbiased there and nowhere else)."""
-    return {"temperatures": tuple(float(t) for t in (manifest.get("temperatures") or (1.0,))),
-            "sampler_temperatures": tuple(float(t) for t in (manifest.get("sampler_temperatures") or (1.0,)))}
+    return {
+        "temperatures": tuple(float(t) for t in (manifest.get("temperatures") or (1.0,))),
+        "sampler_temperatures": tuple(float(t) for t in (manifest.get("sampler_temperatures") or (1.0,))),
+    }
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.h5"
 
 
-def new_manifest(*, teacher: dict, data: dict, settings: dict, layout: dict, num_rows: int,
-                 tokenizer: dict | None = None) -> dict:
+def new_manifest(
+    *, teacher: dict, data: dict, settings: dict, layout: dict, num_rows: int, tokenizer: dict | None = None
+) -> dict:
     """``settings`` must match for a cache to be reused; ``layout`` describes the stored arrays."""
     return {
         "format": FORMAT,
@@ -73,29 +75,37 @@ def read_manifest(cache_dir: Path, *, require_complete: bool = True, name: str =
     if not Path(cache_dir).is_dir():
         raise CacheError(f"cache directory not found: {cache_dir}")
     if not path.is_file():
-        raise CacheError(f"{cache_dir} has no {MANIFEST}: not a kdcli cache (or its manifest was deleted: rebuild "
-                         "it with cache-teacher --overwrite)")
+        raise CacheError(
+            f"{cache_dir} has no {MANIFEST}: not a kdcli cache (or its manifest was deleted: rebuild "
+            "it with cache-teacher --overwrite)"
+        )
     try:
         m = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path} is not valid JSON ({e.__class__.__name__}); the cache is damaged: rebuild it "
-                         "with cache-teacher --overwrite") from None
+        raise CacheError(
+            f"{path} is not valid JSON ({e.__class__.__name__}); the cache is damaged: rebuild it "
+            "with cache-teacher --overwrite"
+        ) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CacheError(f"{path} is not a kdcli cache manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path} has cache format version {m.get('format_version')}; this kdcli reads version "
-                         f"{FORMAT_VERSION}: rebuild the cache with this kdcli")
+        raise CacheError(
+            f"{path} has cache format version {m.get('format_version')}; this kdcli reads version "
+            f"{FORMAT_VERSION}: rebuild the cache with this kdcli"
+        )
     required = ("teacher", "data", "settings", "mode", "num_classes", "num_rows", "shards", "complete")
     missing = [k for k in required if k not in m]
     if missing:
         raise CacheError(f"{path} lacks the key {missing[0]!r}; the manifest is damaged")
     problem = manifest_problem(m)
     if problem:
-        raise CacheError(f"{path}: {problem}; the manifest is damaged (rebuild the cache with cache-teacher "
-                         "--overwrite)")
+        raise CacheError(
+            f"{path}: {problem}; the manifest is damaged (rebuild the cache with cache-teacher --overwrite)"
+        )
     if require_complete and m["complete"] is not True:
-        raise CacheError(f"cache {cache_dir} is incomplete (complete: false): re-run the same cache-teacher "
-                         "command to resume it")
+        raise CacheError(
+            f"cache {cache_dir} is incomplete (complete: false): re-run the same cache-teacher command to resume it"
+        )
     return m
 
 
@@ -127,8 +137,10 @@ def manifest_problem(m: dict) -> str | None:
             return f"shard entry {i} must be an object, got {type(sh).__name__}"
         name = sh.get("name")
         if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
-            return (f"shard entry {i} has name {name!r}; shard names are shard-NNNNN.h5 inside the cache directory "
-                    "(never a path)")
+            return (
+                f"shard entry {i} has name {name!r}; shard names are shard-NNNNN.h5 inside the cache directory "
+                "(never a path)"
+            )
         for key in ("row_start", "row_stop", "bytes"):
             if not _int(sh.get(key)) or sh[key] < 0:
                 return f"shard {name}: {key!r} must be a non-negative integer, got {sh.get(key)!r}"
@@ -142,8 +154,10 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     diffs = []
     ot, nt = old["teacher"], new["teacher"]
     if ot.get("weights_sha256") != nt.get("weights_sha256"):
-        diffs.append("teacher weights differ (sha256 "
-                     f"{str(ot.get('weights_sha256'))[:12]} vs {str(nt.get('weights_sha256'))[:12]})")
+        diffs.append(
+            "teacher weights differ (sha256 "
+            f"{str(ot.get('weights_sha256'))[:12]} vs {str(nt.get('weights_sha256'))[:12]})"
+        )
     for key in ("args", "num_parameters"):
         if ot.get(key) != nt.get(key):
             diffs.append(f"teacher {key} differ ({ot.get(key)} vs {nt.get(key)})")
@@ -165,12 +179,16 @@ def check_matches_data(manifest: dict, data_identity: dict, cache_dir: Any) -> N
     """Refuse (exit 3) a cache built from other data: row count, then the fingerprint over row hashes."""
     md = manifest["data"]
     if md.get("num_samples") != data_identity["num_samples"]:
-        raise CacheError(f"cache {cache_dir} was built from {md.get('num_samples')} rows of {md.get('spec')!r} "
-                         f"but {data_identity['spec']!r} has {data_identity['num_samples']} rows")
+        raise CacheError(
+            f"cache {cache_dir} was built from {md.get('num_samples')} rows of {md.get('spec')!r} "
+            f"but {data_identity['spec']!r} has {data_identity['num_samples']} rows"
+        )
     if md.get("fingerprint") != data_identity["fingerprint"]:
-        raise CacheError(f"cache {cache_dir} does not match the data: {data_identity['spec']!r} has different "
-                         f"row contents or order than {md.get('spec')!r} had when the cache was built "
-                         "(rows reordered, edited or relabelled); rebuild the cache for this data")
+        raise CacheError(
+            f"cache {cache_dir} does not match the data: {data_identity['spec']!r} has different "
+            f"row contents or order than {md.get('spec')!r} had when the cache was built "
+            "(rows reordered, edited or relabelled); rebuild the cache for this data"
+        )
 
 
 # -- shard plans: which shards a run still has to compute, and which rank computes which -------------------------
@@ -184,7 +202,7 @@ def missing_shards(manifest: dict) -> list[int]:
 def split_contiguous(items: list, rank: int, world: int) -> list:
     """Rank ``rank``'s contiguous slice of ``items``; slices are disjoint, cover ``items`` and differ by <= 1."""
     n = len(items)
-    return items[n * rank // world: n * (rank + 1) // world]
+    return items[n * rank // world : n * (rank + 1) // world]
 
 
 def contiguous_runs(indices: list[int]) -> list[tuple[int, int]]:

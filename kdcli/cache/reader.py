@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -40,8 +40,10 @@ def temperature_kwargs(manifest: dict) -> dict:
     from kdcli.cache.modes.base import normalize_temperatures
 
     st = stored_temperatures(manifest)
-    return {"temperatures": normalize_temperatures(st["temperatures"]),
-            "sampler_temperatures": tuple(st["sampler_temperatures"])}
+    return {
+        "temperatures": normalize_temperatures(st["temperatures"]),
+        "sampler_temperatures": tuple(st["sampler_temperatures"]),
+    }
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,16 @@ class CacheReader:
             if s["row_start"] != expect:
                 raise CacheError(f"cache {self.dir}: shards do not cover rows contiguously (gap at row {expect})")
             if not p.is_file():
-                raise CacheError(f"cache {self.dir}: shard {s['name']} is missing; re-run the same cache-teacher "
-                                 "command to recompute it")
+                raise CacheError(
+                    f"cache {self.dir}: shard {s['name']} is missing; re-run the same cache-teacher "
+                    "command to recompute it"
+                )
             size = p.stat().st_size
             if size != s["bytes"]:
-                raise CacheError(f"cache {self.dir}: shard {s['name']} has {size} bytes, the manifest says "
-                                 f"{s['bytes']} (truncated or replaced); run `kdcli cache verify {self.dir}`")
+                raise CacheError(
+                    f"cache {self.dir}: shard {s['name']} has {size} bytes, the manifest says "
+                    f"{s['bytes']} (truncated or replaced); run `kdcli cache verify {self.dir}`"
+                )
             expect = s["row_stop"]
         if expect != self.num_rows:
             raise CacheError(f"cache {self.dir}: shards cover {expect} rows, the manifest says {self.num_rows}")
@@ -86,8 +92,10 @@ class CacheReader:
     def check_data(self, data_identity: dict) -> None:
         check_matches_data(self.manifest, data_identity, self.dir)
         if data_identity["num_classes"] > self.num_classes:
-            raise CacheError(f"cache {self.dir} has {self.num_classes} classes but the data has labels up to "
-                             f"{data_identity['num_classes'] - 1}")
+            raise CacheError(
+                f"cache {self.dir} has {self.num_classes} classes but the data has labels up to "
+                f"{data_identity['num_classes'] - 1}"
+            )
 
     def targets(self, arrays: dict[str, np.ndarray]):
         """The teacher targets of a batch read from this cache (:meth:`Mode.targets`, at the stored temperatures)."""
@@ -138,16 +146,20 @@ class CacheReader:
     def read_block(self, b: Block) -> dict[str, np.ndarray]:
         f = self._file(b.shard)
         try:
-            arrays = {k: f[k][b.start:b.stop] for k in self.keys}
+            arrays = {k: f[k][b.start : b.stop] for k in self.keys}
         except (KeyError, OSError) as e:
-            raise CacheError(f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset "
-                             f"({e}); run `kdcli cache verify {self.dir}`") from None
+            raise CacheError(
+                f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset "
+                f"({e}); run `kdcli cache verify {self.dir}`"
+            ) from None
         # Cheap content checks on every read (row ids, finiteness, normalisation; see kdcli/cache/verify.py):
         # a damaged block stops the run (exit 3) instead of being trained on.
         problems = block_problems(self.manifest, arrays, self.shards[b.shard]["row_start"] + b.start)
         if problems:
-            raise CacheError(f"cache {self.dir}: shard {self.shards[b.shard]['name']} is damaged: {problems[0]}; "
-                             f"run `kdcli cache verify {self.dir}`")
+            raise CacheError(
+                f"cache {self.dir}: shard {self.shards[b.shard]['name']} is damaged: {problems[0]}; "
+                f"run `kdcli cache verify {self.dir}`"
+            )
         return arrays
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -183,12 +195,22 @@ class CacheReader:
             return np.array([b.stop - b.start for b in blocks], dtype=np.int64)
         key = (block_rows, hashlib.blake2b(np.packbits(keep).tobytes(), digest_size=16).hexdigest())
         if key not in self._kept:
-            self._kept[key] = np.array([int(keep[self._file(b.shard)["sample_index"][b.start:b.stop]].sum())
-                                        for b in blocks], dtype=np.int64)
+            self._kept[key] = np.array(
+                [int(keep[self._file(b.shard)["sample_index"][b.start : b.stop]].sum()) for b in blocks], dtype=np.int64
+            )
         return self._kept[key]
 
-    def epoch_groups(self, *, seed: int, epoch: int, block_rows: int, shuffle_blocks: int = SHUFFLE_BLOCKS,
-                     keep: np.ndarray | None = None, rank: int = 0, world: int = 1) -> list[list[Piece]]:
+    def epoch_groups(
+        self,
+        *,
+        seed: int,
+        epoch: int,
+        block_rows: int,
+        shuffle_blocks: int = SHUFFLE_BLOCKS,
+        keep: np.ndarray | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> list[list[Piece]]:
         """This rank's reads for one epoch: groups of ``shuffle_blocks`` pieces whose rows are shuffled together.
 
         Every rank permutes the same blocks with the (seed, epoch) RNG and cuts the permuted stream of kept rows
@@ -215,17 +237,26 @@ class CacheReader:
                     pieces.append(Piece(Block(blk.shard, blk.start + a, blk.start + b), 0, None))
                 else:
                     pieces.append(Piece(blk, a, b))
-        return [pieces[g:g + shuffle_blocks] for g in range(0, len(pieces), shuffle_blocks)]
+        return [pieces[g : g + shuffle_blocks] for g in range(0, len(pieces), shuffle_blocks)]
 
-    def read_group(self, group: list[Piece], *, keep: np.ndarray | None, seed: int, epoch: int, rank: int = 0,
-                   world: int = 1, index: int = 0) -> dict[str, np.ndarray]:
+    def read_group(
+        self,
+        group: list[Piece],
+        *,
+        keep: np.ndarray | None,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        index: int = 0,
+    ) -> dict[str, np.ndarray]:
         """Read a group's pieces (one contiguous read each), drop held-out rows, shuffle the rows in memory. The
         shuffle is seeded by the group's place in the epoch, so it does not matter which process reads it."""
         parts = []
         for piece in group:
             arrays = self.read_block(piece.block)
             if keep is not None:
-                arrays = self.take(arrays, np.flatnonzero(keep[arrays["sample_index"]])[piece.lo:piece.hi])
+                arrays = self.take(arrays, np.flatnonzero(keep[arrays["sample_index"]])[piece.lo : piece.hi])
             parts.append(arrays)
         # one array at a time, each source freed once copied: about one group in memory, not three
         buf = {k: np.concatenate([p.pop(k) for p in parts]) for k in self.keys}
@@ -243,9 +274,19 @@ class CacheReader:
         """Rows ``[a, b)`` of a buffer, copied (a batch the trainer holds must not pin a whole group)."""
         return {k: v[a:b].copy() for k, v in buf.items()}
 
-    def iter_batches(self, *, batch_size: int, seed: int, epoch: int, block_rows: int | None = None,
-                     shuffle_blocks: int = SHUFFLE_BLOCKS, keep: np.ndarray | None = None, rank: int = 0,
-                     world: int = 1, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def iter_batches(
+        self,
+        *,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        block_rows: int | None = None,
+        shuffle_blocks: int = SHUFFLE_BLOCKS,
+        keep: np.ndarray | None = None,
+        rank: int = 0,
+        world: int = 1,
+        skip_batches: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
         """One epoch of shuffled batches, read in this process. The order is a pure function of (seed, epoch,
         rank, world), so a resumed run can skip the batches it already trained on. ``keep`` (bool per sample)
         drops rows whose sample is held out (validation)."""
@@ -272,7 +313,7 @@ def mean_unique_ids(cache_dir: str | Path, manifest: dict) -> float | None:
                 used += int(s["distinct_ids"])
             else:
                 for a in range(0, n, 65536):
-                    used += mode.distinct_ids({k: f[k][a:a + 65536] for k in mode.keys_})
+                    used += mode.distinct_ids({k: f[k][a : a + 65536] for k in mode.keys_})
             entries += n
     return used / entries if entries else 0.0
 
@@ -286,8 +327,9 @@ class Piece:
     hi: int | None
 
 
-def batches_of(bufs: Iterable[dict[str, np.ndarray]], batch_size: int, skip_batches: int = 0, *,
-               slice_rows=CacheReader.slice_rows) -> Iterator[dict[str, np.ndarray]]:
+def batches_of(
+    bufs: Iterable[dict[str, np.ndarray]], batch_size: int, skip_batches: int = 0, *, slice_rows=CacheReader.slice_rows
+) -> Iterator[dict[str, np.ndarray]]:
     """Shuffled buffers -> batches of ``batch_size`` rows (the last one shorter); rows left over from one buffer
     lead the next batch. The first ``skip_batches`` batches are dropped (a resumed epoch). ``slice_rows(buf, a, b)``
     copies rows ``[a, b)`` out of a buffer (the reader's: token caches slice their ragged arrays by row)."""
@@ -322,8 +364,17 @@ class GroupStream(IterableDataset):
     the same for any number of workers. ``epoch`` lives in shared memory: persistent workers read it afresh at
     the start of every epoch."""
 
-    def __init__(self, reader: CacheReader, *, seed: int, keep: np.ndarray | None, rank: int, world: int,
-                 block_rows: int, shuffle_blocks: int):
+    def __init__(
+        self,
+        reader: CacheReader,
+        *,
+        seed: int,
+        keep: np.ndarray | None,
+        rank: int,
+        world: int,
+        block_rows: int,
+        shuffle_blocks: int,
+    ):
         self.reader, self.seed, self.keep, self.rank, self.world = reader, seed, keep, rank, world
         self.block_rows, self.shuffle_blocks = block_rows, shuffle_blocks
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -341,20 +392,32 @@ class CacheLoader:
     """Epoch after epoch of one rank's batches. ``num_workers > 0`` reads and shuffles the blocks in persistent
     DataLoader workers (each opens the shards itself); ``0`` reads in this process. Same batches either way."""
 
-    def __init__(self, reader: CacheReader, *, batch_size: int, seed: int, keep: np.ndarray | None = None,
-                 rank: int = 0, world: int = 1, num_workers: int = 0, block_rows: int | None = None,
-                 shuffle_blocks: int = SHUFFLE_BLOCKS):
+    def __init__(
+        self,
+        reader: CacheReader,
+        *,
+        batch_size: int,
+        seed: int,
+        keep: np.ndarray | None = None,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        block_rows: int | None = None,
+        shuffle_blocks: int = SHUFFLE_BLOCKS,
+    ):
         self.batch_size = batch_size
         block_rows = block_rows or reader.default_block_rows()
-        self.stream = GroupStream(reader, seed=seed, keep=keep, rank=rank, world=world, block_rows=block_rows,
-                                  shuffle_blocks=shuffle_blocks)
+        self.stream = GroupStream(
+            reader, seed=seed, keep=keep, rank=rank, world=world, block_rows=block_rows, shuffle_blocks=shuffle_blocks
+        )
         self._loader = None
         if world > 1:
             reader.kept_rows(block_rows, keep)  # read once here, not once per worker
         if num_workers:
             reader.close()  # no HDF5 handle crosses into a worker (HDF5 is not fork-safe)
-            self._loader = DataLoader(self.stream, batch_size=None, num_workers=num_workers,
-                                      persistent_workers=True, prefetch_factor=2)
+            self._loader = DataLoader(
+                self.stream, batch_size=None, num_workers=num_workers, persistent_workers=True, prefetch_factor=2
+            )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
         self.stream.epoch[0] = epoch

@@ -8,7 +8,7 @@ statistics that make a sparse mode exact or unbiased at T: its own file under :m
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -17,10 +17,16 @@ from kdcli.cache.modes import get_mode, modes
 from kdcli.cache.modes.base import numpy_id_dtype
 
 
-def reduce_logits(logits: torch.Tensor, mode: str, *, top_k: int | None = None, samples: int | None = None,
-                  generator: torch.Generator | None = None,
-                  temperatures: Iterable[float] | None = None,
-                  sampler_temperatures: Iterable[float] | None = None) -> dict[str, torch.Tensor]:
+def reduce_logits(
+    logits: torch.Tensor,
+    mode: str,
+    *,
+    top_k: int | None = None,
+    samples: int | None = None,
+    generator: torch.Generator | None = None,
+    temperatures: Iterable[float] | None = None,
+    sampler_temperatures: Iterable[float] | None = None,
+) -> dict[str, torch.Tensor]:
     """(rows, C) logits -> dict of per-row tensors, still on the logits' device (:meth:`Mode.reduce`).
 
     ``top_k`` / ``samples``: the mode's K (``--top-k`` for topk; draws for sample, kept classes for priority);
@@ -31,7 +37,9 @@ def reduce_logits(logits: torch.Tensor, mode: str, *, top_k: int | None = None, 
     return m.reduce(torch.log_softmax(logits.float(), dim=-1), k, generator, temperatures, sampler_temperatures)
 
 
-def storage_arrays(arrays: dict[str, np.ndarray], num_classes: int, layout: dict | None = None) -> dict[str, np.ndarray]:
+def storage_arrays(
+    arrays: dict[str, np.ndarray], num_classes: int, layout: dict | None = None
+) -> dict[str, np.ndarray]:
     """Host arrays -> the dtypes a cache stores them in (:meth:`Mode.storage` of the mode whose arrays they are);
     ``layout``: the manifest's (token caches record narrower dtypes), default a classification cache's."""
     layout = layout or {"id_dtype": numpy_id_dtype(num_classes).name}

@@ -18,7 +18,6 @@ from kdcli.cache.verify import block_problems
 from kdcli.infra.errors import CacheError
 
 
-
 def token_keys(mode: str, temperatures=None) -> tuple[str, ...]:
     """The arrays a token cache stores per predicted token: the mode's (for its stored temperatures) and the
     teacher's log-prob of the token that follows."""
@@ -31,8 +30,10 @@ class TokenCacheReader(CacheReader):
     def __init__(self, cache_dir: str | Path):
         super().__init__(cache_dir)
         if self.manifest.get("kind") != "token":
-            raise CacheError(f"cache {self.dir} is a {self.manifest.get('kind')} cache, not a token-level (LM) "
-                             "cache; build one from .jsonl DATA")
+            raise CacheError(
+                f"cache {self.dir} is a {self.manifest.get('kind')} cache, not a token-level (LM) "
+                "cache; build one from .jsonl DATA"
+            )
         self.vocab_size = self.num_classes
         self.bytes_per_row = sum(s["bytes"] for s in self.shards) / max(self.num_rows, 1)
 
@@ -43,22 +44,27 @@ class TokenCacheReader(CacheReader):
     def read_block(self, b) -> dict[str, np.ndarray]:
         f = self._file(b.shard)
         try:
-            out = {k: f[k][b.start:b.stop] for k in ROW_KEYS}
-            off = f["offsets"][b.start:b.stop + 1]
+            out = {k: f[k][b.start : b.stop] for k in ROW_KEYS}
+            off = f["offsets"][b.start : b.stop + 1]
             out["lengths"] = np.diff(off).astype(np.int64)
             for k in self.token_keys:
-                out[k] = f[k][off[0]:off[-1]]
+                out[k] = f[k][off[0] : off[-1]]
         except (KeyError, OSError, ValueError) as e:
-            raise CacheError(f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset ({e}); "
-                             f"run `kdcli cache verify {self.dir}`") from None
+            raise CacheError(
+                f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset ({e}); "
+                f"run `kdcli cache verify {self.dir}`"
+            ) from None
         # the same cheap content checks as classification reads (row ids, finiteness, normalisation per token)
         row0 = self.shards[b.shard]["row_start"] + b.start
         token_rows = np.repeat(np.arange(row0, row0 + len(out["lengths"])), out["lengths"])
-        problems = block_problems(self.manifest, {k: v for k, v in out.items() if k != "lengths"}, row0,
-                                  token_rows=token_rows)
+        problems = block_problems(
+            self.manifest, {k: v for k, v in out.items() if k != "lengths"}, row0, token_rows=token_rows
+        )
         if problems:
-            raise CacheError(f"cache {self.dir}: shard {self.shards[b.shard]['name']} is damaged: {problems[0]}; "
-                             f"run `kdcli cache verify {self.dir}`")
+            raise CacheError(
+                f"cache {self.dir}: shard {self.shards[b.shard]['name']} is damaged: {problems[0]}; "
+                f"run `kdcli cache verify {self.dir}`"
+            )
         return out
 
     @property

@@ -27,13 +27,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from kdcli.infra.atomic import PARTIAL
-from kdcli.infra.lock import LOCK
 from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
 from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import first, logprob_problems
+from kdcli.infra.atomic import PARTIAL
 from kdcli.infra.errors import CacheError
 from kdcli.infra.fmt import TableData
+from kdcli.infra.lock import LOCK
 
 CHUNK_ELEMENTS = 1 << 22  # values per read while verifying: memory stays flat whatever the shard size
 
@@ -74,19 +74,30 @@ class VerifyReport:
 
     def table(self) -> TableData:
         """One row per shard, its problems (if any) in the status column."""
-        rows = [[sh.name, f"{sh.row_start:,}..{sh.row_stop:,}", f"{sh.bytes:,}",
-                 {True: "ok", False: "MISMATCH", None: "-"}[sh.sha256_ok], "ok" if sh.ok else "; ".join(sh.problems)]
-                for sh in self.shards] or [["(none)", "", "", "", "the manifest lists no shards"]]
-        return TableData(title=f"cache verify {self.cache_dir}: {'ok' if self.ok else 'FAILED'} ({self.kind}, mode "
-                               f"{self.mode}, {self.rows_verified:,}/{self.num_rows:,} rows verified, "
-                               f"{'complete' if self.complete else 'INCOMPLETE'})",
-                         header=["shard", "rows", "bytes", "sha256", "status"], rows=rows,
-                         justify=["left", "right", "right", "center", "left"])
+        rows = [
+            [
+                sh.name,
+                f"{sh.row_start:,}..{sh.row_stop:,}",
+                f"{sh.bytes:,}",
+                {True: "ok", False: "MISMATCH", None: "-"}[sh.sha256_ok],
+                "ok" if sh.ok else "; ".join(sh.problems),
+            ]
+            for sh in self.shards
+        ] or [["(none)", "", "", "", "the manifest lists no shards"]]
+        return TableData(
+            title=f"cache verify {self.cache_dir}: {'ok' if self.ok else 'FAILED'} ({self.kind}, mode "
+            f"{self.mode}, {self.rows_verified:,}/{self.num_rows:,} rows verified, "
+            f"{'complete' if self.complete else 'INCOMPLETE'})",
+            header=["shard", "rows", "bytes", "sha256", "status"],
+            rows=rows,
+            justify=["left", "right", "right", "center", "left"],
+        )
 
 
 # -- content checks ------------------------------------------------------------------------------------------------
-def block_problems(manifest: dict, arrays: dict[str, np.ndarray], row_start: int,
-                   token_rows: np.ndarray | None = None) -> list[str]:
+def block_problems(
+    manifest: dict, arrays: dict[str, np.ndarray], row_start: int, token_rows: np.ndarray | None = None
+) -> list[str]:
     """Problems in the rows ``[row_start, row_start + n)`` of a cache (empty list: the block looks right).
 
     ``arrays`` holds the per-row arrays (``row_index``, ``sample_index``, ``row_hash``, ``aug_params``) and the
@@ -191,12 +202,20 @@ def _chunks(n: int, width: int, offsets: np.ndarray | None) -> list[tuple[int, i
     return out
 
 
-def _verify_shard(cache_dir: Path, m: dict, entry: dict, index: int, expect_start: int, fp: _Fingerprint,
-                  data_hashes: np.ndarray | None) -> ShardReport:
+def _verify_shard(
+    cache_dir: Path,
+    m: dict,
+    entry: dict,
+    index: int,
+    expect_start: int,
+    fp: _Fingerprint,
+    data_hashes: np.ndarray | None,
+) -> ShardReport:
     name = str(entry.get("name"))
     start, stop = int(entry.get("row_start", -1)), int(entry.get("row_stop", -1))
-    rep = ShardReport(name=name, row_start=start, row_stop=stop, bytes=int(entry.get("bytes") or 0),
-                      sha256_ok=None, ok=False)
+    rep = ShardReport(
+        name=name, row_start=start, row_stop=stop, bytes=int(entry.get("bytes") or 0), sha256_ok=None, ok=False
+    )
     p = rep.problems
     if name != shard_name(index):
         p.append(f"manifest lists it as shard {index}, which should be named {shard_name(index)}")
@@ -268,7 +287,7 @@ def _verify_shard(cache_dir: Path, m: dict, entry: dict, index: int, expect_star
                 lo, hi = int(offsets[a]), int(offsets[b])
                 for k in tok_keys:
                     arrays[k] = f[k][lo:hi]
-                token_rows = start + a + np.repeat(np.arange(b - a), np.diff(offsets[a:b + 1]))
+                token_rows = start + a + np.repeat(np.arange(b - a), np.diff(offsets[a : b + 1]))
             found = block_problems(m, arrays, start + a, token_rows)
             if found:
                 p += found[:3]
@@ -296,14 +315,18 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
     problems: list[str] = []
     notes: list[str] = []
     if m["complete"] is not True:
-        problems.append("manifest says complete: false (cache-teacher was interrupted or is still running; re-run "
-                        "the same command to finish it)")
+        problems.append(
+            "manifest says complete: false (cache-teacher was interrupted or is still running; re-run "
+            "the same command to finish it)"
+        )
     kind = m.get("kind") or "classification"
     data_hashes = None
     if data is not None:
         if kind == "token":
-            raise CacheError("cache verify --data checks classification caches; for a token (LM) cache, run "
-                             "train-student or eval with it, which check the data fingerprint")
+            raise CacheError(
+                "cache verify --data checks classification caches; for a token (LM) cache, run "
+                "train-student or eval with it, which check the data fingerprint"
+            )
         from kdcli.cache.manifest import check_matches_data
         from kdcli.data import load_data
 
@@ -329,8 +352,10 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
         if fp.seen != num_samples:
             problems.append(f"view-0 rows cover {fp.seen} samples, the data had {num_samples}")
         elif want and got != want:
-            problems.append("the row hashes do not reproduce the data fingerprint in the manifest (rows edited, "
-                            "reordered or from other data)")
+            problems.append(
+                "the row hashes do not reproduce the data fingerprint in the manifest (rows edited, "
+                "reordered or from other data)"
+            )
     if kind == "token" and m["complete"] is True and all_ok:
         want_tokens = m["data"].get("num_targets")
         if want_tokens is not None:
@@ -343,28 +368,48 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
     listed = {s.get("name") for s in m["shards"]}
     stray = sorted(p.name for p in d.glob("shard-*.h5") if p.name not in listed)
     if stray:
-        notes.append(f"{len(stray)} shard file(s) not listed in the manifest ({stray[0]}...): leftovers of an "
-                     "interrupted run; they are ignored and replaced when cache-teacher resumes")
+        notes.append(
+            f"{len(stray)} shard file(s) not listed in the manifest ({stray[0]}...): leftovers of an "
+            "interrupted run; they are ignored and replaced when cache-teacher resumes"
+        )
     partials = sorted(p.name for p in d.glob("*" + PARTIAL))
     if partials:
-        notes.append(f"{len(partials)} *{PARTIAL} file(s) ({partials[0]}...): leftovers of an interrupted write, "
-                     "removed when cache-teacher runs again")
+        notes.append(
+            f"{len(partials)} *{PARTIAL} file(s) ({partials[0]}...): leftovers of an interrupted write, "
+            "removed when cache-teacher runs again"
+        )
     ranks = sorted(p.name for p in d.glob(RANK_MANIFEST_GLOB))
     if ranks:
-        notes.append(f"{len(ranks)} per-rank manifest(s) ({ranks[0]}...): an interrupted torchrun run; the next "
-                     "cache-teacher run merges them")
+        notes.append(
+            f"{len(ranks)} per-rank manifest(s) ({ranks[0]}...): an interrupted torchrun run; the next "
+            "cache-teacher run merges them"
+        )
     if (d / LOCK).exists():
         notes.append(f"{LOCK} present: a cache-teacher may be writing this cache now (or one was killed)")
     rows_verified = sum(s.rows for s in shards if s.ok)
     bad = [s.name for s in shards if not s.ok]
     if bad:
-        fix = (f"delete the damaged shard file(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) and re-run "
-               "the same cache-teacher command: it recomputes only what is missing")
+        fix = (
+            f"delete the damaged shard file(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) and re-run "
+            "the same cache-teacher command: it recomputes only what is missing"
+        )
     elif m["complete"] is not True:
         fix = "re-run the same cache-teacher command to finish the cache"
     else:
         fix = "rebuild the cache with the same cache-teacher command and --overwrite"
-    return VerifyReport(cache_dir=str(d), kind=kind, mode=m["mode"], num_classes=int(m["num_classes"]),
-                        complete=m["complete"] is True, num_rows=int(m["num_rows"]), rows_verified=rows_verified,
-                        bytes=sum(s.bytes for s in shards), ok=not problems, problems=problems, notes=notes,
-                        shards=shards, seconds=time.perf_counter() - t0, fix=fix if problems else "")
+    return VerifyReport(
+        cache_dir=str(d),
+        kind=kind,
+        mode=m["mode"],
+        num_classes=int(m["num_classes"]),
+        complete=m["complete"] is True,
+        num_rows=int(m["num_rows"]),
+        rows_verified=rows_verified,
+        bytes=sum(s.bytes for s in shards),
+        ok=not problems,
+        problems=problems,
+        notes=notes,
+        shards=shards,
+        seconds=time.perf_counter() - t0,
+        fix=fix if problems else "",
+    )

@@ -22,17 +22,17 @@ import hashlib
 import itertools
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 
-from kdcli.infra import crashpoints
-from kdcli.infra.atomic import PARTIAL, is_disk_full, replace_atomically
 from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
 from kdcli.cache.modes import get_mode
 from kdcli.cache.verify import block_problems
+from kdcli.infra import crashpoints
+from kdcli.infra.atomic import PARTIAL, is_disk_full, replace_atomically
 from kdcli.infra.errors import CacheError, KdError, UsageError
 
 _STOP = object()
@@ -83,8 +83,10 @@ def dataset_options(a: np.ndarray, compression: dict | None) -> dict:
         return {}
     name = compression.get("filter")
     if name not in FILTERS:
-        raise CacheError(f"the cache manifest asks for shard compression {compression!r}, which this kdcli cannot "
-                         "write; finish the cache with the kdcli that started it, or rebuild it with --overwrite")
+        raise CacheError(
+            f"the cache manifest asks for shard compression {compression!r}, which this kdcli cannot "
+            "write; finish the cache with the kdcli that started it, or rebuild it with --overwrite"
+        )
     row = a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
     rows = max(1, min(len(a), int(compression.get("chunk_bytes", CHUNK_BYTES)) // max(row, 1)))
     opts = {"chunks": (rows, *a.shape[1:]), "compression": name, "shuffle": bool(compression.get("shuffle"))}
@@ -109,8 +111,9 @@ def shard_image(arrays: dict[str, np.ndarray], attrs: dict, compression: dict | 
         return f.id.get_file_image()
 
 
-def write_shard_file(path: Path, arrays: dict[str, np.ndarray], attrs: dict,
-                     compression: dict | None = None) -> tuple[int, str]:
+def write_shard_file(
+    path: Path, arrays: dict[str, np.ndarray], attrs: dict, compression: dict | None = None
+) -> tuple[int, str]:
     """Write one shard to ``path + .partial``, fsync, rename into place; returns (bytes, sha256)."""
     image = shard_image(arrays, attrs, compression)
     tmp = path.with_name(path.name + PARTIAL)
@@ -132,10 +135,20 @@ def write_shard_file(path: Path, arrays: dict[str, np.ndarray], attrs: dict,
 class ShardWriter:
     """Accumulate row batches (dicts of equal-length arrays) and publish whole shards in the background."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, *, shard_size: int, first_shard: int = 0,
-                 token_keys: frozenset[str] = frozenset(), threaded: bool = True, queue_shards: int = 2,
-                 on_shard: Callable[[dict], None] | None = None, manifest_name: str = MANIFEST,
-                 check_values: bool = True):
+    def __init__(
+        self,
+        cache_dir: Path,
+        manifest: dict,
+        *,
+        shard_size: int,
+        first_shard: int = 0,
+        token_keys: frozenset[str] = frozenset(),
+        threaded: bool = True,
+        queue_shards: int = 2,
+        on_shard: Callable[[dict], None] | None = None,
+        manifest_name: str = MANIFEST,
+        check_values: bool = True,
+    ):
         self.dir = Path(cache_dir)
         self.manifest = manifest
         self.manifest_name = manifest_name  # a rank's own manifest.rank-N.json under torchrun
@@ -165,8 +178,9 @@ class ShardWriter:
     def seek(self, shard: int) -> None:
         """Continue at shard ``shard`` (a rank, or a resumed run, computes runs of shards with gaps between)."""
         if self._pending_rows:
-            raise RuntimeError(f"seek to shard {shard} with {self._pending_rows} rows of shard {self.next_shard} "
-                               "still pending")
+            raise RuntimeError(
+                f"seek to shard {shard} with {self._pending_rows} rows of shard {self.next_shard} still pending"
+            )
         self.next_shard = shard
 
     def close(self) -> None:
@@ -226,7 +240,7 @@ class ShardWriter:
                 out.setdefault(k, []).append(v)
             need -= len(part["row_index"])
             if rest is not None:
-                keep = [rest] + self._pending[i + 1:]
+                keep = [rest] + self._pending[i + 1 :]
                 break
         self._pending = keep
         self._pending_rows -= rows
@@ -266,8 +280,9 @@ class ShardWriter:
         if self.check_values:
             self._check(name, arrays, start)
         try:
-            nbytes, digest = write_shard_file(path, arrays, {"row_start": start, "row_stop": start + n},
-                                              self.manifest.get("compression"))
+            nbytes, digest = write_shard_file(
+                path, arrays, {"row_start": start, "row_stop": start + n}, self.manifest.get("compression")
+            )
             entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": nbytes, "sha256": digest}
             distinct = get_mode(self.manifest["mode"]).distinct_ids(arrays) if "mode" in self.manifest else None
             if distinct is not None:  # distinct ids stored in this shard, for the summary (reader.mean_unique_ids)
@@ -278,9 +293,11 @@ class ShardWriter:
             write_manifest(self.dir, self.manifest, self.manifest_name)
         except (OSError, RuntimeError) as e:
             if is_disk_full(e):  # `path`: the shard, or the manifest when the shard is already whole
-                raise UsageError(f"no space left on device while writing {path} ({e.__class__.__name__}); free "
-                                 "some space and re-run the same command: the whole shards already written are "
-                                 "kept") from None
+                raise UsageError(
+                    f"no space left on device while writing {path} ({e.__class__.__name__}); free "
+                    "some space and re-run the same command: the whole shards already written are "
+                    "kept"
+                ) from None
             raise
         crashpoints.reached("shard-published")
         if self.on_shard:
@@ -295,8 +312,10 @@ class ShardWriter:
             token_rows = start + np.repeat(np.arange(len(off) - 1), np.diff(off))
         found = block_problems(self.manifest, {k: v for k, v in arrays.items() if k != "offsets"}, start, token_rows)
         if found:
-            raise UsageError(f"the teacher's output for {name} is not a valid cache ({found[0]}); nothing was written "
-                             "for that shard: check the teacher weights, --dtype and --temperatures")
+            raise UsageError(
+                f"the teacher's output for {name} is not a valid cache ({found[0]}); nothing was written "
+                "for that shard: check the teacher weights, --dtype and --temperatures"
+            )
 
     def _raise_if_failed(self) -> None:
         if self._error is not None and not isinstance(self._error, KeyboardInterrupt):

@@ -5,13 +5,55 @@
 - :mod:`kdcli.config.commands` -- the commands' configs, composed from shared parts
 """
 
-from kdcli.config.base import (CLASSIFICATION, DEVICES, LANGUAGE_MODEL, PANELS, TASKS, TEMPERATURE_MAX,
-                               TEMPERATURE_MIN, cache_list, check_task_options, field_type, fields_of, flag_name,
-                               given, nonfinite_value, opt, parse_kv, parse_temperatures, read_yaml, resolve, to_dict,
-                               write_yaml)
+from kdcli.config.base import (
+    CLASSIFICATION,
+    DEVICES,
+    LANGUAGE_MODEL,
+    PANELS,
+    TASKS,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    cache_list,
+    check_task_options,
+    field_type,
+    fields_of,
+    flag_name,
+    given,
+    nonfinite_value,
+    opt,
+    parse_kv,
+    parse_temperatures,
+    read_yaml,
+    resolve,
+    to_dict,
+    write_yaml,
+)
 from kdcli.config.commands import CacheConfig, CompressConfig, EvalConfig, TrainConfig
 
-__all__ = ["CLASSIFICATION", "DEVICES", "LANGUAGE_MODEL", "PANELS", "TASKS", "TEMPERATURE_MAX", "TEMPERATURE_MIN",
-           "CacheConfig", "CompressConfig", "EvalConfig", "TrainConfig", "cache_list", "check_task_options",
-           "field_type", "fields_of", "flag_name", "given", "nonfinite_value", "opt", "parse_kv",
-           "parse_temperatures", "read_yaml", "resolve", "to_dict", "write_yaml"]
+__all__ = [
+    "CLASSIFICATION",
+    "DEVICES",
+    "LANGUAGE_MODEL",
+    "PANELS",
+    "TASKS",
+    "TEMPERATURE_MAX",
+    "TEMPERATURE_MIN",
+    "CacheConfig",
+    "CompressConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "cache_list",
+    "check_task_options",
+    "field_type",
+    "fields_of",
+    "flag_name",
+    "given",
+    "nonfinite_value",
+    "opt",
+    "parse_kv",
+    "parse_temperatures",
+    "read_yaml",
+    "resolve",
+    "to_dict",
+    "write_yaml",
+]

@@ -14,7 +14,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,36 @@ PANELS = ("Data", "Teacher", "Student", "Optimisation", "Cache", "Language model
 """The ``--help`` panels, in the order they are listed."""
 
 
-def opt(default: Any = REQUIRED, help: str = "", *, min: float | None = None, max: float | None = None,
-        gt: float | None = None, lt: float | None = None, choices: tuple[str, ...] | None = None,
-        repeat: bool = False, short: str | None = None, panel: str = "Output",
-        tasks: tuple[str, ...] = TASKS) -> Any:
+def opt(
+    default: Any = REQUIRED,
+    help: str = "",
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    repeat: bool = False,
+    short: str | None = None,
+    panel: str = "Output",
+    tasks: tuple[str, ...] = TASKS,
+) -> Any:
     """A config field with its help text and bounds (``min``/``max`` inclusive, ``gt``/``lt`` exclusive), the
     ``--help`` panel it is listed in and the tasks that use it (the others refuse it: :func:`check_task_options`)."""
     if panel not in PANELS:
         raise ValueError(f"unknown help panel {panel!r}")
-    meta = dict(help=help, min=min, max=max, gt=gt, lt=lt, choices=choices, repeat=repeat, short=short, panel=panel,
-                tasks=tuple(tasks))
+    meta = dict(
+        help=help,
+        min=min,
+        max=max,
+        gt=gt,
+        lt=lt,
+        choices=choices,
+        repeat=repeat,
+        short=short,
+        panel=panel,
+        tasks=tuple(tasks),
+    )
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,8 +85,15 @@ def fields_of(cls: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
-_ANNOTATION_NAMES = {"dict": dict, "list": list, "str": str, "int": int, "float": float, "bool": bool,
-                     "None": type(None)}
+_ANNOTATION_NAMES = {
+    "dict": dict,
+    "list": list,
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "None": type(None),
+}
 
 
 def _parse_annotation(text: str) -> Any:
@@ -77,7 +104,7 @@ def _parse_annotation(text: str) -> Any:
         if name not in _ANNOTATION_NAMES:
             raise TypeError(f"config field annotation {text!r}: {name!r} is not one of {sorted(_ANNOTATION_NAMES)}")
         parts.append(_ANNOTATION_NAMES[name])
-    return parts[0] if len(parts) == 1 else typing.Union[tuple(parts)]
+    return parts[0] if len(parts) == 1 else typing.Union[tuple(parts)]  # noqa: UP007 - built at run time
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
@@ -96,8 +123,14 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool]:
 
 
 def _type_name(tp: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-            list: "a list"}[tp]
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }[tp]
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -124,13 +157,18 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     if tp is dict:
         bad = nonfinite_value(value)
         if bad is not None:
-            raise UsageError(f"config key '{key}': {bad[0]} is {bad[1]!r}; model and adapter arguments must be finite "
-                             "numbers")
+            raise UsageError(
+                f"config key '{key}': {bad[0]} is {bad[1]!r}; model and adapter arguments must be finite numbers"
+            )
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         raise UsageError(f"config key '{key}' must be one of {', '.join(m['choices'])}; got {value!r}")
-    bounds = [("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
-              ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")]
+    bounds = [
+        ("min", lambda v, b: v >= b, ">="),
+        ("max", lambda v, b: v <= b, "<="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("lt", lambda v, b: v < b, "<"),
+    ]
     for name, test, sym in bounds:
         b = m.get(name)
         if b is not None and not test(value, b):
@@ -174,8 +212,11 @@ class _OneValuePerKey(yaml.SafeLoader):
                 continue
             if again:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first at line {first[key] + 1}); give it once",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"key {key!r} given twice (first at line {first[key] + 1}); give it once",
+                    key_node.start_mark,
+                )
             first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -233,8 +274,10 @@ def parse_temperatures(value: Any, key: str = "temperatures") -> tuple[float, ..
         if isinstance(item, bool) or not (t > 0 and t != float("inf")):
             raise UsageError(f"config key '{key}' must list positive temperatures, e.g. 1,2,4; got {item!r}")
         if not TEMPERATURE_MIN <= t <= TEMPERATURE_MAX:
-            raise UsageError(f"config key '{key}': temperature {t:g} is outside [{TEMPERATURE_MIN:g}, "
-                             f"{TEMPERATURE_MAX:g}], where the stored statistics stay finite; e.g. 1,2,4")
+            raise UsageError(
+                f"config key '{key}': temperature {t:g} is outside [{TEMPERATURE_MIN:g}, "
+                f"{TEMPERATURE_MAX:g}], where the stored statistics stay finite; e.g. 1,2,4"
+            )
         out.add(t)
     return tuple(sorted(out))
 
@@ -278,8 +321,11 @@ def given(cfg: Any) -> frozenset[str]:
         return keys
     out = set()
     for f in fields_of(type(cfg)):
-        default = f.default if f.default is not REQUIRED else (
-            f.default_factory() if f.default_factory is not REQUIRED else REQUIRED)  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not REQUIRED
+            else (f.default_factory() if f.default_factory is not REQUIRED else REQUIRED)
+        )  # type: ignore[misc]
         if default is not REQUIRED and getattr(cfg, f.name) != default:
             out.add(f.name)
     return frozenset(out)
@@ -298,8 +344,10 @@ def check_task_options(cfg: Any, task: str, data: str) -> None:
     for f in fields_of(type(cfg)):
         if f.name in given(cfg) and task not in f.metadata.get("tasks", TASKS):
             users = " and ".join(f.metadata["tasks"])
-            raise UsageError(f"{flag_name(f.name)} is for {users} runs; DATA {data} makes this a {task} run, which "
-                             "would ignore it: drop it")
+            raise UsageError(
+                f"{flag_name(f.name)} is for {users} runs; DATA {data} makes this a {task} run, which "
+                "would ignore it: drop it"
+            )
 
 
 def to_dict(cfg: Any) -> dict:

@@ -58,8 +58,17 @@ def is_disk_full(e: BaseException) -> bool:
         return True
     text = str(e)  # torch.save / safetensors / h5py wrap the OS error in their own exception types
     return isinstance(e, Exception) and any(
-        s in text for s in ("No space left", "Disk quota exceeded", "File too large", "errno = 28", "errno = 27",
-                            "os error 28", "os error 27"))
+        s in text
+        for s in (
+            "No space left",
+            "Disk quota exceeded",
+            "File too large",
+            "errno = 28",
+            "errno = 27",
+            "os error 28",
+            "os error 27",
+        )
+    )
 
 
 def remove_partials(directory: Path) -> list[Path]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,10 @@ def env_world() -> tuple[int, int, int]:
         rank = int(raw["RANK"] or 0)
         local = int(raw["LOCAL_RANK"] if raw["LOCAL_RANK"] not in (None, "") else rank)
     except ValueError:
-        raise UsageError(f"bad torchrun environment {raw}: RANK, WORLD_SIZE and LOCAL_RANK must be integers; "
-                         "launch with `torchrun --standalone --nproc-per-node N ...`") from None
+        raise UsageError(
+            f"bad torchrun environment {raw}: RANK, WORLD_SIZE and LOCAL_RANK must be integers; "
+            "launch with `torchrun --standalone --nproc-per-node N ...`"
+        ) from None
     if world < 1 or not 0 <= rank < world or local < 0:
         raise UsageError(f"bad torchrun environment {raw}: need 0 <= RANK < WORLD_SIZE")
     return rank, world, local
@@ -172,8 +175,9 @@ def init(device: torch.device) -> Dist:
     if device.type == "cuda":
         n = torch.cuda.device_count()
         if local >= n:
-            raise UsageError(f"LOCAL_RANK {local} but only {n} CUDA device(s) are visible; use "
-                             f"--nproc-per-node {n} or fewer")
+            raise UsageError(
+                f"LOCAL_RANK {local} but only {n} CUDA device(s) are visible; use --nproc-per-node {n} or fewer"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if _current is not None:
@@ -185,8 +189,10 @@ def init(device: torch.device) -> Dist:
     try:
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     except (ValueError, RuntimeError) as e:
-        raise UsageError(f"cannot join the torchrun process group ({backend}): {str(e).splitlines()[0]}; launch "
-                         "with `torchrun --standalone --nproc-per-node N ...`") from None
+        raise UsageError(
+            f"cannot join the torchrun process group ({backend}): {str(e).splitlines()[0]}; launch "
+            "with `torchrun --standalone --nproc-per-node N ...`"
+        ) from None
     _current = Dist(rank, world, local, device)
     atexit.register(cleanup)
     log.set_rank(rank, world)
@@ -238,6 +244,7 @@ def is_main_process() -> bool:
 
 
 # -- FSDP2: students larger than one device ------------------------------------------------------------------------
+
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """Shard ``model`` in place over the process group with FSDP2 (``fully_shard``): each block of its largest

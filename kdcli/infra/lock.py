@@ -41,7 +41,7 @@ class DirLock:
         self.held = False
         self._fd: int | None = None
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         if fcntl is None:
             return self._acquire_by_pid(me)
@@ -61,23 +61,24 @@ class DirLock:
                 continue
             owner = self._owner()
             if owner and owner.get("pid") not in (None, me["pid"]):
-                log.warn(f"taking over a stale lock on {self.path.parent} left by process {owner.get('pid')} on "
-                         f"{owner.get('host')}, which is gone")
+                log.warn(
+                    f"taking over a stale lock on {self.path.parent} left by process {owner.get('pid')} on "
+                    f"{owner.get('host')}, which is gone"
+                )
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(me).encode())
             self._fd, self.held = fd, True
             return self
         raise CacheError(f"could not lock {self.path.parent}")
 
-    def _acquire_by_pid(self, me: dict) -> "DirLock":
+    def _acquire_by_pid(self, me: dict) -> DirLock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
                 if owner and owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
-                    log.warn(f"taking over a stale lock on {self.path.parent} left by dead process "
-                             f"{owner.get('pid')}")
+                    log.warn(f"taking over a stale lock on {self.path.parent} left by dead process {owner.get('pid')}")
                     self.path.unlink(missing_ok=True)
                     continue
                 self._refuse(owner)
@@ -89,8 +90,10 @@ class DirLock:
 
     def _refuse(self, owner: dict | None) -> None:
         who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
-        raise CacheError(f"{self.path.parent} is being written by {who}; wait for it to finish (or delete "
-                         f"{self.path} if that process is gone)") from None
+        raise CacheError(
+            f"{self.path.parent} is being written by {who}; wait for it to finish (or delete "
+            f"{self.path} if that process is gone)"
+        ) from None
 
     def _owner(self) -> dict | None:
         try:
@@ -106,7 +109,7 @@ class DirLock:
                 self._fd = None
             self.held = False
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

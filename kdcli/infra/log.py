@@ -37,12 +37,19 @@ class Progress:
         self._t0 = self._last = time.perf_counter()
         self._last_frac = 0.0
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if sys.stderr.isatty() and _rank == 0:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), console=err_console, transient=True)
+            self._bar = RichProgress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total)
         return self

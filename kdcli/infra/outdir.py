@@ -18,13 +18,13 @@ import ctypes
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from kdcli.infra import log
 from kdcli.infra.atomic import fsync_dir
-from kdcli.infra.lock import LOCK
 from kdcli.infra.errors import UsageError
+from kdcli.infra.lock import LOCK
 
 STAGING_SUFFIX = ".kdcli-new"
 _PID_PARTIAL = re.compile(r"\.(?P<pid>\d+)-[0-9a-f]+\.partial$")
@@ -121,8 +121,10 @@ def remove_stale(out: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     if removed:
-        log.info(f"removed {len(removed)} leftover director{'y' if len(removed) == 1 else 'ies'} of an interrupted "
-                 f"run next to {out} ({removed[0].name}{', ...' if len(removed) > 1 else ''})")
+        log.info(
+            f"removed {len(removed)} leftover director{'y' if len(removed) == 1 else 'ies'} of an interrupted "
+            f"run next to {out} ({removed[0].name}{', ...' if len(removed) > 1 else ''})"
+        )
     return removed
 
 

@@ -8,6 +8,7 @@ import functools
 import torch
 
 from kdcli.infra import log
+from kdcli.infra.errors import UsageError
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}  # cache-teacher --dtype -> autocast dtype
 
@@ -29,8 +30,10 @@ def precision_context(precision: str, device: torch.device):
 
 @functools.cache
 def warn_emulated_bf16() -> None:  # once per process, not once per step
-    log.warn("--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower than "
-             "--precision fp32")
+    log.warn(
+        "--precision bf16 on a CPU without AVX512-BF16: bfloat16 products are emulated and likely slower than "
+        "--precision fp32"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,5 +42,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-

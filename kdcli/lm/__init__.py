@@ -7,8 +7,8 @@
 - :mod:`kdcli.lm.head_loss` -- the student's output layer and the distillation loss fused, chunk by chunk
 
 These are inputs to the language-model task (:mod:`kdcli.tasks.lm`), which the one cache pass, training loop and
-eval (kdcli.stages.cache, kdcli.stages.train, kdcli.stages.evaluate) use when :func:`is_text_spec` says DATA is text. Hugging Face
-tokenizers and models need the ``hf`` extra (``pip install kdcli[hf]``); Parquet and saved-dataset DATA the
+eval (kdcli.stages.cache, kdcli.stages.train, kdcli.stages.evaluate) use when :func:`is_text_spec` says DATA is text.
+Hugging Face tokenizers and models need the ``hf`` extra (``pip install kdcli[hf]``); Parquet and saved-dataset DATA the
 ``data-lm`` extra (pyarrow).
 """
 

@@ -52,8 +52,7 @@ def virtual_tokens(model: nn.Module) -> int:
     return int(cfg.num_virtual_tokens) if getattr(cfg, "is_prompt_learning", False) else 0
 
 
-def prompt_inputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_inputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs_embeds, attention_mask)`` of a prompt-tuned model: its (b, n, d) soft prompt, then the (b, L, d)
     token embeddings. Positions ``[n:]`` are the sequence's."""
     inner = hf_inner(model)
@@ -83,11 +82,15 @@ def add_adapter(model: nn.Module, method: str, args: dict, *, tokenizer, student
     if method not in METHODS:
         raise UsageError(f"--peft {method!r}: choose one of {', '.join(METHODS)}")
     if is_peft_model(model):
-        raise UsageError(f"student {student} already carries a {type(model).__name__} adapter; start from its base "
-                         "model or from a merged LoRA run dir")
+        raise UsageError(
+            f"student {student} already carries a {type(model).__name__} adapter; start from its base "
+            "model or from a merged LoRA run dir"
+        )
     if getattr(model, "config", None) is None or not hasattr(model, "generation_config"):
-        raise UsageError(f"--peft adapts a Hugging Face causal LM; student {student!r} is not one (use a Hugging Face "
-                         "directory, a kdcli run dir of one, or --student llama)")
+        raise UsageError(
+            f"--peft adapts a Hugging Face causal LM; student {student!r} is not one (use a Hugging Face "
+            "directory, a kdcli run dir of one, or --student llama)"
+        )
     args = dict(args)
     if method == "lora":
         args = {**LORA_DEFAULTS, **args}
@@ -98,8 +101,10 @@ def add_adapter(model: nn.Module, method: str, args: dict, *, tokenizer, student
         if isinstance(targets, (list, tuple)):
             missing = [t for t in targets if t not in found]
             if missing:
-                raise UsageError(f"LoRA target modules {missing} are not in student {student}; its adaptable "
-                                 f"modules are: {', '.join(found)}")
+                raise UsageError(
+                    f"LoRA target modules {missing} are not in student {student}; its adaptable "
+                    f"modules are: {', '.join(found)}"
+                )
         try:
             config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, **args)
             with warnings.catch_warnings():
@@ -109,8 +114,10 @@ def add_adapter(model: nn.Module, method: str, args: dict, *, tokenizer, student
             raise UsageError(f"bad --peft-arg for lora: {e}") from None
         except ValueError as e:
             first = (str(e).strip().splitlines() or ["?"])[0][:200]
-            raise UsageError(f"cannot add LoRA to student {student}: {first} (pass --peft-arg target_modules=[...]; "
-                             f"its adaptable modules are: {', '.join(found)})") from None
+            raise UsageError(
+                f"cannot add LoRA to student {student}: {first} (pass --peft-arg target_modules=[...]; "
+                f"its adaptable modules are: {', '.join(found)})"
+            ) from None
         return wrapped
     args = {**PROMPT_DEFAULTS, **args}
     init_text = args.pop("init_text", None)
@@ -134,7 +141,8 @@ def add_adapter(model: nn.Module, method: str, args: dict, *, tokenizer, student
         emb = hf_inner(wrapped).get_input_embeddings().weight
         with torch.no_grad():
             wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight.copy_(
-                emb[torch.tensor(ids, device=emb.device)].detach().clone())
+                emb[torch.tensor(ids, device=emb.device)].detach().clone()
+            )
     return wrapped
 
 

@@ -153,11 +153,17 @@ def _compile(template: str):
                 raise jinja2.exceptions.SecurityError(f"a namespace cannot store {name!r}")
             Namespace.__setitem__(self, name, value)
 
-    env = Limited(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols],
-                  finalize=finalize)
+    env = Limited(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols], finalize=finalize
+    )
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=dict, namespace=TemplateNamespace, range=limited_range)
+    env.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        dict=dict,
+        namespace=TemplateNamespace,
+        range=limited_range,
+    )
     return env, env.from_string(template)
 
 
@@ -186,11 +192,17 @@ def render(tok, messages: list[dict], template: str | None, add_generation_promp
     specials = {k: v for k, v in (getattr(tok, "special_tokens_map", None) or {}).items()}
     try:
         env.globals["__kdcli_budget__"] = lambda: budget
-        out = compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                              add_generation_prompt=add_generation_prompt, **specials)
+        out = compiled.render(
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **specials,
+        )
     except TemplateLimit as e:
-        raise UsageError(f"{where}: {origin} stopped: it took {e} (kdcli renders chat templates within limits; "
-                         "fix the template)") from None
+        raise UsageError(
+            f"{where}: {origin} stopped: it took {e} (kdcli renders chat templates within limits; fix the template)"
+        ) from None
     except RecursionError:
         raise UsageError(f"{where}: {origin} recursed without end") from None
     except MemoryError:

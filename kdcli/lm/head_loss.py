@@ -45,9 +45,17 @@ def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(x, 1, False, out=out)
 
 
-def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y: torch.Tensor | None, rows: slice,
-           T: float, c_soft: float, c_hard: float,
-           approximate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float, float, torch.Tensor | None]:
+def _chunk(
+    z: torch.Tensor,
+    bufs: list[torch.Tensor],
+    targets: Targets | None,
+    y: torch.Tensor | None,
+    rows: slice,
+    T: float,
+    c_soft: float,
+    c_hard: float,
+    approximate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, float, torch.Tensor | None]:
     """The gradient of the loss w.r.t. one chunk of logits z (c, V), the chunk's summed KL and CE, and for each row
     whether its label is the argmax (a label tied for the largest logit counts as hit).
 
@@ -84,8 +92,9 @@ def _chunk(z: torch.Tensor, bufs: list[torch.Tensor], targets: Targets | None, y
         lse = z_max / T - torch.log(qT.amax(dim=1))
     shared_hard = c_hard if shared else 0.0
     mult = c_soft + shared_hard  # what multiplies q_T in the gradient
-    g, f, soft_sum = targets.rows(rows).head_grad(HeadChunk(s=s, qT=qT, lse=lse, T=T, mult=mult, c_soft=c_soft,
-                                                            shared_hard=shared_hard, approximate=approximate))
+    g, f, soft_sum = targets.rows(rows).head_grad(
+        HeadChunk(s=s, qT=qT, lse=lse, T=T, mult=mult, c_soft=c_soft, shared_hard=shared_hard, approximate=approximate)
+    )
     if hard:
         if not shared:  # softmax(z) is a second buffer: bring the soft part to its final scale, then add
             if f is not None:
@@ -120,8 +129,9 @@ class _HeadKD(torch.autograd.Function):
                 z = zbuf[:c].copy_(torch.matmul(hb[rows], wb.T, out=zb[:c]))
             else:
                 z = torch.matmul(hf[rows], wf.T, out=zbuf[:c])  # (c, V)
-            g, scale, s_sum, h_sum, hit = _chunk(z, [b[:c] for b in bufs], targets, y, rows, T, c_soft, c_hard,
-                                                 approximate)
+            g, scale, s_sum, h_sum, hit = _chunk(
+                z, [b[:c] for b in bufs], targets, y, rows, T, c_soft, c_hard, approximate
+            )
             if hit is not None:
                 correct += int(hit.sum())
             soft += s_sum
@@ -147,9 +157,18 @@ class _HeadKD(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None, None
 
 
-def head_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None,
-                 *, temperature: float, alpha: float, chunk: int = 128, precision: str = "fp32",
-                 approximate: bool = False) -> tuple[LossParts, int]:
+def head_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: Targets | None,
+    labels: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    chunk: int = 128,
+    precision: str = "fp32",
+    approximate: bool = False,
+) -> tuple[LossParts, int]:
     """``kd_loss(hidden @ weight.T, targets, labels, ...)`` with forward KL, and the number of tokens whose argmax
     is the label, without keeping (N, V) logits: (N, d) hidden states at the predicted positions, (V, d) weight.
 
@@ -159,8 +178,18 @@ def head_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: Targets | 
     targets at a temperature they do not store)."""
     stats: dict = {}
     with torch.autocast(hidden.device.type, enabled=False):  # the precision is chosen here, not by autocast
-        total = _HeadKD.apply(hidden, weight, targets, labels, float(temperature), float(alpha), int(chunk), stats,
-                              precision == "bf16", bool(approximate))
+        total = _HeadKD.apply(
+            hidden,
+            weight,
+            targets,
+            labels,
+            float(temperature),
+            float(alpha),
+            int(chunk),
+            stats,
+            precision == "bf16",
+            bool(approximate),
+        )
     soft = total.new_tensor(stats["soft"] if targets is not None and alpha > 0 else 0.0)
     hard = total.new_tensor(stats["hard"] if labels is not None and alpha < 1 else 0.0)
     return LossParts(total=total, soft=soft, hard=hard), stats["correct"]

@@ -40,13 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kdcli.models.quant import finish_compressed, rebuild_compressed
 from kdcli.infra.errors import UsageError
-from kdcli.lm.adapters import hf_inner, is_peft_model, load_adapter, merged, prompt_inputs, save_adapter, \
-    virtual_tokens
+from kdcli.lm.adapters import hf_inner, is_peft_model, load_adapter, merged, prompt_inputs, save_adapter, virtual_tokens
 from kdcli.lm.text import HF_HINT, TOKENIZER_DIR, check_remote_code, transformers_module
-from kdcli.models.weights import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
 from kdcli.models.plugins import PLUGIN_COPY, call_factory, is_plugin_spec, load_factory, run_dir_plugin
+from kdcli.models.quant import finish_compressed, rebuild_compressed
+from kdcli.models.weights import MODEL_JSON, WEIGHTS, count_parameters, sha256_file
 
 
 class Block(nn.Module):
@@ -66,8 +65,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, L, d) -> (b, L, d)
         b, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (b, h, L, d/h)
+        a = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (b, h, L, d/h)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, L, d)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -79,8 +79,17 @@ class TinyTransformer(nn.Module):
     never attend to it.
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
-                 d_ff: int | None = None, max_length: int = 1024, dropout: float = 0.0, tie_embeddings: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        max_length: int = 1024,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise UsageError(f"transformer: d_model {d_model} must be divisible by n_heads {n_heads}")
@@ -113,8 +122,9 @@ class TinyTransformer(nn.Module):
         (torch.utils.checkpoint, non-reentrant; dropout draws are replayed exactly)."""
         self.gradient_checkpointing = True
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                hidden_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, hidden_only: bool = False
+    ) -> torch.Tensor:
         """(b, L, V) logits; ``hidden_only``: the (b, L, d) final hidden states (the fused loss applies the head)."""
         h = self.hidden(input_ids)
         return h if hidden_only else self.head(h)
@@ -123,8 +133,10 @@ class TinyTransformer(nn.Module):
         """(b, L) ids -> (b, L, d) final hidden states: the logits are ``hidden @ head.weight.T``."""
         b, L = input_ids.shape  # (b, L) int64
         if L > self.max_length:
-            raise UsageError(f"sequence of {L} tokens is longer than the transformer's max_length "
-                             f"{self.max_length}; pass --student-arg max_length={L} or a smaller --max-length")
+            raise UsageError(
+                f"sequence of {L} tokens is longer than the transformer's max_length "
+                f"{self.max_length}; pass --student-arg max_length={L} or a smaller --max-length"
+            )
         x = self.tok(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # (b, L, d)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
@@ -132,22 +144,36 @@ class TinyTransformer(nn.Module):
         return self.ln_f(x)
 
 
-def llama_student(vocab_size: int, hidden_size: int = 128, num_hidden_layers: int = 2, num_attention_heads: int = 4,
-                  num_key_value_heads: int | None = None, intermediate_size: int | None = None,
-                  max_position_embeddings: int = 1024, tie_word_embeddings: bool = True, **extra) -> nn.Module:
+def llama_student(
+    vocab_size: int,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 1024,
+    tie_word_embeddings: bool = True,
+    **extra,
+) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` (``--student llama``): small defaults, any other ``LlamaConfig``
     field as ``--student-arg KEY=VALUE`` (rope_theta, rms_norm_eps, pad_token_id, ...)."""
     tf = transformers_module()
     if hidden_size % num_attention_heads:
-        raise UsageError(f"llama: hidden_size {hidden_size} must be divisible by num_attention_heads "
-                         f"{num_attention_heads}")
+        raise UsageError(
+            f"llama: hidden_size {hidden_size} must be divisible by num_attention_heads {num_attention_heads}"
+        )
     try:
-        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                             num_attention_heads=num_attention_heads,
-                             num_key_value_heads=num_key_value_heads or num_attention_heads,
-                             intermediate_size=intermediate_size or 4 * hidden_size,
-                             max_position_embeddings=max_position_embeddings,
-                             tie_word_embeddings=tie_word_embeddings, **extra)
+        cfg = tf.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads or num_attention_heads,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+            **extra,
+        )
         return tf.LlamaForCausalLM(cfg)
     except (TypeError, ValueError) as e:
         raise UsageError(f"bad arguments for built-in model 'llama': {e}") from None
@@ -157,8 +183,22 @@ BUILTIN_LMS = {"transformer": TinyTransformer, "llama": llama_student}
 HF_BUILTINS = ("llama",)  # built-in students that are Hugging Face models
 HF_SHARD_SIZE = "5GB"  # save_pretrained's max_shard_size for HF run dirs
 # model types whose logits are exactly lm_head(final hidden states) (no soft-capping, scaling or bias)
-FUSABLE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2",
-                           "smollm3", "gemma", "starcoder2"})
+FUSABLE_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gpt2",
+        "gpt_neox",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "smollm3",
+        "gemma",
+        "starcoder2",
+    }
+)
 
 
 @dataclass
@@ -178,8 +218,13 @@ class LMInfo:
     device_map: dict | None = None  # HF teachers placed by accelerate: module -> device
 
     def identity(self) -> dict:
-        out = {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
-               "num_parameters": self.num_parameters, "vocab_size": self.vocab_size}
+        out = {
+            "spec": self.spec,
+            "args": self.args,
+            "weights_sha256": self.weights_sha256,
+            "num_parameters": self.num_parameters,
+            "vocab_size": self.vocab_size,
+        }
         if self.load_dtype not in (None, "float32"):
             out["load_dtype"] = self.load_dtype
         if self.device_map is not None:
@@ -299,8 +344,10 @@ def check_device_map(spec: str, device_map: str) -> None:
     if device_map not in DEVICE_MAPS:
         raise UsageError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
     if is_lm_run_dir(spec) or not is_hf_spec(spec):
-        raise UsageError(f"--teacher-device-map {device_map} spreads a Hugging Face teacher (a directory with "
-                         f"config.json or a .gguf file) over the devices; {spec!r} is not one: drop the flag")
+        raise UsageError(
+            f"--teacher-device-map {device_map} spreads a Hugging Face teacher (a directory with "
+            f"config.json or a .gguf file) over the devices; {spec!r} is not one: drop the flag"
+        )
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
@@ -332,9 +379,11 @@ def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
     new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns there
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if not callable(new or enable) or getattr(model, "supports_gradient_checkpointing", True) is False:
-        raise UsageError(f"--gradient-checkpointing: student {spec!r} does not support it (Hugging Face models "
-                         "and the built-in transformer do; a file.py:factory model must define "
-                         "gradient_checkpointing_enable()); drop the flag")
+        raise UsageError(
+            f"--gradient-checkpointing: student {spec!r} does not support it (Hugging Face models "
+            "and the built-in transformer do; a file.py:factory model must define "
+            "gradient_checkpointing_enable()); drop the flag"
+        )
     # non-reentrant: works when the embeddings are frozen (LoRA, prompt tuning) and replays dropout draws
     if isinstance(model, TinyTransformer):
         enable()
@@ -352,8 +401,9 @@ def hf_from_config(config: dict) -> nn.Module:
         raise UsageError(f"unknown Hugging Face model_type {config.get('model_type')!r}") from None
     config = {k: v for k, v in config.items() if k != "auto_map"}  # a recorded config never names code to run
     try:
-        return tf.AutoModelForCausalLM.from_config(cfg_cls.from_dict(config), dtype=torch.float32,
-                                                   trust_remote_code=False)
+        return tf.AutoModelForCausalLM.from_config(
+            cfg_cls.from_dict(config), dtype=torch.float32, trust_remote_code=False
+        )
     except Exception as e:  # a damaged model.json: its config does not build a model
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         raise UsageError(f"the recorded Hugging Face config does not build a model: {first}") from None
@@ -380,8 +430,9 @@ def is_hf_model(model: nn.Module) -> bool:
     return getattr(model, "config", None) is not None and hasattr(model, "generation_config")
 
 
-def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
-              call: nn.Module | None = None) -> torch.Tensor:
+def lm_logits(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, *, call: nn.Module | None = None
+) -> torch.Tensor:
     """(b, L) ids -> (b, L, V) logits for any supported LM. ``call`` runs the forward pass instead of ``model``:
     a DDP wrapper around :class:`LMForward` ``(model)`` (the wrapper must see every forward pass to average the
     gradients). A prompt-tuned model's virtual positions are dropped: position i is the sequence's token i."""
@@ -398,8 +449,10 @@ def lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = N
     out = model(ids)
     out = getattr(out, "logits", out)
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
-        raise UsageError(f"model returned {type(out).__name__} {getattr(out, 'shape', '')}; an LM must map (b, L) "
-                         "token ids to (b, L, vocab) logits")
+        raise UsageError(
+            f"model returned {type(out).__name__} {getattr(out, 'shape', '')}; an LM must map (b, L) "
+            "token ids to (b, L, vocab) logits"
+        )
     return out
 
 
@@ -449,9 +502,16 @@ class LMForward(nn.Module):
         return lm_hidden(self.lm, ids, mask) if hidden_only else lm_logits(self.lm, ids, mask)
 
 
-def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = None,
-             weights: str | None = None, dtype: str = "fp32", device_map: str = "none",
-             trust_remote_code: bool = False) -> tuple[nn.Module, LMInfo]:
+def build_lm(
+    spec: str,
+    args: dict | None = None,
+    *,
+    vocab_size: int | None = None,
+    weights: str | None = None,
+    dtype: str = "fp32",
+    device_map: str = "none",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, LMInfo]:
     """An LM MODEL spec -> (module, info). ``vocab_size`` sizes built-in/plugin students. ``dtype`` and
     ``device_map`` apply to Hugging Face models only (weights loaded in that dtype; placed by accelerate); other
     models load in fp32 on the CPU, and a device map for them is refused. ``trust_remote_code``: let a Hugging Face
@@ -463,8 +523,10 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
             raise UsageError(f"{spec} is a kdcli run directory; it rebuilds itself, drop the model arguments")
         return load_lm_run(Path(spec), weights=weights, trust_remote_code=trust_remote_code)
     if spec in BUILTIN_LMS and Path(spec).exists():
-        raise UsageError(f"{spec!r} is both a built-in model and a path here; write ./{spec} for the path, or run "
-                         "from another directory for the built-in")
+        raise UsageError(
+            f"{spec!r} is both a built-in model and a path here; write ./{spec} for the path, or run "
+            "from another directory for the built-in"
+        )
     if spec in BUILTIN_LMS:
         if vocab_size is None and "vocab_size" not in args:
             raise UsageError(f"built-in {spec!r} needs a vocabulary: give --cache (the teacher's) or --tokenizer")
@@ -473,8 +535,9 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
             model = BUILTIN_LMS[spec](**args)
         except TypeError as e:
             raise UsageError(f"bad arguments for built-in model {spec!r}: {e}") from None
-        info = LMInfo(spec=spec, kind="builtin", args=args,
-                      hf_config=model.config.to_dict() if is_hf_model(model) else None)
+        info = LMInfo(
+            spec=spec, kind="builtin", args=args, hf_config=model.config.to_dict() if is_hf_model(model) else None
+        )
     elif is_plugin_spec(spec):
         factory, _ = load_factory(spec)
         model = call_factory(factory, spec, args, {"vocab_size": vocab_size})
@@ -485,18 +548,22 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
         if args:
             raise UsageError(f"{spec} is a pretrained Hugging Face model; it takes no model arguments")
         model = _load_hf(spec, dtype, device_map, trust_remote_code)
-        info = LMInfo(spec=spec, kind="hf", weights_sha256=_hf_weights_sha(Path(spec)),
-                      hf_config=model.config.to_dict())
+        info = LMInfo(
+            spec=spec, kind="hf", weights_sha256=_hf_weights_sha(Path(spec)), hf_config=model.config.to_dict()
+        )
         info.load_dtype = str(LOAD_DTYPES[dtype]).removeprefix("torch.")
         if device_map != "none":
             model._kdcli_placed = True  # on a CPU-only machine accelerate places it all on the CPU, with no map
-            info.device_map = {str(k): str(v) for k, v in (getattr(model, "hf_device_map", None) or {"": "cpu"}
-                                                           ).items()}
+            info.device_map = {
+                str(k): str(v) for k, v in (getattr(model, "hf_device_map", None) or {"": "cpu"}).items()
+            }
     elif Path(spec).is_dir():
         raise UsageError(f"{spec} is neither a Hugging Face model directory (no config.json) nor a kdcli LM run dir")
     else:
-        raise UsageError(f"unknown LM MODEL {spec!r}; use a Hugging Face directory, a .gguf file, the built-in "
-                         "'transformer', path/to/file.py:factory or a kdcli LM run directory")
+        raise UsageError(
+            f"unknown LM MODEL {spec!r}; use a Hugging Face directory, a .gguf file, the built-in "
+            "'transformer', path/to/file.py:factory or a kdcli LM run directory"
+        )
     if weights:
         from kdcli.models.weights import load_weights
 
@@ -507,8 +574,16 @@ def build_lm(spec: str, args: dict | None = None, *, vocab_size: int | None = No
     return model, info
 
 
-def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tokenizer_id: dict,
-                text: dict, adapter: dict | None = None) -> None:
+def save_lm_run(
+    run_dir: Path,
+    model: nn.Module,
+    info: LMInfo,
+    *,
+    tokenizer,
+    tokenizer_id: dict,
+    text: dict,
+    adapter: dict | None = None,
+) -> None:
     """A self-contained LM run: model.json (how to rebuild it) and
 
     - a Hugging Face student (a LoRA one merged first): a Hugging Face model directory, ``save_pretrained`` +
@@ -572,9 +647,18 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
         save_tokenizer(tokenizer, tok_tmp)
         shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
         tok_tmp.rename(run_dir / TOKENIZER_DIR)
-    meta = {"kind": "lm", "layout": layout, "spec": spec, "model_kind": kind, "args": args,
-            "vocab_size": info.vocab_size, "num_parameters": info.num_parameters, "hf_config": hf_config,
-            "tokenizer": tokenizer_id, "text": text}
+    meta = {
+        "kind": "lm",
+        "layout": layout,
+        "spec": spec,
+        "model_kind": kind,
+        "args": args,
+        "vocab_size": info.vocab_size,
+        "num_parameters": info.num_parameters,
+        "hf_config": hf_config,
+        "tokenizer": tokenizer_id,
+        "text": text,
+    }
     if adapter:
         meta["peft"] = {**adapter, "save": "adapter" if layout == "adapter" else "merged"}
     if compression:
@@ -582,8 +666,14 @@ def save_lm_run(run_dir: Path, model: nn.Module, info: LMInfo, *, tokenizer, tok
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
 
 
-HF_FILES = ("config.json", "generation_config.json", WEIGHTS, "model.safetensors.index.json", "adapter_config.json",
-            "adapter_model.safetensors")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    WEIGHTS,
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
 
 
 def _clear_hf_files(run_dir: Path) -> None:
@@ -617,8 +707,7 @@ def read_lm_meta(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_lm_run(run_dir: Path, weights: str | None = None,
-                trust_remote_code: bool = False) -> tuple[nn.Module, LMInfo]:
+def load_lm_run(run_dir: Path, weights: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, LMInfo]:
     """Rebuild a kdcli LM run dir from its model.json. Nothing it names runs code: a plugin model only from the
     run's own model_source.py, a Hugging Face layout only without ``auto_map`` (unless ``trust_remote_code``), an
     adapter's base only a model directory whose weights still hash to what the adapter was trained on."""
@@ -628,20 +717,29 @@ def load_lm_run(run_dir: Path, weights: str | None = None,
     kind, spec, args = meta["model_kind"], meta["spec"], meta.get("args", {})
     layout = meta.get("layout", "kdcli")
     if not isinstance(args, dict):
-        raise UsageError(f"{run_dir}/{MODEL_JSON}: \"args\" must be a mapping, got {type(args).__name__}")
+        raise UsageError(f'{run_dir}/{MODEL_JSON}: "args" must be a mapping, got {type(args).__name__}')
     if layout == "adapter":
         if weights:
             raise UsageError(f"{run_dir} holds a peft adapter; --weights does not apply to it")
         return _load_adapter_run(Path(run_dir), meta, trust_remote_code)
     if layout == "hf" and not weights:
         model = _load_hf(str(run_dir), trust_remote_code=trust_remote_code)
-        return model, LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
-                             weights_sha256=_hf_weights_sha(Path(run_dir)), num_parameters=count_parameters(model),
-                             hf_config=meta.get("hf_config"), source=meta)
+        return model, LMInfo(
+            spec=str(run_dir),
+            kind="run",
+            args={},
+            vocab_size=int(meta.get("vocab_size", 0)),
+            weights_sha256=_hf_weights_sha(Path(run_dir)),
+            num_parameters=count_parameters(model),
+            hf_config=meta.get("hf_config"),
+            source=meta,
+        )
     if kind == "builtin" and not (layout == "hf" and meta.get("hf_config")):
         if spec not in BUILTIN_LMS:
-            raise UsageError(f"{run_dir}/{MODEL_JSON} names built-in model {spec!r}, which kdcli does not have "
-                             f"({', '.join(BUILTIN_LMS)})")
+            raise UsageError(
+                f"{run_dir}/{MODEL_JSON} names built-in model {spec!r}, which kdcli does not have "
+                f"({', '.join(BUILTIN_LMS)})"
+            )
         try:
             model = BUILTIN_LMS[spec](**args)
         except TypeError as e:
@@ -666,12 +764,21 @@ def load_lm_run(run_dir: Path, weights: str | None = None,
     except Exception as e:
         raise UsageError(f"weights {wpath} do not fit the model in {run_dir}: {str(e).splitlines()[0][:200]}") from None
     if unexpected or [m for m in missing if not _tied(model, m)]:
-        raise UsageError(f"weights {wpath} do not fit the model: missing {list(missing)[:3]}, unexpected "
-                         f"{list(unexpected)[:3]}")
+        raise UsageError(
+            f"weights {wpath} do not fit the model: missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}"
+        )
     finish_compressed(model, compression)
-    info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
-                  weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model),
-                  hf_config=meta.get("hf_config"), source=meta, compression=compression)
+    info = LMInfo(
+        spec=str(run_dir),
+        kind="run",
+        args={},
+        vocab_size=int(meta.get("vocab_size", 0)),
+        weights_sha256=sha256_file(wpath),
+        num_parameters=count_parameters(model),
+        hf_config=meta.get("hf_config"),
+        source=meta,
+        compression=compression,
+    )
     return model, info
 
 
@@ -683,8 +790,11 @@ def weights_sha_of(spec: str) -> str | None:
         meta = read_lm_meta(p)
         if meta.get("layout") == "adapter":
             return None
-        return _hf_weights_sha(p) if meta.get("layout") == "hf" else (
-            sha256_file(p / WEIGHTS) if (p / WEIGHTS).is_file() else None)
+        return (
+            _hf_weights_sha(p)
+            if meta.get("layout") == "hf"
+            else (sha256_file(p / WEIGHTS) if (p / WEIGHTS).is_file() else None)
+        )
     return _hf_weights_sha(p)
 
 
@@ -697,27 +807,41 @@ def _load_adapter_run(run_dir: Path, meta: dict, trust_remote_code: bool = False
     if not isinstance(base, str) or not base:
         raise UsageError(f"{run_dir}/{MODEL_JSON} records no base model for its adapter (peft.base)")
     if is_plugin_spec(base) or not (is_hf_spec(base) or is_lm_run_dir(base)):
-        raise UsageError(f"{run_dir}/{MODEL_JSON} names {base!r} as its adapter's base; a base must be a Hugging Face "
-                         "model directory, a .gguf file or a kdcli LM run dir that exists (kdcli never runs code a "
-                         "file it reads points to)")
+        raise UsageError(
+            f"{run_dir}/{MODEL_JSON} names {base!r} as its adapter's base; a base must be a Hugging Face "
+            "model directory, a .gguf file or a kdcli LM run dir that exists (kdcli never runs code a "
+            "file it reads points to)"
+        )
     if is_lm_run_dir(base) and read_lm_meta(Path(base)).get("layout") == "adapter":
-        raise UsageError(f"the base {base} of adapter run {run_dir} is itself an adapter run; train adapters on a "
-                         "full model")
+        raise UsageError(
+            f"the base {base} of adapter run {run_dir} is itself an adapter run; train adapters on a full model"
+        )
     if not (rec.get("base_sha256") and isinstance(rec["base_sha256"], str)):
-        raise UsageError(f"{run_dir}/{MODEL_JSON} records no weights hash of its base (peft.base_sha256); re-train "
-                         "the adapter with this kdcli")
+        raise UsageError(
+            f"{run_dir}/{MODEL_JSON} records no weights hash of its base (peft.base_sha256); re-train "
+            "the adapter with this kdcli"
+        )
     sha = weights_sha_of(base)
     if sha != rec["base_sha256"]:
-        raise UsageError(f"the base model {base} of adapter run {run_dir} has changed since the adapter was trained "
-                         f"(weights sha256 {str(sha)[:12]} vs {rec['base_sha256'][:12]})")
+        raise UsageError(
+            f"the base model {base} of adapter run {run_dir} has changed since the adapter was trained "
+            f"(weights sha256 {str(sha)[:12]} vs {rec['base_sha256'][:12]})"
+        )
     if not (run_dir / "adapter_model.safetensors").is_file():
         raise UsageError(f"{run_dir} has no adapter_model.safetensors (kdcli reads adapters as safetensors only)")
     base_model, _ = build_lm(base, trust_remote_code=trust_remote_code)
     model = load_adapter(base_model, run_dir)
     model.eval()
-    info = LMInfo(spec=str(run_dir), kind="run", args={}, vocab_size=int(meta.get("vocab_size", 0)),
-                  weights_sha256=sha256_file(run_dir / "adapter_model.safetensors"),
-                  num_parameters=count_parameters(model), hf_config=meta.get("hf_config"), source=meta)
+    info = LMInfo(
+        spec=str(run_dir),
+        kind="run",
+        args={},
+        vocab_size=int(meta.get("vocab_size", 0)),
+        weights_sha256=sha256_file(run_dir / "adapter_model.safetensors"),
+        num_parameters=count_parameters(model),
+        hf_config=meta.get("hf_config"),
+        source=meta,
+    )
     return model, info
 
 

@@ -67,6 +67,7 @@ TOKENIZER_DIR = "tokenizer"  # inside a kdcli LM run dir
 
 # -- tokenizers --------------------------------------------------------------------------------------------------
 
+
 def transformers_module():
     try:
         import transformers
@@ -107,8 +108,10 @@ def check_remote_code(path: Path, trust_remote_code: bool) -> None:
     asks on stdin (its prompt would land on kdcli's stdout, the results channel)."""
     code = remote_code(path)
     if code and not trust_remote_code:
-        raise UsageError(f"{path} asks to run its own code ({', '.join(sorted(set(code)))[:160]} via auto_map); kdcli "
-                         "runs no code from a model directory unless you pass --trust-remote-code")
+        raise UsageError(
+            f"{path} asks to run its own code ({', '.join(sorted(set(code)))[:160]} via auto_map); kdcli "
+            "runs no code from a model directory unless you pass --trust-remote-code"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,8 +135,10 @@ def _load_tokenizer_cached(spec: str, mtime: float, trust_remote_code: bool):
     except Exception as e:  # a tokenizer the library cannot read is bad input, whatever it raises
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         raise UsageError(f"cannot load a tokenizer from {spec}: {first}") from None
-    raise UsageError(f"tokenizer {spec!r}: give a local Hugging Face directory, a .gguf file, a tokenizer.json "
-                     "file or a kdcli LM run directory")
+    raise UsageError(
+        f"tokenizer {spec!r}: give a local Hugging Face directory, a .gguf file, a tokenizer.json "
+        "file or a kdcli LM run directory"
+    )
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
@@ -161,10 +166,22 @@ def tokenizer_identity(tok, spec: str) -> dict:
         h.update(json.dumps(spec_json, sort_keys=True).encode())
     else:  # slow (sentencepiece) tokenizers: hash the vocabulary
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    h.update(json.dumps({"special": {k: str(getattr(tok, k, None)) for k in ("eos_token", "bos_token", "unk_token")},
-                         "chat_template": getattr(tok, "chat_template", None)}, sort_keys=True).encode())
-    return {"spec": str(spec), "name": getattr(tok, "name_or_path", "") or Path(spec).name,
-            "sha256": h.hexdigest(), "vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
+    h.update(
+        json.dumps(
+            {
+                "special": {k: str(getattr(tok, k, None)) for k in ("eos_token", "bos_token", "unk_token")},
+                "chat_template": getattr(tok, "chat_template", None),
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    return {
+        "spec": str(spec),
+        "name": getattr(tok, "name_or_path", "") or Path(spec).name,
+        "sha256": h.hexdigest(),
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+    }
 
 
 def save_tokenizer(tok, directory: Path) -> None:
@@ -173,6 +190,7 @@ def save_tokenizer(tok, directory: Path) -> None:
 
 
 # -- settings and data -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TextSettings:
@@ -191,7 +209,7 @@ class TextSettings:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextSettings":
+    def from_dict(cls, d: dict) -> TextSettings:
         """The settings recorded by :meth:`as_dict` (a manifest's ``text`` or a run dir's); other keys ignored."""
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
@@ -239,9 +257,15 @@ class TokenData:
         return fingerprint(self.row_hash)
 
     def identity(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "num_samples": self.n,
-                "num_tokens": int(self.lengths.sum()), "num_targets": int(self.num_targets.sum()),
-                "num_classes": self.vocab_size, "fingerprint": self.fingerprint}
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "num_samples": self.n,
+            "num_tokens": int(self.lengths.sum()),
+            "num_targets": int(self.num_targets.sum()),
+            "num_classes": self.vocab_size,
+            "fingerprint": self.fingerprint,
+        }
 
 
 def _is_one_run(mask: np.ndarray, first: int) -> bool:
@@ -249,8 +273,9 @@ def _is_one_run(mask: np.ndarray, first: int) -> bool:
     return bool(mask[first:].all()) and not mask[:first].any()
 
 
-def token_row_hashes(ids: list[np.ndarray], first_target: np.ndarray,
-                     masks: list[np.ndarray] | None = None) -> np.ndarray:
+def token_row_hashes(
+    ids: list[np.ndarray], first_target: np.ndarray, masks: list[np.ndarray] | None = None
+) -> np.ndarray:
     out = np.empty(len(ids), dtype=np.uint64)
     for i, s in enumerate(ids):
         h = hashlib.blake2b(np.ascontiguousarray(s, dtype="<i4").tobytes(), digest_size=8)
@@ -282,8 +307,9 @@ def read_template(value: str | None) -> str | None:
         try:
             value.format(prompt="x")
         except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(f"template {value[:60]!r} is not a valid format string ({e}); write literal braces as "
-                             "{{ and }}") from None
+            raise UsageError(
+                f"template {value[:60]!r} is not a valid format string ({e}); write literal braces as {{{{ and }}}}"
+            ) from None
     elif not value.strip():
         raise UsageError("empty --teacher-prompt or --prompt-template: give its text, or leave the option out")
     return value
@@ -291,8 +317,10 @@ def read_template(value: str | None) -> str | None:
 
 def _check_prompt_template(value: str) -> str:
     if PROMPT not in value:
-        raise UsageError(f"template {value[:60]!r} has no {{prompt}} placeholder; write where the row's prompt goes, "
-                         "e.g. 'You are a pirate.\\n\\n{prompt}'")
+        raise UsageError(
+            f"template {value[:60]!r} has no {{prompt}} placeholder; write where the row's prompt goes, "
+            "e.g. 'You are a pirate.\\n\\n{prompt}'"
+        )
     return read_template(value)
 
 
@@ -304,22 +332,29 @@ def read_chat_template(path: str | None) -> str | None:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --chat-template {p}: {e.__class__.__name__}; give a Jinja chat template "
-                         "file") from None
+        raise UsageError(
+            f"cannot read --chat-template {p}: {e.__class__.__name__}; give a Jinja chat template file"
+        ) from None
     if "{{" not in text and "{%" not in text:
-        raise UsageError(f"--chat-template {p} is not a Jinja template (no {{{{ ... }}}} or {{% ... %}}); give a "
-                         "file like a tokenizer_config.json's \"chat_template\" value")
+        raise UsageError(
+            f"--chat-template {p} is not a Jinja template (no {{{{ ... }}}} or {{% ... %}}); give a "
+            'file like a tokenizer_config.json\'s "chat_template" value'
+        )
     return text
 
 
 # -- reading rows: JSONL, Parquet, saved Hugging Face datasets ----------------------------------------------------
 
 ARROW_HINT = "install the LM data extra: pip install 'kdcli[data-lm]'"
-ROW_KEYS = (("text", ("text",)), ("prompt", ("prompt", "response")), ("messages", ("messages",)),
-            ("conversations", ("conversations",)))
+ROW_KEYS = (
+    ("text", ("text",)),
+    ("prompt", ("prompt", "response")),
+    ("messages", ("messages",)),
+    ("conversations", ("conversations",)),
+)
 KIND_OF = {"text": "text", "prompt": "prompt", "messages": "chat", "conversations": "chat"}
 KIND_NAMES = {"text": "text", "prompt": "prompt/response", "chat": "chat"}
-NEEDS = "\"text\", \"prompt\" and \"response\", \"messages\" (chat) or \"conversations\" (ShareGPT)"
+NEEDS = '"text", "prompt" and "response", "messages" (chat) or "conversations" (ShareGPT)'
 BATCH_ROWS = 1024  # rows per Arrow record batch read
 
 
@@ -340,8 +375,10 @@ def _utf8_lines(f, path: Path):
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                             f"{e.start + 1}); JSONL text must be UTF-8") from None
+            raise UsageError(
+                f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                f"{e.start + 1}); JSONL text must be UTF-8"
+            ) from None
 
 
 def read_jsonl(path: Path, sl: slice | None = None):
@@ -381,8 +418,10 @@ def _pyarrow():
         import pyarrow.ipc  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise UsageError("Parquet and Hugging Face dataset DATA are read with the pyarrow package, which is not "
-                         "installed", hint=ARROW_HINT) from None
+        raise UsageError(
+            "Parquet and Hugging Face dataset DATA are read with the pyarrow package, which is not installed",
+            hint=ARROW_HINT,
+        ) from None
     return pyarrow
 
 
@@ -409,8 +448,9 @@ def _arrow_files(spec: str, base: Path, kind: str) -> list[Path]:
         except (OSError, ValueError, AttributeError):
             splits = []
         eg = f"{base / splits[0]}" if splits else f"{base}/train"
-        raise UsageError(f"{spec} holds several splits ({', '.join(map(str, splits)) or '?'}); pass one of them "
-                         f"as DATA, e.g. {eg}")
+        raise UsageError(
+            f"{spec} holds several splits ({', '.join(map(str, splits)) or '?'}); pass one of them as DATA, e.g. {eg}"
+        )
     if kind == "parquet":
         if base.is_file():
             return [base]
@@ -421,23 +461,31 @@ def _arrow_files(spec: str, base: Path, kind: str) -> list[Path]:
         state = json.loads((base / "state.json").read_text())
         names = [d["filename"] for d in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"{base}/state.json does not list the dataset's files (\"_data_files\"); re-save it with "
-                         "datasets.Dataset.save_to_disk") from None
+        raise UsageError(
+            f'{base}/state.json does not list the dataset\'s files ("_data_files"); re-save it with '
+            "datasets.Dataset.save_to_disk"
+        ) from None
     for name in names:  # confined to the dataset's own directory: a state.json never points kdcli elsewhere
         if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-            raise UsageError(f"{base}/state.json lists the data file {name!r}; a saved dataset's files are plain file "
-                             "names inside its directory")
+            raise UsageError(
+                f"{base}/state.json lists the data file {name!r}; a saved dataset's files are plain file "
+                "names inside its directory"
+            )
     files = [base / name for name in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing or not files:
-        raise UsageError(f"{spec}: Arrow file {missing[0] if missing else '(none listed)'} of the saved dataset is "
-                         "missing")
+        raise UsageError(
+            f"{spec}: Arrow file {missing[0] if missing else '(none listed)'} of the saved dataset is missing"
+        )
     return files
 
 
 def _is_str(pa, t) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or \
-        (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+    )
 
 
 def _pick_columns(pa, spec: str, where: str, schema) -> tuple[str, tuple[str, ...]]:
@@ -455,11 +503,14 @@ def _pick_columns(pa, spec: str, where: str, schema) -> tuple[str, tuple[str, ..
             else:
                 keys = ("role", "content") if fmt == "messages" else ("from", "value")
                 item = t.value_type if (pa.types.is_list(t) or pa.types.is_large_list(t)) else None
-                ok = item is not None and pa.types.is_struct(item) and \
-                    all(item.get_field_index(k) >= 0 and _is_str(pa, item.field(k).type) for k in keys)
+                ok = (
+                    item is not None
+                    and pa.types.is_struct(item)
+                    and all(item.get_field_index(k) >= 0 and _is_str(pa, item.field(k).type) for k in keys)
+                )
                 want = "lists of {" + ", ".join(keys) + "} records (strings)"
             if not ok:
-                raise UsageError(f"{where}: column \"{c}\" holds {t}, not {want}; {found}")
+                raise UsageError(f'{where}: column "{c}" holds {t}, not {want}; {found}')
         return fmt, cols
     raise UsageError(f"{where}: no usable columns: need {NEEDS}; {found}")
 
@@ -563,7 +614,7 @@ def iter_rows(spec: str):
 
 def _row_format(where: str, row: dict) -> str:
     """Which ROW_KEYS format a row is in (string fields checked; chat messages are checked by _chat_messages)."""
-    for fmt, keys in ROW_KEYS:
+    for fmt, keys in ROW_KEYS:  # noqa: B007 - the match is used after the loop
         if all(k in row for k in keys):
             break
     else:
@@ -571,9 +622,9 @@ def _row_format(where: str, row: dict) -> str:
     if fmt in ("text", "prompt"):
         for k in keys:
             if row[k] is None:
-                raise UsageError(f"{where}: \"{k}\" is null; every row needs a string there")
+                raise UsageError(f'{where}: "{k}" is null; every row needs a string there')
             if not isinstance(row[k], str):
-                raise UsageError(f"{where}: \"{k}\" must be a string, got {type(row[k]).__name__}")
+                raise UsageError(f'{where}: "{k}" must be a string, got {type(row[k]).__name__}')
     return fmt
 
 
@@ -586,17 +637,23 @@ def _chat_messages(where: str, row: dict, fmt: str) -> list[dict]:
     turns = row[fmt]
     role_key, text_key = ("role", "content") if fmt == "messages" else ("from", "value")
     if not isinstance(turns, list) or not turns:
-        raise UsageError(f"{where}: \"{fmt}\" must be a non-empty list of {{\"{role_key}\": ..., \"{text_key}\": "
-                         f"...}} turns, got {type(turns).__name__ if turns is not None else 'null'}")
+        raise UsageError(
+            f'{where}: "{fmt}" must be a non-empty list of {{"{role_key}": ..., "{text_key}": '
+            f"...}} turns, got {type(turns).__name__ if turns is not None else 'null'}"
+        )
     out = []
     for j, m in enumerate(turns, 1):
         if not isinstance(m, dict):
-            raise UsageError(f"{where}: turn {j} of \"{fmt}\" must be an object with \"{role_key}\" and "
-                             f"\"{text_key}\", got {type(m).__name__}")
+            raise UsageError(
+                f'{where}: turn {j} of "{fmt}" must be an object with "{role_key}" and '
+                f'"{text_key}", got {type(m).__name__}'
+            )
         role = m.get(role_key)
         if not isinstance(role, str):
-            raise UsageError(f"{where}: turn {j} needs a string \"{role_key}\", got "
-                             f"{type(role).__name__ if role is not None else 'null'}")
+            raise UsageError(
+                f'{where}: turn {j} needs a string "{role_key}", got '
+                f"{type(role).__name__ if role is not None else 'null'}"
+            )
         if fmt == "messages":
             ok = role in ROLES
             known = ", ".join(ROLES)
@@ -608,17 +665,22 @@ def _chat_messages(where: str, row: dict, fmt: str) -> list[dict]:
             raise UsageError(f"{where}: turn {j} has unknown {role_key} {m.get(role_key)!r}; use one of {known}")
         content = m.get(text_key)
         if not isinstance(content, str):
-            raise UsageError(f"{where}: turn {j} ({m.get(role_key)}) needs a string \"{text_key}\", got "
-                             f"{type(content).__name__ if content is not None else 'null'}")
+            raise UsageError(
+                f'{where}: turn {j} ({m.get(role_key)}) needs a string "{text_key}", got '
+                f"{type(content).__name__ if content is not None else 'null'}"
+            )
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
-        raise UsageError(f"{where}: no assistant turn; a chat row needs at least one "
-                         + ("{\"role\": \"assistant\"} message" if fmt == "messages" else "{\"from\": \"gpt\"} turn")
-                         + " (its tokens are what is predicted)")
+        raise UsageError(
+            f"{where}: no assistant turn; a chat row needs at least one "
+            + ('{"role": "assistant"} message' if fmt == "messages" else '{"from": "gpt"} turn')
+            + " (its tokens are what is predicted)"
+        )
     return out
 
 
 # -- chat rendering ----------------------------------------------------------------------------------------------
+
 
 def _render(tok, messages: list[dict], template: str | None, gen: bool, where: str) -> str:
     """One conversation rendered as ``apply_chat_template(tokenize=False)`` renders it, within time, step and size
@@ -628,8 +690,9 @@ def _render(tok, messages: list[dict], template: str | None, gen: bool, where: s
     return render(tok, messages, template, gen, where)
 
 
-def render_chat(tok, messages: list[dict], template: str | None, where: str = "chat row") \
-        -> tuple[list[int], np.ndarray]:
+def render_chat(
+    tok, messages: list[dict], template: str | None, where: str = "chat row"
+) -> tuple[list[int], np.ndarray]:
     """Token ids of a rendered conversation (as ``apply_chat_template`` tokenizes it) and a bool mask, True at
     every token of an assistant turn (its content and end-of-turn marker; not its header, not what follows).
 
@@ -643,7 +706,7 @@ def render_chat(tok, messages: list[dict], template: str | None, where: str = "c
     for j, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        upto = _render(tok, messages[:j + 1], template, False, where)
+        upto = _render(tok, messages[: j + 1], template, False, where)
         plain = _render(tok, messages[:j], template, False, where) if j else ""
         gen = _render(tok, messages[:j], template, True, where) if j else plain
         if gen != plain and upto.startswith(gen):
@@ -652,21 +715,26 @@ def render_chat(tok, messages: list[dict], template: str | None, where: str = "c
             body = m["content"].strip()
             start = upto.find(body, len(plain)) if body and upto.startswith(plain) else -1
             if start < 0:
-                raise UsageError(f"{where}: cannot find where assistant turn {j + 1} starts in the rendered chat "
-                                 "(the chat template neither writes a generation prompt before it nor its content "
-                                 "as given); use --chat-template with a template that does")
+                raise UsageError(
+                    f"{where}: cannot find where assistant turn {j + 1} starts in the rendered chat "
+                    "(the chat template neither writes a generation prompt before it nor its content "
+                    "as given); use --chat-template with a template that does"
+                )
         end = len(upto.rstrip())
         if not full.startswith(upto[:end]):
-            raise UsageError(f"{where}: the chat template renders assistant turn {j + 1} differently once later "
-                             "turns follow, so its tokens cannot be located; use --chat-template with a template "
-                             "that renders each turn the same way")
+            raise UsageError(
+                f"{where}: the chat template renders assistant turn {j + 1} differently once later "
+                "turns follow, so its tokens cannot be located; use --chat-template with a template "
+                "that renders each turn the same way"
+            )
         if end > start:
             spans.append((start, end))
     try:
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
-        raise UsageError("chat rows need a fast tokenizer (one with a tokenizer.json) to locate the assistant "
-                         "tokens") from None
+        raise UsageError(
+            "chat rows need a fast tokenizer (one with a tokenizer.json) to locate the assistant tokens"
+        ) from None
     ids = list(enc["input_ids"])
     offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), dtype=bool)
@@ -682,8 +750,9 @@ def _require_chat_template(tok, settings: TextSettings) -> None:
 
     if settings.chat_template is None and not tokenizer_template(tok):
         name = getattr(tok, "name_or_path", "") or "the tokenizer"
-        raise UsageError(f"chat rows need a chat template, and {name} has none; pass --chat-template FILE (a Jinja "
-                         "chat template)")
+        raise UsageError(
+            f"chat rows need a chat template, and {name} has none; pass --chat-template FILE (a Jinja chat template)"
+        )
 
 
 def _encode(tok, text: str) -> list[int]:
@@ -692,8 +761,10 @@ def _encode(tok, text: str) -> list[int]:
 
 # -- building sequences ------------------------------------------------------------------------------------------
 
-def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None = None,
-              target_masks: bool = False) -> TokenData:
+
+def load_text(
+    spec: str, tok, settings: TextSettings, *, vocab_size: int | None = None, target_masks: bool = False
+) -> TokenData:
     """Read a DATA spec (optionally sliced by row, before packing) and tokenize it.
 
     ``target_masks``: the caller handles :attr:`TokenData.target_mask` (multi-turn chat rows, whose predicted
@@ -711,8 +782,10 @@ def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None 
         for where, row in itertools.chain([first_row], rows):
             fmt = _row_format(where, row)
             if KIND_OF[fmt] != kind:
-                raise UsageError(f"{spec} mixes {KIND_NAMES[kind]} rows and {KIND_NAMES[KIND_OF[fmt]]} rows "
-                                 f"({where}); use one kind per file")
+                raise UsageError(
+                    f"{spec} mixes {KIND_NAMES[kind]} rows and {KIND_NAMES[KIND_OF[fmt]]} rows "
+                    f"({where}); use one kind per file"
+                )
             yield where, row, fmt
 
     out = {"prompts": None, "response_start": None, "target_mask": None, "chats": None}
@@ -722,7 +795,7 @@ def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None 
         docs = [_encode(tok, r["text"]) + ([eos] if eos is not None else []) for _, r, _ in same_kind()]
         if settings.pack:
             flat = np.fromiter((t for d in docs for t in d), dtype=np.int32)
-            ids = [flat[a:a + L] for a in range(0, len(flat), L)]
+            ids = [flat[a : a + L] for a in range(0, len(flat), L)]
             ids = [s for s in ids if len(s) >= 2]
         else:
             cut = sum(len(d) > L for d in docs)
@@ -738,10 +811,10 @@ def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None 
             p = _encode(tok, template.format(prompt=r["prompt"]))
             resp = _encode(tok, r["response"]) + ([eos] if eos is not None else [])
             if len(p) > L - 1:
-                p = p[len(p) - (L - 1):]
+                p = p[len(p) - (L - 1) :]
                 cut_prompt += 1
             if len(p) + len(resp) > L:
-                resp = resp[:L - len(p)]
+                resp = resp[: L - len(p)]
                 cut_resp += 1
             ids.append(np.asarray(p + resp, dtype=np.int32))
             starts.append(len(p))
@@ -750,14 +823,15 @@ def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None 
         if cut_resp:
             notes.append(f"{cut_resp} of {len(ids)} responses were cut at --max-length {L}")
         if cut_prompt:
-            notes.append(f"{cut_prompt} of {len(ids)} prompts were longer than --max-length {L} and lost their "
-                         "start")
+            notes.append(f"{cut_prompt} of {len(ids)} prompts were longer than --max-length {L} and lost their start")
         first = np.asarray(first_l, dtype=np.int64)
         out["prompts"], out["response_start"] = prompts, np.asarray(starts, dtype=np.int64)
     else:
         if settings.prompt_template != PROMPT:
-            raise UsageError("--prompt-template is for prompt/response rows; chat rows are rendered with the chat "
-                             "template (--chat-template FILE to replace the tokenizer's)")
+            raise UsageError(
+                "--prompt-template is for prompt/response rows; chat rows are rendered with the chat "
+                "template (--chat-template FILE to replace the tokenizer's)"
+            )
         _require_chat_template(tok, settings)
         ids, first_l, masks, chats = [], [], [], []
         n_rows = cut = skipped = 0
@@ -782,20 +856,25 @@ def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None 
             f = int(np.argmax(mask))
             if not _is_one_run(mask, f):
                 if not target_masks:
-                    raise UsageError(f"{where}: {sum(m['role'] == 'assistant' for m in msgs)} assistant turns with "
-                                     "other turns between them are several runs of predicted tokens, which this "
-                                     "command does not handle yet; give each assistant turn its own row")
+                    raise UsageError(
+                        f"{where}: {sum(m['role'] == 'assistant' for m in msgs)} assistant turns with "
+                        "other turns between them are several runs of predicted tokens, which this "
+                        "command does not handle yet; give each assistant turn its own row"
+                    )
                 multi = True
             ids.append(seq)
             first_l.append(f)
             masks.append(mask)
             chats.append(msgs)
         if cut:
-            notes.append(f"{cut} of {n_rows} chat rows were cut at --max-length {L} (chat rows are not packed: "
-                         "each is one sequence)")
+            notes.append(
+                f"{cut} of {n_rows} chat rows were cut at --max-length {L} (chat rows are not packed: "
+                "each is one sequence)"
+            )
         if skipped:
-            notes.append(f"{skipped} of {n_rows} chat rows had no assistant token within --max-length {L} and "
-                         "were skipped")
+            notes.append(
+                f"{skipped} of {n_rows} chat rows had no assistant token within --max-length {L} and were skipped"
+            )
         first = np.asarray(first_l, dtype=np.int64)
         out["chats"] = chats
         out["target_mask"] = masks if multi else None
@@ -805,12 +884,21 @@ def load_text(spec: str, tok, settings: TextSettings, *, vocab_size: int | None 
     top = max(int(s.max()) for s in ids if len(s))
     if top >= width:
         raise UsageError(f"{spec}: token id {top} is out of range for a vocabulary of {width}")
-    return TokenData(spec=spec, kind=kind, ids=ids, first_target=first,
-                     row_hash=token_row_hashes(ids, first, out["target_mask"]), settings=settings, vocab_size=width,
-                     notes=notes, **out)
+    return TokenData(
+        spec=spec,
+        kind=kind,
+        ids=ids,
+        first_target=first,
+        row_hash=token_row_hashes(ids, first, out["target_mask"]),
+        settings=settings,
+        vocab_size=width,
+        notes=notes,
+        **out,
+    )
 
 
 # -- the teacher's view ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TeacherView:
@@ -841,43 +929,57 @@ def teacher_view(data: TokenData, tok, teacher_prompt: str | None) -> TeacherVie
     if teacher_prompt is None:
         return TeacherView(data.ids, data.first_target, data.target_mask)
     if data.kind == "text":
-        raise UsageError("--teacher-prompt needs prompt/response rows ({\"prompt\": ..., \"response\": ...}) or "
-                         "chat rows: the teacher's extra context goes before each prompt")
+        raise UsageError(
+            '--teacher-prompt needs prompt/response rows ({"prompt": ..., "response": ...}) or '
+            "chat rows: the teacher's extra context goes before each prompt"
+        )
     if data.settings.prompt_loss:
-        raise UsageError("--teacher-prompt cannot be combined with --prompt-loss: the teacher's prompt tokens differ "
-                         "from the student's, so only response positions line up")
+        raise UsageError(
+            "--teacher-prompt cannot be combined with --prompt-loss: the teacher's prompt tokens differ "
+            "from the student's, so only response positions line up"
+        )
     template = read_template(teacher_prompt)
     if data.kind == "prompt":
         student = data.settings.prompt_template
         seqs, firsts = [], []
         for i, s in enumerate(data.ids):
-            context = template.format(prompt=data.prompts[i]) if PROMPT in template else \
-                template.rstrip() + "\n\n" + student.format(prompt=data.prompts[i])
+            context = (
+                template.format(prompt=data.prompts[i])
+                if PROMPT in template
+                else template.rstrip() + "\n\n" + student.format(prompt=data.prompts[i])
+            )
             prefix = _encode(tok, context)
-            resp = s[data.response_start[i]:]
+            resp = s[data.response_start[i] :]
             if len(prefix) == 0:
                 raise UsageError(f"--teacher-prompt gives row {i} an empty context")
             seqs.append(np.concatenate([np.asarray(prefix, dtype=np.int32), resp]).astype(np.int32))
             firsts.append(len(prefix))
-            assert np.array_equal(seqs[-1][len(prefix):], s[data.first_target[i]:])
+            assert np.array_equal(seqs[-1][len(prefix) :], s[data.first_target[i] :])
         return TeacherView(seqs, np.asarray(firsts, dtype=np.int64))
     if PROMPT in template:
-        raise UsageError("for chat rows --teacher-prompt is a system message only the teacher sees: drop the "
-                         "{prompt} placeholder")
+        raise UsageError(
+            "for chat rows --teacher-prompt is a system message only the teacher sees: drop the {prompt} placeholder"
+        )
     text = template.rstrip()
     seqs, firsts, masks = [], [], []
     multi = False
     for i, s in enumerate(data.ids):
-        want = s[data.target_mask[i]] if data.target_mask is not None else s[data.first_target[i]:]
-        t_ids, t_mask = render_chat(tok, _with_system_prompt(data.chats[i], text), data.settings.chat_template,
-                                    f"chat row {i} with --teacher-prompt")
+        want = s[data.target_mask[i]] if data.target_mask is not None else s[data.first_target[i] :]
+        t_ids, t_mask = render_chat(
+            tok,
+            _with_system_prompt(data.chats[i], text),
+            data.settings.chat_template,
+            f"chat row {i} with --teacher-prompt",
+        )
         t_ids = np.asarray(t_ids, dtype=np.int32)
         hits = np.flatnonzero(t_mask)
-        if len(hits) < len(want) or not np.array_equal(t_ids[hits[:len(want)]], want):
-            raise UsageError(f"sequence {i}: with --teacher-prompt the chat template renders the assistant turns as "
-                             "other tokens than without it, so the teacher's positions cannot line up with the "
-                             "student's; use a --chat-template that renders turns independently of the system "
-                             "message")
+        if len(hits) < len(want) or not np.array_equal(t_ids[hits[: len(want)]], want):
+            raise UsageError(
+                f"sequence {i}: with --teacher-prompt the chat template renders the assistant turns as "
+                "other tokens than without it, so the teacher's positions cannot line up with the "
+                "student's; use a --chat-template that renders turns independently of the system "
+                "message"
+            )
         end = int(hits[len(want) - 1]) + 1
         t_ids, t_mask = t_ids[:end], t_mask[:end]
         f = int(hits[0])
@@ -886,8 +988,10 @@ def teacher_view(data: TokenData, tok, teacher_prompt: str | None) -> TeacherVie
         firsts.append(f)
         masks.append(t_mask)
     if multi and data.target_mask is None:
-        raise UsageError("with --teacher-prompt the teacher's predicted tokens form several runs where the "
-                         "student's form one; this command cannot line them up")
+        raise UsageError(
+            "with --teacher-prompt the teacher's predicted tokens form several runs where the "
+            "student's form one; this command cannot line them up"
+        )
     return TeacherView(seqs, np.asarray(firsts, dtype=np.int64), masks if data.target_mask is not None else None)
 
 
@@ -905,13 +1009,14 @@ def pad_batch(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.n
     ids = np.full((len(seqs), L), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), L), dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
-def loss_positions(seqs: list[np.ndarray], first_target: np.ndarray, width: int,
-                   masks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def loss_positions(
+    seqs: list[np.ndarray], first_target: np.ndarray, width: int, masks: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices into (b * width) of the logits that predict tokens, and the tokens they predict.
 
     Sequence ``i`` predicts tokens ``[first_target[i], len)``: its logits at positions ``first_target[i] - 1``
@@ -921,7 +1026,7 @@ def loss_positions(seqs: list[np.ndarray], first_target: np.ndarray, width: int,
     idx, tgt = [], []
     for i, s in enumerate(seqs):
         if masks is not None:
-            t = np.flatnonzero(masks[i][:len(s)]).astype(np.int64)
+            t = np.flatnonzero(masks[i][: len(s)]).astype(np.int64)
             t = t[t >= 1]
         else:
             t = np.arange(max(int(first_target[i]), 1), len(s), dtype=np.int64)
@@ -933,9 +1038,10 @@ def loss_positions(seqs: list[np.ndarray], first_target: np.ndarray, width: int,
     return np.concatenate(idx), np.concatenate(tgt)
 
 
-def target_counts(seqs: list[np.ndarray], first_target: np.ndarray,
-                  masks: list[np.ndarray] | None = None) -> np.ndarray:
+def target_counts(
+    seqs: list[np.ndarray], first_target: np.ndarray, masks: list[np.ndarray] | None = None
+) -> np.ndarray:
     """(b,) predicted tokens per sequence, as :func:`loss_positions` counts them (= cached positions per row)."""
     if masks is not None:
-        return np.array([int(m[1:len(s)].sum()) for s, m in zip(seqs, masks)], dtype=np.int64)
+        return np.array([int(m[1 : len(s)].sum()) for s, m in zip(seqs, masks)], dtype=np.int64)
     return np.array([max(len(s) - max(int(a), 1), 0) for s, a in zip(seqs, first_target)], dtype=np.int64)

@@ -27,12 +27,17 @@ from kdcli.models.quant import finish_compressed, rebuild_compressed
 from kdcli.models.weights import MODEL_JSON, WEIGHTS, count_parameters, load_weights, sha256_file
 
 
-
 class MLP(nn.Module):
     """Flatten -> [Linear -> ReLU -> Dropout] * len(hidden) -> Linear."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | int = (256,),
-                 dropout: float = 0.0, input_dropout: float = 0.0):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        hidden: list[int] | int = (256,),
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+    ):
         super().__init__()
         hidden = [hidden] if isinstance(hidden, int) else list(hidden)
         layers: list[nn.Module] = [nn.Flatten()]
@@ -54,8 +59,14 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """[Conv3x3 -> ReLU -> MaxPool2] * len(channels) -> Flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (32, 64),
-                 hidden: int = 128, dropout: float = 0.0):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        channels: list[int] = (32, 64),
+        hidden: int = 128,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if len(input_shape) == 2:
             input_shape = (1, *input_shape)
@@ -67,8 +78,9 @@ class CNN(nn.Module):
             layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             c, h, w = ch, h // 2, w // 2
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
         self._image_shape = input_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w) -> (b, num_classes)
@@ -93,8 +105,12 @@ class ModelInfo:
     compression: dict | None = None  # kdcli compress's record (kdcli/models/quant.py), carried into later runs
 
     def identity(self) -> dict:
-        return {"spec": self.spec, "args": self.args, "weights_sha256": self.weights_sha256,
-                "num_parameters": self.num_parameters}
+        return {
+            "spec": self.spec,
+            "args": self.args,
+            "weights_sha256": self.weights_sha256,
+            "num_parameters": self.num_parameters,
+        }
 
 
 def is_run_dir(spec: str) -> bool:
@@ -113,12 +129,15 @@ def _construct(spec: str, args: dict, num_classes: int, input_shape: tuple[int, 
         if not isinstance(model, nn.Module):
             raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    raise UsageError(f"unknown MODEL {spec!r}; use a built-in ({', '.join(BUILTINS)}), path/to/file.py:factory "
-                     "or a kdcli run directory")
+    raise UsageError(
+        f"unknown MODEL {spec!r}; use a built-in ({', '.join(BUILTINS)}), path/to/file.py:factory "
+        "or a kdcli run directory"
+    )
 
 
-def build_model(spec: str, args: dict | None, *, num_classes: int, input_shape: tuple[int, ...],
-                weights: str | None = None) -> tuple[nn.Module, ModelInfo]:
+def build_model(
+    spec: str, args: dict | None, *, num_classes: int, input_shape: tuple[int, ...], weights: str | None = None
+) -> tuple[nn.Module, ModelInfo]:
     """A MODEL spec (built-in, plugin or run dir) -> (module, info). Run dirs carry their own arguments."""
     args = dict(args or {})
     if is_run_dir(spec):
@@ -147,13 +166,16 @@ def check_output_width(model: nn.Module, spec: str, num_classes: int, input_shap
             device = next(model.parameters(), torch.empty(0)).device
             out = model(torch.zeros((2, *input_shape), device=device))
     except Exception as e:
-        raise UsageError(f"model {spec} cannot take inputs of shape {tuple(input_shape)}: "
-                         f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise UsageError(
+            f"model {spec} cannot take inputs of shape {tuple(input_shape)}: "
+            f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
     finally:
         model.train(was_training)
     if out.dim() != 2 or out.shape[1] != num_classes:
-        raise UsageError(f"model {spec} outputs shape {tuple(out.shape[1:])} per row but the data has "
-                         f"{num_classes} classes")
+        raise UsageError(
+            f"model {spec} outputs shape {tuple(out.shape[1:])} per row but the data has {num_classes} classes"
+        )
 
 
 def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
@@ -177,8 +199,13 @@ def save_run_model(run_dir: Path, model: nn.Module, info: ModelInfo) -> None:
         spec = f"{PLUGIN_COPY}:{name}"  # relative to the run dir: the run is self-contained
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / WEIGHTS, safetensors_bytes(state))  # in memory first: disk errors are OSErrors
-    meta = {"spec": spec, "args": args, "num_classes": info.num_classes, "input_shape": info.input_shape,
-            "num_parameters": info.num_parameters}
+    meta = {
+        "spec": spec,
+        "args": args,
+        "num_classes": info.num_classes,
+        "input_shape": info.input_shape,
+        "num_parameters": info.num_parameters,
+    }
     if info.compression:
         meta["compression"] = info.compression
     atomic_write_bytes(run_dir / MODEL_JSON, json.dumps(meta, indent=2).encode())
@@ -195,8 +222,10 @@ def load_run_model(run_dir: Path | str, weights: str | None = None) -> tuple[nn.
     if is_plugin_spec(spec):  # a run of a file.py student carries its own copy of the plugin, and only that runs
         spec = run_dir_plugin(run_dir, spec)
     elif spec not in BUILTINS:
-        raise UsageError(f"{run_dir}/{MODEL_JSON} names model {spec!r}, which is neither a built-in "
-                         f"({', '.join(BUILTINS)}) nor the run's own {PLUGIN_COPY}")
+        raise UsageError(
+            f"{run_dir}/{MODEL_JSON} names model {spec!r}, which is neither a built-in "
+            f"({', '.join(BUILTINS)}) nor the run's own {PLUGIN_COPY}"
+        )
     model = _construct(spec, args, num_classes, input_shape)
     wpath = Path(weights) if weights else run_dir / WEIGHTS
     if not wpath.is_file():
@@ -205,7 +234,14 @@ def load_run_model(run_dir: Path | str, weights: str | None = None) -> tuple[nn.
     rebuild_compressed(model, compression, wpath)  # int8 modules and pruned shapes, read from the weights file
     load_weights(model, wpath)
     finish_compressed(model, compression)
-    info = ModelInfo(spec=str(run_dir), args={}, num_classes=num_classes, input_shape=list(input_shape),
-                     weights_sha256=sha256_file(wpath), num_parameters=count_parameters(model), source=meta,
-                     compression=compression)
+    info = ModelInfo(
+        spec=str(run_dir),
+        args={},
+        num_classes=num_classes,
+        input_shape=list(input_shape),
+        weights_sha256=sha256_file(wpath),
+        num_parameters=count_parameters(model),
+        source=meta,
+        compression=compression,
+    )
     return model, info

@@ -10,11 +10,11 @@ import hashlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kdcli.infra.errors import KdError, UsageError
-
 
 PLUGIN_COPY = "model_source.py"  # a run dir's own copy of the plugin that built its model
 
@@ -79,10 +79,13 @@ def run_dir_plugin(run_dir: Path, spec: object) -> str:
     user did not name on the command line."""
     path, sep, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
     if not sep or path != PLUGIN_COPY or not name.isidentifier():
-        raise UsageError(f"{run_dir}/model.json names plugin code {spec!r}; a run dir may only name its own "
-                         f"{PLUGIN_COPY} (kdcli never runs code that a file it reads points to)")
+        raise UsageError(
+            f"{run_dir}/model.json names plugin code {spec!r}; a run dir may only name its own "
+            f"{PLUGIN_COPY} (kdcli never runs code that a file it reads points to)"
+        )
     src = Path(run_dir) / PLUGIN_COPY
     if not src.is_file() or src.resolve().parent != Path(run_dir).resolve():
-        raise UsageError(f"{src} is missing or a link out of the run dir; kdcli only runs the {PLUGIN_COPY} a run "
-                         "dir holds itself")
+        raise UsageError(
+            f"{src} is missing or a link out of the run dir; kdcli only runs the {PLUGIN_COPY} a run dir holds itself"
+        )
     return f"{src.resolve()}:{name}"

@@ -107,8 +107,10 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], m)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int8{' weights and activations' if self.dynamic else ' weights'}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int8{' weights and activations' if self.dynamic else ' weights'}"
+        )
 
 
 def quantized_weight_count(model: nn.Module) -> int:
@@ -158,8 +160,11 @@ def rebuild_compressed(model: nn.Module, record: dict | None, weights: Path) -> 
         if name + INT8_SUFFIX in shapes:
             out_f, in_f = shapes[name + INT8_SUFFIX]
             new: nn.Module = QuantLinear(in_f, out_f, bias=has_bias, dynamic=dynamic)
-        elif structured and f"{name}.weight" in shapes and (
-                shapes[f"{name}.weight"] != tuple(mod.weight.shape) or has_bias != (mod.bias is not None)):
+        elif (
+            structured
+            and f"{name}.weight" in shapes
+            and (shapes[f"{name}.weight"] != tuple(mod.weight.shape) or has_bias != (mod.bias is not None))
+        ):
             out_f, in_f = shapes[f"{name}.weight"]
             new = nn.Linear(in_f, out_f, bias=has_bias)
         else:

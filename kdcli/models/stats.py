@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +22,15 @@ from kdcli.models.quant import QuantLinear
 # config.yaml are not the model). Names are those of kdcli/models/classifiers.py and kdcli/lm/text.py.
 RUN_MODEL_FILES = ("model.json", "model.safetensors", "model_source.py")
 RUN_MODEL_DIRS = ("tokenizer",)
-RUN_LEFTOVERS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.yaml", "compress.yaml", ".lock",
-                 ".hf-staging")  # in a run dir, not part of the model
+RUN_LEFTOVERS = (
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "summary.json",
+    "config.yaml",
+    "compress.yaml",
+    ".lock",
+    ".hf-staging",
+)  # in a run dir, not part of the model
 
 
 def nonzero_parameters(model: nn.Module) -> int:
@@ -50,8 +58,11 @@ def bytes_on_disk(path: str | Path) -> int:
     if not p.is_dir():
         raise FileNotFoundError(f"no model at {p}")
     if (p / RUN_MODEL_FILES[0]).is_file():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.relative_to(p).parts[0] not in
-                   RUN_LEFTOVERS and not f.name.endswith(".partial"))
+        return sum(
+            f.stat().st_size
+            for f in p.rglob("*")
+            if f.is_file() and f.relative_to(p).parts[0] not in RUN_LEFTOVERS and not f.name.endswith(".partial")
+        )
     return _tree_bytes(p)
 
 
@@ -62,9 +73,15 @@ def _rows(example: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def latency_per_row(model: nn.Module, example_batch: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 256), *,
-                    repeats: int = 20, warmup: int = 3,
-                    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> dict[int, float]:
+def latency_per_row(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    batch_sizes: tuple[int, ...] = (1, 256),
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> dict[int, float]:
     """{batch size: median seconds per row} of ``forward(model, batch)`` (default ``model(batch)``).
 
     Rows come from ``example_batch`` (tiled when it has fewer rows than a batch size), on the model's device; the
@@ -76,8 +93,9 @@ def latency_per_row(model: nn.Module, example_batch: torch.Tensor, batch_sizes: 
     if repeats < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("latency_per_row needs repeats >= 1, warmup >= 0 and batch sizes >= 1")
     forward = forward or (lambda m, x: m(x))
-    device = next((t.device for t in model.parameters()), None) or \
-        next((t.device for t in model.buffers()), torch.device("cpu"))
+    device = next((t.device for t in model.parameters()), None) or next(
+        (t.device for t in model.buffers()), torch.device("cpu")
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     was_training = model.training
     model.eval()

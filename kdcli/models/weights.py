@@ -45,8 +45,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for anything but tensors and containers
-        raise UsageError(f"refusing to load {path}: not a plain tensor state_dict ({unpickling_problem(e)}); "
-                         "save the weights with safetensors or as a state_dict of tensors") from None
+        raise UsageError(
+            f"refusing to load {path}: not a plain tensor state_dict ({unpickling_problem(e)}); "
+            "save the weights with safetensors or as a state_dict of tensors"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -71,12 +73,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise UsageError(f"weights {path.name} do not fit the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise UsageError(
+            f"weights {path.name} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise UsageError(f"weights {path.name}: {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(own[k].shape)}")
+            raise UsageError(
+                f"weights {path.name}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+            )
     model.load_state_dict(state)
 
 

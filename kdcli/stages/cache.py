@@ -16,20 +16,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcli.infra import crashpoints, distributed, log
-from kdcli.infra.atomic import remove_partials
-from kdcli.infra.lock import LOCK, DirLock
-from kdcli.cache.manifest import (MANIFEST, contiguous_runs, merge_rank_manifests,
-                                  missing_shards, plan_differences, rank_manifest_name, read_manifest, shard_name,
-                                  split_contiguous, write_manifest)
+from kdcli.cache.manifest import (
+    MANIFEST,
+    contiguous_runs,
+    merge_rank_manifests,
+    missing_shards,
+    plan_differences,
+    rank_manifest_name,
+    read_manifest,
+    shard_name,
+    split_contiguous,
+    write_manifest,
+)
 from kdcli.cache.reader import mean_unique_ids
 from kdcli.cache.reduce import HostCopy
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig, check_task_options
+from kdcli.infra import crashpoints, distributed, log
+from kdcli.infra.atomic import remove_partials
 from kdcli.infra.errors import CacheError, UsageError
-from kdcli.infra.precision import resolve_device
+from kdcli.infra.lock import LOCK, DirLock
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
-from kdcli.infra.precision import teacher_autocast
+from kdcli.infra.precision import resolve_device, teacher_autocast
 from kdcli.tasks import CacheJob, CacheSummary, pick_task
 
 __all__ = ["CacheSummary", "batch_ranges", "cache_teacher"]
@@ -37,8 +45,13 @@ __all__ = ["CacheSummary", "batch_ranges", "cache_teacher"]
 
 def _is_cache_debris(name: str) -> bool:
     """Files a cache directory holds (or an interrupted cache-teacher leaves): shards, manifests, partials, the lock."""
-    return (name.startswith("shard-") or name.endswith(".partial") or name == MANIFEST
-            or name.startswith("manifest.rank-") or name == LOCK)
+    return (
+        name.startswith("shard-")
+        or name.endswith(".partial")
+        or name == MANIFEST
+        or name.startswith("manifest.rank-")
+        or name == LOCK
+    )
 
 
 def _resume_state(work: Path, plan: dict) -> tuple[dict, int] | None:
@@ -77,8 +90,10 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tu
                 raise
             old, diffs = None, ["unreadable manifest"]
         if diffs and not overwrite:
-            raise CacheError(f"{out} holds a different cache ({'; '.join(diffs[:3])}); pass --overwrite to "
-                             "replace it, or choose another --out")
+            raise CacheError(
+                f"{out} holds a different cache ({'; '.join(diffs[:3])}); pass --overwrite to "
+                "replace it, or choose another --out"
+            )
         if not diffs and old.get("compression") != plan.get("compression"):
             # Not part of the cache's identity: the same cache stays reusable and resumable, stored as it was
             # (the writer follows the manifest it extends); --overwrite re-writes it with the requested setting.
@@ -87,14 +102,18 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tu
                 diffs = [f"compression {was} -> {asked}"]
                 log.info(f"--overwrite: re-writing {out} with compression {asked} (it is stored with {was})")
             else:
-                log.info(f"note: {out} is stored with compression {was}; keeping it for this cache (requested "
-                         f"{asked}; pass --overwrite to re-write it)")
+                log.info(
+                    f"note: {out} is stored with compression {was}; keeping it for this cache (requested "
+                    f"{asked}; pass --overwrite to re-write it)"
+                )
         if not diffs:
             return (out, *_resume_state(out, plan))
     elif names:
         if not overwrite or not all(_is_cache_debris(n) for n in names):
-            raise UsageError(f"--out {out} is not empty and holds no kdcli cache ({sorted(names)[0]}, ...); "
-                             "choose an empty or new directory")
+            raise UsageError(
+                f"--out {out} is not empty and holds no kdcli cache ({sorted(names)[0]}, ...); "
+                "choose an empty or new directory"
+            )
         diffs = ["leftovers of an interrupted cache without a manifest"]
     if not diffs:  # an empty directory
         write_manifest(out, plan)
@@ -109,8 +128,7 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tu
         log.info(f"--overwrite: continuing the replacement of {out} in {stage}")
         return (stage, *state)
     empty_dir(stage, lambda d: all(_is_cache_debris(p.name) for p in d.iterdir()), "--overwrite")
-    log.info(f"--overwrite: writing the new cache in {stage}; it replaces {out} ({'; '.join(diffs[:2])}) when "
-             "complete")
+    log.info(f"--overwrite: writing the new cache in {stage}; it replaces {out} ({'; '.join(diffs[:2])}) when complete")
     # From its first instant the directory says which cache it is building (complete: false, no shards), so a
     # crash before the first manifest update still resumes instead of finding "a directory with stray shards".
     write_manifest(stage, plan)
@@ -120,9 +138,14 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tu
 def _whole_shards(out: Path, manifest: dict) -> list[dict]:
     """The listed shards present at their own index with the size the manifest recorded (gaps allowed)."""
     size = int(manifest["shard_size"])
-    return [s for s in manifest["shards"]
-            if s["row_start"] % size == 0 and s["name"] == shard_name(s["row_start"] // size)
-            and (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]]
+    return [
+        s
+        for s in manifest["shards"]
+        if s["row_start"] % size == 0
+        and s["name"] == shard_name(s["row_start"] // size)
+        and (out / s["name"]).is_file()
+        and (out / s["name"]).stat().st_size == s["bytes"]
+    ]
 
 
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
@@ -131,11 +154,15 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
     job = task.cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
     if cfg.teacher_device_map != "none" and not job.placed:
-        raise UsageError(f"--teacher-device-map {cfg.teacher_device_map} spreads a Hugging Face language-model "
-                         "teacher over the devices; this teacher is not one: drop the flag")
+        raise UsageError(
+            f"--teacher-device-map {cfg.teacher_device_map} spreads a Hugging Face language-model "
+            "teacher over the devices; this teacher is not one: drop the flag"
+        )
     if job.placed and distributed.env_world()[1] > 1:
-        raise UsageError("--teacher-device-map spreads one teacher over every GPU of a single process; run "
-                         "cache-teacher without torchrun (or drop the flag to split the rows over processes)")
+        raise UsageError(
+            "--teacher-device-map spreads one teacher over every GPU of a single process; run "
+            "cache-teacher without torchrun (or drop the flag to split the rows over processes)"
+        )
     num_rows, shard_size = job.num_rows, job.shard_size
     out = Path(cfg.out)
     check_out(out)
@@ -157,17 +184,18 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         work = Path(work)
         if kept < 0:
             size = f"{num_rows:,} rows" + (f", {job.units(0, num_rows):,} {job.unit}" if job.unit != "rows" else "")
-            log.info(f"cache {out} is complete and up to date ({size}, same teacher, data and settings); nothing "
-                     "to do")
+            log.info(f"cache {out} is complete and up to date ({size}, same teacher, data and settings); nothing to do")
             return _summary(cfg, job, manifest, "up-to-date", 0, num_rows, 0, t0, device)
         todo = missing_shards(manifest)
         todo_rows = [(i * shard_size, min((i + 1) * shard_size, num_rows)) for i in todo]
         first_row = num_rows - sum(b - a for a, b in todo_rows)  # rows already cached
         if first_row:
             log.info(f"resuming {work}: {kept} whole shard(s) found, skipping {first_row} of {num_rows} rows")
-        log.info(job.describe() + f" on {device}"
-                 + (f"; {ctx.world} processes, {len(todo)} shard(s) split into contiguous runs" if ctx.enabled
-                    else ""))
+        log.info(
+            job.describe()
+            + f" on {device}"
+            + (f"; {ctx.world} processes, {len(todo)} shard(s) split into contiguous runs" if ctx.enabled else "")
+        )
         if not job.placed:
             job.model.to(device)
         job.model.eval()
@@ -176,8 +204,15 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         def compute() -> None:
             own = {**manifest, "shards": []} if ctx.enabled else manifest
             name = rank_manifest_name(ctx.rank) if ctx.enabled else MANIFEST
-            writer = ShardWriter(work, own, shard_size=shard_size, first_shard=mine[0] if mine else 0,
-                                 token_keys=job.token_keys, threaded=True, manifest_name=name)
+            writer = ShardWriter(
+                work,
+                own,
+                shard_size=shard_size,
+                first_shard=mine[0] if mine else 0,
+                token_keys=job.token_keys,
+                threaded=True,
+                manifest_name=name,
+            )
             try:
                 for a, b in contiguous_runs(mine):
                     writer.seek(a)
@@ -230,8 +265,10 @@ def _finish_cache(out: Path) -> dict:
     manifest = read_manifest(out, require_complete=False)
     missing = missing_shards(manifest)
     if missing:
-        raise CacheError(f"cache {out}: shard(s) {missing[:5]} missing after every process finished; re-run the "
-                         "same command to compute them")
+        raise CacheError(
+            f"cache {out}: shard(s) {missing[:5]} missing after every process finished; re-run the "
+            "same command to compute them"
+        )
     manifest["complete"] = True
     write_manifest(out, manifest)
     return manifest
@@ -248,16 +285,20 @@ def batch_ranges(first_row: int, stop_row: int, batch_size: int, shard_size: int
         start = stop
 
 
-def run_teacher(job: CacheJob, cfg: CacheConfig, device: torch.device, first_row: int, stop_row: int,
-                writer: ShardWriter) -> None:
+def run_teacher(
+    job: CacheJob, cfg: CacheConfig, device: torch.device, first_row: int, stop_row: int, writer: ShardWriter
+) -> None:
     """Rows ``[first_row, stop_row)``: forward, reduce on the device, copy only the reduced tensors back.
 
     One batch of lookahead: batch i's copy to the host is queued, then batch i-1 is collected and handed to the
     writer thread, so on CUDA the host never stalls the device (no sync inside a batch: the NaN/inf check travels
     back with the reduced tensors). On the CPU the same loop runs with copies that are no-ops."""
     pending = None  # the previous batch: (host row arrays, HostCopy of its reduced tensors, units)
-    with torch.inference_mode(), teacher_autocast(cfg.dtype, device), \
-            log.Progress(job.units(first_row, stop_row), "cache-teacher", unit=job.unit) as progress:
+    with (
+        torch.inference_mode(),
+        teacher_autocast(cfg.dtype, device),
+        log.Progress(job.units(first_row, stop_row), "cache-teacher", unit=job.unit) as progress,
+    ):
         for start, stop in batch_ranges(first_row, stop_row, job.batch_size, job.shard_size):
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start) if job.sampled else None
             host, reduced = job.forward(start, stop, device, gen)
@@ -273,23 +314,45 @@ def _publish(job: CacheJob, host: dict, copy: HostCopy, units: int, writer: Shar
     arrays = copy.wait()
     bad = np.flatnonzero(arrays.pop("nonfinite"))
     if len(bad):
-        raise UsageError(f"{job.nonfinite_message(int(host['row_index'][bad[0]]))}; nothing was written for that "
-                         "shard: check the teacher weights and --dtype")
+        raise UsageError(
+            f"{job.nonfinite_message(int(host['row_index'][bad[0]]))}; nothing was written for that "
+            "shard: check the teacher weights and --dtype"
+        )
     writer.add({**host, **job.storage(arrays)})
     crashpoints.reached("teacher-batch")  # test-only fault injection (kdcli/infra/crashpoints.py)
     progress.advance(units)
 
 
-def _summary(cfg: CacheConfig, job: CacheJob, manifest: dict, status: str, computed: int, skipped: int,
-             computed_units: int, t0: float, device) -> CacheSummary:
+def _summary(
+    cfg: CacheConfig,
+    job: CacheJob,
+    manifest: dict,
+    status: str,
+    computed: int,
+    skipped: int,
+    computed_units: int,
+    t0: float,
+    device,
+) -> CacheSummary:
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     secs = time.perf_counter() - t0
     rows = manifest["num_rows"]
-    base = CacheSummary(cache_dir=str(cfg.out), status=status, mode=manifest["mode"], num_rows=rows,
-                        rows_computed=computed, rows_skipped=skipped, num_shards=len(manifest["shards"]),
-                        bytes=total_bytes, bytes_per_row=total_bytes / max(rows, 1), seconds=secs,
-                        rows_per_second=computed / max(secs, 1e-9), teacher=cfg.teacher,
-                        teacher_parameters=job.info.num_parameters, device=str(device),
-                        compression=compression_label(manifest.get("compression")),
-                        unique_ids=mean_unique_ids(cfg.out, manifest))
+    base = CacheSummary(
+        cache_dir=str(cfg.out),
+        status=status,
+        mode=manifest["mode"],
+        num_rows=rows,
+        rows_computed=computed,
+        rows_skipped=skipped,
+        num_shards=len(manifest["shards"]),
+        bytes=total_bytes,
+        bytes_per_row=total_bytes / max(rows, 1),
+        seconds=secs,
+        rows_per_second=computed / max(secs, 1e-9),
+        teacher=cfg.teacher,
+        teacher_parameters=job.info.num_parameters,
+        device=str(device),
+        compression=compression_label(manifest.get("compression")),
+        unique_ids=mean_unique_ids(cfg.out, manifest),
+    )
     return job.summary(base, manifest, computed_units)

@@ -2,8 +2,8 @@
 
 The result is an ordinary kdcli run dir: ``kdcli eval --model RUN2`` measures it and ``kdcli train-student
 --student RUN2`` fine-tunes it. Its ``model.json`` keeps the source's recipe (spec + args) and adds a
-``compression`` record; the loaders (kdcli/models/classifiers.py, kdcli/lm/hf.py) rebuild the compressed modules and shapes
-from the safetensors header (kdcli/models/quant.py). Classification and language-model runs go through the same
+``compression`` record; the loaders (kdcli/models/classifiers.py, kdcli/lm/hf.py) rebuild the compressed modules and
+shapes from the safetensors header (kdcli/models/quant.py). Classification and language-model runs go through the same
 code; only loading and saving differ.
 
 - ``--prune F``: ``torch.nn.utils.prune.l1_unstructured`` zeroes ``round(F * n)`` weights of each Linear (smallest
@@ -25,8 +25,8 @@ loader and checked, then renamed into place: a failure leaves nothing behind.
 from __future__ import annotations
 
 import os
-import shutil
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,24 +36,40 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from kdcli import __version__
-
+from kdcli.config import CompressConfig, to_dict, write_yaml
 from kdcli.infra import log
 from kdcli.infra.atomic import fsync_dir
-from kdcli.models.quant import QuantLinear, set_submodule
-from kdcli.config import CompressConfig, to_dict, write_yaml
 from kdcli.infra.errors import KdError, UsageError
 from kdcli.infra.fmt import TableData, human_bytes
-from kdcli.models.stats import bytes_on_disk, nonzero_parameters
-from kdcli.models.classifiers import is_run_dir, load_run_model, save_run_model
-from kdcli.models.weights import MODEL_JSON, count_parameters
 from kdcli.infra.outdir import check_out, make_dir, remove_stale, swap_in
+from kdcli.models.classifiers import is_run_dir, load_run_model, save_run_model
+from kdcli.models.quant import QuantLinear, set_submodule
+from kdcli.models.stats import bytes_on_disk, nonzero_parameters
+from kdcli.models.weights import MODEL_JSON, count_parameters
 
 COMPRESS_CONFIG = "compress.yaml"
 
 # Modules that act on each unit independently: a removed unit's output stays a constant through them.
-ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
-               nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.AlphaDropout,
-               nn.Identity)
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Dropout,
+    nn.AlphaDropout,
+    nn.Identity,
+)
 
 
 @dataclass
@@ -96,20 +112,34 @@ class CompressSummary:
             layers.append(f"{len(self.pruned_layers)} pruned")
         if self.quantized_layers:
             layers.append(f"{len(self.quantized_layers)} int8")
-        rows = [["parameters", f"{b.parameters:,}", f"{a.parameters:,}", ratio(b.parameters, a.parameters)],
-                ["non-zero parameters", f"{b.nonzero_parameters:,}", f"{a.nonzero_parameters:,}",
-                 ratio(b.nonzero_parameters, a.nonzero_parameters)],
-                ["bytes on disk", human_bytes(b.bytes_on_disk), human_bytes(a.bytes_on_disk),
-                 ratio(b.bytes_on_disk, a.bytes_on_disk)],
-                ["Linear layers", "", ", ".join(layers), ""]]
+        rows = [
+            ["parameters", f"{b.parameters:,}", f"{a.parameters:,}", ratio(b.parameters, a.parameters)],
+            [
+                "non-zero parameters",
+                f"{b.nonzero_parameters:,}",
+                f"{a.nonzero_parameters:,}",
+                ratio(b.nonzero_parameters, a.nonzero_parameters),
+            ],
+            [
+                "bytes on disk",
+                human_bytes(b.bytes_on_disk),
+                human_bytes(a.bytes_on_disk),
+                ratio(b.bytes_on_disk, a.bytes_on_disk),
+            ],
+            ["Linear layers", "", ", ".join(layers), ""],
+        ]
         if self.skipped:
             rows.append(["left alone", "", "; ".join(self.skipped), ""])
-        return TableData(title=f"compress {self.source} -> {self.out} ({', '.join(what)}; {self.kind})",
-                         header=["", "before", "after", "before / after"], rows=rows,
-                         justify=["left", "right", "right", "right"])
+        return TableData(
+            title=f"compress {self.source} -> {self.out} ({', '.join(what)}; {self.kind})",
+            header=["", "before", "after", "before / after"],
+            rows=rows,
+            justify=["left", "right", "right", "right"],
+        )
 
 
 # -- choosing layers -----------------------------------------------------------------------------------------------
+
 
 def linear_layers(model: nn.Module) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
     """(name, Linear) for every nn.Linear whose weight is its own; ``skipped`` names the tied ones."""
@@ -148,6 +178,7 @@ def hidden_pairs(model: nn.Module) -> list[tuple[nn.Sequential, int, int, str]]:
 
 # -- pruning and quantisation (in place) ---------------------------------------------------------------------------
 
+
 def prune_unstructured(model: nn.Module, fraction: float) -> list[str]:
     """Zero ``round(fraction * n)`` smallest-|w| entries of every own Linear weight (permanent)."""
     names = []
@@ -174,7 +205,7 @@ def _shrink(seq: nn.Sequential, i: int, k: int, keep: torch.Tensor) -> None:
     fold = torch.zeros(b.out_features, device=b.weight.device)
     if a.bias is not None and bool(gone.any()):
         const = a.bias[gone]
-        for m in list(seq)[i + 1:k]:  # element-wise modules, in eval mode (dropout = identity)
+        for m in list(seq)[i + 1 : k]:  # element-wise modules, in eval mode (dropout = identity)
             const = m(const)
         fold = b.weight[:, gone] @ const
     has_bias = b.bias is not None or bool(fold.ne(0).any())
@@ -196,8 +227,9 @@ def prune_structured(model: nn.Module, fraction: float) -> list[str]:
     keeps = []
     for seq, i, _, _ in pairs:
         a = seq[i]
-        torch_prune.ln_structured(a, "weight", amount=min(int(round(fraction * a.out_features)), a.out_features - 1),
-                                  n=2, dim=0)
+        torch_prune.ln_structured(
+            a, "weight", amount=min(int(round(fraction * a.out_features)), a.out_features - 1), n=2, dim=0
+        )
         keeps.append(a.weight_mask.amax(dim=1) > 0)  # (out,) the rows the mask keeps
         torch_prune.remove(a, "weight")
     for (seq, i, k, _), keep in zip(pairs, keeps):  # rows of seq[i] and columns of seq[k]: order does not matter
@@ -215,6 +247,7 @@ def quantize_int8(model: nn.Module, dynamic: bool = False) -> list[str]:
 
 # -- the stage -----------------------------------------------------------------------------------------------------
 
+
 def is_compress_output(d: Path) -> bool:
     """A directory ``kdcli compress`` wrote (its model.json and compress.yaml): what --overwrite may replace."""
     return (d / MODEL_JSON).is_file() and (d / COMPRESS_CONFIG).is_file()
@@ -229,18 +262,23 @@ def _check_request(cfg: CompressConfig) -> tuple[Path, Path]:
     if not src.exists():
         raise UsageError(f"--model {cfg.model}: not found; give the run dir train-student wrote")
     if not is_run_dir(cfg.model):
-        raise UsageError(f"--model {cfg.model} is not a kdcli run directory (no model.json); compress the run dir "
-                         "train-student wrote")
+        raise UsageError(
+            f"--model {cfg.model} is not a kdcli run directory (no model.json); compress the run dir "
+            "train-student wrote"
+        )
     check_out(out)
     if out.resolve() == src.resolve():
         raise UsageError(f"--out {cfg.out} is the --model run itself; write the compressed run to a new directory")
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
-            raise UsageError(f"--out {cfg.out} already exists and is not empty; pass --overwrite to replace it, or "
-                             "choose a new one")
+            raise UsageError(
+                f"--out {cfg.out} already exists and is not empty; pass --overwrite to replace it, or choose a new one"
+            )
         if not is_compress_output(out):
-            raise UsageError(f"--overwrite: {cfg.out} is not a run kdcli compress wrote; kdcli only replaces its own "
-                             "outputs: choose another --out")
+            raise UsageError(
+                f"--overwrite: {cfg.out} is not a run kdcli compress wrote; kdcli only replaces its own "
+                "outputs: choose another --out"
+            )
     return src, out
 
 
@@ -252,8 +290,10 @@ def _load(src: Path):
 
         if read_lm_meta(src).get("layout") == "adapter":
             method = (read_lm_meta(src).get("peft") or {}).get("method", "peft")
-            raise UsageError(f"--model {src} holds a {method} adapter, not a whole model; compress shrinks whole "
-                             "models: train LoRA with --peft-save merged and compress that run")
+            raise UsageError(
+                f"--model {src} holds a {method} adapter, not a whole model; compress shrinks whole "
+                "models: train LoRA with --peft-save merged and compress that run"
+            )
 
         return "lm", *load_lm_run(src)
     return "classify", *load_run_model(src)
@@ -265,8 +305,14 @@ def _save(kind: str, src: Path, dest: Path, model: nn.Module, info) -> None:
         from kdcli.lm.text import load_tokenizer
 
         meta = read_lm_meta(src)
-        save_lm_run(dest, model, info, tokenizer=load_tokenizer(str(src)), tokenizer_id=meta.get("tokenizer"),
-                    text=meta.get("text"))
+        save_lm_run(
+            dest,
+            model,
+            info,
+            tokenizer=load_tokenizer(str(src)),
+            tokenizer_id=meta.get("tokenizer"),
+            text=meta.get("text"),
+        )
     else:
         save_run_model(dest, model, info)
 
@@ -276,15 +322,26 @@ def _record(cfg: CompressConfig, src: Path, info, quantized: list[str], pruned: 
     ``previous`` (the loaders read every step: kdcli.models.quant.compression_steps)."""
     method = {}
     if cfg.prune is not None:
-        method["prune"] = ("ln_structured n=2 dim=0 per hidden Linear; removed units' act(bias) folded into the "
-                           "next bias" if cfg.structured else "l1_unstructured per Linear")
+        method["prune"] = (
+            "ln_structured n=2 dim=0 per hidden Linear; removed units' act(bias) folded into the next bias"
+            if cfg.structured
+            else "l1_unstructured per Linear"
+        )
     if cfg.quantize:
         method["quantize"] = "symmetric int8 per output channel, scale = max|w_row|/127 (QuantLinear)"
         if cfg.quantize == "int8-dynamic":
             method["activations"] = "int8 per row at run time, scale = max|x_row|/127, torch._int_mm (no grad only)"
-    rec = {"quantize": cfg.quantize, "prune": cfg.prune, "structured": bool(cfg.structured),
-           "source": str(src.resolve()), "source_sha256": info.weights_sha256, "quantized_layers": quantized,
-           "pruned_layers": pruned, "method": method, "kdcli_version": __version__}
+    rec = {
+        "quantize": cfg.quantize,
+        "prune": cfg.prune,
+        "structured": bool(cfg.structured),
+        "source": str(src.resolve()),
+        "source_sha256": info.weights_sha256,
+        "quantized_layers": quantized,
+        "pruned_layers": pruned,
+        "method": method,
+        "kdcli_version": __version__,
+    }
     if info.compression:
         rec["previous"] = info.compression
     return rec
@@ -311,9 +368,11 @@ def compress(cfg: CompressConfig) -> CompressSummary:
     if cfg.prune is not None and cfg.structured:
         pruned = prune_structured(model, cfg.prune)
         if not pruned:
-            raise UsageError(f"--structured: {cfg.model} has no hidden Linear (a Linear followed, through "
-                             "activations/dropout, by another Linear in an nn.Sequential) whose units can be "
-                             "removed; drop --structured to prune weights without changing shapes")
+            raise UsageError(
+                f"--structured: {cfg.model} has no hidden Linear (a Linear followed, through "
+                "activations/dropout, by another Linear in an nn.Sequential) whose units can be "
+                "removed; drop --structured to prune weights without changing shapes"
+            )
     elif cfg.prune is not None:
         pruned = prune_unstructured(model, cfg.prune)
     quantized = quantize_int8(model, dynamic=cfg.quantize == "int8-dynamic") if cfg.quantize else []
@@ -338,33 +397,50 @@ def compress(cfg: CompressConfig) -> CompressSummary:
             try:
                 os.replace(tmp, out)
             except OSError as e:
-                raise UsageError(f"--out {cfg.out} could not be created ({e.strerror}): did something write to it "
-                                 "meanwhile?") from None
+                raise UsageError(
+                    f"--out {cfg.out} could not be created ({e.strerror}): did something write to it meanwhile?"
+                ) from None
             fsync_dir(out_parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     notes = []
     if cfg.prune is not None and not cfg.structured:
-        notes.append("unstructured pruning keeps every shape: bytes on disk only drop with --quantize or "
-                     "--structured (safetensors stores dense tensors)")
+        notes.append(
+            "unstructured pruning keeps every shape: bytes on disk only drop with --quantize or "
+            "--structured (safetensors stores dense tensors)"
+        )
     if quantized:
-        notes.append("fine-tuning this run (train-student --student) trains its float parameters only (biases, "
-                     "norms, embeddings); to fine-tune all weights, fine-tune the pruned run, then quantise")
+        notes.append(
+            "fine-tuning this run (train-student --student) trains its float parameters only (biases, "
+            "norms, embeddings); to fine-tune all weights, fine-tune the pruned run, then quantise"
+        )
     for n in notes:
         log.info(n)
     after = ModelSize(after_params, after_nonzero, bytes_on_disk(out))
-    return CompressSummary(source=str(src), out=str(out), kind=kind, quantize=cfg.quantize, prune=cfg.prune,
-                           structured=bool(cfg.structured), quantized_layers=quantized, pruned_layers=pruned,
-                           skipped=skipped, before=before, after=after, seconds=time.perf_counter() - t0,
-                           notes=notes)
+    return CompressSummary(
+        source=str(src),
+        out=str(out),
+        kind=kind,
+        quantize=cfg.quantize,
+        prune=cfg.prune,
+        structured=bool(cfg.structured),
+        quantized_layers=quantized,
+        pruned_layers=pruned,
+        skipped=skipped,
+        before=before,
+        after=after,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
 
 
 def _check_reload(kind: str, run_dir: Path, model: nn.Module) -> None:
     """The written run, rebuilt by the loader eval and train-student use, holds exactly the compressed weights."""
     _, loaded, _ = _load(run_dir)
     want, got = model.state_dict(), loaded.state_dict()
-    bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k].shape != got[k].shape
-                                            or not torch.equal(want[k].cpu(), got[k].cpu())]
+    bad = sorted(set(want) ^ set(got)) or [
+        k for k in want if want[k].shape != got[k].shape or not torch.equal(want[k].cpu(), got[k].cpu())
+    ]
     if bad:
         raise KdError(f"the compressed run does not reload as written (first difference: {bad[0]}); please report it")

@@ -25,33 +25,44 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from kdcli.cache.fused import FusedReader
+from kdcli.cache.manifest import stored_temperatures
+from kdcli.cache.reader import CacheLoader
+from kdcli.config import TrainConfig, check_task_options, to_dict, write_yaml
 from kdcli.infra import crashpoints, distributed, log
 from kdcli.infra.atomic import atomic_write_bytes, is_disk_full, remove_partials
-from kdcli.cache.fused import FusedReader
-from kdcli.infra.lock import LOCK, DirLock
-from kdcli.cache.reader import CacheLoader
-from kdcli.cache.manifest import stored_temperatures
-from kdcli.config import TrainConfig, check_task_options, to_dict, write_yaml
 from kdcli.infra.errors import Diverged, UsageError
+from kdcli.infra.lock import LOCK, DirLock
+from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
+from kdcli.infra.precision import precision_context, resolve_device
 from kdcli.losses import describe
 from kdcli.models.weights import unpickling_problem
-from kdcli.infra.precision import resolve_device
-from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
-from kdcli.infra.precision import precision_context
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
 from kdcli.tasks.base import check_cache_use, open_teacher
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "TrainSummary", "apply_max_norm", "build_optimizer",
-           "holdout", "label_batches", "precision_context", "schedule", "train_student"]
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "METRICS",
+    "SUMMARY",
+    "TrainSummary",
+    "apply_max_norm",
+    "build_optimizer",
+    "holdout",
+    "label_batches",
+    "precision_context",
+    "schedule",
+    "train_student",
+]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -80,11 +91,15 @@ def _load_checkpoint(run: Path, cfg: TrainConfig) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"cannot load {path} as a plain checkpoint ({unpickling_problem(e)}); it is damaged or not "
-                         "kdcli's: remove it or pass --overwrite") from None
+        raise UsageError(
+            f"cannot load {path} as a plain checkpoint ({unpickling_problem(e)}); it is damaged or not "
+            "kdcli's: remove it or pass --overwrite"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("config_hash") != config_hash(cfg):
-        raise UsageError(f"{run} holds a checkpoint from a run with different settings; use the same options to "
-                         "resume, or --overwrite to start over")
+        raise UsageError(
+            f"{run} holds a checkpoint from a run with different settings; use the same options to "
+            "resume, or --overwrite to start over"
+        )
     return ckpt
 
 
@@ -99,8 +114,10 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path, stack: ExitStack) -> tuple[Pat
     if finished and not cfg.overwrite:
         raise UsageError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
     if others and (finished or cfg.overwrite) and not is_run_output(out):
-        raise UsageError(f"--overwrite: {out} is not a kdcli run directory ({others[0]}, ...); kdcli only replaces "
-                         "what train-student wrote: choose another --out")
+        raise UsageError(
+            f"--overwrite: {out} is not a kdcli run directory ({others[0]}, ...); kdcli only replaces "
+            "what train-student wrote: choose another --out"
+        )
     if (out / CHECKPOINT).exists() and not finished and (cfg.resume or not cfg.overwrite):
         return out, _load_checkpoint(out, cfg)
     if others and (finished or cfg.overwrite):  # build the replacement beside the old run
@@ -111,15 +128,19 @@ def _prepare_run_dir(cfg: TrainConfig, out: Path, stack: ExitStack) -> tuple[Pat
         if cfg.resume and (stage / CHECKPOINT).exists():
             log.info(f"--overwrite --resume: continuing the replacement of {out} in {stage}")
             return stage, _load_checkpoint(stage, cfg)
-        empty_dir(stage, lambda d: is_run_output(d) or all(p.name in (LOCK, CONFIG, METRICS) for p in d.iterdir()),
-                  "--overwrite")
+        empty_dir(
+            stage,
+            lambda d: is_run_output(d) or all(p.name in (LOCK, CONFIG, METRICS) for p in d.iterdir()),
+            "--overwrite",
+        )
         log.info(f"--overwrite: training in {stage}; it replaces {out} when the run has finished")
         return stage, None
     if cfg.resume:
         log.warn(f"--resume: no checkpoint in {out}; starting from the beginning")
     elif set(others) - {CONFIG, METRICS}:
-        raise UsageError(f"--out {out} is not empty ({others[0]}, ...) and holds no kdcli run; choose an empty "
-                         "or new directory")
+        raise UsageError(
+            f"--out {out} is not empty ({others[0]}, ...) and holds no kdcli run; choose an empty or new directory"
+        )
     return out, None
 
 
@@ -127,7 +148,7 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]
     """The validation split: (sorted held-out row ids, bool mask of rows to train on), a pure function of the seed.
     Held-out samples are never trained on (with augmented views, none of their views are)."""
     perm = np.random.default_rng(seed).permutation(n)
-    val_idx = np.sort(perm[:int(round(fraction * n))])
+    val_idx = np.sort(perm[: int(round(fraction * n))])
     keep = np.ones(n, dtype=bool)
     keep[val_idx] = False
     if not keep.any():
@@ -152,8 +173,9 @@ def schedule(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def build_optimizer(name: str, params: list, *, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, params: list, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """The optimizer train-student uses. Adam/AdamW take PyTorch's fused kernel (one pass over all parameters
     instead of a dozen: 5.5 -> 1.3 ms for a 3.3M-parameter step on 2 CPU cores) where every parameter allows it."""
     if name == "sgd":
@@ -173,28 +195,32 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
             w.mul_(torch.clamp(max_norm / norms, max=1.0))
 
 
-def label_batches(n_keep: np.ndarray, *, batch_size: int, seed: int, epoch: int, skip_batches: int = 0,
-                  rank: int = 0, world: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def label_batches(
+    n_keep: np.ndarray, *, batch_size: int, seed: int, epoch: int, skip_batches: int = 0, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """Shuffled batches of sample indices for label-only training (no cache). Under DDP rank ``r`` takes the
     ``r``-th of ``world`` equal contiguous parts of the epoch's order (at most ``world - 1`` samples sit out)."""
     rng = np.random.default_rng([seed, epoch])
     order = n_keep[rng.permutation(len(n_keep))]
     part = len(order) // world
-    order = order[rank * part:(rank + 1) * part] if world > 1 else order
+    order = order[rank * part : (rank + 1) * part] if world > 1 else order
     for i, a in enumerate(range(0, len(order), batch_size)):
         if i >= skip_batches:
-            yield {"sample_index": order[a:a + batch_size]}
+            yield {"sample_index": order[a : a + batch_size]}
 
 
 def train_student(cfg: TrainConfig) -> TrainSummary:
     t_start = time.perf_counter()
     alpha = cfg.alpha if cfg.alpha is not None else (0.9 if cfg.cache else 0.0)
     if alpha > 0 and not cfg.cache:
-        raise UsageError(f"--alpha {alpha:g} weights a teacher term but no --cache was given; pass --cache "
-                         "CACHE_DIR or --alpha 0")
+        raise UsageError(
+            f"--alpha {alpha:g} weights a teacher term but no --cache was given; pass --cache CACHE_DIR or --alpha 0"
+        )
     if cfg.fsdp and distributed.env_world()[1] == 1:
-        raise UsageError("--fsdp shards the student over torchrun processes; launch with `torchrun --standalone "
-                         "--nproc-per-node N -m kdcli train-student ...`, or drop --fsdp")
+        raise UsageError(
+            "--fsdp shards the student over torchrun processes; launch with `torchrun --standalone "
+            "--nproc-per-node N -m kdcli train-student ...`, or drop --fsdp"
+        )
     task = pick_task(cfg.data)
     check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
@@ -218,8 +244,13 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
 
         work, resuming = ctx.on_main(prepare)
         work = Path(work)
-        ckpt = ctx.agree(lambda: main.get("ckpt") if ctx.is_main or not resuming else
-                         torch.load(work / CHECKPOINT, map_location="cpu", weights_only=True))
+        ckpt = ctx.agree(
+            lambda: (
+                main.get("ckpt")
+                if ctx.is_main or not resuming
+                else torch.load(work / CHECKPOINT, map_location="cpu", weights_only=True)
+            )
+        )
         try:
             summary = _train(cfg, work, out, ckpt, alpha, job, t_start, ctx)
         except BaseException:
@@ -235,8 +266,16 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
         return summary
 
 
-def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: float, job: TrainJob,
-           t_start: float, ctx: distributed.Dist) -> TrainSummary:
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    final: Path,
+    ckpt: dict | None,
+    alpha: float,
+    job: TrainJob,
+    t_start: float,
+    ctx: distributed.Dist,
+) -> TrainSummary:
     """The loop. ``out`` is where the run's files are written (``final``, or the staging directory of an
     ``--overwrite``); ``final`` is the run dir the summary names."""
     device = ctx.device
@@ -261,37 +300,64 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
     steps_per_epoch = math.ceil((train_rows // ctx.world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
-    opt = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(
+        cfg.optimizer,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, total_steps))
-    start_epoch, skip, global_step, acc = restore(ckpt, out, model, opt, sched, device, ctx, steps_per_epoch,
-                                                  sharded=cfg.fsdp)
+    start_epoch, skip, global_step, acc = restore(
+        ckpt, out, model, opt, sched, device, ctx, steps_per_epoch, sharded=cfg.fsdp
+    )
     # DDP: rank 0's weights are broadcast here, gradients are averaged over ranks in every backward pass (FSDP2
     # shards in place: the model is its own wrapper)
-    net = torch.nn.parallel.DistributedDataParallel(job.forward_module(model),
-                                                    device_ids=[device] if device.type == "cuda" else None) \
-        if ctx.enabled and not cfg.fsdp else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(
+            job.forward_module(model), device_ids=[device] if device.type == "cuda" else None
+        )
+        if ctx.enabled and not cfg.fsdp
+        else model
+    )
 
-    formula = describe(alpha, cfg.temperature, reader is not None, cfg.divergence, cfg.jsd_beta,
-                       mode=reader.mode if reader else None,
-                       temperatures=stored_temperatures(reader.manifest)["temperatures"] if reader else None,
-                       approximate=cfg.approximate_temperature, note=reader.loss_note if reader else "",
-                       approximation=reader.approximation if reader else "")
+    formula = describe(
+        alpha,
+        cfg.temperature,
+        reader is not None,
+        cfg.divergence,
+        cfg.jsd_beta,
+        mode=reader.mode if reader else None,
+        temperatures=stored_temperatures(reader.manifest)["temperatures"] if reader else None,
+        approximate=cfg.approximate_temperature,
+        note=reader.loss_note if reader else "",
+        approximation=reader.approximation if reader else "",
+    )
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
     if isinstance(reader, FusedReader):
-        log.info(f"teacher: the {reader.describe()}; "
-                 + reader.exactness().format(unit="token" if job.unit == "tokens" else "row"))
-    log.info(job.describe(train_samples, n_val) + f"; on {device}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
-             f"batch {cfg.batch_size}"
-             + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled
-                else ""))
+        log.info(
+            f"teacher: the {reader.describe()}; "
+            + reader.exactness().format(unit="token" if job.unit == "tokens" else "row")
+        )
+    log.info(
+        job.describe(train_samples, n_val) + f"; on {device}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
+        f"batch {cfg.batch_size}"
+        + (f" per process x {ctx.world} processes = global batch {cfg.batch_size * ctx.world}" if ctx.enabled else "")
+    )
     resumed_from = saved = global_step
     last: dict = {}
     loader = None
     if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
-        loader = CacheLoader(reader, batch_size=cfg.batch_size, seed=cfg.seed, keep=keep if n_val else None,
-                             rank=ctx.rank, world=ctx.world, num_workers=cfg.num_workers,
-                             block_rows=cfg.block_rows or None)
+        loader = CacheLoader(
+            reader,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            keep=keep if n_val else None,
+            rank=ctx.rank,
+            world=ctx.world,
+            num_workers=cfg.num_workers,
+            block_rows=cfg.block_rows or None,
+        )
     # loss, soft, hard (each times the batch's units), correct, since the last flush: summed on the device and
     # read back only at checkpoints and epoch ends, so a GPU never waits on the host inside an epoch
     pending = torch.zeros(4, dtype=torch.float64, device=device)
@@ -301,8 +367,15 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
         if loader is not None:
             batches = loader.epoch(epoch, skip_batches=skip)
         else:
-            batches = label_batches(train_samples, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                    skip_batches=skip, rank=ctx.rank, world=ctx.world)
+            batches = label_batches(
+                train_samples,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                epoch=epoch,
+                skip_batches=skip,
+                rank=ctx.rank,
+                world=ctx.world,
+            )
         step_in_epoch = skip
         for batch in batches:
             parts, correct, units = job.step(net, batch, device, global_step)
@@ -337,16 +410,28 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
         last = {"epoch": epoch + 1, "step": global_step}
         if job.unit == "rows":
             last["rows"] = int(acc["rows"])
-        last.update({"train_loss": acc["loss"] / units, "train_soft": acc["soft"] / units,
-                     "train_hard": acc["hard"] / units, "train_accuracy": acc["correct"] / units,
-                     "lr": opt.param_groups[0]["lr"], "seconds": acc["seconds"], "rows_per_second": acc["rows"] / secs})
+        last.update(
+            {
+                "train_loss": acc["loss"] / units,
+                "train_soft": acc["soft"] / units,
+                "train_hard": acc["hard"] / units,
+                "train_accuracy": acc["correct"] / units,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": acc["seconds"],
+                "rows_per_second": acc["rows"] / secs,
+            }
+        )
         if job.unit != "rows":
             last[f"{job.unit}_per_second"] = acc["units"] / secs
         last.update(job.heldout_metrics(model, val_idx, device))
         if ctx.is_main:
             _append_line(out / METRICS, last)
-        log.info("epoch {epoch}/{total}: loss {train_loss:.4f} (soft {train_soft:.4f}, hard {train_hard:.4f}), "
-                 .format(total=cfg.epochs, **last) + job.epoch_message(last))
+        log.info(
+            "epoch {epoch}/{total}: loss {train_loss:.4f} (soft {train_soft:.4f}, hard {train_hard:.4f}), ".format(
+                total=cfg.epochs, **last
+            )
+            + job.epoch_message(last)
+        )
         acc = _zero_acc()
         if epoch + 1 < cfg.epochs:
             _save_checkpoint(out, cfg, model, opt, sched, device, epoch + 1, 0, global_step, acc, ctx)
@@ -365,12 +450,20 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
         if ctx.is_main:
             job.save(out, model)
     base = TrainSummary(
-        run_dir=str(final), loss_formula=formula, epochs=cfg.epochs, steps=global_step, train_rows=train_rows,
+        run_dir=str(final),
+        loss_formula=formula,
+        epochs=cfg.epochs,
+        steps=global_step,
+        train_rows=train_rows,
         final_train_loss=last.get("train_loss", float("nan")),
-        final_train_accuracy=last.get("train_accuracy", float("nan")), val_accuracy=last.get("val_accuracy"),
-        eval_accuracy=last.get("eval_accuracy"), seconds=time.perf_counter() - t_start,
-        rows_per_second=last.get("rows_per_second", 0.0), student_parameters=info.num_parameters,
-        resumed_from_step=resumed_from)
+        final_train_accuracy=last.get("train_accuracy", float("nan")),
+        val_accuracy=last.get("val_accuracy"),
+        eval_accuracy=last.get("eval_accuracy"),
+        seconds=time.perf_counter() - t_start,
+        rows_per_second=last.get("rows_per_second", 0.0),
+        student_parameters=info.num_parameters,
+        resumed_from_step=resumed_from,
+    )
     summary = job.summary(base, last, train_units)
     if ctx.is_main:
         atomic_write_bytes(out / SUMMARY, json.dumps(asdict(summary), indent=2).encode())
@@ -379,8 +472,17 @@ def _train(cfg: TrainConfig, out: Path, final: Path, ckpt: dict | None, alpha: f
     return summary
 
 
-def restore(ckpt: dict | None, out: Path, model: nn.Module, opt, sched, device: torch.device,
-            ctx: distributed.Dist, steps_per_epoch: int, sharded: bool = False) -> tuple[int, int, int, dict]:
+def restore(
+    ckpt: dict | None,
+    out: Path,
+    model: nn.Module,
+    opt,
+    sched,
+    device: torch.device,
+    ctx: distributed.Dist,
+    steps_per_epoch: int,
+    sharded: bool = False,
+) -> tuple[int, int, int, dict]:
     """Load a checkpoint into model, optimizer, scheduler and RNG states (this rank's under DDP) and cut
     metrics.jsonl back to it; returns (epoch, step in epoch, global step, accumulators). No checkpoint: a fresh
     start, and a metrics.jsonl left by an earlier attempt is removed. ``sharded``: the model is FSDP2-sharded and
@@ -391,8 +493,10 @@ def restore(ckpt: dict | None, out: Path, model: nn.Module, opt, sched, device: 
             (out / METRICS).unlink()
         return 0, 0, 0, fresh_acc()
     if bool(ckpt.get("fsdp", False)) != sharded:
-        raise UsageError(f"{out} holds a checkpoint from a run {'with' if ckpt.get('fsdp') else 'without'} --fsdp: "
-                         "resume it the same way, or --overwrite")
+        raise UsageError(
+            f"{out} holds a checkpoint from a run {'with' if ckpt.get('fsdp') else 'without'} --fsdp: "
+            "resume it the same way, or --overwrite"
+        )
     if sharded:
         distributed.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
     else:
@@ -400,8 +504,10 @@ def restore(ckpt: dict | None, out: Path, model: nn.Module, opt, sched, device: 
         opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     if int(ckpt.get("world", 1)) != ctx.world:
-        raise UsageError(f"{out} holds a checkpoint from a run with {ckpt.get('world', 1)} process(es), not "
-                         f"{ctx.world}: resume it with the same torchrun --nproc-per-node, or --overwrite")
+        raise UsageError(
+            f"{out} holds a checkpoint from a run with {ckpt.get('world', 1)} process(es), not "
+            f"{ctx.world}: resume it with the same torchrun --nproc-per-node, or --overwrite"
+        )
     torch.set_rng_state(ckpt["rng_cpu_ranks"][ctx.rank] if ctx.enabled else ckpt["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda_ranks"][ctx.rank] if "rng_cuda_ranks" in ckpt else ckpt["rng_cuda"])
@@ -418,8 +524,9 @@ FINITE_CHECK_EVERY = 100
 epoch end, where the weights are checked too, so no checkpoint or run dir ever holds NaN/inf)."""
 
 
-def _check_finite(pending: torch.Tensor, model: nn.Module | None, epoch: int, step: int, saved: int,
-                  ctx: distributed.Dist) -> None:
+def _check_finite(
+    pending: torch.Tensor, model: nn.Module | None, epoch: int, step: int, saved: int, ctx: distributed.Dist
+) -> None:
     """Stop a diverged run (exit 4, one line) before anything non-finite is saved; the last checkpoint stays.
     Under torchrun every rank learns of any rank's divergence (one all-reduce), so none is left waiting."""
     what = 0 if bool(torch.isfinite(pending).all()) else 1  # 1: the loss, 2: the weights
@@ -435,11 +542,16 @@ def _check_finite(pending: torch.Tensor, model: nn.Module | None, epoch: int, st
         what = int(ctx.all_reduce([float(what)], "max")[0])
     if not what:
         return
-    cause = "the loss became NaN or infinite" if what == 1 else \
-        f"the weights became NaN or infinite{f' ({bad})' if bad else ''}"
+    cause = (
+        "the loss became NaN or infinite"
+        if what == 1
+        else f"the weights became NaN or infinite{f' ({bad})' if bad else ''}"
+    )
     kept = f"the run dir keeps the checkpoint of step {saved}" if saved else "nothing was saved"
-    raise Diverged(f"training diverged: {cause} in epoch {epoch + 1}, by step {step}; {kept}. Lower --lr, check "
-                   "--temperature and the model / --peft-arg values, then re-run (--overwrite to start over)")
+    raise Diverged(
+        f"training diverged: {cause} in epoch {epoch + 1}, by step {step}; {kept}. Lower --lr, check "
+        "--temperature and the model / --peft-arg values, then re-run (--overwrite to start over)"
+    )
 
 
 def _flush(acc: dict, pending: torch.Tensor) -> None:
@@ -462,8 +574,19 @@ def _reduce_acc(acc: dict, ctx: distributed.Dist | None) -> dict:
     return {**dict(zip(keys, sums)), "seconds": ctx.all_reduce([acc["seconds"]], "max")[0]}
 
 
-def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epoch: int, step_in_epoch: int,
-                     global_step: int, acc: dict, ctx: distributed.Dist | None = None) -> None:
+def _save_checkpoint(
+    out: Path,
+    cfg: TrainConfig,
+    model,
+    opt,
+    sched,
+    device,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+    acc: dict,
+    ctx: distributed.Dist | None = None,
+) -> None:
     # Under DDP every rank calls this (the same steps): the accumulators are summed and every rank's RNG state
     # gathered, then rank 0 alone writes the checkpoint.
     acc = _reduce_acc(acc, ctx)
@@ -476,10 +599,20 @@ def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epo
         return
     if not cfg.fsdp:
         model_state, opt_state = model.state_dict(), opt.state_dict()
-    state = {"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(), "fsdp": cfg.fsdp,
-             "rng_cpu": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-             "global_step": global_step, "acc": acc, "config_hash": config_hash(cfg),
-             "metrics_lines": _count_lines(out / METRICS), "world": ctx.world if ctx is not None else 1}
+    state = {
+        "model": model_state,
+        "optimizer": opt_state,
+        "scheduler": sched.state_dict(),
+        "fsdp": cfg.fsdp,
+        "rng_cpu": torch.get_rng_state(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "acc": acc,
+        "config_hash": config_hash(cfg),
+        "metrics_lines": _count_lines(out / METRICS),
+        "world": ctx.world if ctx is not None else 1,
+    }
     if rngs is not None:
         state["rng_cpu_ranks"] = [r[0] for r in rngs]
         if device.type == "cuda":
@@ -492,8 +625,10 @@ def _save_checkpoint(out: Path, cfg: TrainConfig, model, opt, sched, device, epo
         atomic_write_bytes(out / CHECKPOINT, buf.getbuffer())  # the previous checkpoint stays whole until then
     except BaseException as e:
         if is_disk_full(e):
-            raise UsageError(f"no space left on device while writing {out / CHECKPOINT}; free some space and "
-                             "re-run the same command: it resumes from the last whole checkpoint") from None
+            raise UsageError(
+                f"no space left on device while writing {out / CHECKPOINT}; free some space and "
+                "re-run the same command: it resumes from the last whole checkpoint"
+            ) from None
         raise
 
 

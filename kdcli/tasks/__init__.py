@@ -19,8 +19,17 @@ from kdcli.lm import is_text_spec
 from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob
 from kdcli.tasks.reports import CacheSummary, EvalReport, TrainSummary
 
-__all__ = ["CacheJob", "CacheSummary", "EvalJob", "EvalReport", "Task", "TrainJob", "TrainSummary", "is_text_spec",
-           "pick_task"]
+__all__ = [
+    "CacheJob",
+    "CacheSummary",
+    "EvalJob",
+    "EvalReport",
+    "Task",
+    "TrainJob",
+    "TrainSummary",
+    "is_text_spec",
+    "pick_task",
+]
 
 
 def pick_task(data_spec: str | None) -> Task:
@@ -32,9 +41,11 @@ def pick_task(data_spec: str | None) -> Task:
         return TokenTask()
     base = Path(split_slice(str(data_spec or ""))[0])
     if base.is_dir():  # no DATA is a plain directory: say what one must hold, before any model is loaded
-        raise UsageError(f"DATA {data_spec} is a directory without .parquet files or a saved dataset (state.json + "
-                         "dataset_info.json); give a .jsonl / .parquet file, a directory of .parquet files, a "
-                         "datasets.save_to_disk directory, or classification data (mnist:train, file.npz, file.h5)")
+        raise UsageError(
+            f"DATA {data_spec} is a directory without .parquet files or a saved dataset (state.json + "
+            "dataset_info.json); give a .jsonl / .parquet file, a directory of .parquet files, a "
+            "datasets.save_to_disk directory, or classification data (mnist:train, file.npz, file.h5)"
+        )
     from kdcli.tasks.classify import ClassifyTask
 
     return ClassifyTask()

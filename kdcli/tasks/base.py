@@ -1,8 +1,9 @@
 """The task interface: what the one cache pass, the one training loop and the one eval ask of a task.
 
 A *task* (classification, token-level language modelling) knows its data, its models and its metrics; the stages
-(:mod:`kdcli.stages.cache`, :mod:`kdcli.stages.train`, :mod:`kdcli.stages.evaluate`) own everything else: directories, locks, shards,
-the rank split, checkpoints, resume, DDP, device-side metric sums, crash points. Each stage asks the task for one
+(:mod:`kdcli.stages.cache`, :mod:`kdcli.stages.train`, :mod:`kdcli.stages.evaluate`) own everything else: directories,
+locks, shards, the rank split, checkpoints, resume, DDP, device-side metric sums, crash points. Each stage asks the task
+for one
 *job* object built from its config:
 
 - :class:`CacheJob`  -- the teacher, the manifest plan, and ``forward(rows) -> rows to cache``
@@ -33,12 +34,19 @@ from kdcli.losses import LossParts
 from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
 from kdcli.tasks.reports import CacheSummary, EvalReport, ModelRow, TrainSummary
 
-
 LATENCY_WARMUP = 1  # untimed forwards at batch 1 before the timed ones (eval --latency-repeats)
 
 
-def size_and_speed(model: nn.Module, path: str | None, example: torch.Tensor, batch_size: int, repeats: int,
-                   forward=None, pass_times: list[float] = (), warm: bool = False) -> dict:
+def size_and_speed(
+    model: nn.Module,
+    path: str | None,
+    example: torch.Tensor,
+    batch_size: int,
+    repeats: int,
+    forward=None,
+    pass_times: list[float] = (),
+    warm: bool = False,
+) -> dict:
     """The compression report's fields of one eval model (see ModelReport / LMModelReport).
 
     ``path``: the files the model was loaded from (a run dir, an HF dir, a .gguf or weights file), or None for a
@@ -53,16 +61,27 @@ def size_and_speed(model: nn.Module, path: str | None, example: torch.Tensor, ba
 
     ``repeats`` 0 skips the measurement (the latency fields are then None).
     """
-    out = {"nonzero_parameters": nonzero_parameters(model),
-           "bytes_on_disk": bytes_on_disk(path) if path is not None and Path(path).exists() else None,
-           "latency_batch_size": batch_size, "latency_batch1_s": None, "latency_batch_s": None}
+    out = {
+        "nonzero_parameters": nonzero_parameters(model),
+        "bytes_on_disk": bytes_on_disk(path) if path is not None and Path(path).exists() else None,
+        "latency_batch_size": batch_size,
+        "latency_batch1_s": None,
+        "latency_batch_s": None,
+    }
     if repeats > 0:
-        out["latency_batch1_s"] = latency_per_row(model, example, (1,), repeats=repeats, warmup=LATENCY_WARMUP,
-                                                  forward=forward)[1]
+        out["latency_batch1_s"] = latency_per_row(
+            model, example, (1,), repeats=repeats, warmup=LATENCY_WARMUP, forward=forward
+        )[1]
         per_row = [t / batch_size for t in pass_times]
         while len(per_row) < repeats:
-            per_row += latency_per_row(model, example, (batch_size,), repeats=1, forward=forward,
-                                       warmup=0 if warm or per_row else LATENCY_WARMUP).values()
+            per_row += latency_per_row(
+                model,
+                example,
+                (batch_size,),
+                repeats=1,
+                forward=forward,
+                warmup=0 if warm or per_row else LATENCY_WARMUP,
+            ).values()
         out["latency_batch_s"] = float(np.median(per_row))
     return out
 
@@ -78,11 +97,15 @@ def cache_mode(cfg) -> Mode:
         if option != mode.size_option and (option in given(cfg) if option == "samples" else getattr(cfg, option)):
             flag = "--" + option.replace("_", "-")
             users = [m.name for m in modes() if m.size_option == option]
-            raise UsageError(f"{flag} applies to --mode {' and '.join(users)}; a {mode.name} cache would ignore it"
-                             + (": drop one of them" if option == "top_k" else ""))
+            raise UsageError(
+                f"{flag} applies to --mode {' and '.join(users)}; a {mode.name} cache would ignore it"
+                + (": drop one of them" if option == "top_k" else "")
+            )
     if "temperatures" in given(cfg) and not mode.sparse:
-        raise UsageError(f"--temperatures lists what a sparse cache stores per temperature; a {mode.name} cache "
-                         "is exact at every T and would ignore it")
+        raise UsageError(
+            f"--temperatures lists what a sparse cache stores per temperature; a {mode.name} cache "
+            "is exact at every T and would ignore it"
+        )
     return mode
 
 
@@ -101,8 +124,9 @@ def cache_layout(cfg, mode: Mode, width: int, token: bool) -> tuple[int | None, 
     return k, temps, {**layout, **mode.temperature_layout(temps)}, {"temperatures": list(temps)}
 
 
-def check_cache_use(reader: CacheReader, temperature: float, approximate: bool, evaluating: bool = False,
-                    divergence: str = "forward") -> None:
+def check_cache_use(
+    reader: CacheReader, temperature: float, approximate: bool, evaluating: bool = False, divergence: str = "forward"
+) -> None:
     """Refuse (exit 2, naming the stored temperatures) a sparse cache at a T it cannot serve exactly/unbiased,
     unless the documented approximation was asked for; and what a sparse fused teacher cannot serve
     (:meth:`FusedReader.check_use`, a divergence a mixture cannot train with). Called before anything is written."""
@@ -116,7 +140,7 @@ def check_cache_use(reader: CacheReader, temperature: float, approximate: bool, 
         raise UsageError(f"cache {reader.dir}: {e}") from None
 
 
-def open_teacher(task: "Task", cfg) -> CacheReader | None:
+def open_teacher(task: Task, cfg) -> CacheReader | None:
     """The teacher of ``train-student`` / ``eval``: None without ``--cache``, the cache given once, or the fused
     teacher of several (:mod:`kdcli.cache.fused`: refused, exit 3 naming the first difference, unless they cover
     the same data, classes/vocabulary, tokenizer and rows)."""
@@ -131,8 +155,10 @@ def open_teacher(task: "Task", cfg) -> CacheReader | None:
     for c in cfg.cache:
         key = Path(c).resolve()
         if key in seen:
-            raise UsageError(f"--cache {c} is given twice (as {seen[key]!r} too): a teacher fused with itself is that "
-                             "teacher; give each cache once")
+            raise UsageError(
+                f"--cache {c} is given twice (as {seen[key]!r} too): a teacher fused with itself is that "
+                "teacher; give each cache once"
+            )
         seen[key] = c
     return open_fused([task.open_cache(c) for c in cfg.cache], cfg.cache_weights, cfg.combine)
 
@@ -168,8 +194,9 @@ class CacheJob(ABC):
         """The log line saying what is cached."""
 
     @abstractmethod
-    def forward(self, start: int, stop: int, device: torch.device,
-                generator: torch.Generator | None) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    def forward(
+        self, start: int, stop: int, device: torch.device, generator: torch.Generator | None
+    ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
         """Rows ``[start, stop)`` through the teacher: (host arrays per row: ``row_index``, ``sample_index``,
         ``row_hash``, ...; reduced tensors still on the device, with ``nonfinite`` (rows,) bool). Nothing here may
         wait for the device: the pass copies the reduced tensors back while the next batch runs."""
@@ -207,8 +234,9 @@ class TrainJob(ABC):
         """The log line naming the student and what it trains on."""
 
     @abstractmethod
-    def step(self, net: nn.Module, batch: dict[str, np.ndarray], device: torch.device,
-             global_step: int) -> tuple[LossParts, torch.Tensor, int]:
+    def step(
+        self, net: nn.Module, batch: dict[str, np.ndarray], device: torch.device, global_step: int
+    ) -> tuple[LossParts, torch.Tensor, int]:
         """One batch: (loss parts, correct predictions as a device tensor, units in the batch). ``net`` is the
         model as trained (DDP-wrapped under torchrun): every forward pass goes through it."""
 

@@ -17,22 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.infra import log
 from kdcli.augment import parse_augment
 from kdcli.cache.manifest import new_manifest
-from kdcli.cache.reader import CacheReader
 from kdcli.cache.modes.base import Mode
+from kdcli.cache.reader import CacheReader
 from kdcli.cache.writer import resolve_compression
+from kdcli.config import EvalConfig
 from kdcli.data import LabelledData, load_data
+from kdcli.infra import log
 from kdcli.infra.errors import CacheError, UsageError
+from kdcli.infra.fmt import TableData
+from kdcli.infra.precision import precision_context
 from kdcli.losses import kd_loss, soft_kl
 from kdcli.models.classifiers import build_model, is_run_dir, save_run_model
 from kdcli.models.weights import MODEL_JSON, weight_bytes
-from kdcli.infra.precision import precision_context
-from kdcli.config import EvalConfig
-from kdcli.infra.fmt import TableData
-from kdcli.tasks.base import (CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode,
-                              size_and_speed)
+from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode, size_and_speed
 from kdcli.tasks.reports import CacheSummary, TrainSummary, metric_table, teacher_and_size_rows
 
 ECE_BINS = 15
@@ -40,6 +39,7 @@ BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS
 
 
 # -- cache pass ----------------------------------------------------------------------------------------------------
+
 
 def teacher_num_classes(spec: str) -> int | None:
     """A run-dir teacher knows its width; other specs take it from the data."""
@@ -68,27 +68,46 @@ class ClassifyCacheJob(CacheJob):
         if cfg.views > 1 and self.augment is None:
             raise UsageError("--views > 1 needs --augment (e.g. shift:2): views would be identical")
         if not is_run_dir(cfg.teacher) and not cfg.teacher_weights:
-            raise UsageError(f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, or a run "
-                             "directory made by `kdcli train-student`")
+            raise UsageError(
+                f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, or a run "
+                "directory made by `kdcli train-student`"
+            )
         self.data = data = load_data(cfg.data, num_classes=teacher_num_classes(cfg.teacher))
-        self.model, self.info = build_model(cfg.teacher, cfg.teacher_args, num_classes=data.num_classes,
-                                            input_shape=data.input_shape, weights=cfg.teacher_weights)
+        self.model, self.info = build_model(
+            cfg.teacher,
+            cfg.teacher_args,
+            num_classes=data.num_classes,
+            input_shape=data.input_shape,
+            weights=cfg.teacher_weights,
+        )
         self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, data.num_classes, token=False)
         self.num_rows = data.n * cfg.views
         self.shard_size, self.batch_size = cfg.shard_size, cfg.batch_size
         self.sampled = mode.sampled
-        settings = {"mode": mode.name, "top_k": mode_layout["top_k"], "samples": mode_layout["samples"],
-                    "views": cfg.views, "augment": cfg.augment if cfg.views > 1 else None,
-                    "seed": cfg.seed if (cfg.views > 1 or self.sampled) else None,
-                    "shard_size": cfg.shard_size, "dtype": cfg.dtype, **temp_settings}
+        settings = {
+            "mode": mode.name,
+            "top_k": mode_layout["top_k"],
+            "samples": mode_layout["samples"],
+            "views": cfg.views,
+            "augment": cfg.augment if cfg.views > 1 else None,
+            "seed": cfg.seed if (cfg.views > 1 or self.sampled) else None,
+            "shard_size": cfg.shard_size,
+            "dtype": cfg.dtype,
+            **temp_settings,
+        }
         self.layout = layout = {
-            "kind": "classification", "num_classes": data.num_classes, **mode_layout, "views": cfg.views,
+            "kind": "classification",
+            "num_classes": data.num_classes,
+            **mode_layout,
+            "views": cfg.views,
             "augment": cfg.augment if cfg.views > 1 else None,
             "aug_param_names": list(self.augment.param_names) if (self.augment and cfg.views > 1) else [],
-            "shard_size": cfg.shard_size, "compression": resolve_compression(cfg.compression, token=False,
-                                                                            mode=mode.name)}
-        self.plan = new_manifest(teacher=self.info.identity(), data=data.identity(), settings=settings,
-                                 layout=layout, num_rows=self.num_rows)
+            "shard_size": cfg.shard_size,
+            "compression": resolve_compression(cfg.compression, token=False, mode=mode.name),
+        }
+        self.plan = new_manifest(
+            teacher=self.info.identity(), data=data.identity(), settings=settings, layout=layout, num_rows=self.num_rows
+        )
         self.params = augment_params(data.n, cfg.views, self.augment, cfg.seed)
 
     def units(self, start: int, stop: int) -> int:
@@ -96,16 +115,18 @@ class ClassifyCacheJob(CacheJob):
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters): {self.num_rows} rows "
-                f"({self.data.n} samples x {cfg.views} view(s)), mode {self.mode.name}"
-                + self.mode.describe(self.k, token=False))
+        return (
+            f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters): {self.num_rows} rows "
+            f"({self.data.n} samples x {cfg.views} view(s)), mode {self.mode.name}"
+            + self.mode.describe(self.k, token=False)
+        )
 
     def forward(self, start, stop, device, generator):
         data, n = self.data, self.data.n
         rows = np.arange(start, stop, dtype=np.int64)
         samples = rows % n
         s0 = start % n  # rows of one view are consecutive samples: a view of x, not a gathered copy
-        x = data.x[s0:s0 + len(rows)] if s0 + len(rows) <= n else data.x[samples]  # (b, *input_shape)
+        x = data.x[s0 : s0 + len(rows)] if s0 + len(rows) <= n else data.x[samples]  # (b, *input_shape)
         if self.params is not None:
             x = self.augment.apply(x, torch.from_numpy(self.params[start:stop]))  # view 0: zero params, identity
         if device.type == "cuda":
@@ -131,12 +152,13 @@ class ClassifyCacheJob(CacheJob):
 
 # -- training ------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 2048) -> torch.Tensor:
     """(n, C) float32 logits on the CPU, in eval mode."""
     was = model.training
     model.eval()
-    outs = [model(x[a:a + batch_size].to(device)).float().cpu() for a in range(0, len(x), batch_size)]
+    outs = [model(x[a : a + batch_size].to(device)).float().cpu() for a in range(0, len(x), batch_size)]
     model.train(was)
     return torch.cat(outs)
 
@@ -153,8 +175,10 @@ def check_row_hashes(batch: dict, data: LabelledData, reader: CacheReader) -> No
     bad = np.flatnonzero(expect != batch["row_hash"])
     if len(bad):
         i = int(batch["sample_index"][bad[0]])
-        raise CacheError(f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different "
-                         f"content than data row {i}; the cache does not belong to this data")
+        raise CacheError(
+            f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different "
+            f"content than data row {i}; the cache does not belong to this data"
+        )
 
 
 class ClassifyTrainJob(TrainJob):
@@ -165,25 +189,32 @@ class ClassifyTrainJob(TrainJob):
             reader.check_data(data.identity())
             data.num_classes = reader.num_classes  # the data's labels fit: the student outputs the cache's classes
             if cfg.augment:
-                raise UsageError("--augment applies to label-only training; with --cache the student trains on the "
-                                 "cached views (build the cache with --views N --augment ...)")
+                raise UsageError(
+                    "--augment applies to label-only training; with --cache the student trains on the "
+                    "cached views (build the cache with --views N --augment ...)"
+                )
         self.augment = parse_augment(reader.manifest.get("augment") if reader else cfg.augment)
         self.views = reader.manifest["views"] if reader else 1
         self.num_samples = data.n
         self.eval_data = load_data(cfg.eval_data, num_classes=data.num_classes) if cfg.eval_data else None
         if self.eval_data is not None and self.eval_data.input_shape != data.input_shape:
-            raise UsageError(f"--eval-data {cfg.eval_data} has input shape {self.eval_data.input_shape}, the "
-                             f"training data {data.input_shape}")
+            raise UsageError(
+                f"--eval-data {cfg.eval_data} has input shape {self.eval_data.input_shape}, the "
+                f"training data {data.input_shape}"
+            )
 
     def build_student(self) -> None:
         cfg, data = self.cfg, self.data
-        self.model, self.info = build_model(cfg.student, cfg.student_args, num_classes=data.num_classes,
-                                            input_shape=data.input_shape)
+        self.model, self.info = build_model(
+            cfg.student, cfg.student_args, num_classes=data.num_classes, input_shape=data.input_shape
+        )
 
     def describe(self, train_samples, n_val):
-        return (f"student {self.cfg.student} ({self.info.num_parameters:,} parameters); "
-                f"{len(train_samples) * self.views} training rows ({len(train_samples)} samples x {self.views} "
-                f"view(s)), {n_val} validation samples")
+        return (
+            f"student {self.cfg.student} ({self.info.num_parameters:,} parameters); "
+            f"{len(train_samples) * self.views} training rows ({len(train_samples)} samples x {self.views} "
+            f"view(s)), {n_val} validation samples"
+        )
 
     def step(self, net, batch, device, global_step):
         cfg, data = self.cfg, self.data
@@ -201,8 +232,16 @@ class ClassifyTrainJob(TrainJob):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision_context(cfg.precision, device):
             logits = net(x)  # (b, C)
-        parts = kd_loss(logits.float(), targets, y, temperature=cfg.temperature, alpha=self.alpha,
-                        divergence=cfg.divergence, beta=cfg.jsd_beta, approximate=cfg.approximate_temperature)
+        parts = kd_loss(
+            logits.float(),
+            targets,
+            y,
+            temperature=cfg.temperature,
+            alpha=self.alpha,
+            divergence=cfg.divergence,
+            beta=cfg.jsd_beta,
+            approximate=cfg.approximate_temperature,
+        )
         return parts, (logits.detach().argmax(dim=1) == y).sum(), len(y)
 
     def heldout_metrics(self, model, val_idx, device):
@@ -214,10 +253,12 @@ class ClassifyTrainJob(TrainJob):
         return out
 
     def epoch_message(self, rec):
-        return (f"train acc {rec['train_accuracy']:.4f}"
-                + (f", val acc {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else "")
-                + (f", eval acc {rec['eval_accuracy']:.4f}" if "eval_accuracy" in rec else "")
-                + f", {rec['seconds']:.1f}s")
+        return (
+            f"train acc {rec['train_accuracy']:.4f}"
+            + (f", val acc {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else "")
+            + (f", eval acc {rec['eval_accuracy']:.4f}" if "eval_accuracy" in rec else "")
+            + f", {rec['seconds']:.1f}s"
+        )
 
     def save(self, out, model):
         save_run_model(out, model, self.info)
@@ -227,6 +268,7 @@ class ClassifyTrainJob(TrainJob):
 
 
 # -- eval ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelReport:
@@ -269,22 +311,42 @@ class EvalReport:
     bias_data: str | None = None  # where CLASS=fit biases were chosen
 
     def table(self) -> TableData:
-        fmt = [("errors", lambda m: f"{m.errors:,}"), ("accuracy", lambda m: f"{m.accuracy:.4f}"),
-               ("macro F1", lambda m: f"{m.f1_macro:.4f}"), ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
-               ("macro recall", lambda m: f"{m.recall_macro:.4f}"), ("NLL", lambda m: f"{m.nll:.4f}"),
-               ("ECE", lambda m: f"{m.ece:.4f}")]
+        fmt = [
+            ("errors", lambda m: f"{m.errors:,}"),
+            ("accuracy", lambda m: f"{m.accuracy:.4f}"),
+            ("macro F1", lambda m: f"{m.f1_macro:.4f}"),
+            ("macro precision", lambda m: f"{m.precision_macro:.4f}"),
+            ("macro recall", lambda m: f"{m.recall_macro:.4f}"),
+            ("NLL", lambda m: f"{m.nll:.4f}"),
+            ("ECE", lambda m: f"{m.ece:.4f}"),
+        ]
         biased = [m for m in self.models if m.class_bias]
         if biased:  # --class-bias: the corrected numbers above, what changed below the errors row
             classes = sorted({int(c) for m in biased for c in m.class_bias}, key=int)
-            rows = [("class bias", lambda m: ", ".join(f"{c}: {b:+.2f}" for c, b in (m.class_bias or {}).items())),
-                    ("errors before bias", lambda m: f"{m.before_bias['errors']:,}" if m.before_bias else "")]
+            rows = [
+                ("class bias", lambda m: ", ".join(f"{c}: {b:+.2f}" for c, b in (m.class_bias or {}).items())),
+                ("errors before bias", lambda m: f"{m.before_bias['errors']:,}" if m.before_bias else ""),
+            ]
             for c in classes:
-                rows.append((f"errors on class {c} (of {self.class_counts[c]:,})",
-                             lambda m, c=c: f"{m.before_bias['per_class_errors'][c]} → {m.per_class_errors[c]}"
-                             if m.before_bias else f"{m.per_class_errors[c]}"))
+                rows.append(
+                    (
+                        f"errors on class {c} (of {self.class_counts[c]:,})",
+                        lambda m, c=c: (
+                            f"{m.before_bias['per_class_errors'][c]} → {m.per_class_errors[c]}"
+                            if m.before_bias
+                            else f"{m.per_class_errors[c]}"
+                        ),
+                    )
+                )
             fmt[1:1] = rows
-        fmt += teacher_and_size_rows(self.cache, self.temperature, self.models, "agreement w/ teacher", "accuracy",
-                                     ("samples/s", lambda m: f"{m.samples_per_second:,.0f}"))
+        fmt += teacher_and_size_rows(
+            self.cache,
+            self.temperature,
+            self.models,
+            "agreement w/ teacher",
+            "accuracy",
+            ("samples/s", lambda m: f"{m.samples_per_second:,.0f}"),
+        )
         return metric_table(f"eval on {self.data} ({self.models[0].num_samples:,} rows)", self.models, fmt)
 
 
@@ -298,8 +360,9 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: i
     present = (support + predicted) > 0
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12),
-                     torch.zeros_like(tp))
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp)
+    )
     probs = logits.softmax(1)
     conf = probs.max(1).values
     bins = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
@@ -312,11 +375,17 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: i
             c, a = float(conf[m].mean()), float(correct[m].float().mean())
             ece += cnt / len(y) * abs(a - c)
             reliability.append({"bin": b, "count": cnt, "confidence": c, "accuracy": a})
-    return {"accuracy": float(correct.float().mean()), "errors": int((~correct).sum()),
-            "per_class_errors": (cm.sum(1) - cm.diag()).tolist(),
-            "precision_macro": float(precision[present].mean()), "recall_macro": float(recall[present].mean()),
-            "f1_macro": float(f1[present].mean()), "nll": float(F.cross_entropy(logits, y)), "ece": ece,
-            "reliability": reliability}
+    return {
+        "accuracy": float(correct.float().mean()),
+        "errors": int((~correct).sum()),
+        "per_class_errors": (cm.sum(1) - cm.diag()).tolist(),
+        "precision_macro": float(precision[present].mean()),
+        "recall_macro": float(recall[present].mean()),
+        "f1_macro": float(f1[present].mean()),
+        "nll": float(F.cross_entropy(logits, y)),
+        "ece": ece,
+        "reliability": reliability,
+    }
 
 
 def parse_class_bias(spec: dict, num_classes: int) -> dict[int, float | str]:
@@ -353,8 +422,10 @@ def fit_class_bias(logits: torch.Tensor, y: torch.Tensor, c: int, grid: torch.Te
     one vectorised pass (Hinton et al. 2015, section 3, chose the 3s' bias this way: +3.5 on their test set).
     """
     if not bool((y == c).any()):
-        raise UsageError(f"--class-bias {c}=fit: the fitting data has no rows of class {c}; pass --bias-data with "
-                         "labelled rows of that class")
+        raise UsageError(
+            f"--class-bias {c}=fit: the fitting data has no rows of class {c}; pass --bias-data with "
+            "labelled rows of that class"
+        )
     own = logits[:, c]  # (n,)
     others = logits.clone()
     others[:, c] = float("-inf")
@@ -375,19 +446,21 @@ def load_eval_model(spec: str, num_classes: int | None, input_shape):
     if not is_run_dir(spec) and weights is None:
         if Path(spec).exists():
             raise UsageError(f"{spec} is not a kdcli run directory (no model.json)")
-        raise UsageError(f"--model {spec!r}: give a kdcli run directory, or MODEL@WEIGHTS for a built-in or "
-                         "file.py:factory model")
+        raise UsageError(
+            f"--model {spec!r}: give a kdcli run directory, or MODEL@WEIGHTS for a built-in or file.py:factory model"
+        )
     return build_model(spec, None, num_classes=num_classes, input_shape=input_shape, weights=weights)
 
 
 @torch.inference_mode()
-def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
-                   times: list[float] | None = None) -> torch.Tensor:
+def batched_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device, times: list[float] | None = None
+) -> torch.Tensor:
     """(n, C) float32 logits on the CPU; ``times`` (if given) gets the seconds of each full ``batch_size`` batch."""
     out = []
     for a in range(0, len(x), batch_size):
         t0 = time.perf_counter()
-        out.append(model(x[a:a + batch_size].to(device)).float().cpu())
+        out.append(model(x[a : a + batch_size].to(device)).float().cpu())
         if times is not None and len(out[-1]) == batch_size:
             times.append(time.perf_counter() - t0)
     return torch.cat(out)
@@ -409,7 +482,8 @@ class ClassifyEvalJob(EvalJob):
             reader.check_data(data.identity())
             rows = reader.read_rows(0, data.n)  # view 0 of every sample
             if not np.array_equal(rows["sample_index"], np.arange(data.n)) or not np.array_equal(
-                    rows["row_hash"], data.row_hash):
+                rows["row_hash"], data.row_hash
+            ):
                 raise CacheError(f"cache {reader.dir} rows do not line up with {cfg.data}")
             self.targets = reader.targets(rows)
         self.bias_spec = parse_class_bias(cfg.class_bias, data.num_classes)
@@ -420,11 +494,15 @@ class ClassifyEvalJob(EvalJob):
         if self.fit_classes and cfg.bias_data:
             self.fit_data = load_data(cfg.bias_data, num_classes=data.num_classes)
             if self.fit_data.input_shape != data.input_shape:
-                raise UsageError(f"--bias-data {cfg.bias_data} has input shape {self.fit_data.input_shape}, --data "
-                                 f"{data.input_shape}")
+                raise UsageError(
+                    f"--bias-data {cfg.bias_data} has input shape {self.fit_data.input_shape}, --data "
+                    f"{data.input_shape}"
+                )
         elif self.fit_classes:
-            log.warn("--class-bias CLASS=fit chooses the bias on the evaluation data itself (as Hinton et al. did), "
-                     "so the corrected numbers are optimistic; pass --bias-data DATA to choose it on held-out rows")
+            log.warn(
+                "--class-bias CLASS=fit chooses the bias on the evaluation data itself (as Hinton et al. did), "
+                "so the corrected numbers are optimistic; pass --bias-data DATA to choose it on held-out rows"
+            )
 
     def measure(self, spec: str) -> ModelReport:
         cfg, data, device = self.cfg, self.data, self.device
@@ -436,8 +514,9 @@ class ClassifyEvalJob(EvalJob):
         logits = batched_logits(model, data.x, lat_batch, device, pass_times)  # (n, C)
         secs = time.perf_counter() - t0
         files = spec if is_run_dir(spec) else spec.rsplit("@", 1)[1]  # a run dir, or MODEL@WEIGHTS's file
-        stats = size_and_speed(model, files, data.x[:lat_batch], lat_batch, cfg.latency_repeats,
-                               pass_times=pass_times[1:], warm=True)
+        stats = size_and_speed(
+            model, files, data.x[:lat_batch], lat_batch, cfg.latency_repeats, pass_times=pass_times[1:], warm=True
+        )
         applied = before = None
         if self.bias_spec:
             applied = {c: b for c, b in self.bias_spec.items() if b != "fit"}
@@ -458,18 +537,34 @@ class ClassifyEvalJob(EvalJob):
             agreement = float((logits.argmax(1) == self.targets.top1()).float().mean())
             kl = float(soft_kl(logits, self.targets, cfg.temperature, approximate=cfg.approximate_temperature).mean())
         return ModelReport(
-            model=spec, num_samples=data.n, agreement=agreement, kl_to_teacher=kl, num_parameters=info.num_parameters,
-            weight_bytes=weight_bytes(model), samples_per_second=data.n / max(secs, 1e-9), before_bias=before,
-            class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)}, **m, **stats)
+            model=spec,
+            num_samples=data.n,
+            agreement=agreement,
+            kl_to_teacher=kl,
+            num_parameters=info.num_parameters,
+            weight_bytes=weight_bytes(model),
+            samples_per_second=data.n / max(secs, 1e-9),
+            before_bias=before,
+            class_bias=None if applied is None else {str(c): applied[c] for c in sorted(applied)},
+            **m,
+            **stats,
+        )
 
     def report(self, models: list[ModelReport]) -> EvalReport:
         data, cfg = self.data, self.cfg
-        return EvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, models=models,
-                          failures=[], class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
-                          bias_data=(self.fit_data.spec if self.fit_classes else None))
+        return EvalReport(
+            data=cfg.data,
+            cache=cache_label(cfg),
+            temperature=cfg.temperature,
+            models=models,
+            failures=[],
+            class_counts=torch.bincount(data.y, minlength=data.num_classes).tolist(),
+            bias_data=(self.fit_data.spec if self.fit_classes else None),
+        )
 
 
 # -- the task ------------------------------------------------------------------------------------------------------
+
 
 class ClassifyTask(Task):
     name = "classification"
@@ -480,8 +575,10 @@ class ClassifyTask(Task):
     def open_cache(self, cache_dir: str) -> CacheReader:
         reader = CacheReader(cache_dir)
         if reader.manifest.get("kind", "classification") != "classification":
-            raise CacheError(f"cache {reader.dir} is a token-level (language-model) cache; use it with the .jsonl "
-                             "(or Parquet) text it was built from")
+            raise CacheError(
+                f"cache {reader.dir} is a token-level (language-model) cache; use it with the .jsonl "
+                "(or Parquet) text it was built from"
+            )
         return reader
 
     def train_job(self, cfg, alpha, reader) -> ClassifyTrainJob:

@@ -32,25 +32,49 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcli.infra import log
 from kdcli.cache.manifest import new_manifest
 from kdcli.cache.modes.base import Mode, Targets
-from kdcli.cache.writer import resolve_compression
-from kdcli.infra.errors import CacheError, UsageError
 from kdcli.cache.tokens import TokenCacheReader, token_keys
-from kdcli.lm.head_loss import head_kd_loss
-from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
-from kdcli.lm.hf import BUILTIN_LMS, HF_BUILTINS, LMForward, build_lm, default_tokenizer_spec, \
-    enable_gradient_checkpointing, fused_head_weight, input_device, is_lm_run_dir, is_placed, lm_hidden, lm_logits, \
-    read_lm_meta, save_lm_run
-from kdcli.lm.text import TextSettings, TokenData, load_text, load_tokenizer, loss_positions, pad_batch, \
-    read_chat_template, read_template, target_counts, teacher_view, tokenizer_identity
-from kdcli.losses import LossParts, kd_loss, soft_kl
-from kdcli.models.weights import weight_bytes
-from kdcli.models.plugins import is_plugin_spec
-from kdcli.infra.precision import precision_context
+from kdcli.cache.writer import resolve_compression
 from kdcli.config import EvalConfig
+from kdcli.infra import log
+from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.fmt import TableData, human_bytes, key_values
+from kdcli.infra.precision import precision_context
+from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
+from kdcli.lm.head_loss import head_kd_loss
+from kdcli.lm.hf import (
+    BUILTIN_LMS,
+    HF_BUILTINS,
+    LMForward,
+    build_lm,
+    default_tokenizer_spec,
+    enable_gradient_checkpointing,
+    fused_head_weight,
+    input_device,
+    is_lm_run_dir,
+    is_placed,
+    lm_hidden,
+    lm_logits,
+    read_lm_meta,
+    save_lm_run,
+)
+from kdcli.lm.text import (
+    TextSettings,
+    TokenData,
+    load_text,
+    load_tokenizer,
+    loss_positions,
+    pad_batch,
+    read_chat_template,
+    read_template,
+    target_counts,
+    teacher_view,
+    tokenizer_identity,
+)
+from kdcli.losses import LossParts, kd_loss, soft_kl
+from kdcli.models.plugins import is_plugin_spec
+from kdcli.models.weights import weight_bytes
 from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode, size_and_speed
 from kdcli.tasks.reports import CacheSummary, TrainSummary, metric_table, teacher_and_size_rows
 
@@ -68,15 +92,25 @@ class LMCacheSummary(CacheSummary):
 
     def table(self) -> TableData:
         """A token-level (LM) cache: sizes per predicted token."""
-        return key_values(f"cache-teacher: {self.status}", [
-            ("cache", self.cache_dir), ("mode", self.mode), ("sequences", f"{self.num_rows:,}"),
-            ("predicted tokens", f"{self.num_tokens:,}"), ("shards", str(self.num_shards)),
-            ("size", f"{human_bytes(self.bytes)} ({self.bytes_per_token:.1f} B/token"
-                     + (f" for {self.unique_ids:.1f} distinct ids/token" if self.unique_ids is not None else "")
-                     + f", {self.full_fp16_ratio:,.0f}x smaller than full fp16 log-probs over {self.vocab_size:,})"),
-            ("compression", self.compression),
-            ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
-            ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)")])
+        return key_values(
+            f"cache-teacher: {self.status}",
+            [
+                ("cache", self.cache_dir),
+                ("mode", self.mode),
+                ("sequences", f"{self.num_rows:,}"),
+                ("predicted tokens", f"{self.num_tokens:,}"),
+                ("shards", str(self.num_shards)),
+                (
+                    "size",
+                    f"{human_bytes(self.bytes)} ({self.bytes_per_token:.1f} B/token"
+                    + (f" for {self.unique_ids:.1f} distinct ids/token" if self.unique_ids is not None else "")
+                    + f", {self.full_fp16_ratio:,.0f}x smaller than full fp16 log-probs over {self.vocab_size:,})",
+                ),
+                ("compression", self.compression),
+                ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
+                ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)"),
+            ],
+        )
 
 
 @dataclass
@@ -90,60 +124,80 @@ class LMTrainSummary(TrainSummary):
 
     def table(self) -> TableData:
         """An LM run: sequences are rows, tokens are what matters."""
-        rows = self.head_rows() + [("train rows", f"{self.train_rows:,}"),
-                                   ("train tokens", f"{self.train_tokens:,} ({self.divergence} divergence)")]
+        rows = self.head_rows() + [
+            ("train rows", f"{self.train_rows:,}"),
+            ("train tokens", f"{self.train_tokens:,} ({self.divergence} divergence)"),
+        ]
         if self.eval_perplexity is not None:
             rows.append(("eval perplexity", f"{self.eval_perplexity:.2f}"))
-        rows += [("final train loss", f"{self.final_train_loss:.4f}"),
-                 ("final train accuracy", f"{self.final_train_accuracy:.4f}")]
+        rows += [
+            ("final train loss", f"{self.final_train_loss:.4f}"),
+            ("final train accuracy", f"{self.final_train_accuracy:.4f}"),
+        ]
         if self.val_accuracy is not None:
             rows.append(("val accuracy", f"{self.val_accuracy:.4f}"))
         if self.eval_accuracy is not None:
             rows.append(("eval accuracy", f"{self.eval_accuracy:.4f}"))
         trainable = f" ({self.trainable_parameters:,} trainable)" if self.trainable_parameters is not None else ""
-        rows += [("student parameters", f"{self.student_parameters:,}{trainable}"),
-                 ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s in the last epoch)")]
+        rows += [
+            ("student parameters", f"{self.student_parameters:,}{trainable}"),
+            ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s in the last epoch)"),
+        ]
         return key_values("train-student", rows + self.tail_rows())
 
 
 # -- shared by the stages ------------------------------------------------------------------------------------------
 
+
 def text_settings(cfg) -> TextSettings:
-    return TextSettings(max_length=cfg.max_length, pack=not cfg.no_pack,
-                        prompt_template=read_template(cfg.prompt_template) or "{prompt}",
-                        prompt_loss=cfg.prompt_loss, chat_template=read_chat_template(cfg.chat_template))
+    return TextSettings(
+        max_length=cfg.max_length,
+        pack=not cfg.no_pack,
+        prompt_template=read_template(cfg.prompt_template) or "{prompt}",
+        prompt_loss=cfg.prompt_loss,
+        chat_template=read_chat_template(cfg.chat_template),
+    )
 
 
 def settings_from_manifest(manifest: dict) -> TextSettings:
     return TextSettings.from_dict(manifest["text"])
 
 
-def tokenizer_for_cache(manifest: dict, override: str | None, cache_dir,
-                        trust_remote_code: bool = False) -> tuple[object, str]:
+def tokenizer_for_cache(
+    manifest: dict, override: str | None, cache_dir, trust_remote_code: bool = False
+) -> tuple[object, str]:
     """The cache's tokenizer (or ``override``), refusing one whose content differs from what built the cache."""
     want = manifest.get("tokenizer") or {}
     spec = override or want.get("spec")
     if not spec:
         raise CacheError(f"cache {cache_dir} records no tokenizer; rebuild it with this kdcli")
     if not Path(spec).exists():
-        raise UsageError(f"the cache's tokenizer {spec} is gone; pass --tokenizer with a copy of it (e.g. the teacher "
-                         "directory or .gguf file)")
+        raise UsageError(
+            f"the cache's tokenizer {spec} is gone; pass --tokenizer with a copy of it (e.g. the teacher "
+            "directory or .gguf file)"
+        )
     tok = load_tokenizer(spec, trust_remote_code)
     got = tokenizer_identity(tok, spec)
     if want.get("sha256") and got["sha256"] != want["sha256"]:
-        raise CacheError(f"tokenizer {spec} differs from the one that built cache {cache_dir} (sha256 "
-                         f"{got['sha256'][:12]} vs {want['sha256'][:12]}); the token ids would not line up")
+        raise CacheError(
+            f"tokenizer {spec} differs from the one that built cache {cache_dir} (sha256 "
+            f"{got['sha256'][:12]} vs {want['sha256'][:12]}); the token ids would not line up"
+        )
     return tok, spec
 
 
 def check_cache_settings(cfg, settings: TextSettings) -> None:
     """--max-length / --chat-template given with --cache must be the cache's (the student reads its sequences)."""
     if cfg.max_length and cfg.max_length != settings.max_length:
-        raise UsageError(f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; drop it "
-                         "(the student trains on the sequences the cache was built for)")
+        raise UsageError(
+            f"--max-length {cfg.max_length} differs from the cache's {settings.max_length}; drop it "
+            "(the student trains on the sequences the cache was built for)"
+        )
     if cfg.chat_template and read_chat_template(cfg.chat_template) != settings.chat_template:
-        raise UsageError(f"--chat-template {cfg.chat_template} differs from the chat template the cache was built "
-                         "with; drop it (the cache's is used)")
+        raise UsageError(
+            f"--chat-template {cfg.chat_template} differs from the chat template the cache was built "
+            "with; drop it (the cache's is used)"
+        )
 
 
 def check_peft_options(cfg) -> str | None:
@@ -155,8 +209,10 @@ def check_peft_options(cfg) -> str | None:
     if cfg.fsdp:
         raise UsageError("--peft trains a small adapter; it does not combine with --fsdp (use DDP: drop --fsdp)")
     if cfg.peft == "prompt" and cfg.peft_save == "merged":
-        raise UsageError("a soft prompt cannot be merged into the weights; drop --peft-save (a prompt-tuned run dir "
-                         "holds the adapter and names its base)")
+        raise UsageError(
+            "a soft prompt cannot be merged into the weights; drop --peft-save (a prompt-tuned run dir "
+            "holds the adapter and names its base)"
+        )
     peft_module()  # installed? (exit 2 naming the extra)
     return cfg.peft_save or ("merged" if cfg.peft == "lora" else "adapter")
 
@@ -169,19 +225,22 @@ def check_batch(batch: dict, data: TokenData, reader: TokenCacheReader) -> None:
     rows = batch["sample_index"]
     bad = np.flatnonzero(data.row_hash[rows] != batch["row_hash"])
     if len(bad):
-        raise CacheError(f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different tokens "
-                         f"than data row {int(rows[bad[0]])}; the cache does not belong to this data")
+        raise CacheError(
+            f"cache {reader.dir} row {int(batch['row_index'][bad[0]])} was made from different tokens "
+            f"than data row {int(rows[bad[0]])}; the cache does not belong to this data"
+        )
     if not np.array_equal(data.num_targets[rows], batch["lengths"]):
         raise CacheError(f"cache {reader.dir}: cached positions per row do not match the data's predicted tokens")
 
 
-def predicted_logits(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
-                     pad_id: int = 0):
+def predicted_logits(
+    model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8, pad_id: int = 0
+):
     """Yield ``(start, logits, labels, seconds)`` per batch of ``rows``: the model's float logits (n, V) at the
     batch's predicted positions, their next-token labels (n,), and the forward pass's wall time. Batches with no
     predicted token are skipped. Call under ``torch.no_grad()`` / ``inference_mode()``."""
     for a in range(0, len(rows), batch_size):
-        r = rows[a:a + batch_size]
+        r = rows[a : a + batch_size]
         seqs = [data.ids[i] for i in r]
         ids, mask = pad_batch(seqs, pad_id)
         idx, tgt = loss_positions(seqs, data.first_target[r], ids.shape[1], data.masks(r))
@@ -194,8 +253,9 @@ def predicted_logits(model, data: TokenData, rows: np.ndarray, device: torch.dev
 
 
 @torch.no_grad()
-def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8,
-               pad_id: int = 0) -> dict:
+def perplexity(
+    model, data: TokenData, rows: np.ndarray, device: torch.device, batch_size: int = 8, pad_id: int = 0
+) -> dict:
     """Mean next-token NLL, perplexity and top-1 accuracy over the predicted tokens of ``rows``."""
     was = model.training
     model.eval()
@@ -206,14 +266,31 @@ def perplexity(model, data: TokenData, rows: np.ndarray, device: torch.device, b
         tokens += len(y)
     model.train(was)
     mean = nll / max(tokens, 1)
-    return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(tokens, 1),
-            "tokens": int(tokens)}
+    return {
+        "nll": mean,
+        "perplexity": math.exp(min(mean, 700.0)),
+        "accuracy": correct / max(tokens, 1),
+        "tokens": int(tokens),
+    }
 
 
-def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor, targets: Targets | None,
-                 labels: torch.Tensor, *, temperature: float, alpha: float, divergence: str = "forward",
-                 beta: float = 0.5, fused: bool = True, precision: str = "fp32", net=None,
-                 approximate: bool = False) -> tuple[LossParts, torch.Tensor]:
+def student_loss(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    idx: torch.Tensor,
+    targets: Targets | None,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    fused: bool = True,
+    precision: str = "fp32",
+    net=None,
+    approximate: bool = False,
+) -> tuple[LossParts, torch.Tensor]:
     """The training loss over the predicted positions ``idx`` of a (b, L) batch, and how many argmaxes hit the
     label (a tensor on the batch's device: no host sync).
 
@@ -229,18 +306,34 @@ def student_loss(model, ids: torch.Tensor, mask: torch.Tensor | None, idx: torch
         weight = fused_head_weight(model) if fused and divergence == "forward" else None
         if weight is not None:
             h = lm_hidden(model, ids, mask) if net is model else net(ids, mask, hidden_only=True)  # (b, L, d)
-            parts, correct = head_kd_loss(h.reshape(-1, h.shape[-1])[idx], weight, targets, labels,
-                                          temperature=temperature, alpha=alpha, precision=precision,
-                                          approximate=approximate)
+            parts, correct = head_kd_loss(
+                h.reshape(-1, h.shape[-1])[idx],
+                weight,
+                targets,
+                labels,
+                temperature=temperature,
+                alpha=alpha,
+                precision=precision,
+                approximate=approximate,
+            )
             return parts, torch.as_tensor(correct, device=ids.device)
         logits = lm_logits(model, ids, mask, call=net)
     sel = logits.reshape(-1, logits.shape[-1])[idx].float()  # (tokens, V)
-    parts = kd_loss(sel, targets, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                    approximate=approximate)
+    parts = kd_loss(
+        sel,
+        targets,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        approximate=approximate,
+    )
     return parts, (sel.detach().argmax(-1) == labels).sum()
 
 
 # -- cache pass ----------------------------------------------------------------------------------------------------
+
 
 class TokenCacheJob(CacheJob):
     unit = "tokens"
@@ -248,26 +341,40 @@ class TokenCacheJob(CacheJob):
     def __init__(self, cfg, mode: Mode):
         self.cfg, self.mode = cfg, mode
         if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
-            raise UsageError(f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face "
-                             "directory or .gguf file, or a run directory made by `kdcli train-student`")
+            raise UsageError(
+                f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face "
+                "directory or .gguf file, or a run directory made by `kdcli train-student`"
+            )
         tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.teacher)
         if tok_spec is None:
-            raise UsageError(f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file "
-                             "or tokenizer.json)")
+            raise UsageError(
+                f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file "
+                "or tokenizer.json)"
+            )
         tok = load_tokenizer(tok_spec, cfg.trust_remote_code)
         self.pad_id = pad_id_of(tok)
-        self.model, self.info = build_lm(cfg.teacher, cfg.teacher_args, vocab_size=len(tok),
-                                         weights=cfg.teacher_weights, dtype=cfg.dtype,
-                                         device_map=cfg.teacher_device_map, trust_remote_code=cfg.trust_remote_code)
+        self.model, self.info = build_lm(
+            cfg.teacher,
+            cfg.teacher_args,
+            vocab_size=len(tok),
+            weights=cfg.teacher_weights,
+            dtype=cfg.dtype,
+            device_map=cfg.teacher_device_map,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         self.placed = is_placed(self.model)  # accelerate placed it: the pass must not move it
         self.V = V = self.info.vocab_size
         if len(tok) > V:
-            raise CacheError(f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
-                             f"{cfg.teacher} has only {V} logits per token; use the teacher's own tokenizer")
+            raise CacheError(
+                f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
+                f"{cfg.teacher} has only {V} logits per token; use the teacher's own tokenizer"
+            )
         self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, V, token=True)
         if not mode.sparse and V > 4096:
-            log.warn(f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
-                     "--mode sample is ~300x smaller")
+            log.warn(
+                f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
+                "--mode sample is ~300x smaller"
+            )
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
         self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True)
@@ -275,12 +382,15 @@ class TokenCacheJob(CacheJob):
             log.info(f"note: {note}")
         self.view = teacher_view(data, tok, teacher_prompt)  # what the teacher reads; the same predicted tokens
         self.t_seqs, self.t_first = self.view.seqs, self.view.first_target
-        max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or \
-            getattr(self.model, "max_length", None)
+        max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or getattr(
+            self.model, "max_length", None
+        )
         self.longest = longest = max(len(s) for s in self.t_seqs)
         if max_pos and longest > max_pos:
-            raise UsageError(f"the teacher reads sequences up to {longest} tokens but handles at most {max_pos}; "
-                             "lower --max-length or shorten --teacher-prompt")
+            raise UsageError(
+                f"the teacher reads sequences up to {longest} tokens but handles at most {max_pos}; "
+                "lower --max-length or shorten --teacher-prompt"
+            )
         self.num_rows = data.n
         self.sampled = mode.sampled
         n_stats = len(mode_layout.get("stat_temperatures") or ())
@@ -288,34 +398,63 @@ class TokenCacheJob(CacheJob):
         self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
         self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
         if self.batch_size < cfg.batch_size:
-            log.info(f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
-                     f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)")
+            log.info(
+                f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
+                f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)"
+            )
         keys = token_keys(mode.name, self.temperatures)
         self.token_keys = frozenset(keys)
-        settings = {"mode": mode.name, "top_k": mode_layout["top_k"], "samples": mode_layout["samples"], "views": 1,
-                    "augment": None, "seed": cfg.seed if self.sampled else None, "shard_size": shard_size,
-                    "dtype": cfg.dtype, "teacher_prompt": teacher_prompt, **settings_obj.as_dict(), **temp_settings}
+        settings = {
+            "mode": mode.name,
+            "top_k": mode_layout["top_k"],
+            "samples": mode_layout["samples"],
+            "views": 1,
+            "augment": None,
+            "seed": cfg.seed if self.sampled else None,
+            "shard_size": shard_size,
+            "dtype": cfg.dtype,
+            "teacher_prompt": teacher_prompt,
+            **settings_obj.as_dict(),
+            **temp_settings,
+        }
         if self.info.load_dtype not in (None, "float32"):  # weights stored in bf16/fp16, not only autocast
             settings["weights_dtype"] = cfg.dtype
         self.layout = layout = {
-            "kind": "token", "num_classes": V, "vocab_size": V, **mode_layout, "token_keys": list(keys),
-            "views": 1, "augment": None, "aug_param_names": [], "shard_size": shard_size,
+            "kind": "token",
+            "num_classes": V,
+            "vocab_size": V,
+            **mode_layout,
+            "token_keys": list(keys),
+            "views": 1,
+            "augment": None,
+            "aug_param_names": [],
+            "shard_size": shard_size,
             "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
-            "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind}}
-        self.plan = new_manifest(teacher=self.info.identity(), data=data.identity(), settings=settings,
-                                 layout=layout, num_rows=data.n, tokenizer=tokenizer_identity(tok, tok_spec))
+            "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind},
+        }
+        self.plan = new_manifest(
+            teacher=self.info.identity(),
+            data=data.identity(),
+            settings=settings,
+            layout=layout,
+            num_rows=data.n,
+            tokenizer=tokenizer_identity(tok, tok_spec),
+        )
 
     def units(self, start: int, stop: int) -> int:
         return int(self.data.num_targets[start:stop].sum())
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters, vocabulary {self.V}): "
-                f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode "
-                f"{self.mode.name}" + self.mode.describe(self.k, token=True)
-                + (" (teacher prompt on)" if self.teacher_prompt else "")
-                + (f"; weights in {self.info.load_dtype}" if self.info.load_dtype not in (None, "float32") else "")
-                + (f"; placed by accelerate ({_placement(self.info.device_map)})" if self.placed else ""))
+        return (
+            f"caching teacher {cfg.teacher} ({self.info.num_parameters:,} parameters, vocabulary {self.V}): "
+            f"{self.num_rows} sequences, {int(self.data.num_targets.sum()):,} predicted tokens, mode "
+            f"{self.mode.name}"
+            + self.mode.describe(self.k, token=True)
+            + (" (teacher prompt on)" if self.teacher_prompt else "")
+            + (f"; weights in {self.info.load_dtype}" if self.info.load_dtype not in (None, "float32") else "")
+            + (f"; placed by accelerate ({_placement(self.info.device_map)})" if self.placed else "")
+        )
 
     def forward(self, start, stop, device, generator):
         seqs = self.t_seqs[start:stop]
@@ -338,11 +477,16 @@ class TokenCacheJob(CacheJob):
         # (rows,) a row is bad if any of its tokens is: summed per row on the device, read with the rest
         token_row = torch.from_numpy(np.repeat(np.arange(len(seqs)), lengths)).to(device)
         bad = (~torch.isfinite(sel).all(dim=1)).to(torch.int32)
-        reduced["nonfinite"] = torch.zeros(len(seqs), dtype=torch.int32, device=device).index_add_(
-            0, token_row, bad) > 0
+        reduced["nonfinite"] = (
+            torch.zeros(len(seqs), dtype=torch.int32, device=device).index_add_(0, token_row, bad) > 0
+        )
         rows = np.arange(start, stop, dtype=np.int64)
-        host = {"row_index": rows, "sample_index": rows.copy(), "row_hash": self.data.row_hash[start:stop],
-                "lengths": lengths}
+        host = {
+            "row_index": rows,
+            "sample_index": rows.copy(),
+            "row_hash": self.data.row_hash[start:stop],
+            "lengths": lengths,
+        }
         return host, reduced
 
     def storage(self, arrays):
@@ -355,9 +499,14 @@ class TokenCacheJob(CacheJob):
         tokens = int(manifest["data"]["num_targets"])
         bpt = base.bytes / max(tokens, 1)
         V = int(manifest["vocab_size"])
-        return LMCacheSummary(**vars(base), num_tokens=tokens, bytes_per_token=bpt,
-                              tokens_per_second=computed_units / max(base.seconds, 1e-9), vocab_size=V,
-                              full_fp16_ratio=2 * V / max(bpt, 1e-9))
+        return LMCacheSummary(
+            **vars(base),
+            num_tokens=tokens,
+            bytes_per_token=bpt,
+            tokens_per_second=computed_units / max(base.seconds, 1e-9),
+            vocab_size=V,
+            full_fp16_ratio=2 * V / max(bpt, 1e-9),
+        )
 
 
 def _placement(device_map: dict | None) -> str:
@@ -373,6 +522,7 @@ def _placement(device_map: dict | None) -> str:
 
 # -- training ------------------------------------------------------------------------------------------------------
 
+
 class TokenTrainJob(TrainJob):
     unit = "tokens"
 
@@ -381,16 +531,16 @@ class TokenTrainJob(TrainJob):
         if reader is not None:
             settings = settings_from_manifest(reader.manifest)
             check_cache_settings(cfg, settings)
-            tok, self.tok_spec = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir,
-                                                     cfg.trust_remote_code)
+            tok, self.tok_spec = tokenizer_for_cache(reader.manifest, cfg.tokenizer, reader.dir, cfg.trust_remote_code)
             self.V = reader.vocab_size
         else:
             self.tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.student)
             if self.tok_spec is None:
                 raise UsageError(f"training {cfg.student!r} on text without --cache needs --tokenizer")
             tok = load_tokenizer(self.tok_spec, cfg.trust_remote_code)
-            settings = TextSettings(max_length=cfg.max_length or 512,
-                                    chat_template=read_chat_template(cfg.chat_template))
+            settings = TextSettings(
+                max_length=cfg.max_length or 512, chat_template=read_chat_template(cfg.chat_template)
+            )
             self.V = None
         self.peft_save = check_peft_options(cfg)  # before the run dir is touched
         self.tok, self.pad_id = tok, pad_id_of(tok)
@@ -411,20 +561,26 @@ class TokenTrainJob(TrainJob):
             for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
                 args.setdefault(name, getattr(self.tok, name, None))
         peft = self.peft_save
-        self.model, self.info = build_lm(cfg.student, args, vocab_size=V or len(self.tok),
-                                         trust_remote_code=cfg.trust_remote_code)
+        self.model, self.info = build_lm(
+            cfg.student, args, vocab_size=V or len(self.tok), trust_remote_code=cfg.trust_remote_code
+        )
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, cfg.student)
         if V is not None and self.info.vocab_size != V:
-            raise CacheError(f"vocabulary mismatch: the teacher (cache {self.reader.dir}) has {V} logits per token but "
-                             f"the student {cfg.student} has {self.info.vocab_size}; use a student with the teacher's "
-                             "vocabulary")
+            raise CacheError(
+                f"vocabulary mismatch: the teacher (cache {self.reader.dir}) has {V} logits per token but "
+                f"the student {cfg.student} has {self.info.vocab_size}; use a student with the teacher's "
+                "vocabulary"
+            )
         if self.info.vocab_size < len(self.tok):
-            raise UsageError(f"the student has {self.info.vocab_size} logits per token but the tokenizer has "
-                             f"{len(self.tok)} tokens")
+            raise UsageError(
+                f"the student has {self.info.vocab_size} logits per token but the tokenizer has {len(self.tok)} tokens"
+            )
         if is_peft_model(self.model):
-            raise UsageError(f"student {cfg.student} is a peft adapter run; train its base instead (--student "
-                             f"{(self.info.source or {}).get('peft', {}).get('base')}), with --peft to train an adapter")
+            raise UsageError(
+                f"student {cfg.student} is a peft adapter run; train its base instead (--student "
+                f"{(self.info.source or {}).get('peft', {}).get('base')}), with --peft to train an adapter"
+            )
         self.adapter = None
         self.trainable = None
         if peft is not None:
@@ -432,19 +588,29 @@ class TokenTrainJob(TrainJob):
             trainable, total = trainable_counts(self.model)
             self.trainable = trainable
             self.info.num_parameters = total
-            log.info(f"--peft {cfg.peft}: {trainable:,} trainable of {total:,} parameters "
-                     f"({100 * trainable / max(total, 1):.2f}%)")
+            log.info(
+                f"--peft {cfg.peft}: {trainable:,} trainable of {total:,} parameters "
+                f"({100 * trainable / max(total, 1):.2f}%)"
+            )
             base = str(Path(cfg.student).resolve()) if Path(cfg.student).exists() else None
             if peft == "adapter" and base is None:
-                raise UsageError(f"--peft-save adapter names the adapter's base, but the built-in student "
-                                 f"{cfg.student!r} has no saved weights; adapt a pretrained student (a Hugging Face "
-                                 "directory or a run dir) or, for LoRA, --peft-save merged")
-            self.adapter = {"method": cfg.peft, "args": dict(cfg.peft_args), "save": peft, "base": base,
-                            "base_sha256": self.info.weights_sha256}
+                raise UsageError(
+                    f"--peft-save adapter names the adapter's base, but the built-in student "
+                    f"{cfg.student!r} has no saved weights; adapt a pretrained student (a Hugging Face "
+                    "directory or a run dir) or, for LoRA, --peft-save merged"
+                )
+            self.adapter = {
+                "method": cfg.peft,
+                "args": dict(cfg.peft_args),
+                "save": peft,
+                "base": base,
+                "base_sha256": self.info.weights_sha256,
+            }
         self.eval_data = None
         if cfg.eval_data:
-            self.eval_data = load_text(cfg.eval_data, self.tok, data.settings, vocab_size=self.info.vocab_size,
-                                       target_masks=True)
+            self.eval_data = load_text(
+                cfg.eval_data, self.tok, data.settings, vocab_size=self.info.vocab_size, target_masks=True
+            )
 
     def forward_module(self, model):
         return LMForward(model)
@@ -453,10 +619,13 @@ class TokenTrainJob(TrainJob):
         return int(self.data.num_targets[train_samples].sum())
 
     def describe(self, train_samples, n_val):
-        return (f"student {self.cfg.student} ({self.info.num_parameters:,} parameters, vocabulary "
-                f"{self.info.vocab_size}); {len(train_samples)} training sequences "
-                f"({self.train_units(train_samples):,} predicted tokens), {n_val} validation"
-                + (f"; cache mode {self.reader.mode}" if self.reader else "") + "; loss averaged over predicted tokens")
+        return (
+            f"student {self.cfg.student} ({self.info.num_parameters:,} parameters, vocabulary "
+            f"{self.info.vocab_size}); {len(train_samples)} training sequences "
+            f"({self.train_units(train_samples):,} predicted tokens), {n_val} validation"
+            + (f"; cache mode {self.reader.mode}" if self.reader else "")
+            + "; loss averaged over predicted tokens"
+        )
 
     def step(self, net, batch, device, global_step):
         cfg, data = self.cfg, self.data
@@ -469,11 +638,22 @@ class TokenTrainJob(TrainJob):
             check_batch(batch, data, self.reader)
             targets = self.reader.targets(batch).to(device)
         y = torch.from_numpy(labels).to(device)
-        parts, correct = student_loss(self.model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
-                                      torch.from_numpy(idx).to(device), targets, y, temperature=cfg.temperature,
-                                      alpha=self.alpha, divergence=cfg.divergence, beta=cfg.jsd_beta,
-                                      precision=cfg.precision, net=net, fused=not cfg.fsdp,
-                                      approximate=cfg.approximate_temperature)
+        parts, correct = student_loss(
+            self.model,
+            torch.from_numpy(ids).to(device),
+            torch.from_numpy(mask).to(device),
+            torch.from_numpy(idx).to(device),
+            targets,
+            y,
+            temperature=cfg.temperature,
+            alpha=self.alpha,
+            divergence=cfg.divergence,
+            beta=cfg.jsd_beta,
+            precision=cfg.precision,
+            net=net,
+            fused=not cfg.fsdp,
+            approximate=cfg.approximate_temperature,
+        )
         return parts, correct, len(labels)
 
     def heldout_metrics(self, model, val_idx, device):
@@ -487,23 +667,38 @@ class TokenTrainJob(TrainJob):
         return out
 
     def epoch_message(self, rec):
-        return (f"token acc {rec['train_accuracy']:.4f}"
-                + (f", val ppl {rec['val_perplexity']:.2f}" if "val_perplexity" in rec else "")
-                + (f", eval ppl {rec['eval_perplexity']:.2f}" if "eval_perplexity" in rec else "")
-                + f", {rec['tokens_per_second']:,.0f} tokens/s")
+        return (
+            f"token acc {rec['train_accuracy']:.4f}"
+            + (f", val ppl {rec['val_perplexity']:.2f}" if "val_perplexity" in rec else "")
+            + (f", eval ppl {rec['eval_perplexity']:.2f}" if "eval_perplexity" in rec else "")
+            + f", {rec['tokens_per_second']:,.0f} tokens/s"
+        )
 
     def save(self, out, model):
-        save_lm_run(out, model, self.info, tokenizer=self.tok, tokenizer_id=tokenizer_identity(self.tok, self.tok_spec),
-                    text=self.data.settings.as_dict(), adapter=self.adapter)
+        save_lm_run(
+            out,
+            model,
+            self.info,
+            tokenizer=self.tok,
+            tokenizer_id=tokenizer_identity(self.tok, self.tok_spec),
+            text=self.data.settings.as_dict(),
+            adapter=self.adapter,
+        )
 
     def summary(self, base: TrainSummary, last: dict, train_units: int) -> LMTrainSummary:
-        return LMTrainSummary(**vars(base), train_tokens=train_units,
-                              tokens_per_second=last.get("tokens_per_second", 0.0), divergence=self.cfg.divergence,
-                              val_perplexity=last.get("val_perplexity"), eval_perplexity=last.get("eval_perplexity"),
-                              trainable_parameters=self.trainable)
+        return LMTrainSummary(
+            **vars(base),
+            train_tokens=train_units,
+            tokens_per_second=last.get("tokens_per_second", 0.0),
+            divergence=self.cfg.divergence,
+            val_perplexity=last.get("val_perplexity"),
+            eval_perplexity=last.get("eval_perplexity"),
+            trainable_parameters=self.trainable,
+        )
 
 
 # -- eval ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LMModelReport:
@@ -540,18 +735,32 @@ class LMEvalReport:
     notes: list[str] = field(default_factory=list)
 
     def table(self) -> TableData:
-        fmt = [("perplexity", lambda m: f"{m.perplexity:.3f}"), ("NLL / token", lambda m: f"{m.nll:.4f}"),
-               ("next-token accuracy", lambda m: f"{m.accuracy:.4f}")]
-        fmt += teacher_and_size_rows(self.cache, self.temperature, self.models, "top-1 agreement w/ teacher",
-                                     "next-token accuracy",
-                                     ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}"))
+        fmt = [
+            ("perplexity", lambda m: f"{m.perplexity:.3f}"),
+            ("NLL / token", lambda m: f"{m.nll:.4f}"),
+            ("next-token accuracy", lambda m: f"{m.accuracy:.4f}"),
+        ]
+        fmt += teacher_and_size_rows(
+            self.cache,
+            self.temperature,
+            self.models,
+            "top-1 agreement w/ teacher",
+            "next-token accuracy",
+            ("tokens/s (forward)", lambda m: f"{m.tokens_per_second:,.0f}"),
+        )
         caption = None
         if self.teacher:
             t = self.teacher
-            caption = (f"teacher (from the cache, {t['mode']}): {t['spec']}, {t['num_parameters']:,} parameters, "
-                       f"perplexity {t['perplexity']:.3f}")
-        return metric_table(f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted "
-                            "tokens)", self.models, fmt, caption)
+            caption = (
+                f"teacher (from the cache, {t['mode']}): {t['spec']}, {t['num_parameters']:,} parameters, "
+                f"perplexity {t['perplexity']:.3f}"
+            )
+        return metric_table(
+            f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted tokens)",
+            self.models,
+            fmt,
+            caption,
+        )
 
 
 def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, TextSettings, int | None]:
@@ -584,8 +793,9 @@ class TokenEvalJob(EvalJob):
     def __init__(self, cfg: EvalConfig, device: torch.device, reader: TokenCacheReader | None):
         self.cfg, self.device, self.reader = cfg, device, reader
         self.tok, settings, self.V = eval_text_settings(cfg, reader)
-        self.data = data = load_text(cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok),
-                                     target_masks=True)
+        self.data = data = load_text(
+            cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok), target_masks=True
+        )
         if reader is not None:
             reader.check_data(data.identity())
         self.pad_id = pad_id_of(self.tok)
@@ -597,9 +807,14 @@ class TokenEvalJob(EvalJob):
                 nll_t -= float(self.cached(a)["target_logprobs"].astype(np.float64).sum())
             n_tok = int(data.num_targets.sum())
             m = reader.manifest
-            self.teacher = {"spec": m["teacher"].get("spec"), "num_parameters": m["teacher"].get("num_parameters"),
-                            "mode": m["mode"], "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
-                            "nll": nll_t / max(n_tok, 1), "teacher_prompt": m.get("text", {}).get("teacher_prompt")}
+            self.teacher = {
+                "spec": m["teacher"].get("spec"),
+                "num_parameters": m["teacher"].get("num_parameters"),
+                "mode": m["mode"],
+                "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
+                "nll": nll_t / max(n_tok, 1),
+                "teacher_prompt": m.get("text", {}).get("teacher_prompt"),
+            }
 
     def cached(self, a: int) -> dict:
         """The cache's rows [a, a + bs), checked against the data; read again per model, so memory stays flat
@@ -615,8 +830,10 @@ class TokenEvalJob(EvalJob):
         cfg, data, device, reader, V = self.cfg, self.data, self.device, self.reader, self.V
         model, info = build_lm(spec, None, vocab_size=V or len(self.tok), trust_remote_code=cfg.trust_remote_code)
         if V is not None and info.vocab_size != V:
-            raise CacheError(f"vocabulary mismatch: the teacher (cache {reader.dir}) has {V} logits per token but "
-                             f"{spec} has {info.vocab_size}")
+            raise CacheError(
+                f"vocabulary mismatch: the teacher (cache {reader.dir}) has {V} logits per token but "
+                f"{spec} has {info.vocab_size}"
+            )
         model.to(device).eval()
         nll = correct = agree = kl = 0.0
         tokens = 0
@@ -634,19 +851,42 @@ class TokenEvalJob(EvalJob):
         mean = nll / max(tokens, 1)
         # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
         lat_ids, _ = pad_batch([data.ids[i] for i in range(min(self.bs, data.n))], self.pad_id)
-        stats = size_and_speed(model, spec if Path(spec).exists() else None, torch.from_numpy(lat_ids),
-                               len(lat_ids), cfg.latency_repeats, forward=lambda m, ids: lm_logits(m, ids), warm=True)
+        stats = size_and_speed(
+            model,
+            spec if Path(spec).exists() else None,
+            torch.from_numpy(lat_ids),
+            len(lat_ids),
+            cfg.latency_repeats,
+            forward=lambda m, ids: lm_logits(m, ids),
+            warm=True,
+        )
         return LMModelReport(
-            model=spec, num_tokens=tokens, perplexity=math.exp(min(mean, 700.0)), nll=mean,
-            accuracy=correct / max(tokens, 1), agreement=agree / max(tokens, 1) if reader else None,
-            kl_to_teacher=kl / max(tokens, 1) if reader else None, num_parameters=info.num_parameters,
-            weight_bytes=weight_bytes(model), tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9), **stats)
+            model=spec,
+            num_tokens=tokens,
+            perplexity=math.exp(min(mean, 700.0)),
+            nll=mean,
+            accuracy=correct / max(tokens, 1),
+            agreement=agree / max(tokens, 1) if reader else None,
+            kl_to_teacher=kl / max(tokens, 1) if reader else None,
+            num_parameters=info.num_parameters,
+            weight_bytes=weight_bytes(model),
+            tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
+            **stats,
+        )
 
     def report(self, models: list[LMModelReport]) -> LMEvalReport:
         cfg, data = self.cfg, self.data
-        return LMEvalReport(data=cfg.data, cache=cache_label(cfg), temperature=cfg.temperature, num_sequences=data.n,
-                            num_tokens=int(data.num_targets.sum()), teacher=self.teacher, models=models, failures=[],
-                            notes=data.notes)
+        return LMEvalReport(
+            data=cfg.data,
+            cache=cache_label(cfg),
+            temperature=cfg.temperature,
+            num_sequences=data.n,
+            num_tokens=int(data.num_targets.sum()),
+            teacher=self.teacher,
+            models=models,
+            failures=[],
+            notes=data.notes,
+        )
 
 
 class TokenTask(Task):

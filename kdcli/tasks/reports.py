@@ -4,9 +4,10 @@ table both tasks build (agreement and KL to the teacher, size, compression, spee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from kdcli.infra.fmt import TableData, human_bytes, human_seconds, key_values, kl_text
 
@@ -33,15 +34,25 @@ class CacheSummary:
     unique_ids: float | None = None
 
     def table(self) -> TableData:
-        return key_values(f"cache-teacher: {self.status}", [
-            ("cache", self.cache_dir), ("mode", self.mode), ("rows", f"{self.num_rows:,}"),
-            ("computed / skipped", f"{self.rows_computed:,} / {self.rows_skipped:,}"),
-            ("shards", str(self.num_shards)),
-            ("size", f"{human_bytes(self.bytes)} ({self.bytes_per_row:.1f} B/row"
-                     + (f", {self.unique_ids:.1f} distinct ids/row" if self.unique_ids is not None else "") + ")"),
-            ("compression", self.compression),
-            ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
-            ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s)")])
+        return key_values(
+            f"cache-teacher: {self.status}",
+            [
+                ("cache", self.cache_dir),
+                ("mode", self.mode),
+                ("rows", f"{self.num_rows:,}"),
+                ("computed / skipped", f"{self.rows_computed:,} / {self.rows_skipped:,}"),
+                ("shards", str(self.num_shards)),
+                (
+                    "size",
+                    f"{human_bytes(self.bytes)} ({self.bytes_per_row:.1f} B/row"
+                    + (f", {self.unique_ids:.1f} distinct ids/row" if self.unique_ids is not None else "")
+                    + ")",
+                ),
+                ("compression", self.compression),
+                ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
+                ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s)"),
+            ],
+        )
 
 
 @dataclass
@@ -67,15 +78,19 @@ class TrainSummary:
         return [("resumed from step", str(self.resumed_from_step))] if self.resumed_from_step else []
 
     def table(self) -> TableData:
-        rows = self.head_rows() + [("train rows", f"{self.train_rows:,}"),
-                                   ("final train loss", f"{self.final_train_loss:.4f}"),
-                                   ("final train accuracy", f"{self.final_train_accuracy:.4f}")]
+        rows = self.head_rows() + [
+            ("train rows", f"{self.train_rows:,}"),
+            ("final train loss", f"{self.final_train_loss:.4f}"),
+            ("final train accuracy", f"{self.final_train_accuracy:.4f}"),
+        ]
         if self.val_accuracy is not None:
             rows.append(("val accuracy", f"{self.val_accuracy:.4f}"))
         if self.eval_accuracy is not None:
             rows.append(("eval accuracy", f"{self.eval_accuracy:.4f}"))
-        rows += [("student parameters", f"{self.student_parameters:,}"),
-                 ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s in the last epoch)")]
+        rows += [
+            ("student parameters", f"{self.student_parameters:,}"),
+            ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s in the last epoch)"),
+        ]
         return key_values("train-student", rows + self.tail_rows())
 
 
@@ -125,15 +140,30 @@ def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
 
     rows: list[tuple[str, Any]] = [("non-zero parameters", lambda m: f"{m.nonzero_parameters:,}")]
     if any(m.bytes_on_disk is not None for m in models):
-        rows.append(("bytes on disk (× smaller)", lambda m: "-" if m.bytes_on_disk is None else
-                     human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, m)))
+        rows.append(
+            (
+                "bytes on disk (× smaller)",
+                lambda m: (
+                    "-"
+                    if m.bytes_on_disk is None
+                    else human_bytes(m.bytes_on_disk) + ratio(first.bytes_on_disk, m.bytes_on_disk, m)
+                ),
+            )
+        )
     if any(m.latency_batch1_s is not None for m in models):
-        rows.append(("latency/row, batch 1 (× faster)", lambda m: human_seconds(m.latency_batch1_s)
-                     + ratio(first.latency_batch1_s, m.latency_batch1_s, m)))
+        rows.append(
+            (
+                "latency/row, batch 1 (× faster)",
+                lambda m: human_seconds(m.latency_batch1_s) + ratio(first.latency_batch1_s, m.latency_batch1_s, m),
+            )
+        )
         if any(m.latency_batch_size != 1 for m in models):
-            rows.append((f"latency/row, batch {first.latency_batch_size:,} (× faster)",
-                         lambda m: human_seconds(m.latency_batch_s) + ratio(first.latency_batch_s, m.latency_batch_s,
-                                                                              m)))
+            rows.append(
+                (
+                    f"latency/row, batch {first.latency_batch_size:,} (× faster)",
+                    lambda m: human_seconds(m.latency_batch_s) + ratio(first.latency_batch_s, m.latency_batch_s, m),
+                )
+            )
     if len(models) > 1:
         rows.append((f"{accuracy_name} Δ vs first", lambda m: f"{m.accuracy - first.accuracy:+.4f}"))
     return rows
@@ -145,20 +175,31 @@ def column_names(models: list) -> list[str]:
     return [m.model for m in models] if len(set(names)) < len(names) else names
 
 
-def teacher_and_size_rows(cache: Any, temperature: float, models: list, agreement: str, accuracy_name: str,
-                          speed: tuple) -> Rows:
+def teacher_and_size_rows(
+    cache: Any, temperature: float, models: list, agreement: str, accuracy_name: str, speed: tuple
+) -> Rows:
     """The rows both eval tables end with: agreement and KL to the teacher (with a cache), then parameters, the
     compression rows, weights in memory and the ``speed`` row."""
     rows: Rows = []
     if cache:
-        rows += [(agreement, lambda m: f"{m.agreement:.4f}"),
-                 (f"KL(teacher‖model) T={temperature:g}", lambda m: kl_text(m.kl_to_teacher))]
-    return rows + [("parameters", lambda m: f"{m.num_parameters:,}"), *compression_rows(models, accuracy_name),
-                   ("weights in memory", lambda m: human_bytes(m.weight_bytes)), speed]
+        rows += [
+            (agreement, lambda m: f"{m.agreement:.4f}"),
+            (f"KL(teacher‖model) T={temperature:g}", lambda m: kl_text(m.kl_to_teacher)),
+        ]
+    return rows + [
+        ("parameters", lambda m: f"{m.num_parameters:,}"),
+        *compression_rows(models, accuracy_name),
+        ("weights in memory", lambda m: human_bytes(m.weight_bytes)),
+        speed,
+    ]
 
 
 def metric_table(title: str, models: list, rows: Rows, caption: str | None = None) -> TableData:
     """One column per model, one row per (name, format) pair."""
-    return TableData(title=title, header=["metric", *column_names(models)],
-                     rows=[[name, *[f(m) for m in models]] for name, f in rows],
-                     justify=["left"] + ["right"] * len(models), caption=caption)
+    return TableData(
+        title=title,
+        header=["metric", *column_names(models)],
+        rows=[[name, *[f(m) for m in models]] for name, f in rows],
+        justify=["left"] + ["right"] * len(models),
+        caption=caption,
+    )

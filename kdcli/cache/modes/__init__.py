@@ -42,7 +42,7 @@ def mode_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def get_mode(name: str) -> "Mode":
+def get_mode(name: str) -> Mode:
     """The registered mode ``name``; a name kdcli does not know is a CacheError (exit 3: it comes from a manifest;
     ``--mode`` is checked against :func:`mode_names` when the options are read)."""
     module = REGISTRY.get(name) if isinstance(name, str) else None
@@ -51,7 +51,7 @@ def get_mode(name: str) -> "Mode":
     return importlib.import_module(module).MODE
 
 
-def modes() -> list["Mode"]:
+def modes() -> list[Mode]:
     return [get_mode(n) for n in REGISTRY]
 
 
@@ -75,13 +75,15 @@ def sparse_modes() -> tuple[str, ...]:
     return tuple(m.name for m in modes() if m.sparse)
 
 
-def targets_from_arrays(arrays: dict, mode: str, num_classes: int, *, temperatures=(1.0,),
-                        sampler_temperatures=(1.0,)) -> "Targets":
+def targets_from_arrays(
+    arrays: dict, mode: str, num_classes: int, *, temperatures=(1.0,), sampler_temperatures=(1.0,)
+) -> Targets:
     """The :class:`~kdcli.cache.modes.base.Targets` of a batch of a ``mode`` cache's arrays (what a reader returns).
 
     ``temperatures``: what the cache's manifest lists (``manifest.stored_temperatures``); a cache without the list
     stores T = 1 only. The per-temperature array must have one column per listed T other than 1."""
     from kdcli.cache.modes.base import normalize_temperatures
 
-    return get_mode(mode).targets(arrays, num_classes, normalize_temperatures(temperatures),
-                                  tuple(float(x) for x in sampler_temperatures))
+    return get_mode(mode).targets(
+        arrays, num_classes, normalize_temperatures(temperatures), tuple(float(x) for x in sampler_temperatures)
+    )

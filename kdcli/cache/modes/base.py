@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -133,6 +134,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 # -- the targets a mode hands the losses ------------------------------------------------------------------------------
 
+
 @dataclass
 class HeadChunk:
     """One chunk of the fused LM head (:mod:`kdcli.lm.head_loss`), as a mode's targets see it: the student's
@@ -168,7 +170,7 @@ class Targets:
     exact_at_every_T: ClassVar[bool] = False  # a full distribution: any T is exact
     dense: ClassVar[bool] = False  # ``logprobs`` holds every class (kd_loss's closed-form path)
 
-    def _map(self, f) -> "Targets":
+    def _map(self, f) -> Targets:
         kw = {}
         for fl in fields(self):
             v = getattr(self, fl.name)
@@ -179,10 +181,10 @@ class Targets:
             kw[fl.name] = v
         return type(self)(**kw)
 
-    def to(self, device: torch.device) -> "Targets":
+    def to(self, device: torch.device) -> Targets:
         return self._map(lambda v: v.to(device, non_blocking=True))
 
-    def rows(self, sl: slice) -> "Targets":
+    def rows(self, sl: slice) -> Targets:
         """The same targets for rows ``sl`` only (views, no copies)."""
         return self._map(lambda v: v[sl])
 
@@ -204,8 +206,9 @@ class Targets:
             return None
         return self.stats[:, stat_temperatures(self.temperatures).index(t)]
 
-    def soft_rows(self, s_log: torch.Tensor, temperature: float, divergence: str, beta: float,
-                  approximate: bool) -> torch.Tensor:
+    def soft_rows(
+        self, s_log: torch.Tensor, temperature: float, divergence: str, beta: float, approximate: bool
+    ) -> torch.Tensor:
         """(b,) the divergence between teacher_T and student_T per row, without T^2 (``s_log``: the student's
         log-softmax at T, (b, C))."""
         raise NotImplementedError
@@ -216,8 +219,9 @@ class Targets:
         raise NotImplementedError
 
 
-def require_temperature(mode: str, exact_at_every_T: bool, temperatures, temperature: float,
-                        approximate: bool = False) -> bool:
+def require_temperature(
+    mode: str, exact_at_every_T: bool, temperatures, temperature: float, approximate: bool = False
+) -> bool:
     """True when targets of ``mode`` storing ``temperatures`` are exact/unbiased at ``temperature`` (always, for a
     mode ``exact_at_every_T``); False when they are not but ``approximate`` allows the documented approximation;
     else :class:`UsageError` (exit 2) naming the stored temperatures."""
@@ -229,7 +233,8 @@ def require_temperature(mode: str, exact_at_every_T: bool, temperatures, tempera
         f"this {mode} cache is exact only at the temperatures it stores (T = "
         f"{fmt_temperatures(sorted(set(temperatures)))}), not at T = {float(temperature):g}: rebuild it with "
         f"cache-teacher --temperatures including {float(temperature):g}, train/evaluate at a stored T, or accept "
-        "the documented approximation with --approximate-temperature")
+        "the documented approximation with --approximate-temperature"
+    )
 
 
 # -- checks on stored arrays (every read, cache verify, every shard before it is published) ------------------------
@@ -308,6 +313,7 @@ def repeated_ids(name: str, ids: np.ndarray, where) -> list[str]:
 
 # -- the mode interface -----------------------------------------------------------------------------------------------
 
+
 class Mode:
     """One cache mode. Subclasses set the class attributes and implement the methods; see the module docstring."""
 
@@ -337,27 +343,40 @@ class Mode:
         extra = (self.stat_key,) if self.stat_key and stat_temperatures(temperatures) else ()
         return self.keys_ + extra
 
-    def temperature_layout(self, temperatures: Iterable[float] | None,
-                           sampler_temperatures: Iterable[float] | None = None) -> dict:
+    def temperature_layout(
+        self, temperatures: Iterable[float] | None, sampler_temperatures: Iterable[float] | None = None
+    ) -> dict:
         """Manifest keys recording the stored temperatures (they are also part of the cache's identity)."""
         ts = normalize_temperatures(temperatures)
         stats = stat_temperatures(ts)
-        return {"temperatures": list(ts), "stat_temperatures": list(stats),
-                "stat_dtype": str(STAT_DTYPES[self.stat_key]).removeprefix("torch.") if stats else None,
-                "sampler_temperatures": None}
+        return {
+            "temperatures": list(ts),
+            "stat_temperatures": list(stats),
+            "stat_dtype": str(STAT_DTYPES[self.stat_key]).removeprefix("torch.") if stats else None,
+            "sampler_temperatures": None,
+        }
 
     def layout(self, k: int | None, width: int, token: bool) -> dict:
         """The manifest keys describing the stored arrays (besides temperatures): K under ``top_k`` / ``samples``,
         dtypes; token caches (``token``) also record the narrower per-token dtypes."""
-        out = {"top_k": k if self.size_key == "top_k" else None, "samples": k if self.size_key == "samples" else None,
-               "logprob_dtype": "float16", "id_dtype": numpy_id_dtype(width).name if self.sparse else None}
+        out = {
+            "top_k": k if self.size_key == "top_k" else None,
+            "samples": k if self.size_key == "samples" else None,
+            "logprob_dtype": "float16",
+            "id_dtype": numpy_id_dtype(width).name if self.sparse else None,
+        }
         if token:
             out.update(count_dtype=None, tail_dtype=None)
         return out
 
-    def reduce(self, logp: torch.Tensor, k: int | None, generator: torch.Generator | None,
-               temperatures: Iterable[float] | None,
-               sampler_temperatures: Iterable[float] | None = None) -> dict[str, torch.Tensor]:
+    def reduce(
+        self,
+        logp: torch.Tensor,
+        k: int | None,
+        generator: torch.Generator | None,
+        temperatures: Iterable[float] | None,
+        sampler_temperatures: Iterable[float] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """(rows, C) log-probs (T = 1, float32) -> the stored per-row tensors, still on the device."""
         raise NotImplementedError
 
@@ -386,8 +405,12 @@ class Mode:
         stats = stat_temperatures(m.get("temperatures"))
         if not (self.stat_key and stats):
             return {}
-        return {self.stat_key: (np.dtype(m.get("stat_dtype") or str(STAT_DTYPES[self.stat_key])
-                                         .removeprefix("torch.")), (len(stats),))}
+        return {
+            self.stat_key: (
+                np.dtype(m.get("stat_dtype") or str(STAT_DTYPES[self.stat_key]).removeprefix("torch.")),
+                (len(stats),),
+            )
+        }
 
     def problems(self, manifest: dict, arrays: dict[str, np.ndarray], where) -> list[str]:
         """Problems in a block of this mode's arrays (empty: they look right). ``where(i)`` names entry i."""
@@ -413,8 +436,10 @@ class Mode:
         if bad.any():
             i = first(bad)
             j = int(np.flatnonzero(bad[i])[0])
-            return [f"{key} = {float(x[i, j]):.4f} at {where(i)} is outside [{float(lo[0, j]):.3f}, "
-                    f"{float(hi[0, j]):.3f}], the possible log Z_T at T = {ts[j]:g} for {num_classes} classes"]
+            return [
+                f"{key} = {float(x[i, j]):.4f} at {where(i)} is outside [{float(lo[0, j]):.3f}, "
+                f"{float(hi[0, j]):.3f}], the possible log Z_T at T = {ts[j]:g} for {num_classes} classes"
+            ]
         return []
 
     def distinct_ids(self, arrays: dict[str, np.ndarray]) -> int | None:
@@ -422,8 +447,9 @@ class Mode:
         return None
 
     # -- training ---------------------------------------------------------------------------------------------------
-    def targets(self, arrays: dict[str, np.ndarray], num_classes: int, temperatures: tuple,
-                sampler_temperatures: tuple) -> Targets:
+    def targets(
+        self, arrays: dict[str, np.ndarray], num_classes: int, temperatures: tuple, sampler_temperatures: tuple
+    ) -> Targets:
         """The :class:`Targets` of a batch of this mode's arrays (ids widened to int64)."""
         raise NotImplementedError
 
@@ -433,12 +459,15 @@ class Mode:
             return None
         a = arrays.get(self.stat_key)
         if a is None or a.ndim != 2 or a.shape[1] != len(stat_ts):
-            raise ValueError(f"{self.name} targets stored for T = {fmt_temperatures(stat_ts)} need {self.stat_key!r} "
-                             f"with {len(stat_ts)} column(s); got {None if a is None else a.shape}")
+            raise ValueError(
+                f"{self.name} targets stored for T = {fmt_temperatures(stat_ts)} need {self.stat_key!r} "
+                f"with {len(stat_ts)} column(s); got {None if a is None else a.shape}"
+            )
         return torch.from_numpy(a).float()
 
 
 # -- targets that estimate from weighted ids (sample, priority, and fused mixtures of them) --------------------------
+
 
 @dataclass
 class WeightedIdTargets(Targets):
@@ -450,8 +479,9 @@ class WeightedIdTargets(Targets):
 
     ids: torch.Tensor | None = None  # (b, S) int64
 
-    def id_weights(self, temperature: float, approximate: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def id_weights(
+        self, temperature: float, approximate: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(w, p_log, used, W)``, each (b, S) but W: the weights, log q_T at each id (0 on unused slots), which
         slots hold an id, and W the weights' row sum (None where they sum to 1 by construction)."""
         raise NotImplementedError

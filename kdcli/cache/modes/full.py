@@ -10,8 +10,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcli.cache.modes.base import (LOGPROB_DTYPE, Mode, Targets, div_rows, f32, logmeanexp, logprob_problems, lse,
-                                    norm_problem, np_logsumexp, plausible)
+from kdcli.cache.modes.base import (
+    LOGPROB_DTYPE,
+    Mode,
+    Targets,
+    div_rows,
+    f32,
+    logmeanexp,
+    logprob_problems,
+    lse,
+    norm_problem,
+    np_logsumexp,
+    plausible,
+)
 
 COMBINES = ("mean", "geometric")
 
@@ -69,8 +80,9 @@ class FullMode(Mode):
         return logprob_problems("logprobs", lp, where) or norm_problem(lse(lp), "logprobs", where)
 
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
-        return FullTargets(num_classes, temperatures=temperatures,
-                           logprobs=torch.from_numpy(arrays["logprobs"]).float())
+        return FullTargets(
+            num_classes, temperatures=temperatures, logprobs=torch.from_numpy(arrays["logprobs"]).float()
+        )
 
     def fuse(self, parts: list[dict[str, np.ndarray]], weights: list[float], combine: str) -> dict[str, np.ndarray]:
         """K teachers' rows -> the fused teacher's ``logprobs`` (float32): ``mean`` the mixture ``sum_k w_k p_k``,

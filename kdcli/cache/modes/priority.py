@@ -17,20 +17,35 @@ log Z_T per stored T as ``sample``. With pi = p and T = 1 the weights are DLT's 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from kdcli.cache.modes.base import (LOGPROB_DTYPE, NORM_TOL, STAT_DTYPES, Mode, WeightedIdTargets, first,
-                                    fmt_temperatures, is_t1, log_normalizers, lse, match_temperature,
-                                    normalize_temperatures, repeated_ids, stat_temperatures)
+from kdcli.cache.modes.base import (
+    LOGPROB_DTYPE,
+    NORM_TOL,
+    STAT_DTYPES,
+    Mode,
+    WeightedIdTargets,
+    first,
+    fmt_temperatures,
+    is_t1,
+    log_normalizers,
+    lse,
+    match_temperature,
+    normalize_temperatures,
+    repeated_ids,
+    stat_temperatures,
+)
 from kdcli.infra.errors import UsageError
 
 
-def sampler_logprobs(logp: torch.Tensor, sampler_temperatures: Iterable[float] | None,
-                     temperatures: Iterable[float] | None) -> torch.Tensor:
+def sampler_logprobs(
+    logp: torch.Tensor, sampler_temperatures: Iterable[float] | None, temperatures: Iterable[float] | None
+) -> torch.Tensor:
     """log pi for priority sampling: logp itself for the default sampler (1,), else the log of the mean of q_T over
     ``sampler_temperatures`` (a defensive mixture: q_T / pi <= len(sampler_temperatures) for each of them, so no
     class that matters at one of those T is left to a rare draw with a huge weight). Each sampler temperature must
@@ -49,8 +64,9 @@ def sampler_logprobs(logp: torch.Tensor, sampler_temperatures: Iterable[float] |
     return acc.sub_(math.log(len(ts)))
 
 
-def priority_sample(logp: torch.Tensor, k: int, generator: torch.Generator | None = None,
-                    log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def priority_sample(
+    logp: torch.Tensor, k: int, generator: torch.Generator | None = None, log_pi: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Priority sampling of (rows, C) log-probs: ``(ids, logprobs, log_tau)``, (rows, K), (rows, K), (rows,).
 
     Priorities ``log(pi_i / u_i) = log pi_i - log u_i`` (pi = p unless ``log_pi`` is given) with u_i ~ uniform(0, 1]
@@ -103,8 +119,9 @@ class PriorityTargets(WeightedIdTargets):
         if tuple(ts) == (1.0,):
             log_pi = lp
         else:
-            log_pi = torch.logsumexp(torch.stack([lp / t - self.stored_log_z(t)[:, None] for t in ts]), dim=0) \
-                - math.log(len(ts))
+            log_pi = torch.logsumexp(
+                torch.stack([lp / t - self.stored_log_z(t)[:, None] for t in ts]), dim=0
+            ) - math.log(len(ts))
         valid = lp > float("-inf")
         r = (self.log_tau[:, None] - log_pi).clamp_min(0.0)
         return torch.where(valid, r, torch.zeros_like(r))
@@ -143,8 +160,10 @@ class PriorityMode(Mode):
     def check_size(self, k, width, what):
         """K above the classes cannot be kept (K = C keeps every class: exact, like a full cache)."""
         if k > width:
-            raise UsageError(f"--mode priority --samples {k} is more than the {width} {what} there are to keep; use "
-                             f"--samples {width} or fewer (or --mode full)")
+            raise UsageError(
+                f"--mode priority --samples {k} is more than the {width} {what} there are to keep; use "
+                f"--samples {width} or fewer (or --mode full)"
+            )
 
     def temperature_layout(self, temperatures, sampler_temperatures=None):
         out = super().temperature_layout(temperatures)
@@ -160,8 +179,11 @@ class PriorityMode(Mode):
         ts = stat_temperatures(temperatures)
         log_pi = sampler_logprobs(logp, sampler_temperatures, temperatures)
         ids, lp, log_tau = priority_sample(logp, int(k), generator, log_pi)
-        out = {"priority_ids": ids.to(torch.int32), "priority_logprobs": lp.to(LOGPROB_DTYPE),
-               "priority_tau": log_tau.to(torch.float32)}
+        out = {
+            "priority_ids": ids.to(torch.int32),
+            "priority_logprobs": lp.to(LOGPROB_DTYPE),
+            "priority_tau": log_tau.to(torch.float32),
+        }
         if ts:
             out["priority_logz_t"] = log_normalizers(logp, ts).to(STAT_DTYPES["priority_logz_t"])
         return out
@@ -174,9 +196,12 @@ class PriorityMode(Mode):
 
     def expected(self, m):
         s = m.get("samples")
-        return {"priority_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (s,)),
-                "priority_logprobs": (np.dtype(np.float16), (s,)),
-                "priority_tau": (np.dtype(m.get("tau_dtype") or np.float32), ()), **self.stat_expected(m)}
+        return {
+            "priority_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (s,)),
+            "priority_logprobs": (np.dtype(np.float16), (s,)),
+            "priority_tau": (np.dtype(m.get("tau_dtype") or np.float32), ()),
+            **self.stat_expected(m),
+        }
 
     def problems(self, manifest, arrays, where):
         """Kept ids in range and distinct, log-probs <= 0 (-inf: a class of probability 0, kept only when fewer than
@@ -186,8 +211,9 @@ class PriorityMode(Mode):
         lp = np.asarray(lp, dtype=np.float32)
         out = []
         if ids.size and int(ids.max()) >= num_classes:
-            out.append(f"priority_ids has id {int(ids.max())} >= {num_classes} classes at "
-                       f"{where(first(ids >= num_classes))}")
+            out.append(
+                f"priority_ids has id {int(ids.max())} >= {num_classes} classes at {where(first(ids >= num_classes))}"
+            )
         out += repeated_ids("priority_ids", ids, where)
         bad = np.isnan(lp) | (lp > 0) | (lp == np.inf)
         if bad.any():
@@ -210,12 +236,20 @@ class PriorityMode(Mode):
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
         missing = [x for x in sampler_temperatures if match_temperature(temperatures, x) is None]
         if missing:
-            raise ValueError(f"priority sampler temperatures {fmt_temperatures(missing)} are not among the stored T = "
-                             f"{fmt_temperatures(temperatures)}")
+            raise ValueError(
+                f"priority sampler temperatures {fmt_temperatures(missing)} are not among the stored T = "
+                f"{fmt_temperatures(temperatures)}"
+            )
         t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
-        return PriorityTargets(num_classes, temperatures=temperatures, stats=self.stats_tensor(arrays, temperatures),
-                               ids=t("priority_ids").long(), id_logprobs=t("priority_logprobs").float(),
-                               log_tau=t("priority_tau").float(), sampler_temperatures=sampler_temperatures)
+        return PriorityTargets(
+            num_classes,
+            temperatures=temperatures,
+            stats=self.stats_tensor(arrays, temperatures),
+            ids=t("priority_ids").long(),
+            id_logprobs=t("priority_logprobs").float(),
+            log_tau=t("priority_tau").float(),
+            sampler_temperatures=sampler_temperatures,
+        )
 
 
 MODE = PriorityMode()

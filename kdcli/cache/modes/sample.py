@@ -20,8 +20,17 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kdcli.cache.modes.base import (LOGPROB_DTYPE, STAT_DTYPES, Mode, WeightedIdTargets, first, ids_in_range,
-                                    log_normalizers, logprob_problems, stat_temperatures)
+from kdcli.cache.modes.base import (
+    LOGPROB_DTYPE,
+    STAT_DTYPES,
+    Mode,
+    WeightedIdTargets,
+    first,
+    ids_in_range,
+    log_normalizers,
+    logprob_problems,
+    stat_temperatures,
+)
 
 
 def merge_draws(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +44,9 @@ def merge_draws(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, counts
 
 
-def sample_weights(counts: torch.Tensor, id_logprobs: torch.Tensor,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_weights(
+    counts: torch.Tensor, id_logprobs: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(w, p_log, used, n)`` for (b, S) draws: the self-normalised weight of each drawn id (``counts / draws`` at
     T = 1, reweighted by ``p^(1/T - 1)`` otherwise; 0 on unused slots), log p_T at each drawn id, which slots hold a
     draw, and the number of draws per row (b, 1). Exact at T = 1; the *approximation* at an unstored T != 1."""
@@ -81,8 +91,9 @@ class SampleTargets(WeightedIdTargets):
     def student_weights(self, s_at, used):
         """(counts / draws) * s(j) / p(j): p at T = 1 is the sampler."""
         c = self.counts
-        return torch.where(used, (c / c.sum(dim=1, keepdim=True)) * torch.exp(s_at - self.id_logprobs),
-                           torch.zeros_like(s_at))
+        return torch.where(
+            used, (c / c.sum(dim=1, keepdim=True)) * torch.exp(s_at - self.id_logprobs), torch.zeros_like(s_at)
+        )
 
 
 class SampleMode(Mode):
@@ -110,8 +121,11 @@ class SampleMode(Mode):
         ids, counts = merge_draws(draws)
         lp = torch.gather(logp, -1, ids.long())
         lp = torch.where(counts > 0, lp, torch.zeros_like(lp))
-        out = {"sample_ids": ids.to(torch.int32), "sample_counts": counts.to(torch.int32),
-               "sample_logprobs": lp.to(LOGPROB_DTYPE)}
+        out = {
+            "sample_ids": ids.to(torch.int32),
+            "sample_counts": counts.to(torch.int32),
+            "sample_logprobs": lp.to(LOGPROB_DTYPE),
+        }
         if ts:
             out["sample_logz_t"] = log_normalizers(logp, ts).to(STAT_DTYPES["sample_logz_t"])
         return out
@@ -131,9 +145,12 @@ class SampleMode(Mode):
 
     def expected(self, m):
         s = m.get("samples")
-        return {"sample_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (s,)),
-                "sample_counts": (np.dtype(m.get("count_dtype") or np.uint16), (s,)),
-                "sample_logprobs": (np.dtype(np.float16), (s,)), **self.stat_expected(m)}
+        return {
+            "sample_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (s,)),
+            "sample_counts": (np.dtype(m.get("count_dtype") or np.uint16), (s,)),
+            "sample_logprobs": (np.dtype(np.float16), (s,)),
+            **self.stat_expected(m),
+        }
 
     def problems(self, manifest, arrays, where):
         """Counts add up to the draws, ids in range, used slots packed first, distinct and ascending."""
@@ -149,13 +166,15 @@ class SampleMode(Mode):
         out += ids_in_range("sample_ids", ids, num_classes, where, valid=used)
         prefix = np.cumprod(used, axis=-1).astype(bool)  # used slots come first, then unused
         if (used != prefix).any():
-            out.append("sample slots are not packed (a used slot after an unused one) at "
-                       f"{where(first(used != prefix))}")
+            out.append(
+                f"sample slots are not packed (a used slot after an unused one) at {where(first(used != prefix))}"
+            )
         i64 = ids.astype(np.int64)
         both = used[:, 1:] & used[:, :-1]
         if (both & (i64[:, 1:] <= i64[:, :-1])).any():
-            out.append(f"sample_ids are not distinct and ascending at "
-                       f"{where(first(both & (i64[:, 1:] <= i64[:, :-1])))}")
+            out.append(
+                f"sample_ids are not distinct and ascending at {where(first(both & (i64[:, 1:] <= i64[:, :-1])))}"
+            )
         out += logprob_problems("sample_logprobs", lp, where, valid=used)
         return out + self.stat_problems(manifest, arrays, where)
 
@@ -164,9 +183,14 @@ class SampleMode(Mode):
 
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
         t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
-        return SampleTargets(num_classes, temperatures=temperatures, stats=self.stats_tensor(arrays, temperatures),
-                             ids=t("sample_ids").long(), id_logprobs=t("sample_logprobs").float(),
-                             counts=torch.from_numpy(arrays["sample_counts"].astype("float32")))
+        return SampleTargets(
+            num_classes,
+            temperatures=temperatures,
+            stats=self.stats_tensor(arrays, temperatures),
+            ids=t("sample_ids").long(),
+            id_logprobs=t("sample_logprobs").float(),
+            counts=torch.from_numpy(arrays["sample_counts"].astype("float32")),
+        )
 
 
 MODE = SampleMode()

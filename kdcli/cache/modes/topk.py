@@ -28,17 +28,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcli.cache.modes.base import (LOGPROB_DTYPE, NORM_TOL, STAT_DTYPES, Mode, Targets, div_rows, f32, first,
-                                    fmt_temperatures, log1mexp, logmeanexp, logprob_problems, lse, norm_problem,
-                                    np_logsumexp, plausible, repeated_ids, stat_temperatures)
+from kdcli.cache.modes.base import (
+    LOGPROB_DTYPE,
+    NORM_TOL,
+    STAT_DTYPES,
+    Mode,
+    Targets,
+    div_rows,
+    f32,
+    first,
+    fmt_temperatures,
+    log1mexp,
+    logmeanexp,
+    logprob_problems,
+    lse,
+    norm_problem,
+    np_logsumexp,
+    plausible,
+    repeated_ids,
+    stat_temperatures,
+)
 from kdcli.infra.errors import UsageError
 
 TINY_TAIL = 1e-30  # below this the student's tail mass is recomputed in log space (float32 underflow)
 
 
-def topk_bucket_logprobs(id_logprobs: torch.Tensor, tail_logmass: torch.Tensor, num_classes: int,
-                         temperature: float, tail_logmass_t: torch.Tensor | None = None,
-                         padded: bool = False) -> torch.Tensor:
+def topk_bucket_logprobs(
+    id_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    num_classes: int,
+    temperature: float,
+    tail_logmass_t: torch.Tensor | None = None,
+    padded: bool = False,
+) -> torch.Tensor:
     """The teacher's (b, k + 1) bucket log-probs at T: its k ids and one tail bucket (module docstring).
 
     ``tail_logmass_t`` (b,): the stored log tail mass at T (exact): the tail bucket gets exactly that mass and the
@@ -59,8 +81,9 @@ def topk_bucket_logprobs(id_logprobs: torch.Tensor, tail_logmass: torch.Tensor, 
     return F.log_softmax(torch.cat([id_logprobs / T, tail_w[:, None]], dim=1), dim=1)
 
 
-def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
-          vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fold(
+    g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradient ``f[:, None] * g`` with ``vals`` at ``ids`` instead, kept as (g', f) with the row factor f left
     for the output-layer products (one V-wide pass saved): g' at ids holds ``vals / f``. Rows where f is 0 or not
     finite cannot be folded; then the factor is applied here and (g, None) returned."""
@@ -69,8 +92,9 @@ def _fold(g: torch.Tensor, f: torch.Tensor, ids: torch.Tensor,
     return g.mul_(f[:, None]).scatter_(1, ids, vals), None
 
 
-def _tail_grad_in_log_space(x: torch.Tensor, lse_: torch.Tensor, tail_log: torch.Tensor, p_tail: torch.Tensor,
-                            mult: float, c_soft: float) -> torch.Tensor:
+def _tail_grad_in_log_space(
+    x: torch.Tensor, lse_: torch.Tensor, tail_log: torch.Tensor, p_tail: torch.Tensor, mult: float, c_soft: float
+) -> torch.Tensor:
     """The topk gradient on tail classes, ``mult * q_m - c_soft * p_tail * q_m / q_tail``, from the tempered logits
     ``x`` of rows whose student tail mass underflows float32 (q_m = exp(x - lse), q_tail = exp(tail_log))."""
     return mult * torch.exp(x - lse_[:, None]) - c_soft * p_tail[:, None] * torch.exp(x - (lse_ + tail_log)[:, None])
@@ -92,8 +116,9 @@ class TopkTargets(Targets):
         """The teacher's (b, k + 1) bucket log-probs at T: exact at a stored T, the documented approximation at
         another T with ``approximate``, else UsageError."""
         stat = self.stat_at(temperature, approximate)
-        return topk_bucket_logprobs(self.id_logprobs, self.tail_logmass, self.num_classes, temperature, stat,
-                                    padded=self.padded)
+        return topk_bucket_logprobs(
+            self.id_logprobs, self.tail_logmass, self.num_classes, temperature, stat, padded=self.padded
+        )
 
     def padded_head(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For fused (``padded``) targets: which slots are used (b, k), and which classes are head buckets, a
@@ -166,8 +191,9 @@ class TopkTargets(Targets):
         return torch.where(head, qT * mult - c_soft * p_head, tail_grad), None, soft_sum
 
 
-def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.ndarray],
-              weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fuse_topk(
+    ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.ndarray], weights: list[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """K teachers' topk rows (ids (n, k_j), log-probs, log tail mass (n,)) -> the mixture on the buckets of the ids
     every teacher kept + one tail: (ids (n, sum k_j), log-probs, log tail (n,)), float32. Exact: mixing commutes
     with bucketing (kdcli.cache.fused).
@@ -186,7 +212,7 @@ def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.
         count += eq.any(axis=2)
     firsts = np.ones((n, width), dtype=bool)  # the first occurrence of each id in the row
     for j in range(1, width):
-        firsts[:, j] = ~(allids[:, :j] == allids[:, j:j + 1]).any(axis=1)
+        firsts[:, j] = ~(allids[:, :j] == allids[:, j : j + 1]).any(axis=1)
     shared = firsts & (count == len(ids))
     with np.errstate(divide="ignore"):
         fused = np.where(shared, np.log(known), -np.inf)
@@ -199,8 +225,11 @@ def fuse_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.
         tail_parts.append(np_logsumexp(ext, axis=1))
     tail = np.minimum(logmeanexp(tail_parts, weights), 0.0)
     order = np.argsort(-key, axis=1, kind="stable")
-    return (np.take_along_axis(allids, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
-            tail.astype(np.float32))
+    return (
+        np.take_along_axis(allids, order, axis=1),
+        np.take_along_axis(fused, order, axis=1).astype(np.float32),
+        tail.astype(np.float32),
+    )
 
 
 class TopkMode(Mode):
@@ -228,8 +257,11 @@ class TopkMode(Mode):
         vals, ids = torch.topk(logp, k, dim=-1)  # (rows, k), sorted descending
         rest = logp.scatter(-1, ids, float("-inf"))
         tail = torch.logsumexp(rest, dim=-1)  # (rows,) log mass outside the top k (-inf when k == C)
-        out = {"topk_ids": ids.to(torch.int32), "topk_logprobs": vals.to(LOGPROB_DTYPE),
-               "tail_logmass": tail.to(torch.float32)}
+        out = {
+            "topk_ids": ids.to(torch.int32),
+            "topk_logprobs": vals.to(LOGPROB_DTYPE),
+            "tail_logmass": tail.to(torch.float32),
+        }
         if ts:  # log(1 - sum_topk q_T) = logsumexp_{i not in top k}(logp_i / T) - log Z_T, per T; one V-wide pass
             cols = []  # each: log Z_T is that tail sum logaddexp'd with the k-wide sum over the top k
             for t in ts:
@@ -253,9 +285,12 @@ class TopkMode(Mode):
 
     def expected(self, m):
         k = m.get("top_k")
-        return {"topk_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (k,)),
-                "topk_logprobs": (np.dtype(np.float16), (k,)),
-                "tail_logmass": (np.dtype(m.get("tail_dtype") or np.float32), ()), **self.stat_expected(m)}
+        return {
+            "topk_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (k,)),
+            "topk_logprobs": (np.dtype(np.float16), (k,)),
+            "tail_logmass": (np.dtype(m.get("tail_dtype") or np.float32), ()),
+            **self.stat_expected(m),
+        }
 
     def problems(self, manifest, arrays, where):
         num_classes = int(manifest["num_classes"])
@@ -264,8 +299,9 @@ class TopkMode(Mode):
         fine = (not ids.size or int(ids.max()) < num_classes) and plausible(lp, f32(tail)) and _distinct_sorted(ids, lp)
         if not fine:  # the fast all-clear failed: find and name the first bad row
             if ids.size and int(ids.max()) >= num_classes:
-                out.append(f"topk_ids has id {int(ids.max())} >= {num_classes} classes at "
-                           f"{where(first(ids >= num_classes))}")
+                out.append(
+                    f"topk_ids has id {int(ids.max())} >= {num_classes} classes at {where(first(ids >= num_classes))}"
+                )
             out += repeated_ids("topk_ids", ids, where)
             found = logprob_problems("topk_logprobs", lp, where)
             if not found and lp.shape[-1] > 1 and (np.diff(lp, axis=-1) > 0).any():
@@ -275,8 +311,9 @@ class TopkMode(Mode):
                 found.append(f"tail_logmass is NaN or positive at {where(first(np.isnan(t) | (t > 0)))}")
             out += found
             if not found:
-                out += norm_problem(lse(np.concatenate([lp, t[:, None]], axis=-1)),
-                                    "top-k log-probs + tail log-mass", where)
+                out += norm_problem(
+                    lse(np.concatenate([lp, t[:, None]], axis=-1)), "top-k log-probs + tail log-mass", where
+                )
         return out + self.stat_problems(manifest, arrays, where)
 
     def stat_problems(self, manifest, arrays, where):
@@ -292,7 +329,7 @@ class TopkMode(Mode):
             return [f"{key} has shape {x.shape}, expected (rows, {len(ts)}) for T = {fmt_temperatures(ts)}"]
         if np.isnan(x).any():
             return [f"{key} has NaN at {where(first(np.isnan(x)))}"]
-        slack = NORM_TOL + 2.0 ** -10 * np.abs(np.where(np.isfinite(x), x, 0))  # float16 rounding
+        slack = NORM_TOL + 2.0**-10 * np.abs(np.where(np.isfinite(x), x, 0))  # float16 rounding
         bad = x > slack
         if tail is not None:
             t1 = np.asarray(tail, dtype=np.float32)[:, None]
@@ -303,21 +340,32 @@ class TopkMode(Mode):
             i = first(bad)
             j = int(np.flatnonzero(bad[i])[0])
             t1 = f"{float(tail[i]):+.4f}" if tail is not None else "not stored"
-            return [f"{key} is not a possible tempered tail mass at {where(i)} (log {float(x[i, j]):+.4f} at "
-                    f"T = {ts[j]:g}; log tail at T = 1: {t1})"]
+            return [
+                f"{key} is not a possible tempered tail mass at {where(i)} (log {float(x[i, j]):+.4f} at "
+                f"T = {ts[j]:g}; log tail at T = 1: {t1})"
+            ]
         return []
 
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
         t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
-        return TopkTargets(num_classes, temperatures=temperatures, stats=self.stats_tensor(arrays, temperatures),
-                           ids=t("topk_ids").long(), id_logprobs=t("topk_logprobs").float(),
-                           tail_logmass=t("tail_logmass").float())
+        return TopkTargets(
+            num_classes,
+            temperatures=temperatures,
+            stats=self.stats_tensor(arrays, temperatures),
+            ids=t("topk_ids").long(),
+            id_logprobs=t("topk_logprobs").float(),
+            tail_logmass=t("tail_logmass").float(),
+        )
 
     def fuse(self, parts, weights, combine):
         """The mixture on the ids every teacher kept + one tail (:func:`fuse_topk`), laid out on the union of the
         teachers' ids; the targets are ``padded``."""
-        ids, lp, tail = fuse_topk([p["topk_ids"] for p in parts], [p["topk_logprobs"] for p in parts],
-                                  [p["tail_logmass"] for p in parts], weights)
+        ids, lp, tail = fuse_topk(
+            [p["topk_ids"] for p in parts],
+            [p["topk_logprobs"] for p in parts],
+            [p["tail_logmass"] for p in parts],
+            weights,
+        )
         return {"topk_ids": ids, "topk_logprobs": lp, "tail_logmass": tail}
 
     def fused_targets(self, arrays, num_classes):
