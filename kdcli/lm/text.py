@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcli.data import fingerprint, split_slice
+from kdcli.data import RowIdentity, split_slice
 from kdcli.infra.errors import UsageError
 
 HF_HINT = "install the Hugging Face extra: pip install 'kdcli[hf]'"
@@ -215,7 +215,7 @@ class TextSettings:
 
 
 @dataclass
-class TokenData:
+class TokenData(RowIdentity):
     """Token sequences (the student's view) with the index of each one's first predicted token."""
 
     spec: str
@@ -253,19 +253,11 @@ class TokenData:
         return None if self.target_mask is None else [self.target_mask[i] for i in rows]
 
     @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.row_hash)
+    def num_classes(self) -> int:
+        return self.vocab_size
 
-    def identity(self) -> dict:
-        return {
-            "spec": self.spec,
-            "kind": self.kind,
-            "num_samples": self.n,
-            "num_tokens": int(self.lengths.sum()),
-            "num_targets": int(self.num_targets.sum()),
-            "num_classes": self.vocab_size,
-            "fingerprint": self.fingerprint,
-        }
+    def identity_extra(self) -> dict:
+        return {"kind": self.kind, "num_tokens": int(self.lengths.sum()), "num_targets": int(self.num_targets.sum())}
 
 
 def _is_one_run(mask: np.ndarray, first: int) -> bool:

@@ -32,7 +32,7 @@ from kdcli.losses import kd_loss, soft_kl
 from kdcli.models.classifiers import build_model, is_run_dir, save_run_model
 from kdcli.models.weights import MODEL_JSON, weight_bytes
 from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode, size_and_speed
-from kdcli.tasks.reports import CacheSummary, TrainSummary, metric_table, teacher_and_size_rows
+from kdcli.tasks.reports import CacheSummary, SizeAndSpeed, TrainSummary, metric_table, teacher_and_size_rows
 
 ECE_BINS = 15
 BIAS_GRID = torch.arange(-30.0, 30.0 + 1e-6, 0.05)  # candidate values for CLASS=fit
@@ -271,7 +271,7 @@ class ClassifyTrainJob(TrainJob):
 
 
 @dataclass
-class ModelReport:
+class ModelReport(SizeAndSpeed):
     model: str
     num_samples: int
     accuracy: float
@@ -290,14 +290,6 @@ class ModelReport:
     per_class_errors: list[int] = field(default_factory=list)  # misclassified rows of each true class
     class_bias: dict[str, float] | None = None  # --class-bias as applied to the logits (fitted values resolved)
     before_bias: dict | None = None  # errors, accuracy, nll, per_class_errors without the class bias
-    # the compression report (size_and_speed): non-zero parameters (int8 weights included), bytes of the model's
-    # files (None for a built-in name without files), median seconds per row at batch 1 and at latency_batch_size
-    # (None with --latency-repeats 0)
-    nonzero_parameters: int | None = None
-    bytes_on_disk: int | None = None
-    latency_batch_size: int | None = None
-    latency_batch1_s: float | None = None
-    latency_batch_s: float | None = None
 
 
 @dataclass

@@ -39,7 +39,7 @@ from kdcli.cache.writer import resolve_compression
 from kdcli.config import EvalConfig
 from kdcli.infra import log
 from kdcli.infra.errors import CacheError, UsageError
-from kdcli.infra.fmt import TableData, human_bytes, key_values
+from kdcli.infra.fmt import TableData
 from kdcli.infra.precision import precision_context
 from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
 from kdcli.lm.head_loss import head_kd_loss
@@ -76,7 +76,7 @@ from kdcli.losses import LossParts, kd_loss, soft_kl
 from kdcli.models.plugins import is_plugin_spec
 from kdcli.models.weights import weight_bytes
 from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode, size_and_speed
-from kdcli.tasks.reports import CacheSummary, TrainSummary, metric_table, teacher_and_size_rows
+from kdcli.tasks.reports import CacheSummary, SizeAndSpeed, TrainSummary, metric_table, teacher_and_size_rows
 
 LOGIT_BUDGET = 1 << 27  # teacher logits per forward pass (b * L * V floats): 512 MiB in fp32
 SHARD_BYTES = 256 << 20  # cap on one shard's payload: the writer holds at most ~3 shards in memory
@@ -90,27 +90,19 @@ class LMCacheSummary(CacheSummary):
     vocab_size: int = 0
     full_fp16_ratio: float = 0.0  # (V * 2 bytes) / bytes_per_token: how much smaller than full fp16 log-probs
 
-    def table(self) -> TableData:
-        """A token-level (LM) cache: sizes per predicted token."""
-        return key_values(
-            f"cache-teacher: {self.status}",
-            [
-                ("cache", self.cache_dir),
-                ("mode", self.mode),
-                ("sequences", f"{self.num_rows:,}"),
-                ("predicted tokens", f"{self.num_tokens:,}"),
-                ("shards", str(self.num_shards)),
-                (
-                    "size",
-                    f"{human_bytes(self.bytes)} ({self.bytes_per_token:.1f} B/token"
-                    + (f" for {self.unique_ids:.1f} distinct ids/token" if self.unique_ids is not None else "")
-                    + f", {self.full_fp16_ratio:,.0f}x smaller than full fp16 log-probs over {self.vocab_size:,})",
-                ),
-                ("compression", self.compression),
-                ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
-                ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)"),
-            ],
+    # a token-level (LM) cache: sizes per predicted token (CacheSummary.table)
+    def count_rows(self) -> list[tuple[str, str]]:
+        return [("sequences", f"{self.num_rows:,}"), ("predicted tokens", f"{self.num_tokens:,}")]
+
+    def size_note(self) -> str:
+        ids = f" for {self.unique_ids:.1f} distinct ids/token" if self.unique_ids is not None else ""
+        return (
+            f"{self.bytes_per_token:.1f} B/token{ids}, {self.full_fp16_ratio:,.0f}x smaller than full fp16 "
+            f"log-probs over {self.vocab_size:,}"
         )
+
+    def speed_note(self) -> str:
+        return f"{self.tokens_per_second:,.0f} tokens/s"
 
 
 @dataclass
@@ -122,28 +114,21 @@ class LMTrainSummary(TrainSummary):
     eval_perplexity: float | None = None
     trainable_parameters: int | None = None  # --peft: the adapter's parameters (student_parameters: all)
 
-    def table(self) -> TableData:
-        """An LM run: sequences are rows, tokens are what matters."""
-        rows = self.head_rows() + [
+    # an LM run: sequences are rows, tokens are what matters (TrainSummary.table)
+    def count_rows(self) -> list[tuple[str, str]]:
+        rows = [
             ("train rows", f"{self.train_rows:,}"),
             ("train tokens", f"{self.train_tokens:,} ({self.divergence} divergence)"),
         ]
         if self.eval_perplexity is not None:
             rows.append(("eval perplexity", f"{self.eval_perplexity:.2f}"))
-        rows += [
-            ("final train loss", f"{self.final_train_loss:.4f}"),
-            ("final train accuracy", f"{self.final_train_accuracy:.4f}"),
-        ]
-        if self.val_accuracy is not None:
-            rows.append(("val accuracy", f"{self.val_accuracy:.4f}"))
-        if self.eval_accuracy is not None:
-            rows.append(("eval accuracy", f"{self.eval_accuracy:.4f}"))
-        trainable = f" ({self.trainable_parameters:,} trainable)" if self.trainable_parameters is not None else ""
-        rows += [
-            ("student parameters", f"{self.student_parameters:,}{trainable}"),
-            ("time", f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s in the last epoch)"),
-        ]
-        return key_values("train-student", rows + self.tail_rows())
+        return rows
+
+    def parameters_note(self) -> str:
+        return f" ({self.trainable_parameters:,} trainable)" if self.trainable_parameters is not None else ""
+
+    def speed_note(self) -> str:
+        return f"{self.tokens_per_second:,.0f} tokens/s"
 
 
 # -- shared by the stages ------------------------------------------------------------------------------------------
@@ -701,7 +686,7 @@ class TokenTrainJob(TrainJob):
 
 
 @dataclass
-class LMModelReport:
+class LMModelReport(SizeAndSpeed):
     model: str
     num_tokens: int
     perplexity: float
@@ -712,13 +697,6 @@ class LMModelReport:
     num_parameters: int
     weight_bytes: int
     tokens_per_second: float
-    # the compression report, as in ModelReport; a row is a sequence of the eval data's first batch (padded to its
-    # longest), latency_batch_size of them at most 16
-    nonzero_parameters: int | None = None
-    bytes_on_disk: int | None = None
-    latency_batch_size: int | None = None
-    latency_batch1_s: float | None = None
-    latency_batch_s: float | None = None
 
 
 @dataclass

@@ -39,20 +39,28 @@ class CacheSummary:
             [
                 ("cache", self.cache_dir),
                 ("mode", self.mode),
-                ("rows", f"{self.num_rows:,}"),
-                ("computed / skipped", f"{self.rows_computed:,} / {self.rows_skipped:,}"),
+                *self.count_rows(),
                 ("shards", str(self.num_shards)),
-                (
-                    "size",
-                    f"{human_bytes(self.bytes)} ({self.bytes_per_row:.1f} B/row"
-                    + (f", {self.unique_ids:.1f} distinct ids/row" if self.unique_ids is not None else "")
-                    + ")",
-                ),
+                ("size", f"{human_bytes(self.bytes)} ({self.size_note()})"),
                 ("compression", self.compression),
                 ("teacher", f"{self.teacher} ({self.teacher_parameters:,} params) on {self.device}"),
-                ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s)"),
+                ("time", f"{self.seconds:.1f} s ({self.speed_note()})"),
             ],
         )
+
+    # what a task counts in its rows; a token cache (LMCacheSummary) counts predicted tokens
+    def count_rows(self) -> list[tuple[str, str]]:
+        return [
+            ("rows", f"{self.num_rows:,}"),
+            ("computed / skipped", f"{self.rows_computed:,} / {self.rows_skipped:,}"),
+        ]
+
+    def size_note(self) -> str:
+        ids = f", {self.unique_ids:.1f} distinct ids/row" if self.unique_ids is not None else ""
+        return f"{self.bytes_per_row:.1f} B/row{ids}"
+
+    def speed_note(self) -> str:
+        return f"{self.rows_per_second:,.0f} rows/s"
 
 
 @dataclass
@@ -78,8 +86,8 @@ class TrainSummary:
         return [("resumed from step", str(self.resumed_from_step))] if self.resumed_from_step else []
 
     def table(self) -> TableData:
-        rows = self.head_rows() + [
-            ("train rows", f"{self.train_rows:,}"),
+        rows = [*self.head_rows(), *self.count_rows()]
+        rows += [
             ("final train loss", f"{self.final_train_loss:.4f}"),
             ("final train accuracy", f"{self.final_train_accuracy:.4f}"),
         ]
@@ -88,10 +96,34 @@ class TrainSummary:
         if self.eval_accuracy is not None:
             rows.append(("eval accuracy", f"{self.eval_accuracy:.4f}"))
         rows += [
-            ("student parameters", f"{self.student_parameters:,}"),
-            ("time", f"{self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s in the last epoch)"),
+            ("student parameters", f"{self.student_parameters:,}{self.parameters_note()}"),
+            ("time", f"{self.seconds:.1f} s ({self.speed_note()} in the last epoch)"),
         ]
         return key_values("train-student", rows + self.tail_rows())
+
+    # what a task counts; a language model (LMTrainSummary) counts tokens too
+    def count_rows(self) -> list[tuple[str, str]]:
+        return [("train rows", f"{self.train_rows:,}")]
+
+    def parameters_note(self) -> str:
+        return ""
+
+    def speed_note(self) -> str:
+        return f"{self.rows_per_second:,.0f} rows/s"
+
+
+@dataclass(kw_only=True)
+class SizeAndSpeed:
+    """The compression report of one eval model (:func:`kdcli.tasks.base.size_and_speed`): non-zero parameters
+    (int8 weights included), bytes of the model's files (None for a built-in name without files), median seconds
+    per row at batch 1 and at ``latency_batch_size`` (None with --latency-repeats 0). A row is a sample, or for a
+    language model a sequence of the eval data's first batch (padded to its longest)."""
+
+    nonzero_parameters: int | None = None
+    bytes_on_disk: int | None = None
+    latency_batch_size: int | None = None
+    latency_batch1_s: float | None = None
+    latency_batch_s: float | None = None
 
 
 class ModelRow(Protocol):

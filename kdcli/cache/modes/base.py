@@ -401,6 +401,11 @@ class Mode:
         """name -> (dtype, trailing shape) of every dataset of this mode a shard must hold."""
         raise NotImplementedError
 
+    def ids_expected(self, m: dict, k: int | None) -> dict[str, tuple[np.dtype | None, tuple]]:
+        """A sparse mode's ids (the manifest's ``id_dtype``) and their float16 log-probs, K per entry."""
+        ids, lp = self.keys_[0], self.keys_[0].replace("_ids", "_logprobs")
+        return {ids: (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (k,)), lp: (np.dtype(np.float16), (k,))}
+
     def stat_expected(self, m: dict) -> dict[str, tuple[np.dtype | None, tuple]]:
         stats = stat_temperatures(m.get("temperatures"))
         if not (self.stat_key and stats):
@@ -452,6 +457,19 @@ class Mode:
     ) -> Targets:
         """The :class:`Targets` of a batch of this mode's arrays (ids widened to int64)."""
         raise NotImplementedError
+
+    def target_fields(self, arrays: dict[str, np.ndarray], num_classes: int, temperatures: tuple) -> dict:
+        """What every mode's targets hold: the classes, the stored temperatures and their statistics, and (a sparse
+        mode) its ids widened to int64 and their log-probs in float32."""
+        out = {
+            "num_classes": num_classes,
+            "temperatures": temperatures,
+            "stats": self.stats_tensor(arrays, temperatures),
+        }
+        if self.sparse:
+            ids, lp = self.keys_[0], self.keys_[0].replace("_ids", "_logprobs")
+            out.update(ids=torch.from_numpy(arrays[ids]).long(), id_logprobs=torch.from_numpy(arrays[lp]).float())
+        return out
 
     def stats_tensor(self, arrays: dict[str, np.ndarray], temperatures: tuple) -> torch.Tensor | None:
         stat_ts = stat_temperatures(temperatures)
@@ -521,3 +539,12 @@ class WeightedIdTargets(Targets):
         # unnormalised weights: q_T is multiplied by c_soft * W (+ the hard term's share when the softmax is shared)
         f = c.c_soft * W + c.shared_hard
         return c.qT.scatter_add_(1, self.ids, -(c.c_soft / f)[:, None] * w), f, soft_sum
+
+
+class SampledMode(Mode):
+    """A mode that keeps ids drawn at random (``--samples`` of them, seeded per teacher batch) and estimates the loss
+    from them without bias at a stored temperature; at another, ``--approximate-temperature`` self-normalises."""
+
+    size_option, size_key = "samples", "samples"
+    sampled = True
+    approximation = "self-normalised weights"

@@ -81,7 +81,8 @@ class FullMode(Mode):
 
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
         return FullTargets(
-            num_classes, temperatures=temperatures, logprobs=torch.from_numpy(arrays["logprobs"]).float()
+            **self.target_fields(arrays, num_classes, temperatures),
+            logprobs=torch.from_numpy(arrays["logprobs"]).float(),
         )
 
     def fuse(self, parts: list[dict[str, np.ndarray]], weights: list[float], combine: str) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from kdcli.cache.modes.base import (
     LOGPROB_DTYPE,
     NORM_TOL,
     STAT_DTYPES,
-    Mode,
+    SampledMode,
     WeightedIdTargets,
     first,
     fmt_temperatures,
@@ -148,14 +148,11 @@ class PriorityTargets(WeightedIdTargets):
         return torch.where(used, torch.exp(self.log_ratio() + s_at), torch.zeros_like(s_at))
 
 
-class PriorityMode(Mode):
+class PriorityMode(SampledMode):
     name = "priority"
     keys_ = ("priority_ids", "priority_logprobs", "priority_tau")
-    size_option, size_key = "samples", "samples"
-    sampled = True
     stat_key = "priority_logz_t"
     loss_note = "unbiased estimate (priority sampling)"
-    approximation = "self-normalised weights"
 
     def check_size(self, k, width, what):
         """K above the classes cannot be kept (K = C keeps every class: exact, like a full cache)."""
@@ -195,12 +192,10 @@ class PriorityMode(Mode):
         return f", K={k} kept" + ("/token" if token else "")
 
     def expected(self, m):
-        s = m.get("samples")
         return {
-            "priority_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (s,)),
-            "priority_logprobs": (np.dtype(np.float16), (s,)),
-            "priority_tau": (np.dtype(m.get("tau_dtype") or np.float32), ()),
+            **self.ids_expected(m, m.get("samples")),
             **self.stat_expected(m),
+            "priority_tau": (np.dtype(m.get("tau_dtype") or np.float32), ()),
         }
 
     def problems(self, manifest, arrays, where):
@@ -240,14 +235,9 @@ class PriorityMode(Mode):
                 f"priority sampler temperatures {fmt_temperatures(missing)} are not among the stored T = "
                 f"{fmt_temperatures(temperatures)}"
             )
-        t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
         return PriorityTargets(
-            num_classes,
-            temperatures=temperatures,
-            stats=self.stats_tensor(arrays, temperatures),
-            ids=t("priority_ids").long(),
-            id_logprobs=t("priority_logprobs").float(),
-            log_tau=t("priority_tau").float(),
+            **self.target_fields(arrays, num_classes, temperatures),
+            log_tau=torch.from_numpy(arrays["priority_tau"]).float(),
             sampler_temperatures=sampler_temperatures,
         )
 

@@ -23,7 +23,7 @@ import torch
 from kdcli.cache.modes.base import (
     LOGPROB_DTYPE,
     STAT_DTYPES,
-    Mode,
+    SampledMode,
     WeightedIdTargets,
     first,
     ids_in_range,
@@ -96,14 +96,11 @@ class SampleTargets(WeightedIdTargets):
         )
 
 
-class SampleMode(Mode):
+class SampleMode(SampledMode):
     name = "sample"
     keys_ = ("sample_ids", "sample_counts", "sample_logprobs")
-    size_option, size_key = "samples", "samples"
-    sampled = True
     stat_key = "sample_logz_t"
     loss_note = "unbiased estimate from the sampled ids"
-    approximation = "self-normalised weights"
 
     def layout(self, k, width, token):
         out = super().layout(k, width, token)
@@ -144,12 +141,10 @@ class SampleMode(Mode):
         return f", {k} draws" + ("/token" if token else "")
 
     def expected(self, m):
-        s = m.get("samples")
         return {
-            "sample_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (s,)),
-            "sample_counts": (np.dtype(m.get("count_dtype") or np.uint16), (s,)),
-            "sample_logprobs": (np.dtype(np.float16), (s,)),
+            **self.ids_expected(m, m.get("samples")),
             **self.stat_expected(m),
+            "sample_counts": (np.dtype(m.get("count_dtype") or np.uint16), (m.get("samples"),)),
         }
 
     def problems(self, manifest, arrays, where):
@@ -182,15 +177,8 @@ class SampleMode(Mode):
         return int(np.count_nonzero(arrays["sample_counts"]))
 
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
-        t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
-        return SampleTargets(
-            num_classes,
-            temperatures=temperatures,
-            stats=self.stats_tensor(arrays, temperatures),
-            ids=t("sample_ids").long(),
-            id_logprobs=t("sample_logprobs").float(),
-            counts=torch.from_numpy(arrays["sample_counts"].astype("float32")),
-        )
+        counts = torch.from_numpy(arrays["sample_counts"].astype("float32"))
+        return SampleTargets(**self.target_fields(arrays, num_classes, temperatures), counts=counts)
 
 
 MODE = SampleMode()

@@ -284,12 +284,10 @@ class TopkMode(Mode):
         return f", k={k}"
 
     def expected(self, m):
-        k = m.get("top_k")
         return {
-            "topk_ids": (np.dtype(m["id_dtype"]) if m.get("id_dtype") else None, (k,)),
-            "topk_logprobs": (np.dtype(np.float16), (k,)),
-            "tail_logmass": (np.dtype(m.get("tail_dtype") or np.float32), ()),
+            **self.ids_expected(m, m.get("top_k")),
             **self.stat_expected(m),
+            "tail_logmass": (np.dtype(m.get("tail_dtype") or np.float32), ()),
         }
 
     def problems(self, manifest, arrays, where):
@@ -347,14 +345,9 @@ class TopkMode(Mode):
         return []
 
     def targets(self, arrays, num_classes, temperatures, sampler_temperatures):
-        t = lambda k: torch.from_numpy(arrays[k])  # noqa: E731
         return TopkTargets(
-            num_classes,
-            temperatures=temperatures,
-            stats=self.stats_tensor(arrays, temperatures),
-            ids=t("topk_ids").long(),
-            id_logprobs=t("topk_logprobs").float(),
-            tail_logmass=t("tail_logmass").float(),
+            **self.target_fields(arrays, num_classes, temperatures),
+            tail_logmass=torch.from_numpy(arrays["tail_logmass"]).float(),
         )
 
     def fuse(self, parts, weights, combine):
