@@ -244,9 +244,14 @@ class TrainJob(ABC):
     def heldout_metrics(self, model: nn.Module, val_idx: np.ndarray, device: torch.device) -> dict:
         """Validation metrics (``val_*``) on the held-out samples, and ``eval_*`` on ``--eval-data``."""
 
-    @abstractmethod
+    # the per-epoch log line's task part: (label, metrics.jsonl key, format) of what it shows when the record has it
+    epoch_fields: tuple[tuple[str, str, str], ...] = ()
+
     def epoch_message(self, record: dict) -> str:
-        """The per-epoch log line's task part (accuracy, perplexity, throughput)."""
+        """The per-epoch log line's task part (accuracy, perplexity, throughput), from :attr:`epoch_fields`."""
+        return ", ".join(
+            f"{label} {fmt.format(record[key])}".lstrip() for label, key, fmt in self.epoch_fields if key in record
+        )
 
     @abstractmethod
     def save(self, out: Path, model: nn.Module) -> None:

@@ -244,6 +244,13 @@ class ClassifyTrainJob(TrainJob):
         )
         return parts, (logits.detach().argmax(dim=1) == y).sum(), len(y)
 
+    epoch_fields = (
+        ("train acc", "train_accuracy", "{:.4f}"),
+        ("val acc", "val_accuracy", "{:.4f}"),
+        ("eval acc", "eval_accuracy", "{:.4f}"),
+        ("", "seconds", "{:.1f}s"),
+    )
+
     def heldout_metrics(self, model, val_idx, device):
         out = {}
         if len(val_idx):
@@ -251,14 +258,6 @@ class ClassifyTrainJob(TrainJob):
         if self.eval_data is not None:
             out.update(heldout_metrics(model, self.eval_data.x, self.eval_data.y, device, "eval"))
         return out
-
-    def epoch_message(self, rec):
-        return (
-            f"train acc {rec['train_accuracy']:.4f}"
-            + (f", val acc {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else "")
-            + (f", eval acc {rec['eval_accuracy']:.4f}" if "eval_accuracy" in rec else "")
-            + f", {rec['seconds']:.1f}s"
-        )
 
     def save(self, out, model):
         save_run_model(out, model, self.info)

@@ -641,6 +641,13 @@ class TokenTrainJob(TrainJob):
         )
         return parts, correct, len(labels)
 
+    epoch_fields = (
+        ("token acc", "train_accuracy", "{:.4f}"),
+        ("val ppl", "val_perplexity", "{:.2f}"),
+        ("eval ppl", "eval_perplexity", "{:.2f}"),
+        ("", "tokens_per_second", "{:,.0f} tokens/s"),
+    )
+
     def heldout_metrics(self, model, val_idx, device):
         out = {}
         if len(val_idx):
@@ -650,14 +657,6 @@ class TokenTrainJob(TrainJob):
             m = perplexity(model, self.eval_data, np.arange(self.eval_data.n), device, pad_id=self.pad_id)
             out.update({"eval_perplexity": m["perplexity"], "eval_accuracy": m["accuracy"], "eval_nll": m["nll"]})
         return out
-
-    def epoch_message(self, rec):
-        return (
-            f"token acc {rec['train_accuracy']:.4f}"
-            + (f", val ppl {rec['val_perplexity']:.2f}" if "val_perplexity" in rec else "")
-            + (f", eval ppl {rec['eval_perplexity']:.2f}" if "eval_perplexity" in rec else "")
-            + f", {rec['tokens_per_second']:,.0f} tokens/s"
-        )
 
     def save(self, out, model):
         save_lm_run(
