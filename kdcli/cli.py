@@ -63,7 +63,17 @@ USAGE_ERROR = _click_exception("UsageError")
 CLICK_EXCEPTION = _click_exception("ClickException")
 
 
-class OneLineErrors(typer.core.TyperGroup):
+class SwitchHelp:
+    """``--help`` shown like kdcli's other switches: no ``<bool>`` value placeholder."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
+class OneLineErrors(SwitchHelp, typer.core.TyperGroup):
     """Click's usage errors (bad flag, wrong type) as one ``error:`` line and exit 2, like kdcli's own."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -92,7 +102,7 @@ class OneLineErrors(typer.core.TyperGroup):
         return code
 
 
-class OneValuePerOption(typer.core.TyperCommand):
+class OneValuePerOption(SwitchHelp, typer.core.TyperCommand):
     """Refuses an option given twice when it takes one value (``--cache a --cache b``), which click would silently
     resolve to the last. Options that take several values (``--model``, ``--student-arg``) are repeatable."""
 
@@ -147,7 +157,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the kdcli version and exit."
+        False, "--version", callback=_print_version, is_eager=True, help="Print the kdcli version and exit.", metavar=""
     ),
 ) -> None:
     """Offline knowledge distillation."""
@@ -245,7 +255,7 @@ def _option_params(cls: type) -> list[inspect.Parameter]:
             "debug",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=bool,
-            default=typer.Option(False, "--debug", help="Show tracebacks.", rich_help_panel="Output"),
+            default=typer.Option(False, "--debug", help="Show tracebacks.", rich_help_panel="Output", metavar=""),
         )
     )
     return params
@@ -301,11 +311,14 @@ def _eval(cfg: EvalConfig) -> int:
     from kdcli.report import print_json, show
     from kdcli.stages.evaluate import evaluate
 
+    if cfg.plot:
+        from kdcli.infra import log
+        from kdcli.plot import check_plot_path, plot_report
+
+        check_plot_path(Path(cfg.plot))  # before any model is measured
     report = evaluate(cfg)
     if cfg.plot:
-        from kdcli.plot import plot_report
-
-        plot_report(report, Path(cfg.plot))
+        log.info(f"plot: wrote {plot_report(report, Path(cfg.plot))}")
     if cfg.json:
         print_json(report)
     else:
@@ -373,9 +386,9 @@ def cache_verify(
         ),
     ] = None,
     json: Annotated[
-        bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of a table.")
+        bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of a table.", metavar="")
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", metavar="")] = False,
 ) -> None:
     """Re-hash every shard against the manifest's sha256 and check its contents: datasets, dtypes and shapes, row
     coverage and order, finite values, log-probabilities that normalise, the data fingerprint. One row per shard

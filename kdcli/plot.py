@@ -1,13 +1,19 @@
-"""``kdcli eval --plot PATH``: one figure with two panels, written atomically.
+"""``kdcli eval --plot PATH``: one figure of what the evaluated runs recorded, written atomically.
 
-- left: test errors per epoch of every evaluated run, read from its ``metrics.jsonl`` (runs trained with
-  ``--eval-data``), against the training rows seen so far (epoch x rows per epoch), so runs whose epochs differ
-  in size (a distilled student's epoch covers every cached view) share one axis;
-- right: a reliability diagram from the report's confidence bins (accuracy vs mean confidence per bin; the
-  diagonal is perfect calibration), with each model's ECE.
+Panels, left to right, each drawn when some model has something for it:
 
-matplotlib is an optional extra (``pip install 'kdcli[plot]'``); without it ``--plot`` is a usage error (exit 2).
-The figure is drawn on a plain ``Figure`` (no pyplot, no global state, no display needed).
+- held-out curve per epoch from each run's ``metrics.jsonl``: test errors (classification runs trained with
+  ``--eval-data``) or held-out perplexity (language-model runs with ``--eval-data`` or ``--val-fraction``), against
+  the training rows seen so far (epoch x rows per epoch), so runs whose epochs differ in size (a distilled
+  student's epoch covers every cached view) share one axis;
+- training loss per epoch (every kdcli run records it: cross-entropy for a run on labels, the KD loss for a
+  distilled one), so a run trained without held-out data still shows how it trained;
+- classification: a reliability diagram from the report's confidence bins (accuracy vs mean confidence per bin;
+  the diagonal is perfect calibration), with each model's ECE.
+
+A model with nothing recorded (a compressed copy, a model file) is named in a note on the panel, not dropped
+silently. matplotlib is an optional extra (``pip install 'kdcli[plot]'``); without it ``--plot`` is a usage error
+(exit 2). The figure is drawn on a plain ``Figure`` (no pyplot, no global state, no display needed).
 """
 
 from __future__ import annotations
@@ -27,17 +33,24 @@ INSTALL_HINT = "install it with: pip install 'kdcli[plot]'"
 
 
 @dataclass
-class ErrorCurve:
-    """Per-epoch test errors of one run: ``rows_seen[i]`` training rows after the epoch with ``errors[i]``."""
+class Curve:
+    """One recorded metric of one run per epoch: ``rows_seen[i]`` training rows after the epoch with ``values[i]``."""
 
     label: str
     rows_seen: list[int]
-    errors: list[int]
+    values: list[float]
     eval_data: str | None
 
+    @property
+    def errors(self) -> list[int]:
+        return [int(v) for v in self.values]
 
-def error_curve(run_dir: Path, label: str | None = None) -> ErrorCurve | None:
-    """The run's eval_errors per epoch, or None when it has no metrics or was trained without --eval-data."""
+
+ErrorCurve = Curve
+
+
+def run_curve(run_dir: Path, key: str, label: str | None = None) -> Curve | None:
+    """The run's ``key`` per epoch from its metrics.jsonl, or None when it has no metrics or never recorded it."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return None
@@ -47,7 +60,7 @@ def error_curve(run_dir: Path, label: str | None = None) -> ErrorCurve | None:
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut by a crash: the rest of the file is still usable
-        if isinstance(rec, dict) and "eval_errors" in rec and "epoch" in rec:
+        if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)) and "epoch" in rec:
             records.append(rec)
     if not records:
         return None
@@ -58,12 +71,26 @@ def error_curve(run_dir: Path, label: str | None = None) -> ErrorCurve | None:
         xs = [int(r.get("step", r["epoch"])) * int(batch) for r in records]
     else:
         xs = [int(r["epoch"]) * int(rows_per_epoch) for r in records]
-    return ErrorCurve(
+    return Curve(
         label=label or run_dir.name,
         rows_seen=xs,
-        errors=[int(r["eval_errors"]) for r in records],
+        values=[float(r[key]) for r in records],
         eval_data=config.get("eval_data"),
     )
+
+
+def error_curve(run_dir: Path, label: str | None = None) -> Curve | None:
+    """The run's eval_errors per epoch, or None when it has no metrics or was trained without --eval-data."""
+    return run_curve(run_dir, "eval_errors", label)
+
+
+def heldout_curve(run_dir: Path, label: str | None = None) -> tuple[Curve | None, str]:
+    """A language-model run's held-out perplexity per epoch (--eval-data, else the --val-fraction rows)."""
+    for key, what in (("eval_perplexity", "test"), ("val_perplexity", "validation")):
+        c = run_curve(run_dir, key, label)
+        if c is not None:
+            return c, what
+    return None, ""
 
 
 def _read_yaml(path: Path) -> dict:
@@ -94,84 +121,121 @@ def _labels(report) -> list[str]:
     return names if len(set(names)) == len(names) else [m.model for m in report.models]
 
 
-def build_figure(report):
-    """A matplotlib ``Figure`` for an EvalReport: error curves (left) and the reliability diagram (right)."""
-    if getattr(report, "kind", None) == "lm" or not hasattr(report.models[0], "reliability"):
-        raise UsageError(
-            "--plot draws classification reports (error curves, reliability); it does not support "
-            "JSONL text evaluations"
-        )
-    Figure = _figure_class()
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    ax_err, ax_rel = fig.subplots(1, 2)
-    labels = _labels(report)
-
-    curves = [error_curve(Path(m.model), name) for m, name in zip(report.models, labels)]
+def _draw_curves(ax, curves: list[Curve], labels: list[str], title: str, ylabel: str, hint: str) -> None:
     drawn = [c for c in curves if c is not None]
     for c in drawn:
-        ax_err.plot([x / 1e6 for x in c.rows_seen], c.errors, marker="o", markersize=3, label=c.label)
-    sources = sorted({c.eval_data for c in drawn if c.eval_data})
-    ax_err.set_title("test errors per epoch" + (f" on {', '.join(sources)}" if sources else ""))
-    ax_err.set_xlabel("training rows seen (millions)")
-    ax_err.set_ylabel("errors")
+        ax.plot([x / 1e6 for x in c.rows_seen], c.values, marker="o", markersize=3, label=c.label)
+    ax.set_title(title)
+    ax.set_xlabel("training rows seen (millions)")
+    ax.set_ylabel(ylabel)
     if drawn:
-        if max(max(c.errors) for c in drawn) > 5 * max(1, min(min(c.errors) for c in drawn)):
+        low = min(min(c.values) for c in drawn)
+        if low > 0 and max(max(c.values) for c in drawn) > 5 * low:
             from matplotlib.ticker import FuncFormatter
 
-            ax_err.set_yscale("log")
+            ax.set_yscale("log")
             plain = FuncFormatter(lambda v, _: f"{v:g}")  # 60, 100, 200 rather than 6x10^1
-            ax_err.yaxis.set_major_formatter(plain)
-            ax_err.yaxis.set_minor_formatter(plain)
-        ax_err.grid(True, which="both", alpha=0.3)
-        ax_err.legend()
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     missing = [name for c, name in zip(curves, labels) if c is None]
     if missing:
-        ax_err.text(
-            0.02,
-            0.02,
-            "no per-epoch test metrics (train with --eval-data): " + ", ".join(missing),
-            transform=ax_err.transAxes,
-            fontsize=8,
-            va="bottom",
-        )
+        ax.text(0.02, 0.02, f"{hint}: " + ", ".join(missing), transform=ax.transAxes, fontsize=8, va="bottom")
 
-    ax_rel.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+
+def _draw_reliability(ax, report, labels: list[str]) -> None:
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
     low = 1.0  # zoom on the occupied range (MNIST models sit near confidence 1), diagonal kept
     for m, name in zip(report.models, labels):
         bins = [b for b in m.reliability if b["count"] > 0]
         if not bins:
             continue
         sizes = [12 + 60 * math.sqrt(b["count"] / m.num_samples) for b in bins]
-        (line,) = ax_rel.plot(
+        (line,) = ax.plot(
             [b["confidence"] for b in bins],
             [b["accuracy"] for b in bins],
             linewidth=1,
             label=f"{name} (ECE {m.ece:.4f})",
         )
-        ax_rel.scatter(
+        ax.scatter(
             [b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=sizes, color=line.get_color(), alpha=0.7
         )
         low = min(low, *(min(b["confidence"], b["accuracy"]) for b in bins))
-    ax_rel.set_title(f"reliability on {report.data} (marker area ~ rows in bin)")
-    ax_rel.set_xlabel("mean confidence in bin")
-    ax_rel.set_ylabel("accuracy in bin")
+    ax.set_title(f"reliability on {report.data} (marker area ~ rows in bin)")
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
     low = math.floor(max(0.0, low - 0.05) * 10) / 10
-    ax_rel.set_xlim(low, 1.005)
-    ax_rel.set_ylim(low, 1.005)
-    ax_rel.grid(True, alpha=0.3)
-    ax_rel.legend(loc="best", fontsize=8)
+    ax.set_xlim(low, 1.005)
+    ax.set_ylim(low, 1.005)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
+def build_figure(report):
+    """A matplotlib ``Figure`` for an eval report: the panels the runs' records allow (see the module doc)."""
+    Figure = _figure_class()
+    labels = _labels(report)
+    runs = [Path(m.model) for m in report.models]
+    classification = hasattr(report.models[0], "reliability")
+    panels = []  # (draw(ax),) in order
+    if classification:
+        heldout = [error_curve(r, name) for r, name in zip(runs, labels)]
+        sources = sorted({c.eval_data for c in heldout if c is not None and c.eval_data})
+        title = "test errors per epoch" + (f" on {', '.join(sources)}" if sources else "")
+        ylabel, hint = "errors", "no per-epoch test errors (train with --eval-data)"
+    else:
+        found = [heldout_curve(r, name) for r, name in zip(runs, labels)]
+        heldout = [c for c, _ in found]
+        kinds = sorted({what for c, what in found if c is not None})
+        title = f"held-out perplexity per epoch ({', '.join(kinds)} data)"
+        ylabel, hint = "perplexity", "no held-out perplexity (train with --eval-data or --val-fraction)"
+    if any(c is not None for c in heldout):
+        panels.append(lambda ax: _draw_curves(ax, heldout, labels, title, ylabel, hint))
+    losses = [run_curve(r, "train_loss", name) for r, name in zip(runs, labels)]
+    if any(c is not None for c in losses):
+        panels.append(
+            lambda ax: _draw_curves(
+                ax,
+                losses,
+                labels,
+                "training loss per epoch (as trained: labels or KD)",
+                "train loss",
+                "no training record (metrics.jsonl)",
+            )
+        )
+    if classification:
+        panels.append(lambda ax: _draw_reliability(ax, report, labels))
+    if not panels:
+        raise UsageError(
+            "--plot: none of the models has a training record (a kdcli run dir's metrics.jsonl) to draw; plot "
+            "kdcli runs, or drop --plot"
+        )
+    fig = Figure(figsize=(6 * len(panels), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for draw, ax in zip(panels, axes):
+        draw(ax)
     return fig
+
+
+def check_plot_path(path: Path) -> str:
+    """Refuse (exit 2) a --plot target that cannot be written, before eval measures anything: an unknown file
+    type, a directory, no matplotlib. Returns the format."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    if fmt not in FORMATS:
+        raise UsageError(f"--plot {path}: unsupported file type '.{fmt}'; use .png, .svg or .pdf")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"--plot {path} is a directory; give a file name such as {path / 'report.png'}")
+    _figure_class()
+    return fmt
 
 
 def plot_report(report, path: Path) -> Path:
     """Write the figure to ``path`` (.png, .svg or .pdf) via a ``.partial`` file and an atomic rename."""
     path = Path(path)
-    fmt = path.suffix.lower().lstrip(".") or "png"
-    if fmt not in FORMATS:
-        raise UsageError(f"--plot {path}: unsupported file type '.{fmt}'; use .png, .svg or .pdf")
+    fmt = check_plot_path(path)
     fig = build_figure(report)
-    if path.exists() and path.is_dir():
-        raise UsageError(f"--plot {path} is a directory; give a file name such as {path / 'report.png'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -16,7 +17,20 @@ from rich.table import Table
 
 from kdcli.infra.fmt import TableData
 
-out_console = Console(highlight=False, soft_wrap=True)
+PIPE_WIDTH = 120  # columns of a table written to a pipe or file when COLUMNS is unset (rich alone would use 80)
+
+
+def table_width() -> int | None:
+    """The width tables are laid out in: the terminal's own (None: rich measures it); on a pipe or file, COLUMNS,
+    else :data:`PIPE_WIDTH`."""
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+
+
+def out_console() -> Console:
+    return Console(highlight=False, soft_wrap=True, width=table_width())
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -44,10 +58,16 @@ def render(t: TableData) -> Table:
     )
     width = len(t.header) if t.header is not None else max((len(r) for r in t.rows), default=2)
     names = t.header or [""] * width
+    # the first column (metric / key names) keeps its full width: a narrow table wraps the values, never a name
+    first = max([len(names[0]), *(len(r[0]) for r in t.rows if r)], default=0)
     for i, name in enumerate(names):
         justify = (t.justify or [])[i] if t.justify and i < len(t.justify) else "left"
         table.add_column(
-            name, justify=justify, style="bold" if i == 0 else None, overflow="fold" if t.fold else "ellipsis"
+            name,
+            justify=justify,
+            style="bold" if i == 0 else None,
+            overflow="fold" if t.fold else "ellipsis",
+            min_width=first if i == 0 else None,
         )
     for row in t.rows:
         table.add_row(*row)
@@ -56,4 +76,4 @@ def render(t: TableData) -> Table:
 
 def show(summary: Any) -> None:
     """Print a summary's table on stdout."""
-    out_console.print(render(summary.table()))
+    out_console().print(render(summary.table()))

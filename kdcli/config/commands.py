@@ -491,12 +491,19 @@ class EvalConfig(FusedTeacher, TextReading, Placement, RemoteCode):
         tasks=CLS,
     )
     latency_repeats: int = opt(
-        1,
-        "Latency per row at batch 1 and at --batch-size (LM: the eval batch, at most 16 "
-        "sequences): the median of at least N timed forward passes per batch size, after "
-        "a warm-up (the eval pass's own full batches count, so a large eval set costs no "
-        "extra pass). More repeats steady the numbers; 0 skips the measurement.",
+        5,
+        "Latency per row at batch 1 (one thread) and at --batch-size (LM: the eval batch, at "
+        "most 16 sequences; --threads threads): the median and spread of at least N timed "
+        "forward passes per batch size, after a warm-up (the eval pass's own full batches "
+        "count, so a large eval set costs no extra pass). 0 skips the measurement.",
         min=0,
+        panel="Student",
+    )
+    threads: int | None = opt(
+        None,
+        "torch intra-op threads for the eval passes and the batch --batch-size latency "
+        "(batch 1 is always timed on one). Default: torch's own (one per core).",
+        min=1,
         panel="Student",
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -27,25 +28,32 @@ def warn(msg: str) -> None:
 
 
 class Progress:
-    """``with Progress(total, "caching") as p: p.advance(n)``: a rich bar on a TTY, a line every ~10 s or 10%
-    otherwise (so CI logs show life without being flooded)."""
+    """``with Progress(total, "caching") as p: p.advance(n)``: every long step reports through this.
 
-    def __init__(self, total: int, description: str, unit: str = "rows", every_s: float = 10.0):
-        self.total, self.description, self.unit, self.every_s = total, description, unit, every_s
+    On a terminal, a rich bar: done/total, units per second, time left. Otherwise (a pipe, a CI log) a plain line
+    every ``every_s`` seconds or 10% of the total, whichever comes first, so logs show life without being flooded;
+    a step that is over within ``quiet_s`` prints no line at all. Under torchrun only rank 0 shows progress."""
+
+    def __init__(self, total: int, description: str, unit: str = "rows", every_s: float = 10.0, quiet_s: float = 2.0):
+        self.total, self.description, self.unit = max(int(total), 0), description, unit
+        self.every_s, self.quiet_s = every_s, quiet_s
         self.done = 0
         self._bar = None
         self._t0 = self._last = time.perf_counter()
-        self._last_frac = 0.0
+        self._next_frac = 0.1
 
     def __enter__(self) -> Progress:
         if sys.stderr.isatty() and _rank == 0:
-            from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 "[progress.description]{task.description}",
                 BarColumn(),
                 MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn(f"{{task.speed:,.0f}} {self.unit}/s" if self.unit else ""),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=err_console,
                 transient=True,
@@ -54,18 +62,42 @@ class Progress:
             self._task = self._bar.add_task(self.description, total=self.total)
         return self
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:
             self._bar.update(self._task, advance=n)
             return
         now = time.perf_counter()
         frac = self.done / max(self.total, 1)
-        if now - self._last >= self.every_s or frac - self._last_frac >= 0.1 or self.done >= self.total:
-            rate = self.done / max(now - self._t0, 1e-9)
-            info(f"{self.description}: {self.done}/{self.total} {self.unit} ({frac:.0%}, {rate:,.0f} {self.unit}/s)")
-            self._last, self._last_frac = now, frac
+        if now - self._t0 < self.quiet_s or self.done >= self.total:
+            if frac >= self._next_frac:
+                self._next_frac = math.floor(frac * 10 + 1) / 10
+            return
+        if now - self._last >= self.every_s or frac >= self._next_frac:
+            info(self.line(now))
+            self._last, self._next_frac = now, math.floor(frac * 10 + 1) / 10
+
+    def line(self, now: float) -> str:
+        """The plain progress line: ``epoch 2/5: 1,200/3,000 steps (40%, 85 steps/s, 21 s left)``."""
+        spent = max(now - self._t0, 1e-9)
+        rate = self.done / spent
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (
+            f"{self.description}: {self.done:,}/{self.total:,} {self.unit} ({self.done / max(self.total, 1):.0%}, "
+            f"{rate:,.{0 if rate >= 10 else 1}f} {self.unit}/s, {_eta(left)} left)"
+        )
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _eta(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

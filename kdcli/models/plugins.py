@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,24 @@ PLUGIN_COPY = "model_source.py"  # a run dir's own copy of the plugin that built
 def is_plugin_spec(spec: str) -> bool:
     path, sep, name = spec.rpartition(":")
     return bool(sep) and path.endswith(".py") and bool(name)
+
+
+def check_model_spec(spec: str, flag: str, builtins) -> None:
+    """Refuse (exit 2) a MODEL path that does not exist (``--student runs/typo: not found``) before anything is
+    loaded. Only what reads as a path is checked (a separator, a leading ``.`` or ``~``, a file suffix), and of
+    ``MODEL@WEIGHTS`` the MODEL part; built-in names, plugins (``file.py:factory``) and weights files have their
+    own messages."""
+    base = spec.rsplit("@", 1)[0] if "@" in spec and not Path(spec).exists() else spec
+    if base in builtins or is_plugin_spec(base):
+        return
+    p = Path(base)
+    looks_like_path = "/" in base or os.sep in base or base.startswith((".", "~")) or bool(p.suffix)
+    if looks_like_path and not p.expanduser().exists():
+        kinds = f"a built-in ({', '.join(sorted(builtins))}), " if builtins else ""
+        raise UsageError(
+            f"{flag} {spec}: {base} not found; MODEL is {kinds}path/to/file.py:factory, or an existing run "
+            "directory, model directory or file"
+        )
 
 
 def load_factory(spec: str) -> tuple[Callable[..., Any], Path]:

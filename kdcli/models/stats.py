@@ -3,13 +3,16 @@
 - :func:`nonzero_parameters`: parameters that are not exactly zero (int8-quantised weights included)
 - :func:`bytes_on_disk`: the bytes a model occupies as files (a run dir's model files, an HF dir, a file)
 - :func:`latency_per_row`: median seconds per row of a forward pass at several batch sizes, after warm-up
+- :func:`latency_timings`: the timed forwards themselves (seconds per row), :func:`spread` their relative spread
+- :func:`torch_threads`: run a block with a given number of torch intra-op threads
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +75,68 @@ def _rows(example: torch.Tensor, n: int) -> torch.Tensor:
     return (example.repeat(reps, *([1] * (example.dim() - 1))) if reps > 1 else example)[:n]
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: leave them as they are), then restore them."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def spread(times: list[float]) -> float:
+    """The relative spread of repeated timings: interquartile range / median (0.0 for fewer than 3 timings).
+    Quiet cores give a few percent; a busy machine (descheduled threads) tens of percent or more."""
+    if len(times) < 3:
+        return 0.0
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / med if med > 0 else 0.0
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((t.device for t in model.parameters()), None) or next(
+        (t.device for t in model.buffers()), torch.device("cpu")
+    )
+
+
 @torch.inference_mode()
+def latency_timings(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    batch_size: int,
+    *,
+    repeats: int,
+    warmup: int,
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> list[float]:
+    """Seconds per row of each of ``repeats`` timed forwards at ``batch_size`` after ``warmup`` untimed ones (rows,
+    device and eval mode as in :func:`latency_per_row`)."""
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("latency_per_row needs repeats >= 1, warmup >= 0 and batch sizes >= 1")
+    forward = forward or (lambda m, x: m(x))
+    device = _device_of(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    try:
+        x = _rows(example_batch, batch_size).to(device)
+        for _ in range(warmup):
+            forward(model, x)
+        sync()
+        times: list[float] = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forward(model, x)
+            sync()
+            times.append((time.perf_counter() - t0) / batch_size)
+    finally:
+        model.train(was_training)
+    return times
+
+
 def latency_per_row(
     model: nn.Module,
     example_batch: torch.Tensor,
@@ -90,29 +154,11 @@ def latency_per_row(
     divided by the batch size, is reported. On CUDA each timing waits for the device (synchronize). For a language
     model pass (b, L) token ids and ``forward=lambda m, ids: lm_logits(m, ids)``: a row is then a sequence.
     """
-    if repeats < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+    if not batch_sizes:
         raise ValueError("latency_per_row needs repeats >= 1, warmup >= 0 and batch sizes >= 1")
-    forward = forward or (lambda m, x: m(x))
-    device = next((t.device for t in model.parameters()), None) or next(
-        (t.device for t in model.buffers()), torch.device("cpu")
-    )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    was_training = model.training
-    model.eval()
-    out: dict[int, float] = {}
-    try:
-        for bs in batch_sizes:
-            x = _rows(example_batch, bs).to(device)
-            for _ in range(warmup):
-                forward(model, x)
-            sync()
-            times: list[float] = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                forward(model, x)
-                sync()
-                times.append(time.perf_counter() - t0)
-            out[bs] = statistics.median(times) / bs
-    finally:
-        model.train(was_training)
-    return out
+    return {
+        bs: statistics.median(
+            latency_timings(model, example_batch, bs, repeats=repeats, warmup=warmup, forward=forward)
+        )
+        for bs in batch_sizes
+    }

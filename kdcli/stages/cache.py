@@ -38,6 +38,7 @@ from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.lock import LOCK, DirLock
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
 from kdcli.infra.precision import resolve_device, teacher_autocast
+from kdcli.models.plugins import check_model_spec
 from kdcli.tasks import CacheJob, CacheSummary, pick_task
 
 __all__ = ["CacheSummary", "batch_ranges", "cache_teacher"]
@@ -152,6 +153,7 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     t0 = time.perf_counter()
     task = pick_task(cfg.data)
     check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
+    check_model_spec(cfg.teacher, "--teacher", task.builtin_models)
     job = task.cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
     if cfg.teacher_device_map != "none" and not job.placed:
         raise UsageError(

@@ -45,6 +45,7 @@ from kdcli.infra.lock import LOCK, DirLock
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
 from kdcli.infra.precision import precision_context, resolve_device
 from kdcli.losses import describe
+from kdcli.models.plugins import check_model_spec
 from kdcli.models.weights import unpickling_problem
 from kdcli.tasks import TrainJob, TrainSummary, pick_task
 from kdcli.tasks.base import check_cache_use, open_teacher
@@ -223,6 +224,7 @@ def train_student(cfg: TrainConfig) -> TrainSummary:
         )
     task = pick_task(cfg.data)
     check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
+    check_model_spec(cfg.student, "--student", task.builtin_models)
     reader = open_teacher(task, cfg)  # one cache, or the fused teacher of several
     if reader is not None and alpha > 0:
         check_cache_use(reader, cfg.temperature, cfg.approximate_temperature, divergence=cfg.divergence)
@@ -377,29 +379,31 @@ def _train(
                 world=ctx.world,
             )
         step_in_epoch = skip
-        for batch in batches:
-            parts, correct, units = job.step(net, batch, device, global_step)
-            opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            opt.step()
-            sched.step()
-            if cfg.max_norm:
-                apply_max_norm(model, cfg.max_norm)
-            acc["rows"] += len(batch["sample_index"])
-            acc["units"] += units
-            # (the same float64 values as stacking each part.double() * units: fewer small ops per step)
-            pending[:3] += torch.stack([parts.total, parts.soft, parts.hard]).detach().double() * units
-            pending[3] += correct
-            step_in_epoch += 1
-            global_step += 1
-            crashpoints.reached("train-step")  # test-only fault injection (kdcli/infra/crashpoints.py)
-            if global_step % FINITE_CHECK_EVERY == 0:
-                _check_finite(pending, None, epoch, global_step, saved, ctx)
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                _check_finite(pending, model, epoch, global_step, saved, ctx)
-                _flush(acc, pending)
-                _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc, ctx)
-                saved = global_step
+        with log.Progress(steps_per_epoch - skip, f"epoch {epoch + 1}/{cfg.epochs}", unit="steps") as progress:
+            for batch in batches:
+                parts, correct, units = job.step(net, batch, device, global_step)
+                opt.zero_grad(set_to_none=True)
+                parts.total.backward()
+                opt.step()
+                sched.step()
+                if cfg.max_norm:
+                    apply_max_norm(model, cfg.max_norm)
+                acc["rows"] += len(batch["sample_index"])
+                acc["units"] += units
+                # (the same float64 values as stacking each part.double() * units: fewer small ops per step)
+                pending[:3] += torch.stack([parts.total, parts.soft, parts.hard]).detach().double() * units
+                pending[3] += correct
+                step_in_epoch += 1
+                global_step += 1
+                progress.advance(1)
+                crashpoints.reached("train-step")  # test-only fault injection (kdcli/infra/crashpoints.py)
+                if global_step % FINITE_CHECK_EVERY == 0:
+                    _check_finite(pending, None, epoch, global_step, saved, ctx)
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    _check_finite(pending, model, epoch, global_step, saved, ctx)
+                    _flush(acc, pending)
+                    _save_checkpoint(out, cfg, model, opt, sched, device, epoch, step_in_epoch, global_step, acc, ctx)
+                    saved = global_step
         _check_finite(pending, model, epoch, global_step, saved, ctx)
         _flush(acc, pending)
         skip = 0

@@ -29,9 +29,10 @@ from kdcli.cache.modes import DEFAULT, IMPLIED, check_temperature, get_mode, mod
 from kdcli.cache.modes.base import Mode
 from kdcli.cache.reader import CacheReader
 from kdcli.config import CacheConfig, EvalConfig, TrainConfig, given, parse_temperatures
+from kdcli.infra import log
 from kdcli.infra.errors import UsageError
 from kdcli.losses import LossParts
-from kdcli.models.stats import bytes_on_disk, latency_per_row, nonzero_parameters
+from kdcli.models.stats import bytes_on_disk, latency_timings, nonzero_parameters, spread, torch_threads
 from kdcli.tasks.reports import CacheSummary, EvalReport, ModelRow, TrainSummary
 
 LATENCY_WARMUP = 1  # untimed forwards at batch 1 before the timed ones (eval --latency-repeats)
@@ -47,17 +48,19 @@ def size_and_speed(
     pass_times: list[float] = (),
     warm: bool = False,
 ) -> dict:
-    """The compression report's fields of one eval model (see ModelReport / LMModelReport).
+    """The compression report's fields of one eval model (:class:`~kdcli.tasks.reports.SizeAndSpeed`).
 
     ``path``: the files the model was loaded from (a run dir, an HF dir, a .gguf or weights file), or None for a
-    model built from a name (no files: bytes_on_disk is None). Latency per row, median of the timed forwards,
-    with :func:`~kdcli.models.stats.latency_per_row` on rows of ``example`` (the eval data's first batch):
+    model built from a name (no files: bytes_on_disk is None). Latency per row, the median and the relative spread
+    (:func:`~kdcli.models.stats.spread`) of timed forwards on rows of ``example`` (the eval data's first batch):
 
-    - at batch 1: ``repeats`` timed forwards after ``LATENCY_WARMUP`` untimed ones;
-    - at ``batch_size``: ``pass_times`` (seconds of the eval pass's own forwards at that many rows, its first
-      forward left out as the warm-up), topped up to ``repeats`` timings with forwards on ``example``; ``warm``:
-      the eval pass has just run this model at this batch size (no warm-up forward needed). Large eval sets thus
-      cost no extra forward, small ones ``repeats``.
+    - at batch 1: ``repeats`` timed forwards after ``LATENCY_WARMUP`` untimed ones, with ONE torch thread on a CPU
+      (a batch-1 forward is too small to share; with a pool, one descheduled thread on a busy machine costs a
+      scheduler slice, milliseconds, and the figure measures the machine's load instead of the model);
+    - at ``batch_size``, with the threads the eval runs with (``latency_threads``): ``pass_times`` (seconds of the
+      eval pass's own forwards at that many rows, its first forward left out as the warm-up), topped up to
+      ``repeats`` timings with forwards on ``example``; ``warm``: the eval pass has just run this model at this
+      batch size (no warm-up forward needed). Large eval sets thus cost no extra forward, small ones ``repeats``.
 
     ``repeats`` 0 skips the measurement (the latency fields are then None).
     """
@@ -69,20 +72,26 @@ def size_and_speed(
         "latency_batch_s": None,
     }
     if repeats > 0:
-        out["latency_batch1_s"] = latency_per_row(
-            model, example, (1,), repeats=repeats, warmup=LATENCY_WARMUP, forward=forward
-        )[1]
+        on_cpu = next((p.device.type for p in model.parameters()), "cpu") == "cpu"
+        with torch_threads(1 if on_cpu else None):
+            one = latency_timings(model, example, 1, repeats=repeats, warmup=LATENCY_WARMUP, forward=forward)
         per_row = [t / batch_size for t in pass_times]
         while len(per_row) < repeats:
-            per_row += latency_per_row(
+            per_row += latency_timings(
                 model,
                 example,
-                (batch_size,),
+                batch_size,
                 repeats=1,
                 forward=forward,
                 warmup=0 if warm or per_row else LATENCY_WARMUP,
-            ).values()
-        out["latency_batch_s"] = float(np.median(per_row))
+            )
+        out.update(
+            latency_batch1_s=float(np.median(one)),
+            latency_batch_s=float(np.median(per_row)),
+            latency_batch1_spread=spread(one),
+            latency_batch_spread=spread(per_row),
+            latency_threads=torch.get_num_threads() if on_cpu else None,
+        )
     return out
 
 
@@ -274,7 +283,20 @@ class TrainJob(ABC):
 class EvalJob(ABC):
     """One ``eval`` run of one task: the data (and the teacher's targets from the cache) prepared once by
     :meth:`Task.eval_job`; :func:`kdcli.stages.evaluate.evaluate` measures every ``--model`` with :meth:`measure`
-    and collects them with :meth:`report`."""
+    and collects them with :meth:`report`. :meth:`measure` advances ``progress`` by the rows each of its eval
+    batches covers (the stage sets it to a :class:`~kdcli.infra.log.Progress` over every model's rows)."""
+
+    unit: str = "rows"  # what progress counts: rows, or sequences for a language model
+    progress: log.Progress | None = None
+
+    @property
+    @abstractmethod
+    def num_rows(self) -> int:
+        """Rows (sequences) of the eval data: one model's share of the progress."""
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(n)
 
     @abstractmethod
     def measure(self, spec: str) -> ModelRow:
@@ -289,6 +311,7 @@ class Task(ABC):
     """What differs between tasks. Implementations: :mod:`kdcli.tasks.classify`, :mod:`kdcli.tasks.lm`."""
 
     name: str  # kdcli.config.CLASSIFICATION or LANGUAGE_MODEL: the options a field declares for it
+    builtin_models: tuple[str, ...] = ()  # MODEL names built in for this task (any other MODEL is a path)
     accuracy_name: str = "accuracy"  # what --min-accuracy checks
 
     @abstractmethod

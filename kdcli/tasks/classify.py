@@ -8,7 +8,9 @@ and stored in the shard (``aug_params``), so the student trains on exactly what 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.fmt import TableData
 from kdcli.infra.precision import precision_context
 from kdcli.losses import kd_loss, soft_kl
-from kdcli.models.classifiers import build_model, is_run_dir, save_run_model
+from kdcli.models.classifiers import BUILTINS, build_model, is_run_dir, save_run_model
 from kdcli.models.weights import MODEL_JSON, weight_bytes
 from kdcli.tasks.base import CacheJob, EvalJob, Task, TrainJob, cache_label, cache_layout, cache_mode, size_and_speed
 from kdcli.tasks.reports import CacheSummary, SizeAndSpeed, TrainSummary, metric_table, teacher_and_size_rows
@@ -437,6 +439,8 @@ def load_eval_model(spec: str, num_classes: int | None, input_shape):
     if not is_run_dir(spec) and weights is None:
         if Path(spec).exists():
             raise UsageError(f"{spec} is not a kdcli run directory (no model.json)")
+        if "/" in spec or os.sep in spec or spec.startswith("."):
+            raise UsageError(f"--model {spec}: not found (no such run directory)")
         raise UsageError(
             f"--model {spec!r}: give a kdcli run directory, or MODEL@WEIGHTS for a built-in or file.py:factory model"
         )
@@ -445,15 +449,23 @@ def load_eval_model(spec: str, num_classes: int | None, input_shape):
 
 @torch.inference_mode()
 def batched_logits(
-    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device, times: list[float] | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    times: list[float] | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """(n, C) float32 logits on the CPU; ``times`` (if given) gets the seconds of each full ``batch_size`` batch."""
+    """(n, C) float32 logits on the CPU; ``times`` (if given) gets the seconds of each full ``batch_size`` batch,
+    ``advance`` (if given) the rows of each batch (progress)."""
     out = []
     for a in range(0, len(x), batch_size):
         t0 = time.perf_counter()
         out.append(model(x[a : a + batch_size].to(device)).float().cpu())
         if times is not None and len(out[-1]) == batch_size:
             times.append(time.perf_counter() - t0)
+        if advance is not None:
+            advance(len(out[-1]))
     return torch.cat(out)
 
 
@@ -495,6 +507,10 @@ class ClassifyEvalJob(EvalJob):
                 "so the corrected numbers are optimistic; pass --bias-data DATA to choose it on held-out rows"
             )
 
+    @property
+    def num_rows(self) -> int:
+        return self.data.n
+
     def measure(self, spec: str) -> ModelReport:
         cfg, data, device = self.cfg, self.data, self.device
         lat_batch = min(cfg.batch_size, data.n)
@@ -502,7 +518,7 @@ class ClassifyEvalJob(EvalJob):
         model.to(device).eval()
         t0 = time.perf_counter()
         pass_times: list[float] = []
-        logits = batched_logits(model, data.x, lat_batch, device, pass_times)  # (n, C)
+        logits = batched_logits(model, data.x, lat_batch, device, pass_times, self.advance)  # (n, C)
         secs = time.perf_counter() - t0
         files = spec if is_run_dir(spec) else spec.rsplit("@", 1)[1]  # a run dir, or MODEL@WEIGHTS's file
         stats = size_and_speed(
@@ -559,6 +575,7 @@ class ClassifyEvalJob(EvalJob):
 
 class ClassifyTask(Task):
     name = "classification"
+    builtin_models = tuple(BUILTINS)
 
     def cache_job(self, cfg) -> ClassifyCacheJob:
         return ClassifyCacheJob(cfg, cache_mode(cfg))

@@ -803,6 +803,12 @@ class TokenEvalJob(EvalJob):
         check_batch(batch, data, reader)
         return batch
 
+    unit = "sequences"
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.n
+
     def measure(self, spec: str) -> LMModelReport:
         cfg, data, device, reader, V = self.cfg, self.data, self.device, self.reader, self.V
         model, info = build_lm(spec, None, vocab_size=V or len(self.tok), trust_remote_code=cfg.trust_remote_code)
@@ -825,6 +831,7 @@ class TokenEvalJob(EvalJob):
                     targets = reader.targets(self.cached(a)).to(device)
                     agree += float((sel.argmax(-1) == targets.top1()).sum())
                     kl += float(soft_kl(sel, targets, cfg.temperature, approximate=cfg.approximate_temperature).sum())
+                self.advance(min(self.bs, data.n - a))
         mean = nll / max(tokens, 1)
         # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
         lat_ids, _ = pad_batch([data.ids[i] for i in range(min(self.bs, data.n))], self.pad_id)
@@ -868,6 +875,7 @@ class TokenEvalJob(EvalJob):
 
 class TokenTask(Task):
     name = "language model"
+    builtin_models = tuple(BUILTIN_LMS)
     accuracy_name = "next-token accuracy"
 
     def cache_job(self, cfg) -> TokenCacheJob:

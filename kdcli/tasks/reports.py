@@ -124,6 +124,11 @@ class SizeAndSpeed:
     latency_batch_size: int | None = None
     latency_batch1_s: float | None = None
     latency_batch_s: float | None = None
+    # the timings' relative spread (interquartile range / median) and the torch threads at latency_batch_size
+    # (batch 1 runs on one thread); None for a model on a GPU
+    latency_batch1_spread: float | None = None
+    latency_batch_spread: float | None = None
+    latency_threads: int | None = None
 
 
 class ModelRow(Protocol):
@@ -140,6 +145,9 @@ class ModelRow(Protocol):
     latency_batch_size: int | None
     latency_batch1_s: float | None
     latency_batch_s: float | None
+    latency_batch1_spread: float | None
+    latency_batch_spread: float | None
+    latency_threads: int | None
 
 
 class EvalReport(Protocol):
@@ -183,18 +191,23 @@ def compression_rows(models: list, accuracy_name: str) -> list[tuple[str, Any]]:
             )
         )
     if any(m.latency_batch1_s is not None for m in models):
+
+        def latency(m, key):
+            value, spread = getattr(m, f"latency_{key}_s"), getattr(m, f"latency_{key}_spread")
+            text = human_seconds(value) + (f" ±{spread / 2:.0%}" if spread else "")
+            return text + ratio(getattr(first, f"latency_{key}_s"), value, m)
+
+        threads = {m.latency_threads for m in models} - {None}  # empty: every model ran on a GPU
         rows.append(
-            (
-                "latency/row, batch 1 (× faster)",
-                lambda m: human_seconds(m.latency_batch1_s) + ratio(first.latency_batch1_s, m.latency_batch1_s, m),
-            )
+            (f"latency/row, batch 1{', 1 thread' if threads else ''} (× faster)", lambda m: latency(m, "batch1"))
         )
         if any(m.latency_batch_size != 1 for m in models):
+            on = ""
+            if len(threads) == 1:
+                n = threads.pop()
+                on = f", {n} thread{'s' if n > 1 else ''}"
             rows.append(
-                (
-                    f"latency/row, batch {first.latency_batch_size:,} (× faster)",
-                    lambda m: human_seconds(m.latency_batch_s) + ratio(first.latency_batch_s, m.latency_batch_s, m),
-                )
+                (f"latency/row, batch {first.latency_batch_size:,}{on} (× faster)", lambda m: latency(m, "batch"))
             )
     if len(models) > 1:
         rows.append((f"{accuracy_name} Δ vs first", lambda m: f"{m.accuracy - first.accuracy:+.4f}"))
