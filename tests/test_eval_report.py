@@ -175,7 +175,6 @@ def test_builtin_model_with_weights_file_counts_the_file(runs, tmp_path):
 def test_lm_report_fields(tmp_path, monkeypatch):
     from lm_helpers import make_tokenizer, text_rows, write_jsonl
 
-
     tok = make_tokenizer(tmp_path / "tok")
     text = write_jsonl(tmp_path / "text.jsonl", text_rows(12))
     train_student(
