@@ -211,6 +211,34 @@ def help_order(cls: type) -> list:
     return sorted(fields, key=lambda f: (PANELS.index(f.metadata["panel"]), f.name not in own, fields.index(f)))
 
 
+# what an option's value is, where its field name would not say it
+METAVARS = {
+    "data": "DATA",
+    "eval_data": "DATA",
+    "bias_data": "DATA",
+    "teacher": "MODEL",
+    "student": "MODEL",
+    "model": "MODEL",
+    "cache": "CACHE_DIR",
+    "out": "DIR",
+    "teacher_weights": "FILE",
+    "chat_template": "FILE",
+    "cache_weights": "W1,W2,...",
+    "plot": "FILE.png",
+    "augment": "shift:N",
+}
+
+
+def metavar_of(f: dataclasses.Field, tp: type) -> str:
+    """N, X, KEY=VALUE, a|b|c for a short list of choices, else what :data:`METAVARS` or the name says."""
+    if tp is bool:
+        return ""
+    choices = f.metadata.get("choices")
+    if choices and len("|".join(choices)) <= 24:
+        return "|".join(choices)
+    return METAVARS.get(f.name) or {int: "N", float: "X", dict: "KEY=VALUE"}.get(tp, f.name.upper())
+
+
 def _option_params(cls: type) -> list[inspect.Parameter]:
     params = []
     for f in help_order(cls):
@@ -225,7 +253,7 @@ def _option_params(cls: type) -> list[inspect.Parameter]:
             help_text += f" [{ONLY[tasks[0]]}]"
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         annotation = Optional[bool] if tp is bool else Optional[list[str]] if tp in (dict, list) else Optional[tp]
-        metavar = {int: "N", float: "X", dict: "KEY=VALUE", bool: ""}.get(tp, f.name.upper())
+        metavar = metavar_of(f, tp)
         if required:  # checked by resolve() (it may come from --config), marked here
             help_text += " [required]"
         option = typer.Option(
@@ -247,6 +275,7 @@ def _option_params(cls: type) -> list[inspect.Parameter]:
                 "--config",
                 help="YAML file of options (keys = flag names with underscores); flags override it.",
                 rich_help_panel="Output",
+                metavar="FILE.yaml",
             ),
         )
     )

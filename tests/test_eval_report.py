@@ -261,9 +261,9 @@ def test_latency_reuses_the_eval_pass_timings_and_tops_up_small_sets():
     x = torch.randn(8, 3)
     # a large eval set: 5 timed full batches of 8 rows -> their median, no extra forward at batch 8
     s = size_and_speed(net, None, x, 8, 3, forward=forward, pass_times=[0.8, 0.08, 0.16, 0.24, 8.0], warm=True)
-    assert s["latency_batch_s"] == pytest.approx(
-        0.24 / 8
-    )  # median of 0.08, 0.16, 0.24, 0.8, 8.0 and s["bytes_on_disk"] is None
+    assert s["latency_batch_s"] == pytest.approx(0.24 / 8)  # median of 0.08, 0.16, 0.24, 0.8, 8.0
+    assert s["bytes_on_disk"] is None
+    assert s["latency_batch_spread"] == pytest.approx((0.8 - 0.16) / 0.24)  # interquartile range / median
     assert calls == [1] * 4  # batch 1: one warm-up + 3 timed
     # a small one (one batch, the warm-up): 3 timed forwards at batch 8, no second warm-up
     calls.clear()
@@ -277,3 +277,64 @@ def test_latency_reuses_the_eval_pass_timings_and_tops_up_small_sets():
     s = size_and_speed(net, None, x, 8, 0, forward=forward, pass_times=[0.1])
     assert calls == [] and s["latency_batch1_s"] is None and s["latency_batch_s"] is None
     assert s["nonzero_parameters"] == int((net.weight != 0).sum() + (net.bias != 0).sum())
+
+
+def test_batch_one_latency_runs_on_one_thread_and_batch_n_on_the_eval_threads():
+    """A batch-1 forward is timed with one torch thread (a descheduled pool thread on busy cores would cost a
+    scheduler slice per forward); the batch-N figure with the threads eval runs with, which are then restored."""
+    from kdcli.tasks.base import size_and_speed
+
+    seen = []
+
+    def forward(m, x):
+        seen.append((len(x), torch.get_num_threads()))
+        return m(x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = size_and_speed(torch.nn.Linear(3, 2), None, torch.randn(8, 3), 8, 3, forward=forward)
+        assert {t for n, t in seen if n == 1} == {1} and {t for n, t in seen if n == 8} == {2}
+        assert torch.get_num_threads() == 2 and s["latency_threads"] == 2
+        assert s["latency_batch1_spread"] >= 0 and s["latency_batch_spread"] >= 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_spread_is_the_interquartile_range_over_the_median():
+    from kdcli.models.stats import spread
+
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+    assert spread([5.0, 5.0, 5.0]) == 0.0 and spread([1.0, 9.0]) == 0.0  # too few timings to say
+
+
+def test_a_busy_machine_is_named_in_one_warning(monkeypatch):
+    from types import SimpleNamespace
+
+    from kdcli.stages import evaluate as ev
+
+    warned = []
+    monkeypatch.setattr(ev.log, "warn", warned.append)
+    quiet = SimpleNamespace(model="a", latency_batch1_spread=0.04, latency_batch_spread=0.1)
+    busy = SimpleNamespace(model="b", latency_batch1_spread=0.9, latency_batch_spread=0.3)
+    ev.warn_if_busy([quiet])
+    assert warned == []
+    ev.warn_if_busy([quiet, busy])
+    [line] = warned
+    assert line.startswith("latency timings of b spread by 90% of their median") and "--threads 1" in line
+    ev.warn_if_busy([SimpleNamespace(model="c", latency_batch1_spread=None, latency_batch_spread=None)])
+    assert len(warned) == 1  # --latency-repeats 0: nothing to judge
+
+
+def test_eval_threads_option_and_the_table_say_how_latency_was_timed(runs, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = runner.invoke(
+        app, ["eval", "--model", str(runs / "student"), "--data", str(runs / "blobs.npz"), "--threads", "1", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    [m] = json.loads(r.stdout)["models"]
+    assert m["latency_threads"] == 1 and m["latency_batch1_spread"] is not None
+    r = runner.invoke(
+        app, ["eval", "--model", str(runs / "student"), "--data", str(runs / "blobs.npz"), "--threads", "1"]
+    )
+    assert "latency/row, batch 1, 1 thread" in r.stdout and ", 1 thread (× faster)" in r.stdout

@@ -30,6 +30,7 @@ import numpy as np
 from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
 from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import first, logprob_problems
+from kdcli.infra import log
 from kdcli.infra.atomic import PARTIAL
 from kdcli.infra.errors import CacheError
 from kdcli.infra.fmt import TableData
@@ -337,10 +338,12 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
     fp = _Fingerprint(num_samples, int(m.get("views") or 1))
     shards: list[ShardReport] = []
     expect = 0
-    for i, entry in enumerate(m["shards"]):
-        rep = _verify_shard(d, m, entry, i, expect, fp, data_hashes)
-        shards.append(rep)
-        problems += [f"{rep.name}: {x}" for x in rep.problems]
+    with log.Progress(sum(int(e.get("bytes", 0)) for e in m["shards"]), "cache verify", unit="bytes") as progress:
+        for i, entry in enumerate(m["shards"]):
+            rep = _verify_shard(d, m, entry, i, expect, fp, data_hashes)
+            shards.append(rep)
+            problems += [f"{rep.name}: {x}" for x in rep.problems]
+            progress.advance(int(entry.get("bytes", 0)))
         expect = max(expect, rep.row_stop)
     covered = expect
     if m["complete"] is True and covered != int(m["num_rows"]):

@@ -368,7 +368,7 @@ class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
         "peft extra) instead of all its weights. lora: low-rank updates of its linear "
         "layers; prompt: a learned prompt embedding (soft prompt) before every sequence.",
         choices=("lora", "prompt"),
-        panel="Student",
+        panel="Language models",
         tasks=LM,
     )
     peft_args: dict = opt(
@@ -377,7 +377,7 @@ class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
         "lora_dropout, target_modules=[q_proj,v_proj]; prompt: num_virtual_tokens (16), "
         "init_text=TEXT (start from a hard prompt's embeddings).",
         repeat=True,
-        panel="Student",
+        panel="Language models",
         tasks=LM,
     )
     peft_save: str | None = opt(
@@ -386,7 +386,7 @@ class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
         "loadable without peft) or adapter (the adapter alone, naming its base; the "
         "only choice for prompt tuning).",
         choices=("merged", "adapter"),
-        panel="Student",
+        panel="Language models",
         tasks=LM,
     )
     gradient_checkpointing: bool = opt(
@@ -396,7 +396,7 @@ class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
         "own activation checkpointing; the built-in transformer: "
         "torch.utils.checkpoint per block). Less activation memory, ~1 extra "
         "forward pass of time, the same gradients.",
-        panel="Student",
+        panel="Language models",
         tasks=LM,
     )
     fsdp: bool = opt(
@@ -405,7 +405,7 @@ class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
         "processes (PyTorch FSDP2, one unit per transformer layer) instead of replicating them "
         "(DDP), for students too large for one device. Checkpoints and the run dir hold the "
         "whole model.",
-        panel="Student",
+        panel="Optimisation",
     )
     num_workers: int = opt(
         0,

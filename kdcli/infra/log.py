@@ -44,15 +44,26 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if sys.stderr.isatty() and _rank == 0:
-            from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                MofNCompleteColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
             from rich.progress import Progress as RichProgress
 
+            if self.unit == "bytes":
+                counts = (DownloadColumn(), TaskProgressColumn(), TransferSpeedColumn())
+            else:
+                rate = TextColumn(f"{{task.speed:,.1f}} {self.unit}/s", markup=False)
+                counts = (MofNCompleteColumn(), TaskProgressColumn(), rate)
             self._bar = RichProgress(
                 "[progress.description]{task.description}",
                 BarColumn(),
-                MofNCompleteColumn(),
-                TaskProgressColumn(),
-                TextColumn(f"{{task.speed:,.0f}} {self.unit}/s" if self.unit else ""),
+                *counts,
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=err_console,
@@ -82,10 +93,14 @@ class Progress:
         spent = max(now - self._t0, 1e-9)
         rate = self.done / spent
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        return (
-            f"{self.description}: {self.done:,}/{self.total:,} {self.unit} ({self.done / max(self.total, 1):.0%}, "
-            f"{rate:,.{0 if rate >= 10 else 1}f} {self.unit}/s, {_eta(left)} left)"
-        )
+        if self.unit == "bytes":
+            from kdcli.infra.fmt import human_bytes
+
+            done, speed = f"{human_bytes(self.done)}/{human_bytes(self.total)}", f"{human_bytes(rate)}/s"
+        else:
+            done = f"{self.done:,}/{self.total:,} {self.unit}"
+            speed = f"{rate:,.{0 if rate >= 10 else 1}f} {self.unit}/s"
+        return f"{self.description}: {done} ({self.done / max(self.total, 1):.0%}, {speed}, {_eta(left)} left)"
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
