@@ -117,3 +117,10 @@ def test_train_eval_cache_and_verify_report_progress(tmp_path: Path, blobs_npz: 
     assert recorded[0][1:3] == [6, "steps"]  # 600 rows / batch 100
     assert recorded[3][1:3] == [1200, "rows"]  # two models x 600 rows
     assert re.fullmatch(r"\d+", str(recorded[4][1])) and recorded[4][2] == "bytes"
+
+
+def test_a_mark_right_after_a_timed_line_is_not_repeated(clock, lines):
+    run(clock, 300, 0.35)  # the 10 s line lands at step 29, the 10% mark at step 30: one line, not two
+    steps = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert all(b - a >= 3 for a, b in zip(steps, steps[1:])), steps  # lines at least a second apart
+    assert 9 <= len(lines) <= 14  # ~105 s: a line every 10 s, plus the marks that fall between them

@@ -84,9 +84,13 @@ class Progress:
             if frac >= self._next_frac:
                 self._next_frac = math.floor(frac * 10 + 1) / 10
             return
-        if now - self._last >= self.every_s or frac >= self._next_frac:
+        at_mark = frac >= self._next_frac
+        if at_mark:
+            self._next_frac = math.floor(frac * 10 + 1) / 10
+        # a line every every_s, or at each 10% mark unless one was printed in the last second
+        if now - self._last >= self.every_s or (at_mark and now - self._last >= 1.0):
             info(self.line(now))
-            self._last, self._next_frac = now, math.floor(frac * 10 + 1) / 10
+            self._last = now
 
     def line(self, now: float) -> str:
         """The plain progress line: ``epoch 2/5: 1,200/3,000 steps (40%, 85 steps/s, 21 s left)``."""
