@@ -548,6 +548,21 @@ CASES: dict[str, Case] = {
         2,
         r"unknown MODEL 'resnet9000'",
     ),
+    "student run dir missing": Case(
+        lambda d, o: ["train-student", "--student", d / "runs" / "typo", "--data", d / "blobs.npz", "--out", o],
+        2,
+        r"--student .*runs/typo: .*runs/typo not found; MODEL is a built-in \(cnn, mlp\)",
+    ),
+    "eval model run dir missing": Case(
+        lambda d, o: ["eval", "--model", d / "no-such-run", "--data", d / "blobs.npz"],
+        2,
+        r"--model .*no-such-run: .*no-such-run not found",
+    ),
+    "teacher file missing": Case(
+        lambda d, o: ["cache-teacher", "--teacher", d / "teacher.gguf", "--data", d / "blobs.npz", "--out", o],
+        2,
+        r"--teacher .*teacher\.gguf: .*teacher\.gguf not found",
+    ),
     "plugin file missing": Case(
         lambda d, o: ["train-student", "--student", "nope.py:make", "--data", d / "blobs.npz", "--out", o],
         2,
