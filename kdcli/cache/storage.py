@@ -405,7 +405,7 @@ class Location:
 
     def put_bytes(self, name: str, data: bytes) -> None:
         """Publish ``data`` as file ``name``, whole or not at all: locally ``*.partial`` + fsync + rename
-        (:func:`kdcli.cache.atomic.atomic_write_bytes`); on an object store one PUT (S3 makes an object visible
+        (:func:`kdcli.infra.atomic.atomic_write_bytes`); on an object store one PUT (S3 makes an object visible
         only once its PUT or multipart upload completes, never partly), then its size is checked."""
         if self.local is not None:
             atomic_write_bytes(self.local / name, data)
@@ -461,7 +461,7 @@ class Location:
 class StoreLock:
     """One writer per cache in object storage: a ``.lock`` object (host, pid, start time) created only if absent,
     with a conditional PUT (S3 ``If-None-Match: *``: AWS S3 since 2024-08, MinIO, moto; fsspec ``pipe_file(...,
-    mode="create")``), deleted when the writer finishes. Unlike a local ``flock`` (:class:`kdcli.cache.lock.DirLock`)
+    mode="create")``), deleted when the writer finishes. Unlike a local ``flock`` (:class:`kdcli.infra.lock.DirLock`)
     nothing releases it when the writer is killed: the refusal names the object to delete by hand."""
 
     NAME = ".lock"
