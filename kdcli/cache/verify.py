@@ -340,7 +340,7 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
             shards.append(rep)
             problems += [f"{rep.name}: {x}" for x in rep.problems]
             progress.advance(int(entry.get("bytes", 0)))
-        expect = max(expect, rep.row_stop)
+            expect = max(expect, rep.row_stop)
     covered = expect
     if m["complete"] is True and covered != int(m["num_rows"]):
         problems.append(f"shards cover rows 0..{covered}, the manifest says {int(m['num_rows'])} rows")
