@@ -402,8 +402,12 @@ command(
 @cache_app.command("verify", cls=OneValuePerOption, epilog="Example: kdcli cache verify cache/mnist --json")
 def cache_verify(
     cache_dir: Annotated[
-        Path,
-        typer.Argument(show_default=False, metavar="CACHE_DIR", help="Cache directory (manifest.json + shard-*.h5)."),
+        str,  # not Path: Path("s3://bucket/c") is "s3:/bucket/c"
+        typer.Argument(
+            show_default=False,
+            metavar="CACHE_DIR",
+            help="Cache directory (manifest.json + shard-*.h5), or an fsspec URL (s3://bucket/prefix).",
+        ),
     ],
     data: Annotated[
         Optional[str],

@@ -44,7 +44,6 @@ predicted tokens per row, augmentation parameters); the task then checks the fus
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -225,7 +224,8 @@ class FusedReader(CacheReader):
         if hasattr(first, "vocab_size"):
             self.vocab_size = first.vocab_size
         self.token = first.manifest.get("kind") == "token"
-        self._files, self._pid, self._kept = {}, os.getpid(), {}
+        self.location = first.location
+        self._kept = {}
         self.manifest = self._fused_manifest()
 
     def _fused_manifest(self) -> dict:
@@ -330,6 +330,23 @@ class FusedReader(CacheReader):
     def close(self) -> None:
         for r in self.readers:
             r.close()
+
+    # remote caches: every cache fetches the group's rows ahead (its own shards), in lock-step
+    def prefetch(self, group) -> None:
+        key = tuple(group)
+        self.readers[0].prefetch(group)
+        starts = [self.shards[p.block.shard]["row_start"] for p in group]
+        ranges = [(s + p.block.start, s + p.block.stop) for s, p in zip(starts, group)]
+        for r in self.readers[1:]:
+            r.prefetch_rows(key, ranges)
+
+    def wait(self, key) -> None:
+        for r in self.readers:
+            r.wait(key)
+
+    def release(self, key) -> None:
+        for r in self.readers:
+            r.release(key)
 
     @property
     def keys(self) -> tuple[str, ...]:

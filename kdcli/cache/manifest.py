@@ -10,6 +10,7 @@ same document, listing only that rank's shards), so no two processes ever write 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from kdcli import __version__
 from kdcli.cache.modes import mode_names
-from kdcli.infra.atomic import atomic_write_bytes
+from kdcli.cache.storage import Location, locate
 from kdcli.infra.errors import CacheError
 
 MANIFEST = "manifest.json"
@@ -63,24 +64,25 @@ def rank_manifest_name(rank: int) -> str:
     return f"manifest.rank-{rank:05d}.json"
 
 
-def write_manifest(cache_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
+def write_manifest(cache_dir: str | Path | Location, manifest: dict, name: str = MANIFEST) -> None:
+    """Publish the manifest whole: locally ``*.partial`` + fsync + rename, in object storage one PUT."""
     # "complete" is written last in the document as well as last in time.
     body = {k: v for k, v in manifest.items() if k != "complete"}
     body["complete"] = bool(manifest.get("complete", False))
-    atomic_write_bytes(Path(cache_dir) / name, (json.dumps(body, indent=2) + "\n").encode())
+    locate(cache_dir).put_bytes(name, (json.dumps(body, indent=2) + "\n").encode())
 
 
-def read_manifest(cache_dir: Path, *, require_complete: bool = True, name: str = MANIFEST) -> dict:
-    path = Path(cache_dir) / name
-    if not Path(cache_dir).is_dir():
-        raise CacheError(f"cache directory not found: {cache_dir}")
-    if not path.is_file():
+def read_manifest(cache_dir: str | Path | Location, *, require_complete: bool = True, name: str = MANIFEST) -> dict:
+    """The manifest of a local or remote cache (:func:`kdcli.cache.storage.locate`), checked."""
+    loc = locate(cache_dir)
+    path = f"{str(loc).rstrip('/')}/{name}"
+    if not loc.has(name):  # CacheError "cache directory not found: ..." (a missing bucket or prefix too)
         raise CacheError(
             f"{cache_dir} has no {MANIFEST}: not a kdcli cache (or its manifest was deleted: rebuild "
             "it with cache-teacher --overwrite)"
         )
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(loc.read_bytes(name).decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheError(
             f"{path} is not valid JSON ({e.__class__.__name__}); the cache is damaged: rebuild it "
@@ -216,30 +218,31 @@ def contiguous_runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def merge_rank_manifests(cache_dir: Path) -> int:
+def merge_rank_manifests(cache_dir: str | Path | Location) -> int:
     """Fold every ``manifest.rank-*.json`` into ``manifest.json`` (then delete them); returns how many shards
     they added. A rank manifest planned for a different cache is dropped: its shards are not this cache's."""
-    cache_dir = Path(cache_dir)
-    paths = sorted(cache_dir.glob(RANK_MANIFEST_GLOB))
-    if not paths:
+    loc = locate(cache_dir)
+    files = loc.listing(missing_ok=True)
+    names = sorted(fnmatch.filter(files, RANK_MANIFEST_GLOB))
+    if not names:
         return 0
-    main = read_manifest(cache_dir, require_complete=False) if (cache_dir / MANIFEST).exists() else None
+    main = read_manifest(loc, require_complete=False) if MANIFEST in files else None
     added = 0
-    for p in paths:
+    for name in names:
         try:
-            part = read_manifest(cache_dir, require_complete=False, name=p.name)
+            part = read_manifest(loc, require_complete=False, name=name)
         except CacheError:
             continue  # written atomically, so only a foreign file lands here
         if main is None:
             main = {**part, "shards": [], "complete": False}
         if plan_differences(main, part):
             continue
-        names = {s["name"] for s in main["shards"]}
-        new = [s for s in part["shards"] if s["name"] not in names]
+        known = {s["name"] for s in main["shards"]}
+        new = [s for s in part["shards"] if s["name"] not in known]
         main["shards"] = sorted(main["shards"] + new, key=lambda s: s["row_start"])
         added += len(new)
     if main is not None:
-        write_manifest(cache_dir, main)  # the merged manifest is on disk before the rank files go
-    for p in paths:
-        p.unlink(missing_ok=True)
+        write_manifest(loc, main)  # the merged manifest is stored before the rank files go
+    for name in names:
+        loc.remove(name)
     return added

@@ -8,12 +8,14 @@ ragged arrays and selects rows of them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from kdcli.cache.modes import get_mode
-from kdcli.cache.reader import ROW_KEYS, CacheReader
+from kdcli.cache.reader import ROW_KEYS, Block, CacheReader
+from kdcli.cache.storage import Span
 from kdcli.cache.verify import block_problems
 from kdcli.infra.errors import CacheError
 
@@ -36,6 +38,27 @@ class TokenCacheReader(CacheReader):
             )
         self.vocab_size = self.num_classes
         self.bytes_per_row = sum(s["bytes"] for s in self.shards) / max(self.num_rows, 1)
+        self._offsets: dict[int, np.ndarray] = {}  # per shard, read once: 8 bytes a row
+
+    def shard_offsets(self, shard: int) -> np.ndarray:
+        """The ``offsets`` array of a shard (rows + 1 token positions), memoised: a remote read of a block's
+        token arrays needs their positions before it can fetch them."""
+        off = self._offsets.get(shard)
+        if off is None:
+            try:
+                off = self._offsets[shard] = self._file(shard)["offsets"][()]
+            except (KeyError, OSError) as e:
+                raise self.unreadable(shard, e) from None
+        return off
+
+    def block_spans(self, b: Block) -> Iterator[Span]:
+        """Row arrays by row, ``offsets`` by row + 1, token arrays by the block's token range (lazy: a local
+        cache never asks)."""
+        yield from ((b.shard, k, b.start, b.stop) for k in ROW_KEYS)
+        yield b.shard, "offsets", b.start, b.stop + 1
+        off = self.shard_offsets(b.shard)
+        t0, t1 = int(off[b.start]), int(off[b.stop])
+        yield from ((b.shard, k, t0, t1) for k in self.token_keys)
 
     @property
     def token_keys(self) -> tuple[str, ...]:
@@ -44,16 +67,14 @@ class TokenCacheReader(CacheReader):
     def read_block(self, b) -> dict[str, np.ndarray]:
         f = self._file(b.shard)
         try:
-            out = {k: f[k][b.start : b.stop] for k in ROW_KEYS}
-            off = f["offsets"][b.start : b.stop + 1]
-            out["lengths"] = np.diff(off).astype(np.int64)
-            for k in self.token_keys:
-                out[k] = f[k][off[0] : off[-1]]
+            with self._shards.hold(self.block_spans(b)):  # remote: one concurrent fetch unless fetched ahead
+                out = {k: f[k][b.start : b.stop] for k in ROW_KEYS}
+                off = f["offsets"][b.start : b.stop + 1]
+                out["lengths"] = np.diff(off).astype(np.int64)
+                for k in self.token_keys:
+                    out[k] = f[k][off[0] : off[-1]]
         except (KeyError, OSError, ValueError) as e:
-            raise CacheError(
-                f"shard {self.shards[b.shard]['name']} is unreadable or lacks a dataset ({e}); "
-                f"run `kdcli cache verify {self.dir}`"
-            ) from None
+            raise self.unreadable(b.shard, e) from None
         # the same cheap content checks as classification reads (row ids, finiteness, normalisation per token)
         row0 = self.shards[b.shard]["row_start"] + b.start
         token_rows = np.repeat(np.arange(row0, row0 + len(out["lengths"])), out["lengths"])

@@ -19,17 +19,19 @@ re-hash here: run ``kdcli cache verify`` after copying or moving a cache.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
 from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import first, logprob_problems
+from kdcli.cache.storage import Location, ShardFiles, locate, open_shard
 from kdcli.infra import log
 from kdcli.infra.atomic import PARTIAL
 from kdcli.infra.errors import CacheError
@@ -154,14 +156,6 @@ def _expected_datasets(m: dict) -> dict[str, tuple[np.dtype | None, tuple | None
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Fingerprint:
     """SHA-256 over the view-0 row hashes in row order: must equal the manifest's data fingerprint."""
 
@@ -204,7 +198,8 @@ def _chunks(n: int, width: int, offsets: np.ndarray | None) -> list[tuple[int, i
 
 
 def _verify_shard(
-    cache_dir: Path,
+    loc: Location,
+    sizes: dict[str, int],
     m: dict,
     entry: dict,
     index: int,
@@ -224,22 +219,22 @@ def _verify_shard(
         p.append(f"covers rows from {start}, expected {expect_start} (a gap or an overlap)")
     if stop <= start:
         p.append(f"has an empty or negative row range {start}..{stop}")
-    path = cache_dir / name
-    if not path.is_file():
+    if name not in sizes:
         p.append("file is missing")
         return rep
-    size = path.stat().st_size
+    size = sizes[name]
     if size != rep.bytes:
         p.append(f"has {size} bytes, the manifest says {rep.bytes} (truncated or replaced)")
-    rep.sha256_ok = _sha256(path) == entry.get("sha256")
+    rep.sha256_ok = loc.sha256(name, size) == entry.get("sha256")  # streamed: sequential reads, flat memory
     if not rep.sha256_ok:
         p.append("sha256 differs from the manifest (the file changed after it was written)")
+    files = ShardFiles(loc, [{"name": name, "bytes": size}])
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
+        f = files.file(0)
+    except CacheError as e:  # a store that fails (credentials, endpoint) raises UsageError: not this shard's fault
         p.append(f"is not a readable HDF5 file ({str(e).splitlines()[0][:120]})")
         return rep
-    with f:
+    with contextlib.closing(files):
         n = stop - start
         token = m.get("kind") == "token"
         for key, want in (("row_start", start), ("row_stop", stop)):
@@ -311,8 +306,9 @@ def _verify_shard(
 def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport:
     """Re-hash and re-check a whole cache. Raises CacheError only when there is no manifest to verify against."""
     t0 = time.perf_counter()
-    d = Path(cache_dir)
+    d = locate(cache_dir)  # a local directory or an fsspec URL (s3://bucket/prefix, ...)
     m = read_manifest(d, require_complete=False)
+    sizes = d.listing()  # every file's size in one listing (one LIST request in object storage)
     problems: list[str] = []
     notes: list[str] = []
     if m["complete"] is not True:
@@ -340,7 +336,7 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
     expect = 0
     with log.Progress(sum(int(e.get("bytes", 0)) for e in m["shards"]), "cache verify", unit="bytes") as progress:
         for i, entry in enumerate(m["shards"]):
-            rep = _verify_shard(d, m, entry, i, expect, fp, data_hashes)
+            rep = _verify_shard(d, sizes, m, entry, i, expect, fp, data_hashes)
             shards.append(rep)
             problems += [f"{rep.name}: {x}" for x in rep.problems]
             progress.advance(int(entry.get("bytes", 0)))
@@ -364,30 +360,30 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
         if want_tokens is not None:
             got_tokens = 0
             for s in m["shards"]:
-                with h5py.File(d / s["name"], "r") as f:
+                with open_shard(d, s["name"], s.get("bytes")) as f:
                     got_tokens += int(f["offsets"][-1])
             if got_tokens != int(want_tokens):
                 problems.append(f"shards hold {got_tokens} tokens, the manifest's data has {int(want_tokens)}")
     listed = {s.get("name") for s in m["shards"]}
-    stray = sorted(p.name for p in d.glob("shard-*.h5") if p.name not in listed)
+    stray = sorted(n for n in fnmatch.filter(sizes, "shard-*.h5") if n not in listed)
     if stray:
         notes.append(
             f"{len(stray)} shard file(s) not listed in the manifest ({stray[0]}...): leftovers of an "
             "interrupted run; they are ignored and replaced when cache-teacher resumes"
         )
-    partials = sorted(p.name for p in d.glob("*" + PARTIAL))
+    partials = sorted(fnmatch.filter(sizes, "*" + PARTIAL))
     if partials:
         notes.append(
             f"{len(partials)} *{PARTIAL} file(s) ({partials[0]}...): leftovers of an interrupted write, "
             "removed when cache-teacher runs again"
         )
-    ranks = sorted(p.name for p in d.glob(RANK_MANIFEST_GLOB))
+    ranks = sorted(fnmatch.filter(sizes, RANK_MANIFEST_GLOB))
     if ranks:
         notes.append(
             f"{len(ranks)} per-rank manifest(s) ({ranks[0]}...): an interrupted torchrun run; the next "
             "cache-teacher run merges them"
         )
-    if (d / LOCK).exists():
+    if LOCK in sizes:
         notes.append(f"{LOCK} present: a cache-teacher may be writing this cache now (or one was killed)")
     rows_verified = sum(s.rows for s in shards if s.ok)
     bad = [s.name for s in shards if not s.ok]

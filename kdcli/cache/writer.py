@@ -30,6 +30,7 @@ import numpy as np
 
 from kdcli.cache.manifest import MANIFEST, shard_name, write_manifest
 from kdcli.cache.modes import get_mode
+from kdcli.cache.storage import Location, locate
 from kdcli.cache.verify import block_problems
 from kdcli.infra import crashpoints
 from kdcli.infra.atomic import PARTIAL, is_disk_full, replace_atomically
@@ -132,12 +133,27 @@ def write_shard_file(
     return len(image), hashlib.sha256(image).hexdigest()
 
 
+def publish_shard(
+    location: Location, name: str, arrays: dict[str, np.ndarray], attrs: dict, compression: dict | None = None
+) -> tuple[int, str]:
+    """Publish shard ``name`` whole (returns its bytes and sha256): locally :func:`write_shard_file`; in object
+    storage the in-memory image as one PUT, which S3 makes visible only once complete (an interrupted upload leaves
+    no object, so every shard at its final name is whole, as on a local disk)."""
+    if not location.remote:
+        return write_shard_file(location.local / name, arrays, attrs, compression)
+    image = shard_image(arrays, attrs, compression)
+    crashpoints.reached("shard-partial")  # test-only: a crash before the PUT completes leaves no object
+    location.put_bytes(name, image)
+    crashpoints.reached("shard-renamed")  # test-only: the shard is at its final name, not yet in the manifest
+    return len(image), hashlib.sha256(image).hexdigest()
+
+
 class ShardWriter:
     """Accumulate row batches (dicts of equal-length arrays) and publish whole shards in the background."""
 
     def __init__(
         self,
-        cache_dir: Path,
+        cache_dir: str | Path | Location,
         manifest: dict,
         *,
         shard_size: int,
@@ -149,7 +165,7 @@ class ShardWriter:
         manifest_name: str = MANIFEST,
         check_values: bool = True,
     ):
-        self.dir = Path(cache_dir)
+        self.dir = locate(cache_dir)  # a local directory or an object-store prefix (publish_shard)
         self.manifest = manifest
         self.manifest_name = manifest_name  # a rank's own manifest.rank-N.json under torchrun
         self.shard_size = shard_size
@@ -276,12 +292,12 @@ class ShardWriter:
         name = shard_name(index)
         start = index * self.shard_size
         n = len(arrays["row_index"])
-        path = self.dir / name
+        path = f"{str(self.dir).rstrip('/')}/{name}"
         if self.check_values:
             self._check(name, arrays, start)
         try:
-            nbytes, digest = write_shard_file(
-                path, arrays, {"row_start": start, "row_stop": start + n}, self.manifest.get("compression")
+            nbytes, digest = publish_shard(
+                self.dir, name, arrays, {"row_start": start, "row_stop": start + n}, self.manifest.get("compression")
             )
             entry = {"name": name, "row_start": start, "row_stop": start + n, "bytes": nbytes, "sha256": digest}
             distinct = get_mode(self.manifest["mode"]).distinct_ids(arrays) if "mode" in self.manifest else None
@@ -289,7 +305,7 @@ class ShardWriter:
                 entry["distinct_ids"] = distinct
             self.manifest["shards"].append(entry)
             self.manifest["shards"].sort(key=lambda s: s["row_start"])
-            path = self.dir / self.manifest_name
+            path = f"{str(self.dir).rstrip('/')}/{self.manifest_name}"
             write_manifest(self.dir, self.manifest, self.manifest_name)
         except (OSError, RuntimeError) as e:
             if is_disk_full(e):  # `path`: the shard, or the manifest when the shard is already whole

@@ -8,6 +8,7 @@ lookahead, the split of the remaining shards over torchrun ranks, and the merged
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 import time
 from contextlib import ExitStack
@@ -30,6 +31,7 @@ from kdcli.cache.manifest import (
 )
 from kdcli.cache.reader import mean_unique_ids
 from kdcli.cache.reduce import HostCopy
+from kdcli.cache.storage import Location, StoreLock, locate
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig, check_task_options
 from kdcli.infra import crashpoints, distributed, log
@@ -55,11 +57,12 @@ def _is_cache_debris(name: str) -> bool:
     )
 
 
-def _resume_state(work: Path, plan: dict) -> tuple[dict, int] | None:
+def _resume_state(work: Path | Location, plan: dict) -> tuple[dict, int] | None:
     """(manifest to continue, whole shards kept; -1: complete and up to date) when ``work`` holds this very cache
     (same teacher, data and settings), else None. Every whole shard is kept, not only the leading ones (a torchrun
     rank may have stopped before another)."""
-    if not (work / MANIFEST).exists():
+    files = locate(work).listing(missing_ok=True)  # name -> bytes (one LIST request in object storage)
+    if MANIFEST not in files:
         return None
     try:
         old = read_manifest(work, require_complete=False)
@@ -67,7 +70,7 @@ def _resume_state(work: Path, plan: dict) -> tuple[dict, int] | None:
         return None
     if plan_differences(old, plan):
         return None
-    kept = _whole_shards(work, old)
+    kept = _whole_shards(files, old)
     if old["complete"] and len(kept) == len(old["shards"]):
         return old, -1
     old["shards"], old["complete"] = kept, False
@@ -136,17 +139,43 @@ def _prepare_dir(out: Path, plan: dict, overwrite: bool, stack: ExitStack) -> tu
     return stage, plan, 0
 
 
-def _whole_shards(out: Path, manifest: dict) -> list[dict]:
-    """The listed shards present at their own index with the size the manifest recorded (gaps allowed)."""
+def _whole_shards(files: dict[str, int], manifest: dict) -> list[dict]:
+    """The listed shards present (``files``: name -> bytes) at their own index with the size the manifest recorded
+    (gaps allowed)."""
     size = int(manifest["shard_size"])
     return [
         s
         for s in manifest["shards"]
         if s["row_start"] % size == 0
         and s["name"] == shard_name(s["row_start"] // size)
-        and (out / s["name"]).is_file()
-        and (out / s["name"]).stat().st_size == s["bytes"]
+        and files.get(s["name"]) == s["bytes"]
     ]
+
+
+def _prepare_remote(out: Location, plan: dict, overwrite: bool) -> tuple[Location, dict, int]:
+    """:func:`_prepare_dir` for an object-store prefix (``out`` locked): resume this very cache, start in an empty
+    prefix, refuse anything else. A different cache is never deleted: ``--overwrite`` builds its replacement beside a
+    local cache and swaps it in with one rename, which an object store cannot do (a prefix is many objects)."""
+    names = sorted(n for n in out.listing(missing_ok=True) if n != LOCK)
+    if MANIFEST in names:
+        old = read_manifest(out, require_complete=False)
+        diffs = plan_differences(old, plan)
+        if diffs:
+            raise CacheError(
+                f"{out} holds a different cache ({'; '.join(diffs[:3])}); "
+                + ("--overwrite cannot replace a cache in object storage in one step: " if overwrite else "")
+                + "delete its objects first (e.g. `aws s3 rm --recursive URL`) or choose another --out"
+            )
+        if old.get("compression") != plan.get("compression"):
+            was, asked = compression_label(old.get("compression")), compression_label(plan.get("compression"))
+            log.info(f"note: {out} is stored with compression {was}; keeping it for this cache (requested {asked})")
+        return (out, *_resume_state(out, plan))
+    if names:
+        raise UsageError(
+            f"--out {out} is not empty and holds no kdcli cache ({names[0]}, ...); choose an empty or new prefix"
+        )
+    write_manifest(out, plan)  # from its first instant the prefix says which cache it is building
+    return out, plan, 0
 
 
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
@@ -166,9 +195,11 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
             "cache-teacher without torchrun (or drop the flag to split the rows over processes)"
         )
     num_rows, shard_size = job.num_rows, job.shard_size
-    out = Path(cfg.out)
-    check_out(out)
-    remove_stale(out)
+    loc = locate(cfg.out)  # a local directory, or an object-store prefix (s3://bucket/prefix): shards put whole
+    out = loc.local
+    if out is not None:
+        check_out(out)
+        remove_stale(out)
     # Under torchrun every rank runs this function: rank 0 holds the directory lock and owns manifest.json; the
     # shards still to compute are split into one contiguous run per rank, each rank publishes its own shards
     # (global names, one writer per shard) and records them in its own manifest.rank-N.json; rank 0 merges.
@@ -178,15 +209,20 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
         main: dict = {}
 
         def open_cache():  # rank 0 only
+            if loc.remote:
+                stack.enter_context(StoreLock(loc))  # one writer: a conditional-create .lock object
+                merge_rank_manifests(loc)
+                work, manifest, kept = _prepare_remote(loc, job.plan, cfg.overwrite)
+                return str(work), manifest, kept
             main["created"] = make_dir(out)
             main["work"], manifest, kept = _open_cache(stack, out, job.plan, cfg.overwrite)
             return str(main["work"]), manifest, kept
 
         work, manifest, kept = ctx.on_main(open_cache)
-        work = Path(work)
+        work = locate(loc if loc.remote else Path(work))
         if kept < 0:
             size = f"{num_rows:,} rows" + (f", {job.units(0, num_rows):,} {job.unit}" if job.unit != "rows" else "")
-            log.info(f"cache {out} is complete and up to date ({size}, same teacher, data and settings); nothing to do")
+            log.info(f"cache {loc} is complete and up to date ({size}, same teacher, data and settings); nothing to do")
             return _summary(cfg, job, manifest, "up-to-date", 0, num_rows, 0, t0, device)
         todo = missing_shards(manifest)
         todo_rows = [(i * shard_size, min((i + 1) * shard_size, num_rows)) for i in todo]
@@ -226,17 +262,19 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
 
         def finish() -> dict:  # rank 0: the merged manifest, complete; a replacement swapped into place
             done = _finish_cache(work)
-            if work != out:
-                swap_in(work, out)  # the complete new cache takes the old one's place in one step
+            if not work.remote and work.local != out:
+                swap_in(work.local, out)  # the complete new cache takes the old one's place in one step
             return done
 
         try:
             ctx.agree(compute)  # every rank's shards are published (or every rank raises the first error)
             manifest = ctx.on_main(finish)
         except BaseException:
-            if ctx.is_main and not any(work.glob("shard-*.h5")):  # nothing to resume from: leave no empty cache
-                if work != out:
-                    shutil.rmtree(work, ignore_errors=True)
+            if ctx.is_main and not fnmatch.filter(work.listing(missing_ok=True), "shard-*.h5"):  # nothing to resume
+                if work.remote:  # from: leave no empty cache
+                    work.remove(MANIFEST)
+                elif work.local != out:
+                    shutil.rmtree(work.local, ignore_errors=True)
                 elif main.get("created"):
                     stack.close()
                     shutil.rmtree(out, ignore_errors=True)
@@ -261,7 +299,7 @@ def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tup
     return _prepare_dir(out, plan, overwrite, stack)
 
 
-def _finish_cache(out: Path) -> dict:
+def _finish_cache(out: Path | Location) -> dict:
     """Rank 0, after every rank published its shards: one manifest listing them all, ``complete: true``."""
     merge_rank_manifests(out)
     manifest = read_manifest(out, require_complete=False)
