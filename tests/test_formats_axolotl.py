@@ -233,6 +233,9 @@ def test_a_dataset_written_in_axolotls_layout_imports_trains_and_evaluates(lm, t
     e = json.loads(kdcli("eval", "--model", tmp_path / "run", "--cache", tmp_path / "c", "--data", i["data"],
                          "--temperature", 1, "--json").stdout)  # fmt: skip
     assert e["num_tokens"] == 11 and e["models"][0]["kl_to_teacher"] is not None
+    table = kdcli("eval", "--model", tmp_path / "run", "--cache", tmp_path / "c", "--data", i["data"], "--temperature",
+                  1, "--latency-repeats", 1).stdout  # fmt: skip
+    assert "teacher (from the cache, topk): not recorded (an imported cache), perplexity" in table
     # the same rows from a save_to_disk directory, and in axolotl's dataset-side ('token') alignment
     kdcli("cache", "import", tmp_path / "kd_saved", "--format", "axolotl", "--tokenizer", lm["tok"], "--out",
           tmp_path / "c2")  # fmt: skip
