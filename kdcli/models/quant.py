@@ -22,13 +22,17 @@ the stored int8 + scales are the model. Two ways to run it, recorded in ``model.
 - ``int8`` (default): ``(x @ W_int8^T) * scale + bias`` in float: the dequantised weights exactly, the same logits
   on every device, autograd flows through it (biases and other float parameters can be fine-tuned). No int8
   kernel: on CPU it runs at about float speed; the win is 4x smaller Linear weights on disk and in memory.
-- ``int8-dynamic``: at inference the input rows are quantised to int8 as well and multiplied with the int8 x int8
-  -> int32 kernel ``torch._int_mm`` (what PyTorch's dynamic quantisation does, with per-row activation scales),
-  several times faster than float on CPU at batch sizes of tens of rows and more (docs/compress.md).
+- ``int8-dynamic``: at inference the input rows are quantised to int8 as well (:func:`quantize_per_row`) and
+  multiplied with the int8 x int8 -> int32 kernel ``torch._int_mm`` (what PyTorch's dynamic quantisation does, with
+  per-row activation scales): on an AVX512-VNNI CPU 2-3x faster than float at batch 1,024, about float speed at
+  batch 1 for 800-wide layers, slower at batch 1 for small ones (docs/compress.md, "How int8-dynamic runs on CPU").
+  Where torch has no fast int8 kernel (:func:`fast_int_mm`) the same integers are multiplied in float32.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -53,14 +57,64 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
+def quantize_per_row(rows: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, in) float32 -> (q (n, in), float32 scale (n, 1)): symmetric, ``scale = max|x_row| / 127``.
+
+    ``q = round(x / scale)`` (round half to even), so every value is within half a step of ``q * scale`` and
+    ``|q| <= 127`` without a clamp (``|x| <= max|x_row|``; IEEE division is correctly rounded). The scale is never
+    below the smallest normal float32, 1.2e-38 (an all-zero row gets q = 0, as with any scale; a row whose max is
+    below ``127 * 1.2e-38`` is rounded on that grid, coarser than its own). ``dtype``: int8, or float32 for the
+    same integers as floats. Only one (n, in) float temporary is made: ``|x|`` is written over by ``x / scale`` and
+    rounded in place (that buffer is the float32 result; for int8 it is freed when this returns). Non-finite
+    inputs give undefined q.
+    """
+    buf = rows.abs()  # (n, in)
+    scale = buf.amax(dim=1, keepdim=True).div_(127.0).clamp_min_(torch.finfo(torch.float32).tiny)  # (n, 1)
+    q = torch.div(rows, scale, out=buf).round_()
+    return (q if dtype == torch.float32 else q.to(dtype)), scale
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which its int8 GEMM has no VNNI and its int16 pair sums saturate
+NO_VNNI_ISA_CAPS = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+
+
+@functools.cache
+def cpu_int_mm_uses_vnni() -> bool:
+    """Whether torch sends ``torch._int_mm`` on CPU to oneDNN's VNNI kernel: torch's own test (AVX512-VNNI, from
+    cpuinfo, ``torch.cpu.get_capabilities()``), and no ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` that keeps
+    oneDNN below VNNI (it then runs its AVX2 int8 kernel, whose saturating int16 sums give wrong products: measured
+    with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX512-VNNI CPU, errors up to 1.7e5 in sums of 784 products)."""
+    caps = torch.cpu.get_capabilities()
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    capped = isa in NO_VNNI_ISA_CAPS or (isa.startswith("AVX2_VNNI") and not caps.get("avx_vnni", False))
+    return bool(caps.get("avx512_vnni", False)) and not capped
+
+
+def fast_int_mm(device: torch.device, n: int, k: int, m: int) -> bool:
+    """Whether ``torch._int_mm`` runs a fast int8 kernel for an (n, k) x (k, m) product on ``device``.
+
+    CPU: torch 2.13 uses oneDNN's int8 GEMM only where the CPU has AVX512-VNNI (Cascade Lake and later Xeons, AMD
+    Zen 4; AMX CPUs have it too) and oneDNN is enabled; elsewhere (AVX2-only CPUs: AMD Zen 2/3, most Intel client
+    CPUs; AVX-512 without VNNI: Skylake-SP) it runs a scalar triple loop, exact but measured ~600x slower than
+    oneDNN and ~180x slower than the float product (aten/src/ATen/native/LinearAlgebra.cpp ``_int_mm_out_cpu``;
+    pytorch/pytorch#136942 moved those CPUs off oneDNN, whose AVX2 int8 kernel saturates int16 sums). Other
+    devices: torch's CUDA limits (more than 16 rows, k and m multiples of 8).
+    """
+    if getattr(torch, "_int_mm", None) is None:  # private in torch 2.13 (tests/test_layering.py ALLOWED_PRIVATE)
+        return False
+    if device.type == "cpu":
+        return cpu_int_mm_uses_vnni() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return n > 16 and k % 8 == 0 and m % 8 == 0
+
+
 class QuantLinear(nn.Module):
     """``y = (x @ W_int8^T) * scale + bias``: int8 weights with one float32 scale per output channel.
 
     The int8 weights and scales are buffers (saved in the state dict, never trained); the bias is a parameter.
     ``dynamic=True`` (``--quantize int8-dynamic``) also quantises the activations when no gradient is being
-    recorded (eval, inference): each input row to int8 with its own scale ``max|x_row| / 127``, an exact int8 x int8
-    -> int32 product (``torch._int_mm``), rescaled by both scales. It is several times faster than float on CPU at
-    batch sizes of tens of rows and more, and adds the activation rounding to the weight rounding. With gradients
+    recorded (eval, inference): each input row to int8 with its own scale ``max|x_row| / 127``
+    (:func:`quantize_per_row`), an exact int8 x int8 -> int32 product, rescaled by both scales; a row's output does
+    not depend on the rows batched with it. It adds the activation rounding to the weight rounding. With gradients
     enabled (fine-tuning) it computes the weight-only product.
     """
 
@@ -91,20 +145,24 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward_int8_activations(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()  # (n, in)
-        amax = rows.abs().amax(dim=1, keepdim=True)
-        x_scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # (n, 1)
-        xq = torch.round(rows / x_scale).clamp_(-127, 127).to(torch.int8)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (n, in)
+        if rows.dtype != torch.float32:
+            rows = rows.float()
         n, k, m = rows.shape[0], self.in_features, self.out_features
-        int_mm = getattr(torch, "_int_mm", None)  # private in torch 2.13 (tests/test_layering.py ALLOWED_PRIVATE)
-        if int_mm is not None and (x.device.type == "cpu" or (n > 16 and k % 8 == 0 and m % 8 == 0)):  # CUDA limits
-            acc = int_mm(xq, self.weight_int8.t()).float()  # (n, out), exact int32 sums
+        if fast_int_mm(rows.device, n, k, m):
+            xq, x_scale = quantize_per_row(rows)  # (n, in) int8, (n, 1); the float temporary is freed on return
+            acc = torch._int_mm(xq, self.weight_int8.t())  # (n, out) int32, exact; W^T as a view: oneDNN's fast layout
+        else:  # the same integers multiplied in float32: exact while every |sum| < 2^24, i.e. for in <= 1040
+            xq, x_scale = quantize_per_row(rows, torch.float32)
+            acc = F.linear(xq, self.weight_int8.to(torch.float32))  # (n, out)
+        y = acc * x_scale  # (n, out) float32: the one output allocation
+        if self.bias is None:
+            y.mul_(self.weight_scale)
         else:
-            acc = xq.float() @ self.weight_int8.t().float()
-        y = acc * x_scale * self.weight_scale
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], m)
+            torch.addcmul(self.bias, y, self.weight_scale, out=y)  # bias + y * w_scale, in place
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], m)
 
     def extra_repr(self) -> str:
         return (
