@@ -402,6 +402,20 @@ command(
 )
 
 
+def _switch(name: str, text: str):
+    return typer.Option(name, help=text, metavar="")
+
+
+def _value(name: str, metavar: str, text: str):
+    """An option that takes a value, shown as NAME METAVAR with its help and no [default: None]."""
+    return typer.Option(name, metavar=metavar, show_default=False, help=text)
+
+
+JsonOut = Annotated[bool, _switch("--json", "Print exactly one JSON document on stdout instead of a table.")]
+Debug = Annotated[bool, _switch("--debug", "Show tracebacks.")]
+TrustRemoteCode = Annotated[bool, _switch("--trust-remote-code", "Let the tokenizer directory run its own code.")]
+
+
 @cache_app.command("verify", cls=OneValuePerOption, epilog="Example: kdcli cache verify cache/mnist --json")
 def cache_verify(
     cache_dir: Annotated[
@@ -414,17 +428,10 @@ def cache_verify(
     ],
     data: Annotated[
         Optional[str],
-        typer.Option(
-            "--data",
-            metavar="DATA",
-            show_default=False,
-            help="Also check every row hash against DATA (classification caches).",
-        ),
+        _value("--data", "DATA", "Also check every row hash against DATA (classification caches)."),
     ] = None,
-    json: Annotated[
-        bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of a table.", metavar="")
-    ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", metavar="")] = False,
+    json: JsonOut = False,
+    debug: Debug = False,
 ) -> None:
     """Re-hash every shard against the manifest's sha256 and check its contents: datasets, dtypes and shapes, row
     coverage and order, finite values, log-probabilities that normalise, the data fingerprint. One row per shard
@@ -455,10 +462,6 @@ CONVERT_EXIT_CODES = (
 )
 
 
-def _switch(name: str, text: str):
-    return typer.Option(name, help=text, metavar="")
-
-
 @cache_app.command(
     "export",
     cls=OneValuePerOption,
@@ -475,66 +478,57 @@ def cache_export(
     ],
     format: Annotated[
         str,
-        typer.Option(
+        _value(
             "--format",
-            metavar="parquet|axolotl",
-            show_default=False,
-            help="parquet: kdcli's own columns, every kind and mode (import gives the same arrays back); axolotl: "
+            "parquet|axolotl",
+            "parquet: kdcli's own columns, every kind and mode (import gives the same arrays back); axolotl: "
             "the dataset axolotl's KD plugin trains from (token caches of a top-k or small full cache).",
         ),
     ],
     out: Annotated[
         Path,
-        typer.Option(
+        _value(
             "--out",
-            metavar="DIR",
-            show_default=False,
-            help="Directory the Parquet files (part-NNNNN.parquet, one per shard) are written to; new or empty.",
+            "DIR",
+            "Directory the Parquet files (part-NNNNN.parquet, one per shard) are written to; new or empty.",
         ),
     ],
     data: Annotated[
         Optional[str],
-        typer.Option(
+        _value(
             "--data",
-            metavar="DATA",
-            show_default=False,
-            help="The DATA the (LM) cache was built from, checked against its fingerprint: adds input_ids and labels "
+            "DATA",
+            "The DATA the (LM) cache was built from, checked against its fingerprint: adds input_ids and labels "
             "(required by axolotl).",
         ),
     ] = None,
     tokenizer: Annotated[
         Optional[str],
-        typer.Option(
-            "--tokenizer", metavar="TOKENIZER", show_default=False, help="A copy of the cache's tokenizer (for --data)."
-        ),
+        _value("--tokenizer", "TOKENIZER", "A copy of the cache's tokenizer (for --data)."),
     ] = None,
     temperature: Annotated[
         Optional[float],
-        typer.Option(
+        _value(
             "--temperature",
-            metavar="X",
-            show_default=False,
-            help="axolotl: the temperature the rows hold the teacher at (set kd_temperature to it). [default: 1]",
+            "X",
+            "axolotl: the temperature the rows hold the teacher at (set kd_temperature to it). [default: 1]",
         ),
     ] = None,
     alignment: Annotated[
         Optional[str],
-        typer.Option(
+        _value(
             "--alignment",
-            metavar="next|token",
-            show_default=False,
-            help="axolotl: next = row t holds the prediction of token t+1 (axolotl's current loss); token = row t "
+            "next|token",
+            "axolotl: next = row t holds the prediction of token t+1 (axolotl's current loss); token = row t "
             "holds the distribution of token t (its dataset preparation). [default: next]",
         ),
     ] = None,
     overwrite: Annotated[
         bool, _switch("--overwrite", "Replace an earlier export at --out (swapped in whole when done).")
     ] = False,
-    trust_remote_code: Annotated[
-        bool, _switch("--trust-remote-code", "Let the tokenizer directory run its own code.")
-    ] = False,
-    json: Annotated[bool, _switch("--json", "Print exactly one JSON document on stdout instead of a table.")] = False,
-    debug: Annotated[bool, _switch("--debug", "Show tracebacks.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    json: JsonOut = False,
+    debug: Debug = False,
 ) -> None:
     """Write a cache as Parquet files another trainer reads. What the format cannot carry is said on stderr, one line
     each; a mode whose export would silently change the loss is refused."""
@@ -569,73 +563,59 @@ def cache_import(
     ],
     format: Annotated[
         str,
-        typer.Option("--format", metavar="parquet|axolotl|distillkit", show_default=False, help="The source's format."),
+        _value("--format", "parquet|axolotl|distillkit", "The source's format."),
     ],
     out: Annotated[
         Path,
-        typer.Option("--out", metavar="CACHE_DIR", show_default=False, help="The kdcli cache to write; new or empty."),
+        _value("--out", "CACHE_DIR", "The kdcli cache to write; new or empty."),
     ],
     tokenizer: Annotated[
         Optional[str],
-        typer.Option(
+        _value(
             "--tokenizer",
-            metavar="TOKENIZER",
-            show_default=False,
-            help="axolotl, distillkit (required): the tokenizer that made the source's token ids, recorded in the "
-            "manifest.",
+            "TOKENIZER",
+            "axolotl, distillkit (required): the tokenizer that made the source's token ids, recorded in the manifest.",
         ),
     ] = None,
     temperature: Annotated[
         Optional[float],
-        typer.Option(
+        _value(
             "--temperature",
-            metavar="X",
-            show_default=False,
-            help="axolotl: the temperature the source's log-probs are at (undone on import). [default: 1]",
+            "X",
+            "axolotl: the temperature the source's log-probs are at (undone on import). [default: 1]",
         ),
     ] = None,
     alignment: Annotated[
         Optional[str],
-        typer.Option(
-            "--alignment", metavar="next|token", show_default=False, help="axolotl: as for export. [default: next]"
-        ),
+        _value("--alignment", "next|token", "axolotl: as for export. [default: next]"),
     ] = None,
     vocab_size: Annotated[
         Optional[int],
-        typer.Option(
-            "--vocab-size",
-            metavar="N",
-            show_default=False,
-            help="axolotl: the teacher's vocabulary size. [default: the tokenizer's length]",
-        ),
+        _value("--vocab-size", "N", "axolotl: the teacher's vocabulary size. [default: the tokenizer's length]"),
     ] = None,
     ranks: Annotated[
         Optional[str],
-        typer.Option(
+        _value(
             "--ranks",
-            metavar="exact|all",
-            show_default=False,
-            help="distillkit: exact keeps the exactly stored top ranks (exact tail mass); all keeps every rank, the "
+            "exact|all",
+            "distillkit: exact keeps the exactly stored top ranks (exact tail mass); all keeps every rank, the "
             "polynomial-approximated ones marked in the manifest. [default: exact]",
         ),
     ] = None,
     compression_config: Annotated[
         Optional[str],
-        typer.Option(
+        _value(
             "--compression-config",
-            metavar="FILE",
-            show_default=False,
-            help="distillkit: the capture's compression_config.yaml. [default: the one beside the capture]",
+            "FILE",
+            "distillkit: the capture's compression_config.yaml. [default: the one beside the capture]",
         ),
     ] = None,
     overwrite: Annotated[
         bool, _switch("--overwrite", "Replace a kdcli cache at --out (swapped in whole when done).")
     ] = False,
-    trust_remote_code: Annotated[
-        bool, _switch("--trust-remote-code", "Let the tokenizer directory run its own code.")
-    ] = False,
-    json: Annotated[bool, _switch("--json", "Print exactly one JSON document on stdout instead of a table.")] = False,
-    debug: Annotated[bool, _switch("--debug", "Show tracebacks.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    json: JsonOut = False,
+    debug: Debug = False,
 ) -> None:
     """Turn a capture into a normal kdcli cache (manifest, shards; verified before it is put in place). Where the
     source records no teacher or data fingerprint the manifest says so; the token ids are written beside the shards
