@@ -19,6 +19,7 @@ import torch
 
 from kdcli.cache.manifest import (
     MANIFEST,
+    TEACHER_VOCAB,
     contiguous_runs,
     merge_rank_manifests,
     missing_shards,
@@ -35,7 +36,7 @@ from kdcli.cache.storage import Location, StoreLock, locate
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig, check_task_options
 from kdcli.infra import crashpoints, distributed, log
-from kdcli.infra.atomic import remove_partials
+from kdcli.infra.atomic import atomic_write_bytes, remove_partials
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.lock import LOCK, DirLock
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
@@ -51,7 +52,7 @@ def _is_cache_debris(name: str) -> bool:
     return (
         name.startswith("shard-")
         or name.endswith(".partial")
-        or name == MANIFEST
+        or name in (MANIFEST, TEACHER_VOCAB)
         or name.startswith("manifest.rank-")
         or name == LOCK
     )
@@ -216,6 +217,8 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                 return str(work), manifest, kept
             main["created"] = make_dir(out)
             main["work"], manifest, kept = _open_cache(stack, out, job.plan, cfg.overwrite)
+            for name, body in job.files().items():  # beside the shards, named and checksummed in the manifest
+                atomic_write_bytes(main["work"] / name, body)
             return str(main["work"]), manifest, kept
 
         work, manifest, kept = ctx.on_main(open_cache)

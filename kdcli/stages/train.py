@@ -349,7 +349,7 @@ def _train(
     resumed_from = saved = global_step
     last: dict = {}
     loader = None
-    if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
+    if reader is not None and job.batches_from_cache:  # this rank's share of the cache (num_workers > 0: in workers)
         loader = CacheLoader(
             reader,
             batch_size=cfg.batch_size,

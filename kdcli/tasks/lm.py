@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcli.cache.manifest import new_manifest
+from kdcli.cache.manifest import TEACHER_VOCAB, new_manifest
 from kdcli.cache.modes.base import Mode, Targets
 from kdcli.cache.tokens import TokenCacheReader, token_keys
 from kdcli.cache.writer import resolve_compression
@@ -72,6 +72,7 @@ from kdcli.lm.text import (
     teacher_view,
     tokenizer_identity,
 )
+from kdcli.lm.xtok import cache_record, cached_spans
 from kdcli.losses import LossParts, kd_loss, soft_kl
 from kdcli.models.plugins import is_plugin_spec
 from kdcli.models.weights import weight_bytes
@@ -362,9 +363,13 @@ class TokenCacheJob(CacheJob):
             )
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
-        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True)
+        spans = bool(getattr(tok, "is_fast", False))  # where each token sits in the text (cross-tokenizer students)
+        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True, spans=spans)
         for note in data.notes:
             log.info(f"note: {note}")
+        xtok, self.vocab_file = cache_record(tok, data) if spans else (None, None)
+        if not spans:
+            log.info(f"note: tokenizer {tok_spec} has no offsets: this cache cannot serve a student with another one")
         self.view = teacher_view(data, tok, teacher_prompt)  # what the teacher reads; the same predicted tokens
         self.t_seqs, self.t_first = self.view.seqs, self.view.first_target
         max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or getattr(
@@ -379,7 +384,7 @@ class TokenCacheJob(CacheJob):
         self.num_rows = data.n
         self.sampled = mode.sampled
         n_stats = len(mode_layout.get("stat_temperatures") or ())
-        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2  # + target_logprobs
+        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2 + 12 * spans  # + target_logprobs, spans
         self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
         self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
         if self.batch_size < cfg.batch_size:
@@ -387,7 +392,7 @@ class TokenCacheJob(CacheJob):
                 f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
                 f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)"
             )
-        keys = token_keys(mode.name, self.temperatures)
+        keys = token_keys(mode.name, self.temperatures, spans=spans)
         self.token_keys = frozenset(keys)
         settings = {
             "mode": mode.name,
@@ -416,6 +421,7 @@ class TokenCacheJob(CacheJob):
             "shard_size": shard_size,
             "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
             "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind},
+            **({"xtok": xtok} if xtok else {}),
         }
         self.plan = new_manifest(
             teacher=self.info.identity(),
@@ -471,6 +477,7 @@ class TokenCacheJob(CacheJob):
             "sample_index": rows.copy(),
             "row_hash": self.data.row_hash[start:stop],
             "lengths": lengths,
+            **(cached_spans(self.data, start, stop) if self.vocab_file else {}),
         }
         return host, reduced
 
@@ -479,6 +486,9 @@ class TokenCacheJob(CacheJob):
 
     def nonfinite_message(self, row: int) -> str:
         return f"teacher produced NaN/inf logits in row {row} (sequence {row})"
+
+    def files(self) -> dict[str, bytes]:
+        return {TEACHER_VOCAB: self.vocab_file} if self.vocab_file else {}
 
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> LMCacheSummary:
         tokens = int(manifest["data"]["num_targets"])
