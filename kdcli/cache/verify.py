@@ -310,16 +310,15 @@ def _verify_shard(
     return rep
 
 
-def teacher_vocab_problems(cache_dir: Path, m: dict) -> list[str]:
+def teacher_vocab_problems(d: Location, m: dict, sizes: dict[str, int]) -> list[str]:
     """A cache that records token spans (manifest ``xtok``) holds the teacher's vocabulary as strings in
-    :data:`~kdcli.cache.manifest.TEACHER_VOCAB`, checksummed like a shard."""
+    :data:`~kdcli.cache.manifest.TEACHER_VOCAB`, checksummed like a shard (``sizes``: the cache's listing)."""
     vocab = (m.get("xtok") or {}).get("vocab")
     if not vocab:
         return []
-    path = Path(cache_dir) / TEACHER_VOCAB
-    if not path.is_file():
+    if TEACHER_VOCAB not in sizes:
         return [f"{TEACHER_VOCAB} (the teacher's vocabulary as strings) is missing"]
-    if _sha256(path) != vocab.get("file_sha256"):
+    if hashlib.sha256(d.read_bytes(TEACHER_VOCAB)).hexdigest() != vocab.get("file_sha256"):
         return [f"{TEACHER_VOCAB} differs from the manifest's sha256 (the file changed after it was written)"]
     return []
 
@@ -385,7 +384,7 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
                     got_tokens += int(f["offsets"][-1])
             if got_tokens != int(want_tokens):
                 problems.append(f"shards hold {got_tokens} tokens, the manifest's data has {int(want_tokens)}")
-    problems += teacher_vocab_problems(d, m)
+    problems += teacher_vocab_problems(d, m, sizes)
     listed = {s.get("name") for s in m["shards"]}
     stray = sorted(n for n in fnmatch.filter(sizes, "shard-*.h5") if n not in listed)
     if stray:

@@ -114,10 +114,9 @@ def require_spans(reader: TokenCacheReader) -> dict:
 def read_teacher_vocab(reader: TokenCacheReader) -> VocabStrings:
     """The teacher's vocabulary as strings, from the cache's ``teacher_vocab.json`` (checked against the manifest)."""
     want = require_spans(reader)["vocab"]
-    path = reader.dir / TEACHER_VOCAB
     try:
-        body = path.read_bytes()
-    except OSError:
+        body = reader.location.read_bytes(TEACHER_VOCAB)
+    except (OSError, CacheError):
         raise CacheError(
             f"cache {reader.dir} lacks {TEACHER_VOCAB} (the teacher's vocabulary as strings); re-run the same "
             "cache-teacher command to restore it"

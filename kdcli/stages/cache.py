@@ -36,7 +36,7 @@ from kdcli.cache.storage import Location, StoreLock, locate
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig, check_task_options
 from kdcli.infra import crashpoints, distributed, log
-from kdcli.infra.atomic import atomic_write_bytes, remove_partials
+from kdcli.infra.atomic import remove_partials
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.lock import LOCK, DirLock
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
@@ -214,11 +214,11 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                 stack.enter_context(StoreLock(loc))  # one writer: a conditional-create .lock object
                 merge_rank_manifests(loc)
                 work, manifest, kept = _prepare_remote(loc, job.plan, cfg.overwrite)
+                put_files(locate(work), job)
                 return str(work), manifest, kept
             main["created"] = make_dir(out)
             main["work"], manifest, kept = _open_cache(stack, out, job.plan, cfg.overwrite)
-            for name, body in job.files().items():  # beside the shards, named and checksummed in the manifest
-                atomic_write_bytes(main["work"] / name, body)
+            put_files(locate(main["work"]), job)
             return str(main["work"]), manifest, kept
 
         work, manifest, kept = ctx.on_main(open_cache)
@@ -285,6 +285,12 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     status = "resumed" if first_row else "written"
     computed_units = sum(job.units(a, b) for a, b in todo_rows)
     return _summary(cfg, job, manifest, status, num_rows - first_row, first_row, computed_units, t0, device)
+
+
+def put_files(work: Location, job: CacheJob) -> None:
+    """The files a cache holds beside its shards (named and checksummed in the manifest), each written whole."""
+    for name, body in job.files().items():
+        work.put_bytes(name, body)
 
 
 def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tuple[Path, dict, int]:

@@ -42,6 +42,7 @@ from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.fmt import TableData
 from kdcli.infra.precision import precision_context
 from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
+from kdcli.lm.bpb import bits_per_byte
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.lm.hf import (
     BUILTIN_LMS,
@@ -72,7 +73,7 @@ from kdcli.lm.text import (
     teacher_view,
     tokenizer_identity,
 )
-from kdcli.lm.xtok import cache_record, cached_spans
+from kdcli.lm.xtok import cache_record, cached_spans, predicted_bytes
 from kdcli.losses import LossParts, kd_loss, soft_kl
 from kdcli.models.plugins import is_plugin_spec
 from kdcli.models.weights import weight_bytes
@@ -706,6 +707,7 @@ class LMModelReport(SizeAndSpeed):
     num_parameters: int
     weight_bytes: int
     tokens_per_second: float
+    bits_per_byte: float | None = None  # NLL over the bytes the predicted tokens cover (kdcli.lm.bpb)
 
 
 @dataclass
@@ -725,6 +727,7 @@ class LMEvalReport:
         fmt = [
             ("perplexity", lambda m: f"{m.perplexity:.3f}"),
             ("NLL / token", lambda m: f"{m.nll:.4f}"),
+            *([("bits per byte", lambda m: bpb_text(m.bits_per_byte))] if self.has_bpb() else []),
             ("next-token accuracy", lambda m: f"{m.accuracy:.4f}"),
         ]
         fmt += teacher_and_size_rows(
@@ -741,6 +744,7 @@ class LMEvalReport:
             caption = (
                 f"teacher (from the cache, {t['mode']}): {t['spec']}, {t['num_parameters']:,} parameters, "
                 f"perplexity {t['perplexity']:.3f}"
+                + (f", {t['bits_per_byte']:.4f} bits per byte" if t.get("bits_per_byte") is not None else "")
             )
         return metric_table(
             f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted tokens)",
@@ -748,6 +752,13 @@ class LMEvalReport:
             fmt,
             caption,
         )
+
+    def has_bpb(self) -> bool:
+        return any(m.bits_per_byte is not None for m in self.models)
+
+
+def bpb_text(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, TextSettings, int | None]:
@@ -780,9 +791,11 @@ class TokenEvalJob(EvalJob):
     def __init__(self, cfg: EvalConfig, device: torch.device, reader: TokenCacheReader | None):
         self.cfg, self.device, self.reader = cfg, device, reader
         self.tok, settings, self.V = eval_text_settings(cfg, reader)
+        spans = bool(getattr(self.tok, "is_fast", False))  # bits per byte need the bytes each token covers
         self.data = data = load_text(
-            cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok), target_masks=True
+            cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok), target_masks=True, spans=spans
         )
+        self.num_bytes = predicted_bytes(data) if spans else None
         if reader is not None:
             reader.check_data(data.identity())
         self.pad_id = pad_id_of(self.tok)
@@ -800,6 +813,7 @@ class TokenEvalJob(EvalJob):
                 "mode": m["mode"],
                 "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
                 "nll": nll_t / max(n_tok, 1),
+                "bits_per_byte": bits_per_byte(nll_t, self.num_bytes) if self.num_bytes else None,
                 "teacher_prompt": m.get("text", {}).get("teacher_prompt"),
             }
 
@@ -865,6 +879,7 @@ class TokenEvalJob(EvalJob):
             num_parameters=info.num_parameters,
             weight_bytes=weight_bytes(model),
             tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
+            bits_per_byte=bits_per_byte(nll, self.num_bytes) if self.num_bytes else None,
             **stats,
         )
 
