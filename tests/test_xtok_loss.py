@@ -542,3 +542,30 @@ def test_projected_map_keeps_the_rest_small():
                 g = int(m[i])
                 shared = vb.surfaces[int(np.flatnonzero(strict.teacher_bucket == g)[0])]
                 assert v.surfaces[i].startswith(shared)
+
+
+@pytest.mark.parametrize("method,mode", [("aligned", "topk"), ("uld", "sample"), ("hybrid", "full")])
+def test_chunked_output_layer_is_the_logits_path(method, mode):
+    """hidden @ W.T a few rows at a time under activation checkpointing (no (N, V) logits kept): the same loss,
+    correct count and gradients w.r.t. the hidden states and the weight as the loss on the whole logits."""
+    tv, sv = surfaces(40, 20, seed=8)
+    b = Buckets.of(vocab_map(tv, sv))
+    N, d, V = 23, 12, 37
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    W = torch.randn(V, d, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0, 3, 4, 9, 10, 11, 17, 22])
+    targets = cached(mode, logits(len(rows), 40, 10))
+    labels = torch.randint(0, V, (N,), generator=g)
+    spec = XtokLoss(method, b, 2.0, 0.7, uld_weight=0.5)
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref, c_ref = xtok_kd_loss(h1 @ W1.T, targets, rows, labels, spec)
+    ref.total.backward()
+    h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    got, c_got = xtok_kd_loss(None, targets, rows, labels, spec, hidden=h2, weight=W2, chunk=5)
+    got.total.backward()
+    for a, c in ((ref.total, got.total), (ref.soft, got.soft), (ref.hard, got.hard)):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+    assert int(c_ref) == int(c_got)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(W2.grad, W1.grad, rtol=1e-10, atol=1e-12)
