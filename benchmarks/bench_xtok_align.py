@@ -8,8 +8,8 @@ Prints (and writes bench_xtok_align.json in --out), on --paragraphs speeches of 
 tokenizers' training plays), each tokenized as a kdcli text row (the speech, then EOS):
 1. the vocabulary: how many teacher / student ids have a string the other side also has (strict map), and how many
    fall in a shared bucket with the longest-shared-prefix projection;
-2. alignment: the share of the student's and of the teacher's predicted positions whose context boundary both
-   tokenizations share (kdcli.lm.align.align), and bytes per token on each side;
+2. alignment: the share of the student's and of the teacher's predicted positions whose key (segment, start byte)
+   both tokenizations share (kdcli.lm.align.align_keys), and bytes per token on each side;
 3. with the model (default; --no-model skips it): the SmolLM2-135M teacher's own next-token distributions at the
    aligned positions: its mean probability mass on the matched buckets (1 - the rest bucket), strict and projected,
    how often its top-1 token is a matched string, and its bits per byte on the paragraphs.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcli.lm.align import align, predicted_tokens, segment_spans, vocab_map, vocab_strings
+from kdcli.lm.align import align_keys, text_segment, vocab_map, vocab_strings
 from kdcli.lm.bpb import bits_per_byte, covered_bytes
 
 TRAIN_PLAYS = (
@@ -102,7 +102,8 @@ def student_tokenizers(vocab: int, corpus: list[str]) -> dict:
 
 
 def teacher_logprobs(paras_spans: list, gguf: Path):
-    """The SmolLM2 teacher's (n_i - 1, V) log-probs predicting tokens 1.. of each paragraph row."""
+    """The SmolLM2 teacher's (n_i - 1, V) log-probs predicting tokens 1.. of each paragraph row ((ids, spans)
+    pairs)."""
     import torch
 
     from kdcli.lm.text import transformers_module
@@ -112,8 +113,8 @@ def teacher_logprobs(paras_spans: list, gguf: Path):
     model.eval()
     out = []
     with torch.inference_mode():
-        for sp in paras_spans:
-            ids = torch.as_tensor(sp.ids)[None]
+        for ids, _ in paras_spans:
+            ids = torch.as_tensor(ids)[None]
             out.append(torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).numpy())
     return out
 
@@ -136,12 +137,12 @@ def main() -> None:
     students = student_tokenizers(args.student_vocab, train_texts())
     print(f"trained the student tokenizers in {time.time() - t0:.1f} s")
     paras = paragraphs(args.paragraphs)
-    t_spans = [segment_spans(teacher, [p], True, tv) for p in paras]
+    t_spans = [text_segment(teacher, tv, p, 0, teacher.eos_token_id) for p in paras]
     n_bytes = sum(len(p.encode()) for p in paras)
     print(
         f"{len(paras)} speeches of {HELD_OUT}, {n_bytes:,} bytes; teacher {len(tv):,} ids, "
-        f"{sum(len(s) for s in t_spans) - len(paras):,} predicted tokens "
-        f"({n_bytes / sum(len(s) - 1 for s in t_spans):.2f} bytes/token)"
+        f"{sum(len(i) for i, _ in t_spans) - len(paras):,} predicted tokens "
+        f"({n_bytes / sum(len(i) - 1 for i, _ in t_spans):.2f} bytes/token)"
     )
     logp = None if args.no_model else teacher_logprobs(t_spans, gguf)
     results = {
@@ -152,8 +153,8 @@ def main() -> None:
         "students": {},
     }
     if logp is not None:
-        nll = -sum(float(lp[np.arange(len(sp) - 1), sp.ids[1:]].sum()) for lp, sp in zip(logp, t_spans))
-        cov = sum(covered_bytes(sp, predicted_tokens(len(sp), 1)) for sp in t_spans)
+        nll = -sum(float(lp[np.arange(len(ids) - 1), ids[1:]].sum()) for lp, (ids, _) in zip(logp, t_spans))
+        cov = sum(covered_bytes(sp.start[1:], sp.end[1:]) for _, sp in t_spans)
         results["teacher_bits_per_byte"] = bits_per_byte(nll, cov)
         print(f"teacher bits per byte on these speeches: {results['teacher_bits_per_byte']:.3f}")
     for name, tok in students.items():
@@ -165,16 +166,15 @@ def main() -> None:
         top1 = []
         s_tokens = 0
         span_s = 0.0
-        for i, (p, tsp) in enumerate(zip(paras, t_spans)):
+        for i, (p, (_, tsp)) in enumerate(zip(paras, t_spans)):
             t1 = time.perf_counter()
-            ssp = segment_spans(tok, [p], True, sv)
+            _, ssp = text_segment(tok, sv, p, 0, tok.eos_token_id)
             span_s += time.perf_counter() - t1
             s_tokens += len(ssp) - 1
-            tp, sp = predicted_tokens(len(tsp), 1), predicted_tokens(len(ssp), 1)
-            al = align(tsp, tp, ssp, sp)
-            n_al, n_s, n_t = n_al + al.num_aligned, n_s + al.num_student, n_t + al.num_teacher
-            if logp is not None and al.num_aligned:
-                q = np.exp(logp[i][tp[al.teacher] - 1])  # (A, V): the teacher at the aligned positions
+            si, ti = align_keys(tsp.keys()[1:], ssp.keys()[1:])  # token 0 of a row is not predicted
+            n_al, n_s, n_t = n_al + len(si), n_s + len(ssp) - 1, n_t + len(tsp) - 1
+            if logp is not None and len(si):
+                q = np.exp(logp[i][ti])  # (A, V): the teacher at the aligned positions
                 for key, m in (("strict", strict), ("projected", proj)):
                     mass[key].extend((q[:, m.teacher_bucket < m.rest]).sum(1).tolist())
                 top1.extend((strict.teacher_bucket[q.argmax(1)] < strict.rest).tolist())

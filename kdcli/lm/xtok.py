@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,8 @@ from kdcli.lm.text import TokenData
 
 XTOK_VERSION = 1
 SPAN_UNIT = "utf8_bytes"
+BLOCK_ROWS = 64  # cached rows read (and decoded) at once by a cross-tokenizer student
+BLOCK_CACHE_BYTES = 64 << 20  # decoded blocks kept per process (least recently used dropped first)
 
 
 # -- cache-teacher -------------------------------------------------------------------------------------------------
@@ -220,14 +223,6 @@ class CrossBatch:
     student: SegmentSpans
 
 
-def contiguous(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted rows -> ``[(first, last + 1), ...]`` runs."""
-    if not len(rows):
-        return []
-    cut = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, cut)]
-
-
 class CrossTeacher:
     """The cache as seen by a student with another tokenizer (module docstring). ``data``: the student's rows,
     loaded with ``spans=True``; ``student_vocab``: its vocabulary as strings (padded to its logits);
@@ -249,6 +244,28 @@ class CrossTeacher:
         self.vmap: VocabMap = vocab_map(self.teacher_vocab, student_vocab, project=project)
         self.index = index if index is not None else TeacherIndex.build(reader)
         self.keys = reader.token_keys
+        self.blocks: OrderedDict[int, dict] = OrderedDict()  # decoded blocks of cached rows, least recent first
+        self.block_bytes = 0
+
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The cached rows ``rows`` (sorted), through an LRU of decoded blocks of :data:`BLOCK_ROWS` rows (one read
+        of a compressed shard decodes whole chunks anyway; a small cache stays decoded after its first epoch)."""
+        parts = []
+        for blk in np.unique(rows // BLOCK_ROWS):
+            arrays = self.blocks.get(int(blk))
+            if arrays is None:
+                a = int(blk) * BLOCK_ROWS
+                arrays = self.reader.read_rows(a, min(a + BLOCK_ROWS, self.reader.num_rows))
+                self.blocks[int(blk)] = arrays
+                self.block_bytes += sum(v.nbytes for v in arrays.values())
+                while self.block_bytes > BLOCK_CACHE_BYTES and len(self.blocks) > 1:
+                    _, old = self.blocks.popitem(last=False)
+                    self.block_bytes -= sum(v.nbytes for v in old.values())
+            else:
+                self.blocks.move_to_end(int(blk))
+            mine = rows[rows // BLOCK_ROWS == blk] - int(blk) * BLOCK_ROWS
+            parts.append(self.reader.take(arrays, mine))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
     def batch(self, rows: np.ndarray) -> CrossBatch:
         """The teacher's targets for the student rows ``rows`` (module docstring)."""
@@ -262,11 +279,10 @@ class CrossTeacher:
                 lo.append(int(seg.min()))
                 hi.append(int(seg.max()))
         t_rows = self.index.rows_for(np.array(lo), np.array(hi))
-        parts = [self.reader.read_rows(a, b) for a, b in contiguous(t_rows)]
-        if not parts:
+        if not len(t_rows):
             return CrossBatch(np.zeros(0, np.int64), {}, student)
-        tok_keys = [k for k in self.keys if k in parts[0]]
-        arrays = {k: np.concatenate([p[k] for p in parts]) for k in tok_keys}
+        got = self.read(t_rows)
+        arrays = {k: got[k] for k in self.keys}
         si, ti = align_keys(span_keys(arrays["span_segment"], arrays["span_start"]), s_keys)
         return CrossBatch(si, {k: v[ti] for k, v in arrays.items()}, student)
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -74,7 +75,49 @@ from kdcli.lm.align import VocabMap
 from kdcli.losses import LossParts
 
 METHODS = CROSS_TOKENIZER_METHODS
+LOGIT_BUDGET = 1 << 24
+"""Student logits (rows x V) the cross-tokenizer loss keeps at once on the chunked output layer: 64 MiB in float32
+(a 512-token batch of a 32k vocabulary fits; a 128k one runs in chunks of 128 rows)."""
 NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How :func:`group_logsumexp` sums columns into groups, split once: the columns alone in their group (copied)
+    and the others (summed). A vocabulary map is mostly one id per bucket, so most columns are copies."""
+
+    num_groups: int
+    single_ids: torch.Tensor  # (s,) columns alone in their group
+    multi_ids: torch.Tensor  # (m,) columns sharing a group
+    multi_local: torch.Tensor  # (m,) their group among ``multi_groups``
+    groups: torch.Tensor  # (s + g,) the group of each output column: single_ids' groups, then multi_groups
+
+    @classmethod
+    def of(cls, group: np.ndarray, num_groups: int, device) -> GroupPlan:
+        group = np.asarray(group, dtype=np.int64)
+        count = np.bincount(group, minlength=num_groups)
+        single = count[group] == 1
+        multi_groups, local = np.unique(group[~single], return_inverse=True)
+
+        def t(a) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)
+
+        return cls(
+            num_groups,
+            t(np.flatnonzero(single)),
+            t(np.flatnonzero(~single)),
+            t(local.reshape(-1)),
+            t(np.concatenate([group[single], multi_groups])),
+        )
+
+    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, V) -> (n, num_groups): :func:`group_logsumexp`, the one-column groups copied (value and gradient)."""
+        cols = [x[:, self.single_ids]]
+        if len(self.multi_ids):
+            g = int(self.multi_local.max()) + 1
+            cols.append(group_logsumexp(x[:, self.multi_ids], self.multi_local, g))
+        out = torch.full((x.shape[0], self.num_groups), NEG_INF, dtype=x.dtype, device=x.device)
+        return out.index_copy(1, self.groups, torch.cat(cols, dim=1))
 
 
 @dataclass(frozen=True)
@@ -87,6 +130,9 @@ class Buckets:
     num_matched: int
     teacher_rest: bool = True  # the rest bucket holds a teacher id
     student_rest: bool = True  # ... a student id
+    teacher_plan: GroupPlan | None = None
+    student_plan: GroupPlan | None = None
+    teacher_single: bool = False  # every matched bucket holds one teacher id (no sums over stored slots needed)
 
     @property
     def condition(self) -> bool:
@@ -106,7 +152,30 @@ class Buckets:
         t = torch.as_tensor(vmap.teacher_bucket, dtype=torch.int64, device=device)
         s = torch.as_tensor(vmap.student_bucket, dtype=torch.int64, device=device)
         t_rest, s_rest = bool((t == vmap.rest).any()), bool((s == vmap.rest).any())
-        return cls(t, s, torch.bincount(t, minlength=vmap.num_buckets), vmap.num_matched, t_rest, s_rest)
+        count = torch.bincount(t, minlength=vmap.num_buckets)
+        G = vmap.num_buckets
+        return cls(
+            t,
+            s,
+            count,
+            vmap.num_matched,
+            t_rest,
+            s_rest,
+            GroupPlan.of(vmap.teacher_bucket, G, device),
+            GroupPlan.of(vmap.student_bucket, G, device),
+            bool((count[: vmap.num_matched] <= 1).all()),
+        )
+
+    def student_log(self, s_log: torch.Tensor) -> torch.Tensor:
+        """(n, V_student) log-probs -> (n, num_buckets) the student's bucket log-probs."""
+        if self.student_plan is not None:
+            return self.student_plan.logsumexp(s_log)
+        return group_logsumexp(s_log, self.student, self.num_buckets)
+
+    def teacher_log(self, p_log: torch.Tensor) -> torch.Tensor:
+        if self.teacher_plan is not None:
+            return self.teacher_plan.logsumexp(p_log)
+        return group_logsumexp(p_log, self.teacher, self.num_buckets)
 
 
 def group_logsumexp(x: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -159,6 +228,9 @@ def _topk_known(targets: Targets, buckets: Buckets, T: float, approximate: bool)
     ids = targets.ids
     used = targets.id_logprobs > NEG_INF if targets.padded else torch.ones_like(ids, dtype=torch.bool)
     b = buckets.teacher[ids]  # (n, k)
+    if buckets.teacher_single and not targets.padded:  # distinct ids, one per bucket: no (n, k, k) comparisons
+        known = used & (b < buckets.rest)
+        return head, tail, b, known, known, head
     same = _same_bucket(b, used)  # (n, k, k)
     known = used & (b < buckets.rest) & (same.sum(-1) == buckets.teacher_count[b])
     earlier = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril(-1)
@@ -185,10 +257,10 @@ def aligned_divergence(
     T = float(temperature)
     s_log = _student_log(student_logits, T)
     G = buckets.num_buckets
-    Q = group_logsumexp(s_log, buckets.student, G)  # (n, G) the student's bucket log-probs
+    Q = buckets.student_log(s_log)  # (n, G) the student's bucket log-probs
     if targets.mode == "full":
         p_log = F.log_softmax(targets.logprobs.to(s_log.dtype) / T, dim=-1)  # (n, V_teacher)
-        P = group_logsumexp(p_log, buckets.teacher, G)  # (n, G)
+        P = buckets.teacher_log(p_log)  # (n, G)
         if buckets.condition:  # given "matched": the rest bucket dropped, both sides renormalised
             P, Q = P[:, :-1], Q[:, :-1]
             P, Q = P - torch.logsumexp(P, 1, keepdim=True), Q - torch.logsumexp(Q, 1, keepdim=True)
@@ -213,7 +285,12 @@ def aligned_divergence(
         w, p_log, used, _ = targets.id_weights(T, approximate)  # (n, S)
         b = buckets.teacher[targets.ids]  # (n, S)
         single = buckets.teacher_count[b] == 1
-        p_hat = (_same_bucket(b, used) * w[:, None, :]).sum(-1)  # (n, S) plug-in P^(b_j)
+        if buckets.teacher_single:  # only the rest bucket holds several stored slots: its plug-in mass per row
+            in_rest = used & (b == buckets.rest)
+            rest_w = torch.where(in_rest, w, torch.zeros_like(w)).sum(dim=1, keepdim=True)
+            p_hat = torch.where(b == buckets.rest, rest_w, w)
+        else:
+            p_hat = (_same_bucket(b, used) * w[:, None, :]).sum(-1)  # (n, S) plug-in P^(b_j)
         p_at = torch.where(single, p_log, torch.log(p_hat.clamp_min(torch.finfo(p_hat.dtype).tiny)))
         q_at = Q.gather(1, b)
         if buckets.condition:  # given "matched"
@@ -237,13 +314,17 @@ def sorted_l1(
     teacher's mass beyond them, ``s_probs`` (n, V) the student's probabilities (sorted here). With k' = the whole
     teacher vocabulary and t_rest = 0 this is ULD's padded sorted L1."""
     t_sorted = t_prefix.sort(dim=1, descending=True).values
-    s_sorted = s_probs.sort(dim=1, descending=True).values
-    W = max(t_sorted.shape[1], s_sorted.shape[1])
-    tp = F.pad(t_sorted, (0, W - t_sorted.shape[1]))
+    k, V = t_sorted.shape[1], s_probs.shape[1]
+    if k < V:  # only the student's k largest are compared one by one: a top-k, not a sort of the vocabulary
+        s_sorted = s_probs.topk(k, dim=1).values
+    else:
+        s_sorted = s_probs.sort(dim=1, descending=True).values
+    W = max(k, s_sorted.shape[1])
+    tp = F.pad(t_sorted, (0, W - k))
     sp = F.pad(s_sorted, (0, W - s_sorted.shape[1]))
     in_prefix = torch.arange(W, device=sp.device)[None, :] < t_count[:, None]  # (n, W)
     head = torch.where(in_prefix, (tp - sp).abs(), torch.zeros_like(sp)).sum(dim=1)
-    s_rest = torch.where(in_prefix, torch.zeros_like(sp), sp).sum(dim=1)
+    s_rest = s_probs.sum(dim=1) - torch.where(in_prefix, sp, torch.zeros_like(sp)).sum(dim=1)
     return head + (t_rest - s_rest).abs()
 
 
@@ -411,16 +492,18 @@ def xtok_kd_loss(
     *,
     hidden: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> tuple[LossParts, torch.Tensor]:
     """``alpha * T^2 * (1/N) * sum_{aligned} D + (1 - alpha) * (1/N) * sum CE``, N the student's predicted tokens,
     and how many argmaxes hit the label (a tensor on the device).
 
     ``student_logits`` (N, V_student) at every predicted student position -- or, for a student whose logits are
     ``hidden @ weight.T`` (:func:`kdcli.lm.hf.fused_head_weight`), ``hidden`` (N, d) and ``weight`` (V, d) with
-    ``student_logits`` None: then the output layer runs ``chunk`` rows at a time under activation checkpointing
-    (``torch.utils.checkpoint``), so no (N, V) logits are kept: one chunk's are alive at a time, recomputed in the
-    backward pass (the same value and gradients, to float rounding; the output layer's products run twice).
+    ``student_logits`` None: then the logits are kept for at most :data:`LOGIT_BUDGET` (rows x V) values at a
+    time. A batch whose logits fit is one chunk, computed once; a larger one runs ``chunk`` rows at a time (default:
+    as many as fit the budget) under activation checkpointing (``torch.utils.checkpoint``): one chunk's logits are
+    alive at a time and recomputed in the backward pass (the same value and gradients to float rounding; the output
+    layer's products and the soft term run twice).
     ``labels`` (N,) the next tokens, ``aligned_rows`` (A,) the student rows (ascending) that align with the A rows of
     ``targets`` (the teacher's cached positions, gathered in the same order). Both terms are averaged over all N
     student positions: a position that does not align contributes no soft term (the per-token objective is
@@ -428,6 +511,10 @@ def xtok_kd_loss(
     every position aligned this is :func:`kdcli.losses.kd_loss`'s convention exactly. T^2 scales every method (for
     ULD a convention, keeping the soft weight's meaning across methods)."""
     fused = student_logits is None
+    if fused and chunk is None:
+        chunk = max(1, LOGIT_BUDGET // max(int(weight.shape[0]), 1))
+        if hidden.shape[0] <= chunk:  # the whole batch's logits fit: no recomputation
+            student_logits, fused = hidden @ weight.T, False
     N = hidden.shape[0] if fused else student_logits.shape[0]
     denom = float(max(N, 1))
     use_soft = targets is not None and spec.alpha > 0 and aligned_rows is not None and len(aligned_rows) > 0

@@ -97,6 +97,12 @@ def check_xtok_options(cfg) -> None:
         )
     if "uld_weight" in given(cfg) and cfg.cross_tokenizer != "hybrid":
         raise UsageError("--uld-weight weights the ULD term of --cross-tokenizer hybrid; drop it")
+    for name in ("num_workers", "block_rows"):  # train-student: the cache is read per batch of student rows
+        if getattr(cfg, name, None):
+            raise UsageError(
+                f"--{name.replace('_', '-')} sizes how the cache's own rows are streamed; with --cross-tokenizer the "
+                "batches are the student's rows and their teacher rows are read per batch: drop it"
+            )
 
 
 def check_same_tokenizer(cfg, reader, model: str, tokenizer: str | None) -> None:
