@@ -286,3 +286,62 @@ def test_chat_rows_align_on_assistant_content(ws, tmp_path):
     )
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.3 < s["aligned_share"] < 1.0 and s["train_tokens"] < 8 * 64
+
+
+def test_refusals_and_old_caches(ws, tmp_path):
+    """An HF student with its own (other) tokenizer is refused without the flag; several caches are not fused across
+    tokenizers; a cache without the token spans (made before them) still serves the teacher's own tokenizer."""
+    import shutil
+
+    other = make_llama(tmp_path / "other", ws["student_tok"], hidden=16, layers=1)
+    base = ["train-student", "--data", ws["text"], "--temperature", 2, "--epochs", 1]
+    c = ws["dir"] / "c-topk"
+    r = runner.invoke(app, [str(a) for a in [*base, "--student", other, "--cache", c, "--out", tmp_path / "a"]])
+    assert r.exit_code == 2 and "other's tokenizer differs" in r.stderr and "--cross-tokenizer" in r.stderr
+    shutil.copytree(ws["dir"] / "c-full", tmp_path / "full2")  # full caches fuse exactly at every T
+    fused = ["--cache", ws["dir"] / "c-full", "--cache", tmp_path / "full2"]
+    argv = [*base, "--student", other, *fused, "--cross-tokenizer", "aligned"]
+    r = runner.invoke(app, [str(a) for a in [*argv, "--out", tmp_path / "b"]])
+    assert r.exit_code == 2 and "one --cache" in r.stderr
+    old = tmp_path / "old"
+    shutil.copytree(c, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["xtok"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    cli(*base, "--student", "transformer", *STUDENT, "--cache", old, "--out", tmp_path / "same")
+    r = runner.invoke(
+        app,
+        [
+            str(a)
+            for a in [*base, "--student", other, "--cache", old, "--cross-tokenizer", "uld", "--out", tmp_path / "c"]
+        ],
+    )
+    assert r.exit_code == 2 and "records no token spans" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_prefix_vocabulary_map_trains(ws, tmp_path):
+    """--vocab-map prefix: fewer ids in the rest bucket than the strict map, and a run that trains."""
+    cli(
+        "train-student",
+        "--student",
+        "transformer",
+        *STUDENT,
+        "--tokenizer",
+        ws["student_tok"],
+        "--data",
+        ws["text"],
+        "--cache",
+        ws["dir"] / "c-full",
+        "--cross-tokenizer",
+        "hybrid",
+        "--vocab-map",
+        "prefix",
+        "--uld-weight",
+        0.3,
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "p",
+    )
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s["vocab_map"]["projected"] and s["vocab_map"]["student_matched_share"] > 0.9

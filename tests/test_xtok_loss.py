@@ -569,3 +569,39 @@ def test_chunked_output_layer_is_the_logits_path(method, mode):
     assert int(c_ref) == int(c_got)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(W2.grad, W1.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_group_plan_copies_one_id_groups():
+    """GroupPlan.logsumexp (one-id groups copied, the others summed) is group_logsumexp, value and gradient."""
+    from kdcli.lm.xtok_loss import GroupPlan
+
+    group = np.array([3, 0, 3, 1, 4, 4, 4, 5])  # group 2 empty, 3 and 4 shared, 0, 1, 5 alone
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = group_logsumexp(a, torch.as_tensor(group), 6)
+    got = GroupPlan.of(group, 6, "cpu").logsumexp(b)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn(5, 6, dtype=torch.float64).masked_fill(torch.isinf(ref), 0.0)
+    (torch.where(torch.isinf(ref), 0.0, ref) * w).sum().backward()
+    (torch.where(torch.isinf(got), 0.0, got) * w).sum().backward()
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample", "priority"])
+def test_one_teacher_id_per_bucket_shortcut(mode):
+    """Every matched bucket holding one teacher id skips the slot-by-slot bucket comparisons; the general path
+    gives the same values and gradients."""
+    import dataclasses
+
+    tv, sv = surfaces(40, 20, seed=11, dup=False)
+    fast = Buckets.of(vocab_map(tv, sv))
+    assert fast.teacher_single
+    slow = dataclasses.replace(fast, teacher_single=False, teacher_plan=None, student_plan=None)
+    t = cached(mode, logits(9, 40, 12))
+    for div in ("forward",) if mode != "topk" else ("forward", "reverse", "jsd"):
+        za, zb = logits(9, 37, 13).requires_grad_(), logits(9, 37, 13).requires_grad_()
+        va, vb = aligned_divergence(za, t, fast, 2.0, div), aligned_divergence(zb, t, slow, 2.0, div)
+        torch.testing.assert_close(va, vb)
+        va.sum().backward()
+        vb.sum().backward()
+        torch.testing.assert_close(za.grad, zb.grad)

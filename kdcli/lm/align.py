@@ -315,7 +315,7 @@ def vocab_map(
     " thousand"); only tokens with no shared prefix (special tokens, ids without text) stay in the rest. Bucket w
     then means "the next token starts with w and has no longer shared prefix" on each side: an approximation of the
     same event (exact where the tokenizations coincide), but it keeps a small-vocabulary student's rest bucket from
-    absorbing most of a large-vocabulary teacher's mass (docs/xtok-design.md measures both). Off: the strict map
+    absorbing most of a large-vocabulary teacher's mass (docs/lm.md measures both). Off: the strict map
     (equal strings only)."""
     tk, sk = _keys(teacher, pair_eos), _keys(student, pair_eos)
     in_student = {k for k in sk if k is not None}
