@@ -345,3 +345,34 @@ def test_prefix_vocabulary_map_trains(ws, tmp_path):
     )
     s = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert s["vocab_map"]["projected"] and s["vocab_map"]["student_matched_share"] > 0.9
+
+
+@pytest.mark.parametrize(
+    "peft,args", [("lora", ["--peft-arg", "r=4"]), ("prompt", ["--peft-arg", "num_virtual_tokens=3"])]
+)
+def test_peft_students_train_across_tokenizers(ws, tmp_path, peft, args):
+    """A LoRA and a prompt-tuned Hugging Face student with its own tokenizer, from the teacher's cache."""
+    base = make_llama(tmp_path / "base", ws["student_tok"], hidden=16, layers=1, seed=2)
+    cli(
+        "train-student",
+        "--student",
+        base,
+        "--peft",
+        peft,
+        *args,
+        "--data",
+        ws["text"],
+        "--cache",
+        ws["dir"] / "c-topk",
+        "--temperature",
+        2,
+        "--cross-tokenizer",
+        "aligned",
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "r",
+    )
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["trainable_parameters"] < s["student_parameters"] and 0.3 < s["aligned_share"] < 1.0
+    assert math.isfinite(s["final_train_loss"])

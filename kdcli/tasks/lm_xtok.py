@@ -369,6 +369,8 @@ class CrossTokenEvalJob(EvalJob):
         self.cfg, self.device, self.reader = cfg, device, reader
         require_spans(reader)
         check_method(cfg.cross_tokenizer, reader.mode, "forward", isinstance(reader, FusedReader))
+        for spec in cfg.model:  # every model's tokenizer, before anything is measured
+            model_tokenizer(cfg, spec)
         reader.read_spans = True
         self.index = TeacherIndex.build(reader)
         nll = 0.0
