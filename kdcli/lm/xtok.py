@@ -100,6 +100,17 @@ def predicted_bytes(data: TokenData, rows=None) -> int:
 def require_spans(reader: TokenCacheReader) -> dict:
     """The cache's ``xtok`` record; UsageError (exit 2) for a cache that has none, CacheError for another version."""
     x = reader.manifest.get("xtok")
+    if not x and reader.manifest.get("imported"):
+        raise UsageError(
+            f"cache {reader.dir} was imported ({reader.manifest['imported'].get('format', 'another tool')}): its "
+            "rows are token ids without their text, so it cannot serve a student with another tokenizer; cache "
+            "the teacher on the text with kdcli cache-teacher, or train a student with the cache's tokenizer"
+        )
+    if not x and (reader.manifest.get("text") or {}).get("data_kind") == "tokens":
+        raise UsageError(
+            f"cache {reader.dir} was made from pre-tokenized rows (token ids without their text), so it cannot serve "
+            "a student with another tokenizer; cache the teacher on the text rows (text, prompt/response or chat)"
+        )
     if not x:
         raise UsageError(
             f"cache {reader.dir} records no token spans (made before kdcli recorded them, or by a teacher "

@@ -364,13 +364,16 @@ class TokenCacheJob(CacheJob):
             )
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
-        spans = bool(getattr(tok, "is_fast", False))  # where each token sits in the text (cross-tokenizer students)
-        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True, spans=spans)
+        offsets = bool(getattr(tok, "is_fast", False))  # where each token sits in the text (cross-tokenizer students)
+        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True, spans=offsets)
         for note in data.notes:
             log.info(f"note: {note}")
+        spans = data.spans is not None  # not for a tokenizer without offsets, nor for pre-tokenized rows (no text)
         xtok, self.vocab_file = cache_record(tok, data) if spans else (None, None)
-        if not spans:
+        if not offsets:
             log.info(f"note: tokenizer {tok_spec} has no offsets: this cache cannot serve a student with another one")
+        elif not spans:
+            log.info("note: pre-tokenized rows have no text: this cache cannot serve a student with another tokenizer")
         self.view = teacher_view(data, tok, teacher_prompt)  # what the teacher reads; the same predicted tokens
         self.t_seqs, self.t_first = self.view.seqs, self.view.first_target
         max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or getattr(
@@ -741,11 +744,12 @@ class LMEvalReport:
         caption = None
         if self.teacher:
             t = self.teacher
-            caption = (
-                f"teacher (from the cache, {t['mode']}): {t['spec']}, {t['num_parameters']:,} parameters, "
-                f"perplexity {t['perplexity']:.3f}"
-                + (f", {t['bits_per_byte']:.4f} bits per byte" if t.get("bits_per_byte") is not None else "")
-            )
+            who = "not recorded (an imported cache)" if t["spec"] is None else t["spec"]
+            if t["num_parameters"] is not None:
+                who += f", {t['num_parameters']:,} parameters"
+            caption = f"teacher (from the cache, {t['mode']}): {who}, perplexity {t['perplexity']:.3f}"
+            if t.get("bits_per_byte") is not None:
+                caption += f", {t['bits_per_byte']:.4f} bits per byte"
         return metric_table(
             f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted tokens)",
             self.models,
@@ -795,7 +799,7 @@ class TokenEvalJob(EvalJob):
         self.data = data = load_text(
             cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok), target_masks=True, spans=spans
         )
-        self.num_bytes = predicted_bytes(data) if spans else None
+        self.num_bytes = predicted_bytes(data) if data.spans is not None else None
         if reader is not None:
             reader.check_data(data.identity())
         self.pad_id = pad_id_of(self.tok)

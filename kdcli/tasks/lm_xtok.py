@@ -38,6 +38,7 @@ from kdcli.lm.hf import (
 )
 from kdcli.lm.text import (
     TextSettings,
+    TokenData,
     load_text,
     load_tokenizer,
     loss_positions,
@@ -163,6 +164,18 @@ def model_settings(cfg, reader, tok, model: str) -> TextSettings:
     )
 
 
+def load_model_text(cfg, reader, tok, model: str) -> TokenData:
+    """DATA as a cross-tokenizer model reads it (:func:`model_settings`), with every token's span in the text;
+    pre-tokenized rows (token ids without their text) are refused: nothing places their tokens in the text."""
+    data = load_text(cfg.data, tok, model_settings(cfg, reader, tok, model), target_masks=True, spans=True)
+    if data.spans is None:
+        raise UsageError(
+            f"--cross-tokenizer: {cfg.data} holds pre-tokenized rows (token ids without their text); give the text "
+            "rows the cache was made from"
+        )
+    return data
+
+
 def cross_student_loss(
     model, ids, mask, idx, targets, aligned, labels, spec: XtokLoss, *, precision: str, net, fused: bool
 ):
@@ -214,11 +227,10 @@ class CrossTokenTrainJob(TokenTrainJob):
         require_spans(reader)
         check_method(cfg.cross_tokenizer, reader.mode, cfg.divergence, isinstance(reader, FusedReader))
         self.tok_spec, tok = model_tokenizer(cfg, cfg.student)
-        settings = model_settings(cfg, reader, tok, cfg.student)
         self.peft_save = check_peft_options(cfg)  # before the run dir is touched
         self.tok, self.pad_id = tok, pad_id_of(tok)
         self.V = None  # the student's own vocabulary
-        self.data = data = load_text(cfg.data, tok, settings, target_masks=True, spans=True)
+        self.data = data = load_model_text(cfg, reader, tok, cfg.student)
         for note in data.notes:
             log.info(f"note: {note}")
         self.num_samples = data.n
@@ -402,7 +414,7 @@ class CrossTokenEvalJob(EvalJob):
     def measure(self, spec: str) -> CrossModelReport:
         cfg, device, reader = self.cfg, self.device, self.reader
         tok_spec, tok = model_tokenizer(cfg, spec)
-        data = load_text(cfg.data, tok, model_settings(cfg, reader, tok, spec), target_masks=True, spans=True)
+        data = load_model_text(cfg, reader, tok, spec)
         self.notes += [n for n in data.notes if n not in self.notes]
         model, info = build_lm(spec, None, vocab_size=len(tok), trust_remote_code=cfg.trust_remote_code)
         teacher = CrossTeacher(
