@@ -252,6 +252,10 @@ def _lm_workspace(d: Path) -> None:
     m = json.loads((d / "lm_cache_nospans" / "manifest.json").read_text())
     del m["xtok"]
     (d / "lm_cache_nospans" / "manifest.json").write_text(json.dumps(m, indent=2))
+    shutil.copytree(d / "lm_cache_nospans", d / "lm_cache_imported")  # what `kdcli cache import` records
+    m["imported"], m["text"]["data_kind"] = {"format": "axolotl", "source": "x"}, "tokens"
+    (d / "lm_cache_imported" / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_jsonl(d / "tokens.jsonl", [{"input_ids": [5, 6, 7, 8, 9, 10]}] * 4)  # pre-tokenized rows: no text
     (d / "hf_like").mkdir()  # what a Hugging Face model dir holds: never a kdcli run
     for name in ("config.json", "model.safetensors"):
         shutil.copy(d / "llama" / name, d / "hf_like" / name)
@@ -361,7 +365,7 @@ def distill(cache: str, *extra, data="blobs.npz"):
     ]
 
 
-def xtok_train(*extra, tokenizer="tok2", cache="lm_cache"):
+def xtok_train(*extra, tokenizer="tok2", cache="lm_cache", data="text.jsonl"):
     """train-student of a built-in LM student with its own tokenizer from the LM cache (T = 1: the cache's)."""
     return lambda d, o: [
         "train-student",
@@ -370,7 +374,7 @@ def xtok_train(*extra, tokenizer="tok2", cache="lm_cache"):
         "--tokenizer",
         d / tokenizer,
         "--data",
-        d / "text.jsonl",
+        d / data,
         "--cache",
         d / cache,
         "--temperature",
@@ -761,6 +765,16 @@ CASES: dict[str, Case] = {
         xtok_train("--cross-tokenizer", "uld", cache="lm_cache_nospans"),
         2,
         r"records no token spans .* re-cache with this kdcli",
+    ),
+    "cross-tokenizer: an imported cache (token ids without their text)": Case(
+        xtok_train("--cross-tokenizer", "aligned", cache="lm_cache_imported"),
+        2,
+        r"was imported \(axolotl\): its rows are token ids without their text.* kdcli cache-teacher",
+    ),
+    "cross-tokenizer: pre-tokenized DATA": Case(
+        xtok_train("--cross-tokenizer", "aligned", data="tokens.jsonl"),
+        2,
+        r"--cross-tokenizer: .*tokens\.jsonl holds pre-tokenized rows .*give the text rows",
     ),
     "cross-tokenizer: an unknown method": Case(
         xtok_train("--cross-tokenizer", "dskd"), 2, r"'cross_tokenizer' must be one of aligned, uld, hybrid; got 'dskd'"
