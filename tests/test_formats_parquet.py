@@ -88,6 +88,7 @@ def test_round_trip_through_the_cli_is_array_identical(caches, tmp_path, kind, m
     m = json.loads((src / "manifest.json").read_text())
     assert s["lost"] == [] and s["rows"] == m["num_rows"] and s["files"] == len(m["shards"]) > 1
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [f"part-{i:05d}.parquet" for i in range(s["files"])]
+    assert ("xtok" in m) == (kind == "lm")  # a text cache's spans cross, with its teacher's vocabulary
     assert "export --format" not in r.stderr  # nothing lost: no warning
     r = kdcli("cache", "import", tmp_path / "x", "--format", "parquet", "--out", tmp_path / "back", "--json")
     i = json.loads(r.stdout)

@@ -233,8 +233,22 @@ def vocab_strings(tok, vocab_size: int | None = None) -> VocabStrings:
     return VocabStrings(tuple(out), tok.eos_token_id, kind)
 
 
+class BucketNumbers:
+    """Buckets ``0 .. num_matched - 1`` are the matched strings, bucket ``num_matched`` the rest."""
+
+    num_matched: int
+
+    @property
+    def rest(self) -> int:
+        return self.num_matched
+
+    @property
+    def num_buckets(self) -> int:
+        return self.num_matched + 1
+
+
 @dataclass(frozen=True)
-class VocabMap:
+class VocabMap(BucketNumbers):
     """Teacher and student ids -> shared buckets ``0 .. num_matched - 1`` (one per surface both vocabularies have,
     ordered by the smallest teacher id spelling it) and the ``rest`` bucket ``num_matched`` (every id whose surface
     the other side lacks; with ``projected``, only ids without a shared prefix: :func:`vocab_map`). An exact
@@ -244,14 +258,6 @@ class VocabMap:
     student_bucket: np.ndarray  # (V_student,) int64 in [0, num_matched]
     num_matched: int
     projected: bool = False
-
-    @property
-    def rest(self) -> int:
-        return self.num_matched
-
-    @property
-    def num_buckets(self) -> int:
-        return self.num_matched + 1
 
     @classmethod
     def identity(cls, vocab_size: int) -> VocabMap:

@@ -78,7 +78,7 @@ from torch.utils.checkpoint import checkpoint
 from kdcli.cache.modes.base import DIVERGENCES, Targets, WeightedIdTargets, div_rows
 from kdcli.config.commands import CROSS_TOKENIZER_METHODS
 from kdcli.infra.errors import UsageError
-from kdcli.lm.align import VocabMap
+from kdcli.lm.align import BucketNumbers, VocabMap
 from kdcli.losses import LossParts
 
 METHODS = CROSS_TOKENIZER_METHODS
@@ -128,7 +128,7 @@ class GroupPlan:
 
 
 @dataclass(frozen=True)
-class Buckets:
+class Buckets(BucketNumbers):
     """A :class:`~kdcli.lm.align.VocabMap` as tensors on the student's device."""
 
     teacher: torch.Tensor  # (V_teacher,) int64 bucket of each teacher id
@@ -145,14 +145,6 @@ class Buckets:
     def condition(self) -> bool:
         """One side's rest bucket holds no id and the other's does: compare the distributions given "matched"."""
         return self.teacher_rest != self.student_rest
-
-    @property
-    def rest(self) -> int:
-        return self.num_matched
-
-    @property
-    def num_buckets(self) -> int:
-        return self.num_matched + 1
 
     @classmethod
     def of(cls, vmap: VocabMap, device: torch.device | str = "cpu") -> Buckets:

@@ -765,6 +765,21 @@ def bpb_text(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def lm_size_and_speed(model, spec: str, data: TokenData, bs: int, pad_id: int, repeats: int) -> dict:
+    """Size and latency fields of an LM eval row: latency on the first batch's rows, padded to its longest (the
+    eval pass has just warmed the model up)."""
+    lat_ids, _ = pad_batch([data.ids[i] for i in range(min(bs, data.n))], pad_id)  # (b, L)
+    return size_and_speed(
+        model,
+        spec if Path(spec).exists() else None,
+        torch.from_numpy(lat_ids),
+        len(lat_ids),
+        repeats,
+        forward=lambda m, ids: lm_logits(m, ids),
+        warm=True,
+    )
+
+
 def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, TextSettings, int | None]:
     """(tokenizer, text settings, V) for eval: the cache's when there is one, else the first model's."""
     if reader is not None:
@@ -861,17 +876,7 @@ class TokenEvalJob(EvalJob):
                     kl += float(soft_kl(sel, targets, cfg.temperature, approximate=cfg.approximate_temperature).sum())
                 self.advance(min(self.bs, data.n - a))
         mean = nll / max(tokens, 1)
-        # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
-        lat_ids, _ = pad_batch([data.ids[i] for i in range(min(self.bs, data.n))], self.pad_id)
-        stats = size_and_speed(
-            model,
-            spec if Path(spec).exists() else None,
-            torch.from_numpy(lat_ids),
-            len(lat_ids),
-            cfg.latency_repeats,
-            forward=lambda m, ids: lm_logits(m, ids),
-            warm=True,
-        )
+        stats = lm_size_and_speed(model, spec, data, self.bs, self.pad_id, cfg.latency_repeats)
         return LMModelReport(
             model=spec,
             num_tokens=tokens,

@@ -63,7 +63,7 @@ from kdcli.lm.xtok_loss import (
     xtok_kd_loss,
 )
 from kdcli.models.weights import weight_bytes
-from kdcli.tasks.base import EvalJob, cache_label, size_and_speed
+from kdcli.tasks.base import EvalJob, cache_label
 from kdcli.tasks.lm import (
     LMEvalReport,
     LMModelReport,
@@ -71,6 +71,7 @@ from kdcli.tasks.lm import (
     TokenTask,
     TokenTrainJob,
     check_peft_options,
+    lm_size_and_speed,
     pad_id_of,
     perplexity,
     predicted_logits,
@@ -450,16 +451,7 @@ class CrossTokenEvalJob(EvalJob):
                 done = now
         self.advance(reader.num_rows - done)
         mean = nll / max(tokens, 1)
-        lat_ids, _ = pad_batch([data.ids[i] for i in range(min(self.bs, data.n))], pad_id_of(tok))
-        stats = size_and_speed(
-            model,
-            spec if Path(spec).exists() else None,
-            torch.from_numpy(lat_ids),
-            len(lat_ids),
-            cfg.latency_repeats,
-            forward=lambda m, ids: lm_logits(m, ids),
-            warm=True,
-        )
+        stats = lm_size_and_speed(model, spec, data, self.bs, pad_id_of(tok), cfg.latency_repeats)
         return CrossModelReport(
             model=spec,
             num_tokens=tokens,
