@@ -334,6 +334,7 @@ def _train(
         approximate=cfg.approximate_temperature,
         note=reader.loss_note if reader else "",
         approximation=reader.approximation if reader else "",
+        term=job.soft_term,
     )
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
     if isinstance(reader, FusedReader):

@@ -241,6 +241,7 @@ class TrainJob(ABC):
     # The epoch's batches are the cache's rows (CacheLoader), or, False, shuffled rows of the data that the job reads
     # its teacher targets for itself (a cross-tokenizer student: its rows are not the cache's)
     batches_from_cache: bool = True
+    soft_term: str | None = None  # the soft term's formula in the printed loss, where it is not the divergence's
 
     @abstractmethod
     def build_student(self) -> None:

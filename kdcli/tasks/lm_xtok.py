@@ -262,6 +262,19 @@ class CrossTokenTrainJob(TokenTrainJob):
             approximate=cfg.approximate_temperature,
         )
 
+    @property
+    def soft_term(self) -> str:
+        """The soft term of the printed loss: the method's, summed over the aligned positions only."""
+        cfg = self.cfg
+        kl = {"forward": "KL(teacher_T || student_T)", "reverse": "KL(student_T || teacher_T)"}.get(
+            cfg.divergence, f"JSD_beta={cfg.jsd_beta:g}(teacher_T, student_T)"
+        )
+        return {
+            "aligned": f"{kl}[string buckets]",
+            "uld": "ULD(teacher_T, student_T)",
+            "hybrid": f"({kl}[string buckets] + {cfg.uld_weight:g} * ULD[rest])",
+        }[cfg.cross_tokenizer] + "@aligned"
+
     def describe(self, train_samples, n_val):
         cfg = self.cfg
         a, n = self.aligned = self.teacher.aligned_share(train_samples)
