@@ -15,6 +15,8 @@ Steps (each kdcli step a command, printed as it runs):
    of the teacher (from the held-out cache), the share of aligned positions, KL and top-1 agreement on them.
 
 Everything runs on the CPU. Re-running reuses complete caches and finished runs. results.json holds the numbers.
+Measured at these defaults on 2 shared CPU cores (23 min, most of it caching): held-out bits per byte labels only
+3.806, aligned 3.595, hybrid 3.606, uld 3.881, the teacher 2.030 (docs/lm.md, "Any teacher, any student").
 """
 
 from __future__ import annotations
