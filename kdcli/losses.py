@@ -176,18 +176,23 @@ def describe(
     approximate: bool = False,
     note: str = "",
     approximation: str = "",
+    term: str | None = None,
 ) -> str:
     """The resolved loss, printed when training starts; with ``mode`` (and the cache's stored ``temperatures``)
     it also says what the soft term is at T: ``note`` (the mode's: exact, an unbiased estimate ...) at a stored T,
-    else the documented ``approximation``."""
+    else the documented ``approximation``. ``term``: the soft term's formula when it is not the divergence's own
+    (a cross-tokenizer method)."""
     T = temperature
     if not has_cache or alpha == 0:
         return "loss = CE(student, labels)   [alpha = 0: no teacher term]"
-    term = {
-        "forward": "KL(teacher_T || student_T)",
-        "reverse": "KL(student_T || teacher_T)",
-        "jsd": f"JSD_beta={beta:g}(teacher_T, student_T)",
-    }[divergence]
+    term = (
+        term
+        or {
+            "forward": "KL(teacher_T || student_T)",
+            "reverse": "KL(student_T || teacher_T)",
+            "jsd": f"JSD_beta={beta:g}(teacher_T, student_T)",
+        }[divergence]
+    )
     out = (
         f"loss = {alpha:g} * {T:g}^2 * {term} + {1 - alpha:g} * CE(student, labels)   "
         f"[T = {T:g}; soft weight alpha*T^2 = {alpha * T * T:g}]"

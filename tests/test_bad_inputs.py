@@ -243,6 +243,19 @@ def _lm_workspace(d: Path) -> None:
     (d / "pickled_model" / "model.safetensors").unlink()
     shutil.copy(d / "evil.pt", d / "pickled_model" / "pytorch_model.bin")
     (d / "a_file").write_text("not a directory")
+    # cross-tokenizer: another tokenizer, one without offsets (ByT5's is slow-only), a cache from before token spans
+    make_tokenizer(d / "tok2", vocab_size=280)
+    from transformers import ByT5Tokenizer
+
+    ByT5Tokenizer().save_pretrained(str(d / "slow_tok"))
+    shutil.copytree(d / "lm_cache", d / "lm_cache_nospans")
+    m = json.loads((d / "lm_cache_nospans" / "manifest.json").read_text())
+    del m["xtok"]
+    (d / "lm_cache_nospans" / "manifest.json").write_text(json.dumps(m, indent=2))
+    shutil.copytree(d / "lm_cache_nospans", d / "lm_cache_imported")  # what `kdcli cache import` records
+    m["imported"], m["text"]["data_kind"] = {"format": "axolotl", "source": "x"}, "tokens"
+    (d / "lm_cache_imported" / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_jsonl(d / "tokens.jsonl", [{"input_ids": [5, 6, 7, 8, 9, 10]}] * 4)  # pre-tokenized rows: no text
     (d / "hf_like").mkdir()  # what a Hugging Face model dir holds: never a kdcli run
     for name in ("config.json", "model.safetensors"):
         shutil.copy(d / "llama" / name, d / "hf_like" / name)
@@ -348,6 +361,28 @@ def distill(cache: str, *extra, data="blobs.npz"):
         1,
         "--cache",
         d / cache,
+        *extra,
+    ]
+
+
+def xtok_train(*extra, tokenizer="tok2", cache="lm_cache", data="text.jsonl"):
+    """train-student of a built-in LM student with its own tokenizer from the LM cache (T = 1: the cache's)."""
+    return lambda d, o: [
+        "train-student",
+        "--student",
+        "transformer",
+        "--tokenizer",
+        d / tokenizer,
+        "--data",
+        d / data,
+        "--cache",
+        d / cache,
+        "--temperature",
+        1,
+        "--out",
+        o,
+        "--epochs",
+        1,
         *extra,
     ]
 
@@ -720,6 +755,63 @@ CASES: dict[str, Case] = {
         ],
         2,
         r"--samples 400 is more than the 300 vocabulary entries there are to keep",
+    ),
+    "cross-tokenizer: a student tokenizer without offsets": Case(
+        xtok_train("--cross-tokenizer", "aligned", tokenizer="slow_tok"),
+        2,
+        r"--cross-tokenizer \(the tokenizer .*slow_tok\) needs a fast tokenizer with character offsets",
+    ),
+    "cross-tokenizer: a cache without token spans": Case(
+        xtok_train("--cross-tokenizer", "uld", cache="lm_cache_nospans"),
+        2,
+        r"records no token spans .* re-cache with this kdcli",
+    ),
+    "cross-tokenizer: an imported cache (token ids without their text)": Case(
+        xtok_train("--cross-tokenizer", "aligned", cache="lm_cache_imported"),
+        2,
+        r"was imported \(axolotl\): its rows are token ids without their text.* kdcli cache-teacher",
+    ),
+    "cross-tokenizer: pre-tokenized DATA": Case(
+        xtok_train("--cross-tokenizer", "aligned", data="tokens.jsonl"),
+        2,
+        r"--cross-tokenizer: .*tokens\.jsonl holds pre-tokenized rows .*give the text rows",
+    ),
+    "cross-tokenizer: an unknown method": Case(
+        xtok_train("--cross-tokenizer", "dskd"), 2, r"'cross_tokenizer' must be one of aligned, uld, hybrid; got 'dskd'"
+    ),
+    "cross-tokenizer with classification data": Case(
+        distill("cache", "--cross-tokenizer", "aligned"), 2, r"--cross-tokenizer is for language model runs"
+    ),
+    "another tokenizer without --cross-tokenizer": Case(
+        xtok_train(), 2, r"--tokenizer .*tok2 differs from the tokenizer that built cache .*pass --cross-tokenizer"
+    ),
+    "cross-tokenizer options without --cross-tokenizer": Case(
+        xtok_train("--vocab-map", "prefix"), 2, r"--vocab-map configures --cross-tokenizer"
+    ),
+    "cross-tokenizer uld with --divergence": Case(
+        xtok_train("--cross-tokenizer", "uld", "--divergence", "reverse"), 2, r"uld is a distance of its own"
+    ),
+    "eval --cross-tokenizer without a cache": Case(
+        lambda d, o: ["eval", "--model", d / "llama", "--data", d / "text.jsonl", "--cross-tokenizer", "aligned"],
+        2,
+        r"--cross-tokenizer .* add --cache",
+    ),
+    "eval --cross-tokenizer with a cache without token spans": Case(
+        lambda d, o: [
+            "eval",
+            "--model",
+            d / "llama",
+            "--data",
+            d / "text.jsonl",
+            "--cache",
+            d / "lm_cache_nospans",
+            "--temperature",
+            1,
+            "--cross-tokenizer",
+            "aligned",
+        ],
+        2,
+        r"records no token spans",
     ),
     "training that diverges (NaN loss)": Case(
         train("--lr", "1e30", "--optimizer", "sgd"), 4, r"training diverged: the loss became NaN or infinite in epoch 1"

@@ -14,6 +14,7 @@ import pytest
 from conftest import make_blobs
 from format_helpers import kdcli, run_dir_metrics
 from lm_helpers import make_llama, make_tokenizer, text_rows, write_jsonl
+from safetensors.torch import load_file
 
 from kdcli.config import CacheConfig, TrainConfig, resolve
 from kdcli.stages.cache import cache_teacher
@@ -88,6 +89,7 @@ def test_round_trip_through_the_cli_is_array_identical(caches, tmp_path, kind, m
     m = json.loads((src / "manifest.json").read_text())
     assert s["lost"] == [] and s["rows"] == m["num_rows"] and s["files"] == len(m["shards"]) > 1
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [f"part-{i:05d}.parquet" for i in range(s["files"])]
+    assert ("xtok" in m) == (kind == "lm")  # a text cache's spans cross, with its teacher's vocabulary
     assert "export --format" not in r.stderr  # nothing lost: no warning
     r = kdcli("cache", "import", tmp_path / "x", "--format", "parquet", "--out", tmp_path / "back", "--json")
     i = json.loads(r.stdout)
@@ -227,3 +229,22 @@ def test_a_failing_export_leaves_nothing(caches, tmp_path, monkeypatch):
     kdcli("cache", "export", caches["root"] / "lm-topk", "--format", "parquet", "--out", tmp_path / "x", code=2,
           err="no space left")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_imported_export_still_serves_a_student_with_another_tokenizer(caches, tmp_path):
+    """The token spans and the teacher's vocabulary cross the Parquet round trip: --cross-tokenizer trains from the
+    imported cache to the weights it reaches from the original."""
+    src = caches["root"] / "lm-topk"
+    kdcli("cache", "export", src, "--format", "parquet", "--out", tmp_path / "x")
+    kdcli("cache", "import", tmp_path / "x", "--format", "parquet", "--out", tmp_path / "back")
+    assert (tmp_path / "back" / "teacher_vocab.json").read_bytes() == (src / "teacher_vocab.json").read_bytes()
+    student_tok = make_tokenizer(tmp_path / "tok2", 270)
+    weights = []
+    for cache in (src, tmp_path / "back"):
+        out = tmp_path / f"run-{cache.name}"
+        kdcli("train-student", "--student", "transformer", "--student-arg", "d_model=16", "--student-arg", "n_layers=1",
+              "--student-arg", "n_heads=2", "--tokenizer", student_tok, "--data", caches["text"], "--cache", cache,
+              "--cross-tokenizer", "aligned", "--temperature", 2, "--epochs", 1, "--out", out)  # fmt: skip
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])

@@ -61,6 +61,44 @@ def test_shakespeare_example_runs(tiny_teacher, tmp_path, monkeypatch):
     assert 8 * 4 / 2 < res["cache_bytes_per_token"] < res["full_fp16_bytes_per_token"]
 
 
+@needs_shakespeare
+def test_cross_tokenizer_example_runs(tiny_teacher, tmp_path, monkeypatch):
+    """The SmolLM2 -> own-BPE example with a tiny random teacher: a student tokenizer trained on the text, the
+    labels-only student and one per method at equal steps, eval across tokenizers with the teacher measured too."""
+    out = tmp_path / "out"
+    run_script(
+        ROOT / "examples/lm-cross-tokenizer/run.py",
+        "--out",
+        out,
+        "--teacher",
+        tiny_teacher,
+        "--train-chars",
+        3000,
+        "--heldout-chars",
+        1200,
+        "--max-length",
+        32,
+        "--top-k",
+        8,
+        "--epochs",
+        1,
+        "--student-args",
+        "d_model=32,n_layers=1,n_heads=2",
+        "--student-vocab",
+        300,
+        monkeypatch=monkeypatch,
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"labels-only", "aligned", "uld", "hybrid", "teacher"}
+    assert len(set(res["steps"].values())) == 1  # every student at the same number of steps
+    teacher = res["models"]["teacher"]
+    assert teacher["aligned_share"] == 1.0 and teacher["agreement"] == 1.0  # the teacher against its own cache
+    assert teacher["bits_per_byte"] == pytest.approx(res["teacher_bits_per_byte_from_cache"], rel=2e-3)
+    for name in ("aligned", "uld", "hybrid"):
+        assert 0.3 < res["train_aligned_share"][name] < 1.0
+        assert 0.3 < res["models"][name]["aligned_share"] < 1.0 and res["models"][name]["bits_per_byte"] > 0
+
+
 def test_prompt_distillation_example_runs(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(

@@ -5,6 +5,7 @@ in Hugging Face's unshifted convention, padding, truncation, and one-line refusa
 import json
 
 import datasets
+import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import pytest
 from format_helpers import kdcli
 from lm_helpers import make_llama, make_tokenizer, prompt_rows, text_rows, write_jsonl
 
+from kdcli.cache.tokens import SPAN_KEYS
 from kdcli.infra.errors import UsageError
 from kdcli.lm.text import TextSettings, load_text, load_tokenizer, teacher_view
 
@@ -104,7 +106,8 @@ def test_parquet_columns_of_another_type_are_refused(tok_dir, tmp_path):
 
 def test_cache_teacher_reads_pre_tokenized_data(tok_dir, tmp_path):
     """The teacher caches token rows as it caches text: the same tokens give the same cache (same fingerprint,
-    same arrays), so a cache built from text trains with its token ids as DATA."""
+    same arrays; the text's cache also records each token's span in the text, which token ids cannot), so a cache
+    built from text trains with its token ids as DATA."""
     teacher = make_llama(tmp_path / "teacher", tok_dir)
     text = write_jsonl(tmp_path / "text.jsonl", text_rows(6))
     td = load_text(str(text), load_tokenizer(str(tok_dir)), TextSettings(max_length=16))
@@ -114,6 +117,11 @@ def test_cache_teacher_reads_pre_tokenized_data(tok_dir, tmp_path):
               "--max-length", 16)  # fmt: skip
     ma, mb = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in "ab")
     assert ma["data"]["fingerprint"] == mb["data"]["fingerprint"] and mb["text"]["data_kind"] == "tokens"
-    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    assert "xtok" in ma and "xtok" not in mb and len(ma["shards"]) == len(mb["shards"])
+    for sa, sb in zip(ma["shards"], mb["shards"]):
+        with h5py.File(tmp_path / "a" / sa["name"], "r") as fa, h5py.File(tmp_path / "b" / sb["name"], "r") as fb:
+            assert set(fa) == set(fb) | set(SPAN_KEYS)
+            for key in fb:
+                np.testing.assert_array_equal(fa[key][()], fb[key][()], err_msg=key)
     kdcli("train-student", "--cache", tmp_path / "a", "--data", toks, "--student", teacher, "--epochs", 1,
           "--temperature", 1, "--out", tmp_path / "run")  # fmt: skip

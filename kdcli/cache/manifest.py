@@ -22,6 +22,7 @@ from kdcli.cache.storage import Location, locate
 from kdcli.infra.errors import CacheError
 
 MANIFEST = "manifest.json"
+TEACHER_VOCAB = "teacher_vocab.json"  # a token cache with spans (manifest "xtok"): the teacher's vocabulary as strings
 RANK_MANIFEST_GLOB = "manifest.rank-*.json"
 FORMAT = "kdcli-cache"
 FORMAT_VERSION = 1
@@ -171,6 +172,8 @@ def plan_differences(old: dict, new: dict) -> list[str]:
             diffs.append(f"data {key} differs ({str(od.get(key))[:16]} vs {str(nd.get(key))[:16]})")
     if old.get("tokenizer") != new.get("tokenizer"):
         diffs.append("tokenizer differs")
+    if (old.get("xtok") or {}).get("version") != (new.get("xtok") or {}).get("version"):
+        diffs.append("token spans differ (a cache made before kdcli recorded them, or by another version)")
     for key in sorted(set(old["settings"]) | set(new["settings"])):
         if old["settings"].get(key) != new["settings"].get(key):
             diffs.append(f"setting {key} differs ({old['settings'].get(key)} vs {new['settings'].get(key)})")

@@ -19,11 +19,15 @@ from kdcli.cache.storage import Span
 from kdcli.cache.verify import block_problems
 from kdcli.infra.errors import CacheError
 
+SPAN_KEYS = ("span_segment", "span_start", "span_end")
+"""Per cached position, where the predicted teacher token sits in the text (int32; kdcli.lm.align): recorded when
+the manifest has an ``xtok`` object, read only by a reader asked for them (``read_spans``)."""
 
-def token_keys(mode: str, temperatures=None) -> tuple[str, ...]:
-    """The arrays a token cache stores per predicted token: the mode's (for its stored temperatures) and the
-    teacher's log-prob of the token that follows."""
-    return get_mode(mode).keys(temperatures) + ("target_logprobs",)
+
+def token_keys(mode: str, temperatures=None, spans: bool = False) -> tuple[str, ...]:
+    """The arrays a token cache stores per predicted token: the mode's (for its stored temperatures), the
+    teacher's log-prob of the token that follows and, with ``spans``, the token spans."""
+    return get_mode(mode).keys(temperatures) + ("target_logprobs",) + (SPAN_KEYS if spans else ())
 
 
 class TokenCacheReader(CacheReader):
@@ -39,6 +43,7 @@ class TokenCacheReader(CacheReader):
         self.vocab_size = self.num_classes
         self.bytes_per_row = sum(s["bytes"] for s in self.shards) / max(self.num_rows, 1)
         self._offsets: dict[int, np.ndarray] = {}  # per shard, read once: 8 bytes a row
+        self.read_spans = False  # also read the token spans (a cache that records them: manifest "xtok")
 
     def shard_offsets(self, shard: int) -> np.ndarray:
         """The ``offsets`` array of a shard (rows + 1 token positions), memoised: a remote read of a block's
@@ -61,8 +66,24 @@ class TokenCacheReader(CacheReader):
         yield from ((b.shard, k, t0, t1) for k in self.token_keys)
 
     @property
+    def has_spans(self) -> bool:
+        return bool(self.manifest.get("xtok"))
+
+    @property
     def token_keys(self) -> tuple[str, ...]:
-        return token_keys(self.mode, self.manifest.get("temperatures"))
+        return token_keys(self.mode, self.manifest.get("temperatures"), self.read_spans and self.has_spans)
+
+    def token_column(self, key: str):
+        """Yield ``(first row, offsets, values)`` of one per-token array, shard by shard: an index over the whole
+        cache reads one small column, not the targets."""
+        for i, s in enumerate(self.shards):
+            try:
+                off = self.shard_offsets(i)
+                with self._shards.hold([(i, key, 0, int(off[-1]))]):
+                    values = self._file(i)[key][()]
+            except (KeyError, OSError, ValueError) as e:
+                raise self.unreadable(i, e) from None
+            yield s["row_start"], off, values
 
     def read_block(self, b) -> dict[str, np.ndarray]:
         f = self._file(b.shard)

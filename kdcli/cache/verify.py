@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcli.cache.manifest import RANK_MANIFEST_GLOB, read_manifest, shard_name
+from kdcli.cache.manifest import RANK_MANIFEST_GLOB, TEACHER_VOCAB, read_manifest, shard_name
 from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import first, logprob_problems
 from kdcli.cache.storage import Location, ShardFiles, locate, open_shard
@@ -138,6 +138,11 @@ def block_problems(
     out += get_mode(mode).problems(manifest, arrays, tok_at)
     if "target_logprobs" in arrays:
         out += logprob_problems("target_logprobs", arrays["target_logprobs"], tok_at)
+    if "span_start" in arrays and "span_end" in arrays and "span_segment" in arrays:
+        a, b, seg = arrays["span_start"], arrays["span_end"], arrays["span_segment"]
+        bad = (a < 0) | (b < a) | (seg < -1)
+        if bad.any():
+            out.append(f"token spans are impossible (start < 0, end < start or segment < -1) at {tok_at(first(bad))}")
     return out
 
 
@@ -153,6 +158,8 @@ def _expected_datasets(m: dict) -> dict[str, tuple[np.dtype | None, tuple | None
     out.update(get_mode(m["mode"]).expected(m))
     if token:
         out["target_logprobs"] = (np.dtype(np.float16), ())
+        if m.get("xtok"):
+            out.update({k: (np.dtype(np.int32), ()) for k in m["xtok"].get("span_keys") or ()})
     return out
 
 
@@ -309,6 +316,19 @@ def _verify_shard(
     return rep
 
 
+def teacher_vocab_problems(d: Location, m: dict, sizes: dict[str, int]) -> list[str]:
+    """A cache that records token spans (manifest ``xtok``) holds the teacher's vocabulary as strings in
+    :data:`~kdcli.cache.manifest.TEACHER_VOCAB`, checksummed like a shard (``sizes``: the cache's listing)."""
+    vocab = (m.get("xtok") or {}).get("vocab")
+    if not vocab:
+        return []
+    if TEACHER_VOCAB not in sizes:
+        return [f"{TEACHER_VOCAB} (the teacher's vocabulary as strings) is missing"]
+    if hashlib.sha256(d.read_bytes(TEACHER_VOCAB)).hexdigest() != vocab.get("file_sha256"):
+        return [f"{TEACHER_VOCAB} differs from the manifest's sha256 (the file changed after it was written)"]
+    return []
+
+
 def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport:
     """Re-hash and re-check a whole cache. Raises CacheError only when there is no manifest to verify against."""
     t0 = time.perf_counter()
@@ -370,6 +390,7 @@ def verify_cache(cache_dir: str | Path, data: str | None = None) -> VerifyReport
                     got_tokens += int(f["offsets"][-1])
             if got_tokens != int(want_tokens):
                 problems.append(f"shards hold {got_tokens} tokens, the manifest's data has {int(want_tokens)}")
+    problems += teacher_vocab_problems(d, m, sizes)
     listed = {s.get("name") for s in m["shards"]}
     stray = sorted(n for n in fnmatch.filter(sizes, "shard-*.h5") if n not in listed)
     if stray:

@@ -96,6 +96,44 @@ class TextReading:
     )
 
 
+CROSS_TOKENIZER_METHODS = ("aligned", "uld", "hybrid")
+VOCAB_MAPS = ("strict", "prefix")
+
+
+@dataclass(kw_only=True)
+class CrossTokenizer:
+    """A student (or eval model) whose tokenizer differs from the cache's: docs/lm.md, "Any teacher, any student"."""
+
+    cross_tokenizer: str | None = opt(
+        None,
+        "LM: distil from a cache made with another tokenizer. aligned: the KL between the "
+        "two next-token distributions mapped onto the token strings both vocabularies "
+        "share (the rest one bucket), at the positions where both tokenizations have a "
+        "boundary; uld: the sorted-probability distance (Boizard et al. 2024) at those "
+        "positions; hybrid: aligned + uld inside the unmatched rest. Without it a student "
+        "whose tokenizer differs from the cache's is refused.",
+        choices=CROSS_TOKENIZER_METHODS,
+        panel="Language models",
+        tasks=LM,
+    )
+    vocab_map: str = opt(
+        "strict",
+        "With --cross-tokenizer: strict matches equal token strings only; prefix also puts "
+        "a token the other vocabulary cannot spell into the bucket of its longest shared "
+        "prefix (a much smaller student vocabulary).",
+        choices=VOCAB_MAPS,
+        panel="Language models",
+        tasks=LM,
+    )
+    uld_weight: float = opt(
+        1.0,
+        "With --cross-tokenizer hybrid: the weight of the ULD term inside the unmatched rest.",
+        min=0.0,
+        panel="Language models",
+        tasks=LM,
+    )
+
+
 # -- the commands ----------------------------------------------------------------------------------------------------
 
 
@@ -261,7 +299,7 @@ class CacheConfig(Placement, RemoteCode):
 
 
 @dataclass(kw_only=True)
-class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
+class TrainConfig(FusedTeacher, TextReading, CrossTokenizer, Placement, RemoteCode):
     """Train a student from a teacher cache (distillation) or on labels alone (baseline / teacher)."""
 
     data: str = opt(help="Training DATA (the same spec the cache was built from).", panel="Data")
@@ -435,7 +473,7 @@ class TrainConfig(FusedTeacher, TextReading, Placement, RemoteCode):
 
 
 @dataclass(kw_only=True)
-class EvalConfig(FusedTeacher, TextReading, Placement, RemoteCode):
+class EvalConfig(FusedTeacher, TextReading, CrossTokenizer, Placement, RemoteCode):
     """Measure one or more models on DATA, against the labels and (with --cache) against the teacher."""
 
     data: str = opt(help="Evaluation DATA, e.g. mnist:test.", panel="Data")

@@ -5,6 +5,11 @@
 - :mod:`kdcli.lm.hf`       -- causal LMs: Hugging Face dirs and GGUF files, the built-in ``transformer`` student
 - :mod:`kdcli.cache.tokens`    -- reading token-level shards (flattened tokens + offsets)
 - :mod:`kdcli.lm.head_loss` -- the student's output layer and the distillation loss fused, chunk by chunk
+- :mod:`kdcli.lm.align`    -- where tokens sit in the text (byte spans in segments), the vocabulary as strings, the
+  id -> bucket map between two vocabularies, the positions two tokenizations share
+- :mod:`kdcli.lm.xtok`     -- what a token cache records for students with another tokenizer, and how they read it
+- :mod:`kdcli.lm.xtok_loss` -- the cross-tokenizer losses (aligned, ULD, hybrid) from a cache
+- :mod:`kdcli.lm.bpb`      -- bits per byte, the tokenizer-free yardstick
 
 These are inputs to the language-model task (:mod:`kdcli.tasks.lm`), which the one cache pass, training loop and
 eval (kdcli.stages.cache, kdcli.stages.train, kdcli.stages.evaluate) use when :func:`is_text_spec` says DATA is text.

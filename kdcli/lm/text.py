@@ -64,6 +64,7 @@ import numpy as np
 from kdcli.data import RowIdentity, split_slice
 from kdcli.infra.errors import UsageError
 from kdcli.lm import pretokenized
+from kdcli.lm.align import Segments, SegmentSpans, chat_segments, text_segment, vocab_strings
 
 HF_HINT = "install the Hugging Face extra: pip install 'kdcli[hf]'"
 TOKENIZER_DIR = "tokenizer"  # inside a kdcli LM run dir
@@ -236,6 +237,10 @@ class TokenData(RowIdentity):
     # when every sequence predicts one run of tokens to its end, [first_target, len).
     target_mask: list[np.ndarray] | None = None
     chats: list[list[dict]] | None = None  # chat rows: the normalised messages (for --teacher-prompt)
+    # load_text(..., spans=True): per sequence, each token's segment and byte span in it (kdcli.lm.align), and the
+    # identity of the segments' texts (what a student with another tokenizer must agree on)
+    spans: list[SegmentSpans] | None = None
+    segments: dict | None = None
 
     @property
     def n(self) -> int:
@@ -698,7 +703,26 @@ def render_chat(
     tok, messages: list[dict], template: str | None, where: str = "chat row"
 ) -> tuple[list[int], np.ndarray]:
     """Token ids of a rendered conversation (as ``apply_chat_template`` tokenizes it) and a bool mask, True at
-    every token of an assistant turn (its content and end-of-turn marker; not its header, not what follows).
+    every token of an assistant turn (its content and end-of-turn marker; not its header, not what follows)
+    (:func:`render_chat_parts`)."""
+    chat = render_chat_parts(tok, messages, template, where)
+    return chat.ids, chat.mask
+
+
+@dataclass
+class RenderedChat:
+    """A rendered conversation: its text, token ids and their character offsets, each assistant turn's character
+    range ``[start, end)`` (with the message index) and the predicted-token mask."""
+
+    text: str
+    ids: list[int]
+    offsets: np.ndarray  # (n, 2) character offsets
+    turns: list[tuple[int, int, int]]  # (message index, start, end)
+    mask: np.ndarray  # (n,) bool
+
+
+def render_chat_parts(tok, messages: list[dict], template: str | None, where: str = "chat row") -> RenderedChat:
+    """The rendered conversation and where its assistant turns are (:func:`render_chat`).
 
     For assistant turn ``j`` the conversation is rendered up to turn ``j - 1`` with the generation prompt (the
     turn starts where that ends) and up to turn ``j`` (it ends at the last non-whitespace character); a template
@@ -732,7 +756,7 @@ def render_chat(
                 "that renders each turn the same way"
             )
         if end > start:
-            spans.append((start, end))
+            spans.append((j, start, end))
     try:
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
@@ -742,11 +766,11 @@ def render_chat(
     ids = list(enc["input_ids"])
     offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
+    for _, a, b in spans:
         mask |= (offs[:, 0] < b) & (offs[:, 1] > a)
     if len(mask):
         mask[0] = False  # nothing predicts the first token
-    return ids, mask
+    return RenderedChat(full, ids, offs, spans, mask)
 
 
 def _require_chat_template(tok, settings: TextSettings) -> None:
@@ -767,12 +791,21 @@ def _encode(tok, text: str) -> list[int]:
 
 
 def load_text(
-    spec: str, tok, settings: TextSettings, *, vocab_size: int | None = None, target_masks: bool = False
+    spec: str,
+    tok,
+    settings: TextSettings,
+    *,
+    vocab_size: int | None = None,
+    target_masks: bool = False,
+    spans: bool = False,
 ) -> TokenData:
     """Read a DATA spec (optionally sliced by row, before packing) and tokenize it.
 
     ``target_masks``: the caller handles :attr:`TokenData.target_mask` (multi-turn chat rows, whose predicted
-    tokens are several runs); without it such a row is refused with a clear error."""
+    tokens are several runs); without it such a row is refused with a clear error. ``spans``: also record where
+    each token sits in its segment of the text (:attr:`TokenData.spans`, :mod:`kdcli.lm.align`; the same ids: one
+    tokenizer call gives both); needs a fast tokenizer (UsageError otherwise). Pre-tokenized rows have no text:
+    their :attr:`TokenData.spans` stay None whatever ``spans`` says."""
     L = settings.max_length
     if L < 2:
         raise UsageError("--max-length must be >= 2: a sequence needs a token to predict from")
@@ -781,6 +814,7 @@ def load_text(
     if first_row is None:
         raise UsageError(f"{spec}: no rows")
     kind = KIND_OF[_row_format(*first_row)]
+    spans = spans and kind != "tokens"  # token ids without their text: nothing to place them in
 
     def same_kind():
         for where, row in itertools.chain([first_row], rows):
@@ -795,31 +829,54 @@ def load_text(
     out = {"prompts": None, "response_start": None, "target_mask": None, "chats": None}
     notes: list[str] = []
     eos = tok.eos_token_id
+    vocab = vocab_strings(tok, vocab_size) if spans else None
+    segments = Segments(kind) if spans else None
+    seq_spans: list[SegmentSpans] = []
     if kind == "text":
-        docs = [_encode(tok, r["text"]) + ([eos] if eos is not None else []) for _, r, _ in same_kind()]
+        docs, doc_spans = [], []
+        for _, r, _ in same_kind():
+            if spans:
+                d, sp = text_segment(tok, vocab, r["text"], segments.add(r["text"]), eos)
+                doc_spans.append(sp)
+            else:
+                d = _encode(tok, r["text"]) + ([eos] if eos is not None else [])
+            docs.append(d)
         if settings.pack:
             flat = np.fromiter((t for d in docs for t in d), dtype=np.int32)
-            ids = [flat[a : a + L] for a in range(0, len(flat), L)]
-            ids = [s for s in ids if len(s) >= 2]
+            cuts = [(a, a + L) for a in range(0, len(flat), L) if len(flat[a : a + L]) >= 2]
+            ids = [flat[a:b] for a, b in cuts]
+            if spans:
+                flat_spans = SegmentSpans.concat(doc_spans)
+                seq_spans = [flat_spans[a:b] for a, b in cuts]
         else:
             cut = sum(len(d) > L for d in docs)
             if cut:
                 notes.append(f"{cut} of {len(docs)} rows were truncated to --max-length {L}")
             ids = [np.asarray(d[:L], dtype=np.int32) for d in docs]
+            seq_spans = [sp[:L] for sp in doc_spans]
         first = np.ones(len(ids), dtype=np.int64)
     elif kind == "prompt":
         template = _check_prompt_template(settings.prompt_template)
         ids, first_l, starts, prompts = [], [], [], []
         cut_resp = cut_prompt = 0
         for _, r, _ in same_kind():
-            p = _encode(tok, template.format(prompt=r["prompt"]))
-            resp = _encode(tok, r["response"]) + ([eos] if eos is not None else [])
+            text = template.format(prompt=r["prompt"])
+            if spans:
+                p, p_sp = text_segment(tok, vocab, text, segments.add(text), None)
+                resp, r_sp = text_segment(tok, vocab, r["response"], segments.add(r["response"]), eos)
+            else:
+                p = _encode(tok, text)
+                resp = _encode(tok, r["response"]) + ([eos] if eos is not None else [])
             if len(p) > L - 1:
                 p = p[len(p) - (L - 1) :]
+                p_sp = p_sp[len(p_sp) - (L - 1) :] if spans else None
                 cut_prompt += 1
             if len(p) + len(resp) > L:
                 resp = resp[: L - len(p)]
+                r_sp = r_sp[: L - len(p)] if spans else None
                 cut_resp += 1
+            if spans:
+                seq_spans.append(SegmentSpans.concat([p_sp, r_sp]))
             ids.append(np.asarray(p + resp, dtype=np.int32))
             starts.append(len(p))
             first_l.append(1 if settings.prompt_loss else max(len(p), 1))
@@ -853,7 +910,12 @@ def load_text(
         for where, r, fmt in same_kind():
             n_rows += 1
             msgs = _chat_messages(where, r, fmt)
-            seq, mask = render_chat(tok, msgs, settings.chat_template, where)
+            chat = render_chat_parts(tok, msgs, settings.chat_template, where)
+            seq, mask = chat.ids, chat.mask
+            if spans:  # every assistant turn is a segment (numbered even where the row is skipped below)
+                segs = {j: segments.add(m["content"].strip()) for j, m in enumerate(msgs) if m["role"] == "assistant"}
+                turns = [(segs[j], a, b, msgs[j]["content"]) for j, a, b in chat.turns]
+                row_spans = chat_segments(chat.text, seq, chat.offsets, turns, vocab)
             hits = np.flatnonzero(mask)
             if not len(hits):
                 raise UsageError(f"{where}: the chat template renders no token for the assistant turns")
@@ -880,6 +942,8 @@ def load_text(
             first_l.append(f)
             masks.append(mask)
             chats.append(msgs)
+            if spans:
+                seq_spans.append(row_spans[:end])
         if cut:
             notes.append(
                 f"{cut} of {n_rows} chat rows were cut at --max-length {L} (chat rows are not packed: "
@@ -907,6 +971,8 @@ def load_text(
         settings=settings,
         vocab_size=width,
         notes=notes,
+        spans=seq_spans if spans else None,
+        segments=segments.identity() if spans else None,
         **out,
     )
 

@@ -19,6 +19,7 @@ import torch
 
 from kdcli.cache.manifest import (
     MANIFEST,
+    TEACHER_VOCAB,
     contiguous_runs,
     merge_rank_manifests,
     missing_shards,
@@ -51,7 +52,7 @@ def _is_cache_debris(name: str) -> bool:
     return (
         name.startswith("shard-")
         or name.endswith(".partial")
-        or name == MANIFEST
+        or name in (MANIFEST, TEACHER_VOCAB)
         or name.startswith("manifest.rank-")
         or name == LOCK
     )
@@ -213,9 +214,11 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                 stack.enter_context(StoreLock(loc))  # one writer: a conditional-create .lock object
                 merge_rank_manifests(loc)
                 work, manifest, kept = _prepare_remote(loc, job.plan, cfg.overwrite)
+                put_files(locate(work), job)
                 return str(work), manifest, kept
             main["created"] = make_dir(out)
             main["work"], manifest, kept = _open_cache(stack, out, job.plan, cfg.overwrite)
+            put_files(locate(main["work"]), job)
             return str(main["work"]), manifest, kept
 
         work, manifest, kept = ctx.on_main(open_cache)
@@ -282,6 +285,12 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     status = "resumed" if first_row else "written"
     computed_units = sum(job.units(a, b) for a, b in todo_rows)
     return _summary(cfg, job, manifest, status, num_rows - first_row, first_row, computed_units, t0, device)
+
+
+def put_files(work: Location, job: CacheJob) -> None:
+    """The files a cache holds beside its shards (named and checksummed in the manifest), each written whole."""
+    for name, body in job.files().items():
+        work.put_bytes(name, body)
 
 
 def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tuple[Path, dict, int]:

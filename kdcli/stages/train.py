@@ -334,6 +334,7 @@ def _train(
         approximate=cfg.approximate_temperature,
         note=reader.loss_note if reader else "",
         approximation=reader.approximation if reader else "",
+        term=job.soft_term,
     )
     log.info(formula + ("   (averaged over predicted tokens)" if job.unit == "tokens" else ""))
     if isinstance(reader, FusedReader):
@@ -349,7 +350,7 @@ def _train(
     resumed_from = saved = global_step
     last: dict = {}
     loader = None
-    if reader is not None:  # this rank's share of the cache; num_workers > 0: read in persistent DataLoader workers
+    if reader is not None and job.batches_from_cache:  # this rank's share of the cache (num_workers > 0: in workers)
         loader = CacheLoader(
             reader,
             batch_size=cfg.batch_size,

@@ -5,6 +5,7 @@
 - :mod:`kdcli.tasks.reports`  -- the summaries and eval rows every task returns, each building its own table
 - :mod:`kdcli.tasks.classify` -- classification: tensors + integer labels, one cached row per (sample, view)
 - :mod:`kdcli.tasks.lm`       -- language models: token sequences, one cached entry per predicted token
+- :mod:`kdcli.tasks.lm_xtok`  -- the same task with a student (eval model) of another tokenizer (--cross-tokenizer)
 
 :func:`pick_task` is the one place that decides which task a run is.
 """
@@ -36,9 +37,9 @@ def pick_task(data_spec: str | None) -> Task:
     """The task a DATA spec belongs to: text (:func:`kdcli.lm.is_text_spec`) -> language modelling, anything else
     -> classification."""
     if is_text_spec(data_spec):
-        from kdcli.tasks.lm import TokenTask
+        from kdcli.tasks.lm_xtok import CrossTokenTask  # the LM task, with --cross-tokenizer
 
-        return TokenTask()
+        return CrossTokenTask()
     base = Path(split_slice(str(data_spec or ""))[0])
     if base.is_dir():  # no DATA is a plain directory: say what one must hold, before any model is loaded
         raise UsageError(

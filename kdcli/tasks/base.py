@@ -222,6 +222,11 @@ class CacheJob(ABC):
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> CacheSummary:
         """The stage's summary: ``base`` with this task's extra fields."""
 
+    def files(self) -> dict[str, bytes]:
+        """Files the cache holds beside its shards (name -> content; named and checksummed in the plan), written
+        before any shard: a token cache's teacher vocabulary (kdcli.lm.xtok)."""
+        return {}
+
 
 class TrainJob(ABC):
     """One ``train-student`` run of one task: built by :meth:`Task.train_job`; driven by
@@ -233,6 +238,10 @@ class TrainJob(ABC):
     num_samples: int  # rows of the data set (the validation split draws from these)
     views: int = 1  # cache rows per sample (augmented views)
     unit: str = "rows"  # what the loss is averaged over and metrics count: "rows" or "tokens"
+    # The epoch's batches are the cache's rows (CacheLoader), or, False, shuffled rows of the data that the job reads
+    # its teacher targets for itself (a cross-tokenizer student: its rows are not the cache's)
+    batches_from_cache: bool = True
+    soft_term: str | None = None  # the soft term's formula in the printed loss, where it is not the divergence's
 
     @abstractmethod
     def build_student(self) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcli.cache.manifest import new_manifest
+from kdcli.cache.manifest import TEACHER_VOCAB, new_manifest
 from kdcli.cache.modes.base import Mode, Targets
 from kdcli.cache.tokens import TokenCacheReader, token_keys
 from kdcli.cache.writer import resolve_compression
@@ -42,6 +42,7 @@ from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.fmt import TableData
 from kdcli.infra.precision import precision_context
 from kdcli.lm.adapters import add_adapter, is_peft_model, peft_module, trainable_counts
+from kdcli.lm.bpb import bits_per_byte
 from kdcli.lm.head_loss import head_kd_loss
 from kdcli.lm.hf import (
     BUILTIN_LMS,
@@ -72,6 +73,7 @@ from kdcli.lm.text import (
     teacher_view,
     tokenizer_identity,
 )
+from kdcli.lm.xtok import cache_record, cached_spans, predicted_bytes
 from kdcli.losses import LossParts, kd_loss, soft_kl
 from kdcli.models.plugins import is_plugin_spec
 from kdcli.models.weights import weight_bytes
@@ -362,9 +364,16 @@ class TokenCacheJob(CacheJob):
             )
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
-        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True)
+        offsets = bool(getattr(tok, "is_fast", False))  # where each token sits in the text (cross-tokenizer students)
+        self.data = data = load_text(cfg.data, tok, settings_obj, vocab_size=V, target_masks=True, spans=offsets)
         for note in data.notes:
             log.info(f"note: {note}")
+        spans = data.spans is not None  # not for a tokenizer without offsets, nor for pre-tokenized rows (no text)
+        xtok, self.vocab_file = cache_record(tok, data) if spans else (None, None)
+        if not offsets:
+            log.info(f"note: tokenizer {tok_spec} has no offsets: this cache cannot serve a student with another one")
+        elif not spans:
+            log.info("note: pre-tokenized rows have no text: this cache cannot serve a student with another tokenizer")
         self.view = teacher_view(data, tok, teacher_prompt)  # what the teacher reads; the same predicted tokens
         self.t_seqs, self.t_first = self.view.seqs, self.view.first_target
         max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or getattr(
@@ -379,7 +388,7 @@ class TokenCacheJob(CacheJob):
         self.num_rows = data.n
         self.sampled = mode.sampled
         n_stats = len(mode_layout.get("stat_temperatures") or ())
-        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2  # + target_logprobs
+        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2 + 12 * spans  # + target_logprobs, spans
         self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
         self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
         if self.batch_size < cfg.batch_size:
@@ -387,7 +396,7 @@ class TokenCacheJob(CacheJob):
                 f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
                 f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)"
             )
-        keys = token_keys(mode.name, self.temperatures)
+        keys = token_keys(mode.name, self.temperatures, spans=spans)
         self.token_keys = frozenset(keys)
         settings = {
             "mode": mode.name,
@@ -416,6 +425,7 @@ class TokenCacheJob(CacheJob):
             "shard_size": shard_size,
             "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
             "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind},
+            **({"xtok": xtok} if xtok else {}),
         }
         self.plan = new_manifest(
             teacher=self.info.identity(),
@@ -471,6 +481,7 @@ class TokenCacheJob(CacheJob):
             "sample_index": rows.copy(),
             "row_hash": self.data.row_hash[start:stop],
             "lengths": lengths,
+            **(cached_spans(self.data, start, stop) if self.vocab_file else {}),
         }
         return host, reduced
 
@@ -479,6 +490,9 @@ class TokenCacheJob(CacheJob):
 
     def nonfinite_message(self, row: int) -> str:
         return f"teacher produced NaN/inf logits in row {row} (sequence {row})"
+
+    def files(self) -> dict[str, bytes]:
+        return {TEACHER_VOCAB: self.vocab_file} if self.vocab_file else {}
 
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> LMCacheSummary:
         tokens = int(manifest["data"]["num_targets"])
@@ -696,6 +710,7 @@ class LMModelReport(SizeAndSpeed):
     num_parameters: int
     weight_bytes: int
     tokens_per_second: float
+    bits_per_byte: float | None = None  # NLL over the bytes the predicted tokens cover (kdcli.lm.bpb)
 
 
 @dataclass
@@ -715,6 +730,7 @@ class LMEvalReport:
         fmt = [
             ("perplexity", lambda m: f"{m.perplexity:.3f}"),
             ("NLL / token", lambda m: f"{m.nll:.4f}"),
+            *([("bits per byte", lambda m: bpb_text(m.bits_per_byte))] if self.has_bpb() else []),
             ("next-token accuracy", lambda m: f"{m.accuracy:.4f}"),
         ]
         fmt += teacher_and_size_rows(
@@ -732,12 +748,36 @@ class LMEvalReport:
             if t["num_parameters"] is not None:
                 who += f", {t['num_parameters']:,} parameters"
             caption = f"teacher (from the cache, {t['mode']}): {who}, perplexity {t['perplexity']:.3f}"
+            if t.get("bits_per_byte") is not None:
+                caption += f", {t['bits_per_byte']:.4f} bits per byte"
         return metric_table(
             f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted tokens)",
             self.models,
             fmt,
             caption,
         )
+
+    def has_bpb(self) -> bool:
+        return any(m.bits_per_byte is not None for m in self.models)
+
+
+def bpb_text(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def lm_size_and_speed(model, spec: str, data: TokenData, bs: int, pad_id: int, repeats: int) -> dict:
+    """Size and latency fields of an LM eval row: latency on the first batch's rows, padded to its longest (the
+    eval pass has just warmed the model up)."""
+    lat_ids, _ = pad_batch([data.ids[i] for i in range(min(bs, data.n))], pad_id)  # (b, L)
+    return size_and_speed(
+        model,
+        spec if Path(spec).exists() else None,
+        torch.from_numpy(lat_ids),
+        len(lat_ids),
+        repeats,
+        forward=lambda m, ids: lm_logits(m, ids),
+        warm=True,
+    )
 
 
 def eval_text_settings(cfg, reader: TokenCacheReader | None) -> tuple[object, TextSettings, int | None]:
@@ -770,9 +810,11 @@ class TokenEvalJob(EvalJob):
     def __init__(self, cfg: EvalConfig, device: torch.device, reader: TokenCacheReader | None):
         self.cfg, self.device, self.reader = cfg, device, reader
         self.tok, settings, self.V = eval_text_settings(cfg, reader)
+        spans = bool(getattr(self.tok, "is_fast", False))  # bits per byte need the bytes each token covers
         self.data = data = load_text(
-            cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok), target_masks=True
+            cfg.data, self.tok, settings, vocab_size=self.V or len(self.tok), target_masks=True, spans=spans
         )
+        self.num_bytes = predicted_bytes(data) if data.spans is not None else None
         if reader is not None:
             reader.check_data(data.identity())
         self.pad_id = pad_id_of(self.tok)
@@ -790,6 +832,7 @@ class TokenEvalJob(EvalJob):
                 "mode": m["mode"],
                 "perplexity": math.exp(min(nll_t / max(n_tok, 1), 700.0)),
                 "nll": nll_t / max(n_tok, 1),
+                "bits_per_byte": bits_per_byte(nll_t, self.num_bytes) if self.num_bytes else None,
                 "teacher_prompt": m.get("text", {}).get("teacher_prompt"),
             }
 
@@ -833,17 +876,7 @@ class TokenEvalJob(EvalJob):
                     kl += float(soft_kl(sel, targets, cfg.temperature, approximate=cfg.approximate_temperature).sum())
                 self.advance(min(self.bs, data.n - a))
         mean = nll / max(tokens, 1)
-        # latency on the first batch's rows, padded to its longest (the eval pass has just warmed the model up)
-        lat_ids, _ = pad_batch([data.ids[i] for i in range(min(self.bs, data.n))], self.pad_id)
-        stats = size_and_speed(
-            model,
-            spec if Path(spec).exists() else None,
-            torch.from_numpy(lat_ids),
-            len(lat_ids),
-            cfg.latency_repeats,
-            forward=lambda m, ids: lm_logits(m, ids),
-            warm=True,
-        )
+        stats = lm_size_and_speed(model, spec, data, self.bs, self.pad_id, cfg.latency_repeats)
         return LMModelReport(
             model=spec,
             num_tokens=tokens,
@@ -855,6 +888,7 @@ class TokenEvalJob(EvalJob):
             num_parameters=info.num_parameters,
             weight_bytes=weight_bytes(model),
             tokens_per_second=int(data.lengths.sum()) / max(secs, 1e-9),
+            bits_per_byte=bits_per_byte(nll, self.num_bytes) if self.num_bytes else None,
             **stats,
         )
 

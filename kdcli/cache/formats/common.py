@@ -20,7 +20,7 @@ from kdcli import __version__
 from kdcli.cache.manifest import new_manifest
 from kdcli.cache.modes import get_mode
 from kdcli.cache.reader import ROW_KEYS, CacheReader
-from kdcli.cache.tokens import token_keys
+from kdcli.cache.tokens import SPAN_KEYS, token_keys
 from kdcli.cache.verify import block_problems
 from kdcli.cache.writer import ShardWriter, resolve_compression
 from kdcli.data import fingerprint
@@ -192,9 +192,10 @@ def row_keys(manifest: dict) -> tuple[str, ...]:
 
 
 def stored_keys(manifest: dict) -> tuple[str, ...]:
-    """The mode's arrays a shard holds (token caches: per token, with ``target_logprobs``), in the reader's order."""
+    """The mode's arrays a shard holds (token caches: per token, with ``target_logprobs`` and, where the manifest
+    records them, the token spans), in the reader's order."""
     if is_token(manifest):
-        return token_keys(manifest["mode"], manifest.get("temperatures"))
+        return token_keys(manifest["mode"], manifest.get("temperatures"), spans=bool(manifest.get("xtok")))
     return get_mode(manifest["mode"]).keys(manifest.get("temperatures"))
 
 
@@ -209,7 +210,9 @@ def write_cache(directory: Path, manifest: dict, batches: Iterable[dict[str, np.
     from kdcli.cache.manifest import write_manifest
 
     token = is_token(manifest)
-    keys = row_keys(manifest) + (("lengths",) if token else ()) + stored_keys(manifest)
+    stored = stored_keys(manifest)
+    host = tuple(k for k in stored if k in SPAN_KEYS)  # cache-teacher's order: the host-side arrays first
+    keys = row_keys(manifest) + (("lengths",) if token else ()) + host + tuple(k for k in stored if k not in host)
     manifest = {**manifest, "shards": [], "complete": False}
     write_manifest(directory, manifest)  # from its first instant the directory says which cache it is building
     writer = ShardWriter(

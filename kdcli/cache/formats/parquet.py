@@ -14,18 +14,20 @@ kdcli (docs/formats.md lists the columns).
 shards' size, written and read one at a time (memory flat in the cache size), a directory ``datasets.load_dataset``
 and DuckDB/Polars globs read as one table.
 
-Columns: ``row_index`` int64, ``sample_index`` int64, ``row_hash`` uint64, ``aug_params`` (views only), then every
-array the cache stores, in the shards' dtypes (float16 stays float16: Parquet's FLOAT16 logical type), per row
+Columns: ``row_index`` int64, ``sample_index`` int64, ``row_hash`` uint64, ``aug_params`` (views only), then every array
+the cache stores, in the shards' dtypes (float16 stays float16: Parquet's FLOAT16 logical type), per row
 (classification: ``fixed_size_list<T>[w]`` or a scalar) or per predicted token (token caches: ``list<...>``), the
-per-temperature statistics included, and ``target_logprobs``; what the mode stores is asked of the mode
-(:meth:`Mode.keys`, :meth:`Mode.expected`), never listed here. With the cache's DATA (token caches), two more
-columns make the file pre-tokenized DATA by itself (:mod:`kdcli.lm.pretokenized`): ``input_ids`` (list<int32>) and
-``labels`` (list<int32>, the token where it is predicted, -100 elsewhere): entry ``j`` of a row's per-token arrays is
-the teacher's distribution over the ``j``-th predicted token, computed from the tokens before it.
+per-temperature statistics included, ``target_logprobs`` and, for a cache that records them, the token spans
+(``span_segment``, ``span_start``, ``span_end``; their ``teacher_vocab.json`` in the first part's metadata); what the
+mode stores is asked of the mode (:meth:`Mode.keys`, :meth:`Mode.expected`), never listed here. With the cache's DATA
+(token caches), two more columns make the file pre-tokenized DATA by itself (:mod:`kdcli.lm.pretokenized`):
+``input_ids`` (list<int32>) and ``labels`` (list<int32>, the token where it is predicted, -100 elsewhere): entry ``j``
+of a row's per-token arrays is the teacher's distribution over the ``j``-th predicted token, computed from the tokens
+before it.
 
 File key-value metadata: ``kdcli.manifest`` (the cache's whole manifest.json, shards and checksums included),
-``kdcli.parquet_format`` (``1``), ``kdcli.layout`` (which columns are per row, per token, data) and ``kdcli.part``
-(this file's shard and rows).
+``kdcli.parquet_format`` (``1``), ``kdcli.layout`` (which columns are per row, per token, data), ``kdcli.part``
+(this file's shard and rows) and, in the first file of a cache with token spans, ``kdcli.teacher_vocab``.
 
 Import checks the metadata and every column's type against the manifest, then writes the rows through kdcli's shard
 writer with the cache's own shard size and compression: the shards are array-identical to the exported cache's
@@ -55,7 +57,7 @@ from kdcli.cache.formats.common import (
     stored_keys,
     write_cache,
 )
-from kdcli.cache.manifest import FORMAT, FORMAT_VERSION
+from kdcli.cache.manifest import FORMAT, FORMAT_VERSION, TEACHER_VOCAB
 from kdcli.cache.verify import expected_datasets
 from kdcli.infra.errors import CacheError, UsageError
 
@@ -64,6 +66,7 @@ META_MANIFEST = b"kdcli.manifest"
 META_VERSION = b"kdcli.parquet_format"
 META_LAYOUT = b"kdcli.layout"
 META_PART = b"kdcli.part"
+META_TEACHER_VOCAB = b"kdcli.teacher_vocab"  # the first part of a cache with token spans: its teacher_vocab.json
 COMPRESSION = "zstd"
 """Parquet codec of the export. zstd: read by pyarrow, datasets, DuckDB and Polars; measured smaller than snappy on
 fp16 log-probs (benchmarks/bench_formats.py prints both)."""
@@ -200,6 +203,10 @@ class ParquetFormat(Format):
         }
         rows = tokens = 0
         writer, shard = None, None
+        vocab = None
+        if token and m.get("xtok"):  # token spans and the teacher's vocabulary cross too (--cross-tokenizer)
+            reader.read_spans = True
+            vocab = reader.location.read_bytes(TEACHER_VOCAB)
         try:
             for i, first, arrays in cache_blocks(reader, opts.block_values):
                 n = len(arrays["row_index"])
@@ -219,7 +226,8 @@ class ParquetFormat(Format):
                         writer.close()
                     s = reader.shards[i]
                     part = {"shard": s["name"], "row_start": s["row_start"], "row_stop": s["row_stop"]}
-                    schema = batch.schema.with_metadata({**meta, META_PART: json.dumps(part).encode()})
+                    extra = {META_TEACHER_VOCAB: vocab} if vocab is not None and i == 0 else {}
+                    schema = batch.schema.with_metadata({**meta, **extra, META_PART: json.dumps(part).encode()})
                     writer, shard = pq.ParquetWriter(str(out / part_name(i)), schema, compression=COMPRESSION), i
                 writer.write_batch(batch, row_group_size=n)
                 rows += n
@@ -348,6 +356,14 @@ class ParquetFormat(Format):
                     progress.advance(batch.num_rows)
                     yield arrays
 
+        if token and m.get("xtok"):  # the teacher's vocabulary, from the first part (verified with the cache)
+            vocab = (files[0].schema_arrow.metadata or {}).get(META_TEACHER_VOCAB)
+            if vocab is None:
+                raise CacheError(
+                    f"{src}: the first part lacks the teacher's vocabulary its cache records (kdcli.teacher_vocab); "
+                    "export the cache again"
+                )
+            (work / TEACHER_VOCAB).write_bytes(vocab)
         try:
             final_m = write_cache(work, plan, batches())
         finally:

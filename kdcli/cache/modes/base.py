@@ -188,6 +188,11 @@ class Targets:
         """The same targets for rows ``sl`` only (views, no copies)."""
         return self._map(lambda v: v[sl])
 
+    def take(self, index: torch.Tensor) -> Targets:
+        """The same targets for rows ``index`` (a gather: e.g. the cached positions a cross-tokenizer student aligns
+        with)."""
+        return self._map(lambda v: v[index])
+
     def top1(self) -> torch.Tensor:
         """(b,) the teacher's most likely class."""
         raise NotImplementedError
