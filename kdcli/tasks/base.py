@@ -222,6 +222,11 @@ class CacheJob(ABC):
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> CacheSummary:
         """The stage's summary: ``base`` with this task's extra fields."""
 
+    def complete(self, work: Path, manifest: dict) -> None:
+        """Rank 0, every shard whole, before ``complete: true`` is written: write what the cache holds beside its
+        shards and record it in ``manifest`` (``cache-teacher --generate``: the answers file). Nothing by default."""
+        return None
+
 
 class TrainJob(ABC):
     """One ``train-student`` run of one task: built by :meth:`Task.train_job`; driven by
