@@ -253,3 +253,28 @@ def test_bad_generation_input_writes_nothing(ws, data, extra, message):
             *(extra or ["--max-new-tokens", 6]), code=2)  # fmt: skip
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_prompt_response_answers_with_a_teacher_template(ws):
+    """A tokenizer without a chat template: the answers are prompt/response rows (the response tokenized on its
+    own, then EOS); a --teacher-prompt TEMPLATE with {prompt} replaces the prompt for the teacher only."""
+    from generate_helpers import make_word_tokenizer
+
+    tok = make_word_tokenizer(ws / "plain-tok", chat_template=None)
+    teacher = make_llama(ws / "plain-teacher", tok)
+    template = "Answer like a poet: {prompt}"
+    out, plain = ws / "pr-gen", ws / "pr-plain"
+    common = ["--teacher", teacher, "--teacher-prompt", template, "--top-k", 8]
+    run("cache-teacher", *common, "--data", ws / "prompts.jsonl", "--out", out, *GEN)
+    rows = answers(out)
+    assert set(rows[0]) == {"prompt", "response", "generation"} and rows[0]["prompt"] == prompt_rows(1)[0]["prompt"]
+    assert "poet" not in (out / "answers.jsonl").read_text()
+    assert read_manifest(out)["settings"]["generate"]["answer_kind"] == "prompt"
+    run("cache-teacher", *common, "--data", out / "answers.jsonl", "--out", plain, "--max-length", 64)
+    a, b = shard_arrays(out), shard_arrays(plain)
+    np.testing.assert_array_equal(a["row_hash"], b["row_hash"])
+    np.testing.assert_array_equal(a["offsets"], b["offsets"])
+    v = b["topk_logprobs"].astype(np.float32)
+    clear = np.all(np.diff(-v, axis=1) > 1e-2, axis=1)
+    np.testing.assert_array_equal(a["topk_ids"][clear], b["topk_ids"][clear])
+    np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), v, atol=4e-3, rtol=2e-3)
