@@ -70,9 +70,8 @@ ANSWER_KEY = "answer_json"
 """The per-row shard dataset holding each answer row (UTF-8 JSON ``{"row": <answers row>, "rescored": bool}``)."""
 
 
-def load_lm_teacher(cfg):
-    """(tokenizer, tokenizer spec, model, info) of ``cache-teacher``'s LM teacher, with the checks of the plain token
-    cache (weights for a built-in or plugin teacher, a tokenizer, a vocabulary the teacher covers)."""
+def lm_tokenizer(cfg):
+    """(tokenizer, its spec) of ``cache-teacher``'s LM teacher: ``--tokenizer`` or the teacher's own."""
     if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
         raise UsageError(
             f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face directory or "
@@ -83,7 +82,12 @@ def load_lm_teacher(cfg):
         raise UsageError(
             f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file or tokenizer.json)"
         )
-    tok = load_tokenizer(tok_spec, cfg.trust_remote_code)
+    return load_tokenizer(tok_spec, cfg.trust_remote_code), tok_spec
+
+
+def lm_teacher(cfg, tok, tok_spec: str):
+    """(model, info) of ``cache-teacher``'s LM teacher, with the plain token cache's checks (a vocabulary that
+    covers the tokenizer's). The text cache (:class:`kdcli.tasks.lm.TokenCacheJob`) loads it the same way."""
     model, info = build_lm(
         cfg.teacher,
         cfg.teacher_args,
@@ -98,7 +102,12 @@ def load_lm_teacher(cfg):
             f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher {cfg.teacher} has "
             f"only {info.vocab_size} logits per token; use the teacher's own tokenizer"
         )
-    return tok, tok_spec, model, info
+    if not hasattr(model, "generate"):
+        raise UsageError(
+            f"--generate needs a Hugging Face causal LM teacher (one with generate()); {cfg.teacher} is a "
+            f"{type(model).__name__}: cache its text without --generate, or use a Hugging Face teacher"
+        )
+    return model, info
 
 
 def generation_settings(cfg) -> GenerationSettings:
@@ -158,12 +167,15 @@ class GenerateCacheJob(CacheJob):
 
     def __init__(self, cfg, mode: Mode):
         self.cfg, self.mode = cfg, mode
-        self.tok, tok_spec, self.model, self.info = load_lm_teacher(cfg)
-        if not hasattr(self.model, "generate"):
-            raise UsageError(
-                f"--generate needs a Hugging Face causal LM teacher (one with generate()); {cfg.teacher} is a "
-                f"{type(self.model).__name__}: cache its text without --generate, or use a Hugging Face teacher"
-            )
+        # what can be checked without the teacher first: its settings, then the prompts (with its tokenizer)
+        self.gen = gen = generation_settings(cfg)
+        text = text_settings(cfg)
+        self.teacher_prompt = read_template(cfg.teacher_prompt)
+        self.tok, tok_spec = lm_tokenizer(cfg)
+        self.prompts = prompts = load_prompts(cfg.data, self.tok, text, self.teacher_prompt)
+        for note in prompts.notes:
+            log.info(f"note: {note}")
+        self.model, self.info = lm_teacher(cfg, self.tok, tok_spec)
         self.placed = is_placed(self.model)
         self.V = V = self.info.vocab_size
         self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, V, token=True)
@@ -172,12 +184,6 @@ class GenerateCacheJob(CacheJob):
                 f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
                 "--mode sample is ~300x smaller"
             )
-        text = text_settings(cfg)
-        self.teacher_prompt = read_template(cfg.teacher_prompt)
-        self.gen = gen = generation_settings(cfg)
-        self.prompts = prompts = load_prompts(cfg.data, self.tok, text, self.teacher_prompt)
-        for note in prompts.notes:
-            log.info(f"note: {note}")
         self.answers = TeacherAnswers(self.model, self.tok, prompts, gen, pad_id=pad_id_of(self.tok), vocab_size=V)
         self.num_rows = self.answers.num_rows
         self.sampled = mode.sampled
