@@ -9,8 +9,9 @@ end-of-turn step, whose distribution the student needs; the baseline gets that s
 
 - ``generate``: transformers' ``model.generate`` (its generation_config neutralised as the cache pass does), no
   logits processor, nothing kept but the tokens;
-- ``capture``: :meth:`kdcli.lm.answers.TeacherAnswers.batch` with the cache's top-k reduction (``reduce_logits``
-  topk, k = --top-k, plus the target's log-prob) on every step: generation, the step reductions, the answer rows,
+- ``capture``: :meth:`kdcli.lm.answers.TeacherAnswers.batch` with the cache's top-k reduction (the topk mode's
+  ``Mode.reduce`` through ``reduce_logits``, k = --top-k, the tail statistics at --temperatures as cache-teacher
+  stores them by default, plus the target's log-prob) on every step: generation, the step reductions, the answer rows,
   the student's and the teacher's views, and the rescoring of rows whose answer does not re-tokenize (counted);
 - ``capture-core``: the same generation and step reductions alone (:func:`kdcli.lm.generate.generate_with_capture`
   + :class:`~kdcli.lm.generate.StepReducer`): the overhead of capturing, without building answer rows or rescoring;
@@ -95,6 +96,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument(
+        "--temperatures",
+        default="1,2,4",
+        help="the temperatures the top-k reduction stores tail statistics for (cache-teacher's default: 1,2,4)",
+    )
     ap.add_argument("--teacher-prompt", default="You are a pirate. Answer like one.")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -128,11 +134,12 @@ def main(argv=None) -> dict:
     prompts = load_prompts(str(data), tok, TextSettings(max_length=512), args.teacher_prompt)
     teacher = TeacherAnswers(model, tok, prompts, GenerationSettings(max_new_tokens=args.max_new_tokens))
     V = model.get_output_embeddings().out_features
+    temperatures = [float(t) for t in args.temperatures.split(",")]
 
     def reduce(z, y):
         lp = torch.log_softmax(z.float(), dim=-1)
         return {
-            **reduce_logits(lp, "topk", top_k=min(args.top_k, V - 1)),
+            **reduce_logits(lp, "topk", top_k=min(args.top_k, V - 1), temperatures=temperatures),
             "target_logprobs": lp.gather(1, y[:, None])[:, 0].half(),
         }
 
@@ -239,6 +246,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "top_k": args.top_k,
+        "temperatures": temperatures,
         "repeats": args.repeats,
         "cpu_time": ratios(cpu),
         "wall_time": ratios(wall),
