@@ -243,6 +243,7 @@ def test_chat_prompt_rows_and_a_parquet_copy(ws):
         ("empty", [], "empty prompt"),
         ("prompts", ["--max-new-tokens", 0], "'max_new_tokens' must be >= 1"),
         ("prompts", ["--gen-temperature", 0.5], "add --sample"),
+        ("prompts", ["--max-new-tokens", 6, "--no-pack"], "--no-pack shapes text rows"),
     ],
 )
 def test_bad_generation_input_writes_nothing(ws, data, extra, message):

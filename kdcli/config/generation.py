@@ -84,8 +84,13 @@ GENERATION_OPTIONS = tuple(f.name for f in fields_of(Generation) if f.name != "g
 
 
 def check_generation_options(cfg) -> None:
-    """Refuse (exit 2, one line) a generation option given without ``--generate``: it would be ignored."""
+    """Refuse (exit 2, one line) a generation option given without ``--generate``, and with it an option that only
+    shapes text rows: either would be ignored."""
     if getattr(cfg, "generate", False):
+        if "no_pack" in given(cfg):
+            raise UsageError(
+                "--no-pack shapes text rows; --generate reads prompt rows, each answer its own sequence: drop it"
+            )
         return
     for name in GENERATION_OPTIONS:
         if name in given(cfg):
