@@ -141,7 +141,10 @@ app = typer.Typer(
     "any number of students from the cache. " + EXIT_CODES_HELP,
 )
 cache_app = typer.Typer(
-    cls=OneLineErrors, no_args_is_help=True, rich_markup_mode="rich", help="Inspect and check teacher caches."
+    cls=OneLineErrors,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Inspect, check, export and import teacher caches.",
 )
 app.add_typer(cache_app, name="cache")
 
@@ -441,6 +444,218 @@ def cache_verify(
         if not report.ok:
             more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
             raise CacheError(f"cache {cache_dir} failed verification: {report.problems[0]}{more}; {report.fix}")
+
+    run_guarded(debug, run)
+
+
+CONVERT_EXIT_CODES = (
+    "Exit 0 when written; 2 bad usage or input (an unknown format, a source that is not in the format, a missing "
+    "--data or --tokenizer, a mode whose export would change the loss, an --out in the way); 3 a damaged or "
+    "mismatched cache or source content (the row is named)."
+)
+
+
+def _switch(name: str, text: str):
+    return typer.Option(name, help=text, metavar="")
+
+
+@cache_app.command(
+    "export",
+    cls=OneValuePerOption,
+    epilog="Example: kdcli cache export out/cache-lm --format axolotl --data train.jsonl --out out/kd-axolotl",
+)
+def cache_export(
+    cache_dir: Annotated[
+        str,  # not Path: Path("s3://bucket/c") is "s3:/bucket/c"
+        typer.Argument(
+            show_default=False,
+            metavar="CACHE_DIR",
+            help="The cache to export (complete): a directory or an fsspec URL (s3://bucket/prefix).",
+        ),
+    ],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="parquet|axolotl",
+            show_default=False,
+            help="parquet: kdcli's own columns, every kind and mode (import gives the same arrays back); axolotl: "
+            "the dataset axolotl's KD plugin trains from (token caches of a top-k or small full cache).",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            show_default=False,
+            help="Directory the Parquet files (part-NNNNN.parquet, one per shard) are written to; new or empty.",
+        ),
+    ],
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            metavar="DATA",
+            show_default=False,
+            help="The DATA the (LM) cache was built from, checked against its fingerprint: adds input_ids and labels "
+            "(required by axolotl).",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tokenizer", metavar="TOKENIZER", show_default=False, help="A copy of the cache's tokenizer (for --data)."
+        ),
+    ] = None,
+    temperature: Annotated[
+        Optional[float],
+        typer.Option(
+            "--temperature",
+            metavar="X",
+            show_default=False,
+            help="axolotl: the temperature the rows hold the teacher at (set kd_temperature to it). [default: 1]",
+        ),
+    ] = None,
+    alignment: Annotated[
+        Optional[str],
+        typer.Option(
+            "--alignment",
+            metavar="next|token",
+            show_default=False,
+            help="axolotl: next = row t holds the prediction of token t+1 (axolotl's current loss); token = row t "
+            "holds the distribution of token t (its dataset preparation). [default: next]",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, _switch("--overwrite", "Replace an earlier export at --out (swapped in whole when done).")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, _switch("--trust-remote-code", "Let the tokenizer directory run its own code.")
+    ] = False,
+    json: Annotated[bool, _switch("--json", "Print exactly one JSON document on stdout instead of a table.")] = False,
+    debug: Annotated[bool, _switch("--debug", "Show tracebacks.")] = False,
+) -> None:
+    """Write a cache as Parquet files another trainer reads. What the format cannot carry is said on stderr, one line
+    each; a mode whose export would silently change the loss is refused."""
+
+    def run() -> None:
+        from kdcli.cache.formats.base import Options
+        from kdcli.report import print_json, show
+        from kdcli.stages.convert import ExportRequest, export_cache
+
+        opts = Options(temperature=temperature, alignment=alignment)
+        req = ExportRequest(cache_dir, format, str(out), data, tokenizer, trust_remote_code, overwrite, opts)
+        summary = export_cache(req)
+        print_json(summary) if json else show(summary)
+
+    run_guarded(debug, run)
+
+
+@cache_app.command(
+    "import",
+    cls=OneValuePerOption,
+    epilog="Example: kdcli cache import kd-dataset/ --format axolotl --tokenizer teacher/ --out out/cache-imported",
+)
+def cache_import(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            show_default=False,
+            metavar="SRC",
+            help="A kdcli Parquet export, an axolotl KD dataset (.parquet, a directory of them, or a save_to_disk "
+            "directory) or a DistillKit capture directory.",
+        ),
+    ],
+    format: Annotated[
+        str,
+        typer.Option("--format", metavar="parquet|axolotl|distillkit", show_default=False, help="The source's format."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", metavar="CACHE_DIR", show_default=False, help="The kdcli cache to write; new or empty."),
+    ],
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tokenizer",
+            metavar="TOKENIZER",
+            show_default=False,
+            help="axolotl, distillkit (required): the tokenizer that made the source's token ids, recorded in the "
+            "manifest.",
+        ),
+    ] = None,
+    temperature: Annotated[
+        Optional[float],
+        typer.Option(
+            "--temperature",
+            metavar="X",
+            show_default=False,
+            help="axolotl: the temperature the source's log-probs are at (undone on import). [default: 1]",
+        ),
+    ] = None,
+    alignment: Annotated[
+        Optional[str],
+        typer.Option(
+            "--alignment", metavar="next|token", show_default=False, help="axolotl: as for export. [default: next]"
+        ),
+    ] = None,
+    vocab_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--vocab-size",
+            metavar="N",
+            show_default=False,
+            help="axolotl: the teacher's vocabulary size. [default: the tokenizer's length]",
+        ),
+    ] = None,
+    ranks: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ranks",
+            metavar="exact|all",
+            show_default=False,
+            help="distillkit: exact keeps the exactly stored top ranks (exact tail mass); all keeps every rank, the "
+            "polynomial-approximated ones marked in the manifest. [default: exact]",
+        ),
+    ] = None,
+    compression_config: Annotated[
+        Optional[str],
+        typer.Option(
+            "--compression-config",
+            metavar="FILE",
+            show_default=False,
+            help="distillkit: the capture's compression_config.yaml. [default: the one beside the capture]",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, _switch("--overwrite", "Replace a kdcli cache at --out (swapped in whole when done).")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, _switch("--trust-remote-code", "Let the tokenizer directory run its own code.")
+    ] = False,
+    json: Annotated[bool, _switch("--json", "Print exactly one JSON document on stdout instead of a table.")] = False,
+    debug: Annotated[bool, _switch("--debug", "Show tracebacks.")] = False,
+) -> None:
+    """Turn a capture into a normal kdcli cache (manifest, shards; verified before it is put in place). Where the
+    source records no teacher or data fingerprint the manifest says so; the token ids are written beside the shards
+    as DATA (CACHE_DIR/tokens.parquet) for train-student and eval."""
+
+    def run() -> None:
+        from kdcli.cache.formats.base import Options
+        from kdcli.report import print_json, show
+        from kdcli.stages.convert import ImportRequest, import_cache
+
+        opts = Options(
+            temperature=temperature,
+            alignment=alignment,
+            vocab_size=vocab_size,
+            ranks=ranks,
+            compression_config=compression_config,
+        )
+        req = ImportRequest(str(source), format, str(out), tokenizer, trust_remote_code, overwrite, opts)
+        summary = import_cache(req)
+        print_json(summary) if json else show(summary)
 
     run_guarded(debug, run)
 

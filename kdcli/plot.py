@@ -129,14 +129,15 @@ def _draw_curves(ax, curves: list[Curve], labels: list[str], title: str, ylabel:
     ax.set_xlabel("training rows seen (millions)")
     ax.set_ylabel(ylabel)
     if drawn:
-        low = min(min(c.values) for c in drawn)
-        if low > 0 and max(max(c.values) for c in drawn) > 5 * low:
-            from matplotlib.ticker import FuncFormatter
+        low, high = min(min(c.values) for c in drawn), max(max(c.values) for c in drawn)
+        if low > 0 and high > 5 * low:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
 
             ax.set_yscale("log")
             plain = FuncFormatter(lambda v, _: f"{v:g}")  # 60, 100, 200 rather than 6x10^1
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            # within about a decade the minor ticks (200, 300, ...) need labels; across several they would overlap
+            ax.yaxis.set_minor_formatter(plain if high <= 20 * low else NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     missing = [name for c, name in zip(curves, labels) if c is None]

@@ -966,6 +966,106 @@ CASES: dict[str, Case] = {
         r"cannot load a causal LM from .*pickled_model",
         marker=True,
     ),
+    # -- cache export / import: 2 for usage and input, 3 for damaged or mismatched content --
+    "cache export: an unknown format": Case(
+        lambda d, o: ["cache", "export", d / "lm_cache", "--format", "hdf6", "--out", o],
+        2,
+        r"unknown export format 'hdf6'; use one of parquet, axolotl",
+    ),
+    "cache import: an unknown format": Case(
+        lambda d, o: ["cache", "import", d / "text.parquet", "--format", "csv", "--out", o],
+        2,
+        r"unknown import format 'csv'; use one of parquet, axolotl, distillkit",
+    ),
+    "cache import --format parquet: a Parquet file without kdcli's columns and metadata": Case(
+        lambda d, o: ["cache", "import", d / "text.parquet", "--format", "parquet", "--out", o],
+        2,
+        r"has no kdcli manifest in its metadata: not a kdcli Parquet export",
+    ),
+    "cache import --format axolotl: a Parquet file without axolotl's columns": Case(
+        lambda d, o: [
+            "cache",
+            "import",
+            d / "text.parquet",
+            "--format",
+            "axolotl",
+            "--tokenizer",
+            d / "tok",
+            "--out",
+            o,
+        ],
+        2,
+        r"lacks the column 'input_ids': not an axolotl KD dataset",
+    ),
+    "cache import --format axolotl without --tokenizer": Case(
+        lambda d, o: ["cache", "import", d / "text.parquet", "--format", "axolotl", "--out", o],
+        2,
+        r"the axolotl source records no tokenizer: pass --tokenizer",
+    ),
+    "cache import --format distillkit without --tokenizer": Case(
+        lambda d, o: ["cache", "import", d / "saved", "--format", "distillkit", "--out", o],
+        2,
+        r"distillkit source records no tokenizer: pass --tokenizer",
+    ),
+    "cache import: an option of another format": Case(
+        lambda d, o: ["cache", "import", d / "text.parquet", "--format", "axolotl", "--ranks", "all", "--out", o],
+        2,
+        r"--ranks applies to import --format distillkit; import --format axolotl would ignore it",
+    ),
+    "cache import --overwrite of a directory that is not a cache": Case(
+        lambda d, o: [
+            "cache",
+            "import",
+            d / "text.parquet",
+            "--format",
+            "parquet",
+            "--out",
+            d / "teacher",
+            "--overwrite",
+        ],
+        2,
+        r"--overwrite: .*teacher is not a kdcli cache",
+    ),
+    "cache export --format axolotl of a classification cache": Case(
+        lambda d, o: ["cache", "export", d / "cache", "--format", "axolotl", "--out", o],
+        2,
+        r"this is a classification cache: export it with --format parquet",
+    ),
+    "cache export --format axolotl without --data": Case(
+        lambda d, o: ["cache", "export", d / "lm_cache", "--format", "axolotl", "--out", o],
+        2,
+        r"export --format axolotl needs --data",
+    ),
+    "cache export --format axolotl with other data than the cache's": Case(
+        lambda d, o: [
+            "cache",
+            "export",
+            d / "lm_cache",
+            "--format",
+            "axolotl",
+            "--data",
+            d / "text.parquet",
+            "--out",
+            o,
+        ],
+        3,
+        r"was built from \d+ rows of .* but .*text\.parquet' has \d+ rows",
+    ),
+    "cache export --out that is a file": Case(
+        lambda d, o: ["cache", "export", d / "lm_cache", "--format", "parquet", "--out", d / "blobs.npz"],
+        2,
+        r"--out .*blobs\.npz exists and is not a directory",
+    ),
+    "cache export --overwrite of a directory that is not an export": Case(
+        lambda d, o: ["cache", "export", d / "cache", "--format", "parquet", "--out", d / "teacher", "--overwrite"],
+        2,
+        r"--overwrite: .*teacher is not a directory kdcli cache export wrote",
+    ),
+    "cache export of a damaged cache names the shard": Case(
+        lambda d, o: ["cache", "export", d / "c_nan", "--format", "parquet", "--out", o],
+        3,
+        r"shard-00001\.h5 is damaged: logprobs has NaN/inf at row 133",
+    ),
 }
 
 

@@ -27,7 +27,7 @@ driver) whose bytes come from
 
 Memory is therefore flat in the cache size: at most the ranges of the groups fetched and not yet released (the
 reader keeps two: the one it reads and the next) plus the LRU. Measured choices (``benchmarks/bench_remote.py``,
-docs/remote-design.md): fsspec's own file caches (``readahead``, ``bytes``, ``blockcache``, ``background``) read
+docs/remote.md): fsspec's own file caches (``readahead``, ``bytes``, ``blockcache``, ``background``) read
 one random block at a time, one request per dataset per block, in the reading thread.
 """
 
@@ -74,7 +74,7 @@ SMALL_DATASET_BYTES = 256 << 10
 """A dataset of a shard stored in at most this many bytes (the per-row ``row_index``, ``sample_index``,
 ``row_hash``: 24 bytes a row; ``tail_logmass``, ``offsets``, ...) is fetched whole the first time a block needs it
 and kept in the LRU: a block then costs one request per large dataset instead of one more for its row ids
-(measured on moto, 25 shards of 2,048 rows: 380 -> 22x requests per epoch; docs/remote-design.md)."""
+(measured on moto, 25 shards of 2,048 rows: 380 -> 22x requests per epoch; docs/remote.md)."""
 
 LRU_BYTES = 32 << 20
 """Process-wide cap of the LRU of metadata blocks, small datasets and whole small shards."""

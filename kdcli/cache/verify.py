@@ -158,6 +158,12 @@ def _expected_datasets(m: dict) -> dict[str, tuple[np.dtype | None, tuple | None
     return out
 
 
+def expected_datasets(manifest: dict) -> dict[str, tuple[np.dtype | None, tuple | None]]:
+    """name -> (dtype, trailing shape) of every array a shard of ``manifest``'s cache holds (dtype None: not fixed
+    by the manifest): what ``cache verify`` checks, for converters that must produce or accept the same arrays."""
+    return _expected_datasets(manifest)
+
+
 class _Fingerprint:
     """SHA-256 over the view-0 row hashes in row order: must equal the manifest's data fingerprint."""
 

@@ -31,6 +31,9 @@ same row hashes and so the same cache.
   (noted). A multi-turn row's predicted tokens are several runs: ``TokenData.target_mask`` marks them (callers
   opt in with ``load_text(..., target_masks=True)`` and pass the masks to :func:`loss_positions`; without it
   such a row is refused).
+- pre-tokenized: ``{"input_ids": [...], "labels": [...]}`` (``labels`` and ``attention_mask`` optional): token ids
+  used as they are (not packed, not re-tokenized); ``labels`` in Hugging Face's unshifted convention say which
+  tokens are predicted (:mod:`kdcli.lm.pretokenized`). What ``kdcli cache import`` writes beside an imported cache.
 
 **Teacher-only context** (``teacher_prompt``, see :func:`teacher_view`): with a ``{prompt}`` placeholder (prompt/
 response rows) the teacher reads ``teacher_prompt.format(prompt=<the row's prompt>)`` followed by the same
@@ -60,6 +63,7 @@ import numpy as np
 
 from kdcli.data import RowIdentity, split_slice
 from kdcli.infra.errors import UsageError
+from kdcli.lm import pretokenized
 
 HF_HINT = "install the Hugging Face extra: pip install 'kdcli[hf]'"
 TOKENIZER_DIR = "tokenizer"  # inside a kdcli LM run dir
@@ -343,10 +347,11 @@ ROW_KEYS = (
     ("prompt", ("prompt", "response")),
     ("messages", ("messages",)),
     ("conversations", ("conversations",)),
+    ("tokens", pretokenized.COLUMNS),
 )
-KIND_OF = {"text": "text", "prompt": "prompt", "messages": "chat", "conversations": "chat"}
-KIND_NAMES = {"text": "text", "prompt": "prompt/response", "chat": "chat"}
-NEEDS = '"text", "prompt" and "response", "messages" (chat) or "conversations" (ShareGPT)'
+KIND_OF = {"text": "text", "prompt": "prompt", "messages": "chat", "conversations": "chat", "tokens": "tokens"}
+KIND_NAMES = {"text": "text", "prompt": "prompt/response", "chat": "chat", "tokens": "pre-tokenized"}
+NEEDS = '"text", "prompt" and "response", "messages" (chat), "conversations" (ShareGPT) or "input_ids" (pre-tokenized)'
 BATCH_ROWS = 1024  # rows per Arrow record batch read
 
 
@@ -487,6 +492,13 @@ def _pick_columns(pa, spec: str, where: str, schema, row_keys=ROW_KEYS) -> tuple
     for fmt, cols in row_keys:
         if not all(c in names for c in cols):
             continue
+        if fmt == "tokens":  # pre-tokenized rows (kdcli/lm/pretokenized.py): input_ids [+ labels, attention_mask]
+            cols = cols + tuple(c for c in pretokenized.OPTIONAL_COLUMNS if c in names)
+            for c in cols:
+                problem = pretokenized.arrow_column_problem(pa, c, schema.field(c).type)
+                if problem:
+                    raise UsageError(f"{where}: {problem}; {found}")
+            return fmt, cols
         for c in cols:
             t = schema.field(c).type
             if fmt in ("text", "prompt"):
@@ -820,6 +832,16 @@ def load_text(
             notes.append(f"{cut_prompt} of {len(ids)} prompts were longer than --max-length {L} and lost their start")
         first = np.asarray(first_l, dtype=np.int64)
         out["prompts"], out["response_start"] = prompts, np.asarray(starts, dtype=np.int64)
+    elif kind == "tokens":  # used as they are: prompt and chat templates shape text rows only
+        seqs = pretokenized.read_sequences(((w, r) for w, r, _ in same_kind()), L, settings.prompt_loss)
+        ids, first, notes = seqs.ids, seqs.first_target, notes + seqs.notes
+        if ids and not seqs.one_run:
+            if not target_masks:
+                raise UsageError(
+                    f"{spec}: pre-tokenized rows whose labels mark several runs of predicted tokens are not handled "
+                    "by this command yet"
+                )
+            out["target_mask"] = seqs.masks
     else:
         if settings.prompt_template != PROMPT:
             raise UsageError(
@@ -922,7 +944,7 @@ def teacher_view(data: TokenData, tok, teacher_prompt: str | None) -> TeacherVie
     cut after its predicted tokens, which must equal the student's (checked; an error names the row otherwise)."""
     if teacher_prompt is None:
         return TeacherView(data.ids, data.first_target, data.target_mask)
-    if data.kind == "text":
+    if data.kind in ("text", "tokens"):
         raise UsageError(
             '--teacher-prompt needs prompt/response rows ({"prompt": ..., "response": ...}) or '
             "chat rows: the teacher's extra context goes before each prompt"

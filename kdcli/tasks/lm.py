@@ -728,10 +728,10 @@ class LMEvalReport:
         caption = None
         if self.teacher:
             t = self.teacher
-            caption = (
-                f"teacher (from the cache, {t['mode']}): {t['spec']}, {t['num_parameters']:,} parameters, "
-                f"perplexity {t['perplexity']:.3f}"
-            )
+            who = "not recorded (an imported cache)" if t["spec"] is None else t["spec"]
+            if t["num_parameters"] is not None:
+                who += f", {t['num_parameters']:,} parameters"
+            caption = f"teacher (from the cache, {t['mode']}): {who}, perplexity {t['perplexity']:.3f}"
         return metric_table(
             f"eval on {self.data} ({self.num_sequences:,} sequences, {self.num_tokens:,} predicted tokens)",
             self.models,
