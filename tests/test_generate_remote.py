@@ -9,6 +9,7 @@ import json
 import pytest
 import remote_helpers
 from generate_helpers import PERSONA, prompt_rows, word_teacher, write_jsonl
+from lm_helpers import make_llama
 from remote_helpers import BUCKET, objects
 from typer.testing import CliRunner
 
@@ -34,7 +35,8 @@ def run(*argv, code: int = 0, env: dict | None = None):
 @pytest.fixture(scope="module")
 def local(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("genremote")
-    word_teacher(d)
+    _, tok = word_teacher(d)
+    make_llama(d / "student", tok, hidden=16, layers=1, seed=1)
     write_jsonl(d / "prompts.jsonl", prompt_rows(5))
     run(*command(d), "--out", d / "local")
     return d
@@ -61,6 +63,15 @@ def test_the_remote_cache_holds_the_local_answers_and_shards(local, s3):
     assert verify_cache(url).ok
     r = run(*command(local), "--out", url)
     assert "complete and up to date" in r.stderr
+    # the answers copied out of the bucket train a student from the remote cache; an edited copy is refused
+    copied = local / "copied.jsonl"
+    copied.write_bytes(got["answers.jsonl"])
+    train = ["train-student", "--student", local / "student", "--cache", url, "--epochs", 1, "--batch-size", 4]
+    run(*train, "--data", copied, "--out", local / "run")
+    rows = [json.loads(x) for x in got["answers.jsonl"].splitlines()]
+    rows[1]["messages"][-1]["content"] = "to be"
+    r = run(*train, "--data", write_jsonl(local / "edited.jsonl", rows), "--out", local / "run2", code=3)
+    assert "does not match the data" in r.stderr
 
 
 def test_an_interrupted_remote_run_has_no_answers_object_and_resumes(local, s3):

@@ -47,7 +47,6 @@ from kdcli.cache.manifest import new_manifest
 from kdcli.cache.modes.base import Mode
 from kdcli.cache.storage import Location
 from kdcli.cache.tokens import token_keys
-from kdcli.cache.writer import resolve_compression
 from kdcli.infra import log
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.lm.answers import (
@@ -59,49 +58,30 @@ from kdcli.lm.answers import (
     parquet_bytes,
 )
 from kdcli.lm.generate import GenerationSettings
-from kdcli.lm.hf import BUILTIN_LMS, build_lm, default_tokenizer_spec, is_placed
-from kdcli.lm.text import load_text, load_tokenizer, read_template, tokenizer_identity
-from kdcli.models.plugins import is_plugin_spec
-from kdcli.tasks.base import CacheJob, cache_layout, cache_mode
-from kdcli.tasks.lm import LOGIT_BUDGET, SHARD_BYTES, LMCacheSummary, TokenTask, pad_id_of, text_settings
+from kdcli.lm.hf import is_placed
+from kdcli.lm.text import load_text, read_template, tokenizer_identity
+from kdcli.tasks.base import CacheJob, cache_mode
+from kdcli.tasks.lm import (
+    LMCacheSummary,
+    TokenTask,
+    capped_batch_size,
+    capped_shard_size,
+    lm_teacher,
+    lm_tokenizer,
+    pad_id_of,
+    text_settings,
+    token_cache_layout,
+    token_cache_plan,
+)
 from kdcli.tasks.reports import CacheSummary
 
 ANSWER_KEY = "answer_json"
 """The per-row shard dataset holding each answer row (UTF-8 JSON ``{"row": <answers row>, "rescored": bool}``)."""
 
 
-def lm_tokenizer(cfg):
-    """(tokenizer, its spec) of ``cache-teacher``'s LM teacher: ``--tokenizer`` or the teacher's own."""
-    if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
-        raise UsageError(
-            f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face directory or "
-            ".gguf file, or a run directory made by `kdcli train-student`"
-        )
-    tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.teacher)
-    if tok_spec is None:
-        raise UsageError(
-            f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file or tokenizer.json)"
-        )
-    return load_tokenizer(tok_spec, cfg.trust_remote_code), tok_spec
-
-
-def lm_teacher(cfg, tok, tok_spec: str):
-    """(model, info) of ``cache-teacher``'s LM teacher, with the plain token cache's checks (a vocabulary that
-    covers the tokenizer's). The text cache (:class:`kdcli.tasks.lm.TokenCacheJob`) loads it the same way."""
-    model, info = build_lm(
-        cfg.teacher,
-        cfg.teacher_args,
-        vocab_size=len(tok),
-        weights=cfg.teacher_weights,
-        dtype=cfg.dtype,
-        device_map=cfg.teacher_device_map,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    if len(tok) > info.vocab_size:
-        raise CacheError(
-            f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher {cfg.teacher} has "
-            f"only {info.vocab_size} logits per token; use the teacher's own tokenizer"
-        )
+def generating_teacher(cfg, tok, tok_spec: str):
+    """(model, info) of the teacher (:func:`kdcli.tasks.lm.lm_teacher`), refused unless it can ``generate()``."""
+    model, info = lm_teacher(cfg, tok, tok_spec)
     if not hasattr(model, "generate"):
         raise UsageError(
             f"--generate needs a Hugging Face causal LM teacher (one with generate()); {cfg.teacher} is a "
@@ -175,30 +155,18 @@ class GenerateCacheJob(CacheJob):
         self.prompts = prompts = load_prompts(cfg.data, self.tok, text, self.teacher_prompt)
         for note in prompts.notes:
             log.info(f"note: {note}")
-        self.model, self.info = lm_teacher(cfg, self.tok, tok_spec)
+        self.model, self.info = generating_teacher(cfg, self.tok, tok_spec)
         self.placed = is_placed(self.model)
         self.V = V = self.info.vocab_size
-        self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, V, token=True)
-        if not mode.sparse and V > 4096:
-            log.warn(
-                f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
-                "--mode sample is ~300x smaller"
-            )
+        self.k, self.temperatures, mode_layout, temp_settings = token_cache_layout(cfg, mode, V)
         self.answers = TeacherAnswers(self.model, self.tok, prompts, gen, pad_id=pad_id_of(self.tok), vocab_size=V)
         self.num_rows = self.answers.num_rows
         self.sampled = mode.sampled
-        n_stats = len(mode_layout.get("stat_temperatures") or ())
-        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2  # + target_logprobs
         most = int(self.answers.budgets.max()) + 1  # positions an answer row caches at most
-        self.shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * most)))
+        self.shard_size = capped_shard_size(cfg.shard_size, mode, mode_layout, V, most)
         # a rescored row is one plain forward over context + answer: the same logits budget as the text cache
         longest = max(len(c) for c in prompts.contexts) + most
-        self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
-        if self.batch_size < cfg.batch_size:
-            log.info(
-                f"teacher batches of {self.batch_size} answers (--batch-size {cfg.batch_size} capped so the logits "
-                f"of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)"
-            )
+        self.batch_size = capped_batch_size(cfg.batch_size, longest, V, "answers")
         keys = token_keys(mode.name, self.temperatures)
         self.token_keys = frozenset(keys)
         generate = {
@@ -208,36 +176,12 @@ class GenerateCacheJob(CacheJob):
             "num_prompts": prompts.n,
             "prompts_fingerprint": prompts.fingerprint,
         }
-        settings = {
-            "mode": mode.name,
-            "top_k": mode_layout["top_k"],
-            "samples": mode_layout["samples"],
-            "views": 1,
-            "augment": None,
-            "seed": cfg.seed if self.sampled else None,
-            "shard_size": self.shard_size,
-            "dtype": cfg.dtype,
-            "teacher_prompt": self.teacher_prompt,
-            **text.as_dict(),
-            **temp_settings,
-            "generate": generate,
-        }
-        if self.info.load_dtype not in (None, "float32"):
-            settings["weights_dtype"] = cfg.dtype
-        self.layout = layout = {
-            "kind": "token",
-            "num_classes": V,
-            "vocab_size": V,
-            **mode_layout,
-            "token_keys": list(keys),
-            "extra_row_keys": [ANSWER_KEY],
-            "views": 1,
-            "augment": None,
-            "aug_param_names": [],
-            "shard_size": self.shard_size,
-            "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
-            "text": {**text.as_dict(), "teacher_prompt": self.teacher_prompt, "data_kind": prompts.kind},
-        }
+        settings, layout = token_cache_plan(
+            cfg, mode, V, mode_layout, temp_settings, keys, text, self.teacher_prompt,
+            prompts.kind, self.shard_size, self.info.load_dtype
+        )  # fmt: skip
+        settings["generate"] = generate
+        self.layout = layout = {**layout, "extra_row_keys": [ANSWER_KEY]}
         # The data are the answers, known when the cache completes (complete() fills this entry in).
         data = {"spec": in_cache(cfg.out, ANSWERS_JSONL), "num_samples": self.num_rows, "fingerprint": None}
         self.plan = new_manifest(
