@@ -279,3 +279,19 @@ def test_prompt_response_answers_with_a_teacher_template(ws):
     clear = np.all(np.diff(-v, axis=1) > 1e-2, axis=1)
     np.testing.assert_array_equal(a["topk_ids"][clear], b["topk_ids"][clear])
     np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), v, atol=4e-3, rtol=2e-3)
+
+
+def test_a_parquet_export_carries_the_cache_over_the_answers_file(ws):
+    """cache export --format parquet of a --generate cache: the per-row answers stay behind (one warning line; the
+    answers file holds them), every other array crosses, and the import is the token cache over answers.jsonl."""
+    c = ws / "greedy"
+    r = run("cache", "export", c, "--format", "parquet", "--out", ws / "exported")
+    assert "the per-row answers (answer_json)" in r.stderr
+    run("cache", "import", ws / "exported", "--format", "parquet", "--out", ws / "imported")
+    run("cache", "verify", ws / "imported")
+    got, want = shard_arrays(ws / "imported"), shard_arrays(c)
+    assert set(want) - set(got) == {"answer_json"}
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    run("train-student", "--data", c / "answers.jsonl", "--cache", ws / "imported", "--student", ws / "student",
+        "--epochs", 1, "--batch-size", 4, "--out", ws / "run-imported")  # fmt: skip
