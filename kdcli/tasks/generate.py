@@ -72,6 +72,7 @@ from kdcli.tasks.lm import (
     text_settings,
     token_cache_layout,
     token_cache_plan,
+    token_summary_fields,
 )
 from kdcli.tasks.reports import CacheSummary
 
@@ -293,18 +294,10 @@ class GenerateCacheJob(CacheJob):
         )
 
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> LMCacheSummary:
-        tokens = int(manifest["data"]["num_targets"])
-        bpt = base.bytes / max(tokens, 1)
-        V = int(manifest["vocab_size"])
-        computed_tokens = tokens * computed_units / max(self.num_rows, 1)
+        computed_tokens = int(manifest["data"]["num_targets"]) * computed_units / max(self.num_rows, 1)
         answers = manifest.get("answers") or {}
         return GenerateCacheSummary(
-            **vars(base),
-            num_tokens=tokens,
-            bytes_per_token=bpt,
-            tokens_per_second=computed_tokens / max(base.seconds, 1e-9),
-            vocab_size=V,
-            full_fp16_ratio=2 * V / max(bpt, 1e-9),
+            **token_summary_fields(base, manifest, computed_tokens),
             answers_file=in_cache(self.cfg.out, ANSWERS_JSONL),
             num_prompts=self.prompts.n,
             rescored=int(answers.get("rescored", 0)),

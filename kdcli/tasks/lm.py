@@ -366,6 +366,21 @@ def token_cache_layout(cfg, mode: Mode, V: int):
     return out
 
 
+def token_summary_fields(base: CacheSummary, manifest: dict, computed_tokens: float) -> dict:
+    """The fields of an :class:`LMCacheSummary` for a complete token cache (``computed_tokens``: this run's)."""
+    tokens = int(manifest["data"]["num_targets"])
+    bpt = base.bytes / max(tokens, 1)
+    V = int(manifest["vocab_size"])
+    return dict(
+        **vars(base),
+        num_tokens=tokens,
+        bytes_per_token=bpt,
+        tokens_per_second=computed_tokens / max(base.seconds, 1e-9),
+        vocab_size=V,
+        full_fp16_ratio=2 * V / max(bpt, 1e-9),
+    )
+
+
 def capped_shard_size(requested: int, mode: Mode, mode_layout: dict, V: int, tokens_per_row: int) -> int:
     """``--shard-size`` capped so one shard of rows of ``tokens_per_row`` cached positions stays under SHARD_BYTES."""
     n_stats = len(mode_layout.get("stat_temperatures") or ())
@@ -522,17 +537,7 @@ class TokenCacheJob(CacheJob):
         return f"teacher produced NaN/inf logits in row {row} (sequence {row})"
 
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> LMCacheSummary:
-        tokens = int(manifest["data"]["num_targets"])
-        bpt = base.bytes / max(tokens, 1)
-        V = int(manifest["vocab_size"])
-        return LMCacheSummary(
-            **vars(base),
-            num_tokens=tokens,
-            bytes_per_token=bpt,
-            tokens_per_second=computed_units / max(base.seconds, 1e-9),
-            vocab_size=V,
-            full_fp16_ratio=2 * V / max(bpt, 1e-9),
-        )
+        return LMCacheSummary(**token_summary_fields(base, manifest, computed_units))
 
 
 def _placement(device_map: dict | None) -> str:
