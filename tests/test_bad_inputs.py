@@ -185,6 +185,8 @@ def _lm_workspace(d: Path) -> None:
         [{"conversations": [{"from": {}, "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
     )
     write_jsonl(d / "chat.jsonl", [CHAT_ROW] * 3)
+    write_jsonl(d / "prompts.jsonl", [{"prompt": "to be or not"}, {"prompt": "the quick"}])  # cache-teacher --generate
+    write_jsonl(d / "empty_prompt.jsonl", [{"prompt": "to be or not"}, {"prompt": " "}])
     for name, text in {**RUNAWAY_TEMPLATES, "chatml": CHATML}.items():
         (d / f"tpl_{name}.jinja").write_text(text)
     table = pa.Table.from_pylist(text_rows(64))
@@ -997,6 +999,37 @@ CASES: dict[str, Case] = {
         lambda d, o: cache_cmd(data="empty_dir", teacher="WS/llama")(d, o),
         2,
         r"DATA .*empty_dir is a directory without \.parquet files or a saved dataset",
+    ),
+    # -- cache-teacher --generate: the teacher answers prompt rows (exit 2, nothing written) --
+    "--generate on rows without a prompt": Case(
+        lambda d, o: cache_cmd("--generate", data="text.jsonl", teacher="WS/llama")(d, o),
+        2,
+        r"text\.jsonl line 1: --generate needs prompt rows .* found a text row",
+    ),
+    "--generate on an empty prompt": Case(
+        lambda d, o: cache_cmd("--generate", data="empty_prompt.jsonl", teacher="WS/llama")(d, o),
+        2,
+        r"empty_prompt\.jsonl line 2: empty prompt",
+    ),
+    "--generate --max-new-tokens 0": Case(
+        lambda d, o: cache_cmd("--generate", "--max-new-tokens", 0, data="prompts.jsonl", teacher="WS/llama")(d, o),
+        2,
+        r"config key 'max_new_tokens' must be >= 1; got 0",
+    ),
+    "a generation option without --generate": Case(
+        lambda d, o: cache_cmd("--sample", data="text.jsonl", teacher="WS/llama")(d, o),
+        2,
+        r"--sample shapes the answers the teacher writes with --generate; .*add --generate or drop it",
+    ),
+    "--generate with classification data": Case(
+        cache_cmd("--generate"),
+        2,
+        r"--generate is for language model runs; DATA .*blobs\.npz makes this a classification run",
+    ),
+    "--generate --gen-temperature without --sample": Case(
+        lambda d, o: cache_cmd("--generate", "--gen-temperature", 0.7, data="prompts.jsonl", teacher="WS/llama")(d, o),
+        2,
+        r"--gen-temperature/--top-p shape sampled answers; add --sample",
     ),
     "compress of a LoRA adapter run": Case(
         lambda d, o: ["compress", "--model", d / "adapter_run", "--out", o, "--quantize", "int8"],

@@ -262,3 +262,51 @@ def test_chat_distill_example_runs(tiny_teacher, tmp_path, monkeypatch):
     assert m["text"]["data_kind"] == "chat" and "Hamlet" in m["settings"]["teacher_prompt"]
     for run in ("lora", "full"):  # Hugging Face model directories
         assert (out / run / "config.json").is_file() and (out / run / "model.safetensors").is_file()
+
+
+@needs_shakespeare
+def test_context_distill_example_runs(tiny_teacher, tmp_path, monkeypatch):
+    """examples/lm-context-distill at a tiny size: the prompted teacher answers questions built from the plays
+    (cache-teacher --generate), the data's own answers are cached too, LoRA and llama students from each, eval
+    against the prompted teacher on its held-out answers, transformers answering with the LoRA run dirs."""
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    run_script(
+        ROOT / "examples/lm-context-distill/run.py",
+        "--out",
+        out,
+        "--teacher",
+        tiny_teacher,
+        "--train-questions",
+        6,
+        "--heldout-questions",
+        3,
+        "--speech-chars",
+        40,
+        "--max-new-tokens",
+        4,
+        "--max-length",
+        96,
+        "--epochs",
+        1,
+        "--reply-questions",
+        2,
+        "--reply-tokens",
+        3,
+        "--full-student-args",
+        "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,intermediate_size=32",
+        monkeypatch=monkeypatch,
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["heldout_questions"] == 3 and res["heldout_answer_tokens"] > 0
+    assert res["answer_kind"] == "prompt"  # the tiny teacher has no chat template: prompt/response answers
+    models = res["models (held-out teacher answers)"]
+    assert len(models) == 5 and all(m["kl_to_teacher"] >= 0 for m in models.values())
+    assert set(res["replies"]) == {"prompted teacher (answers.jsonl)", "before (SmolLM2, unprompted)", "LoRA (a)",
+                                   "LoRA (b)"}  # fmt: skip
+    m = json.loads((out / "cache-train-generated" / "manifest.json").read_text())
+    assert "pirate" in m["settings"]["teacher_prompt"] and m["settings"]["generate"]["max_new_tokens"] == 4
+    answers = (out / "cache-train-generated" / "answers.jsonl").read_text()
+    assert len(answers.splitlines()) == 6 and "pirate" not in answers  # the persona is the teacher's only
+    for run in ("lora-a", "lora-b"):  # Hugging Face model directories
+        assert (out / run / "config.json").is_file() and (out / run / "model.safetensors").is_file()

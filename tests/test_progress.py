@@ -54,6 +54,11 @@ def test_a_slow_step_still_shows_life_every_ten_seconds(clock, lines):
     assert lines[1].startswith("epoch 1/2: 6/1,000 steps") and 333 <= len(lines) <= 333 + 9  # (+ the 10% marks)
 
 
+def test_a_very_slow_rate_keeps_two_significant_digits(clock, lines):
+    run(clock, 48, 30.0, every_s=10.0)  # one answer every 30 s: 0.033 answers/s, not "0.0"
+    assert lines[0] == "epoch 1/2: 1/48 steps (2%, 0.033 steps/s, 23 min 30 s left)"
+
+
 def test_a_short_step_prints_nothing(clock, lines):
     run(clock, 50, 0.01)  # 0.5 s in all
     assert lines == []

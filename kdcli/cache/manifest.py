@@ -167,7 +167,9 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     if ot.get("weights_sha256") is None and ot.get("spec") != nt.get("spec"):
         diffs.append(f"teacher spec differs ({ot.get('spec')} vs {nt.get('spec')})")
     od, nd = old["data"], new["data"]
-    for key in ("num_samples", "fingerprint"):
+    # A generated cache's data are its answers, fingerprinted when it completes; the prompts they answer are part
+    # of its settings (settings["generate"]), compared below.
+    for key in ("num_samples",) if "generate" in new["settings"] else ("num_samples", "fingerprint"):
         if od.get(key) != nd.get(key):
             diffs.append(f"data {key} differs ({str(od.get(key))[:16]} vs {str(nd.get(key))[:16]})")
     if old.get("tokenizer") != new.get("tokenizer"):

@@ -160,6 +160,8 @@ def _expected_datasets(m: dict) -> dict[str, tuple[np.dtype | None, tuple | None
         out["target_logprobs"] = (np.dtype(np.float16), ())
         if m.get("xtok"):
             out.update({k: (np.dtype(np.int32), ()) for k in m["xtok"].get("span_keys") or ()})
+    for key in m.get("extra_row_keys") or ():  # per-row datasets beside the distributions (--generate: answers)
+        out[str(key)] = (None, ())
     return out
 
 
@@ -255,7 +257,9 @@ def _verify_shard(
             if got is None or int(got) != want:
                 p.append(f"HDF5 attribute {key} is {got}, the manifest says {want}")
         expected = _expected_datasets(m)
-        tok_keys = [k for k in expected if token and k not in ROW_DTYPES and k not in ("offsets", "aug_params")]
+        extra = set(m.get("extra_row_keys") or ())
+        not_tokens = {*ROW_DTYPES, "offsets", "aug_params", *extra}
+        tok_keys = [k for k in expected if token and k not in not_tokens]
         for key in sorted(set(f.keys()) - set(expected)):
             p.append(f"holds an unexpected dataset {key!r}")
         structure_ok = True
@@ -288,7 +292,7 @@ def _verify_shard(
         if not structure_ok:  # content checks would only repeat it
             return rep
         width = max([int(np.prod(t)) for _, t in expected.values() if t and None not in t] or [1])
-        row_keys = [k for k in expected if k != "offsets" and k not in tok_keys]
+        row_keys = [k for k in expected if k != "offsets" and k not in tok_keys and k not in extra]
         for a, b in _chunks(n, width, offsets):
             arrays = {k: f[k][a:b] for k in row_keys}
             token_rows = None

@@ -29,7 +29,7 @@ CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language model"
 TASKS = (CLASSIFICATION, LANGUAGE_MODEL)
 """The tasks a run can be (kdcli.tasks.pick_task decides from DATA): the names options declare in ``tasks``."""
-PANELS = ("Data", "Teacher", "Student", "Optimisation", "Cache", "Language models", "Output")
+PANELS = ("Data", "Teacher", "Student", "Optimisation", "Cache", "Language models", "Generation", "Output")
 """The ``--help`` panels, in the order they are listed."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from kdcli.cache.modes import mode_names
 from kdcli.config.base import CLASSIFICATION, DEVICES, LANGUAGE_MODEL, TEMPERATURE_MAX, TEMPERATURE_MIN, cache_list, opt
+from kdcli.config.generation import Generation
 
 LM = (LANGUAGE_MODEL,)
 CLS = (CLASSIFICATION,)
@@ -138,7 +139,7 @@ class CrossTokenizer:
 
 
 @dataclass(kw_only=True)
-class CacheConfig(Placement, RemoteCode):
+class CacheConfig(Generation, Placement, RemoteCode):
     """Run the teacher once over DATA and write its log-probabilities to a cache directory."""
 
     data: str = opt(

@@ -103,7 +103,9 @@ class Progress:
             done, speed = f"{human_bytes(self.done)}/{human_bytes(self.total)}", f"{human_bytes(rate)}/s"
         else:
             done = f"{self.done:,}/{self.total:,} {self.unit}"
-            speed = f"{rate:,.{0 if rate >= 10 else 1}f} {self.unit}/s"
+            # two significant digits below 0.1/s (a teacher answering long prompts): never "0.0 answers/s"
+            speed = f"{rate:,.{0 if rate >= 10 else 1}f}" if rate >= 0.1 else f"{rate:.2g}"
+            speed += f" {self.unit}/s"
         return f"{self.description}: {done} ({self.done / max(self.total, 1):.0%}, {speed}, {_eta(left)} left)"
 
     def __exit__(self, *exc) -> None:

@@ -490,11 +490,11 @@ def _is_str(pa, t) -> bool:
     )
 
 
-def _pick_columns(pa, spec: str, where: str, schema) -> tuple[str, tuple[str, ...]]:
-    """The row format (a ROW_KEYS name) and its columns for an Arrow schema; UsageError naming what was found."""
+def _pick_columns(pa, spec: str, where: str, schema, row_keys=ROW_KEYS) -> tuple[str, tuple[str, ...]]:
+    """The row format (a ``row_keys`` name) and its columns for an Arrow schema; UsageError naming what was found."""
     names = list(schema.names)
     found = f"found columns {names}"
-    for fmt, cols in ROW_KEYS:
+    for fmt, cols in row_keys:
         if not all(c in names for c in cols):
             continue
         if fmt == "tokens":  # pre-tokenized rows (kdcli/lm/pretokenized.py): input_ids [+ labels, attention_mask]
@@ -524,9 +524,9 @@ def _pick_columns(pa, spec: str, where: str, schema) -> tuple[str, tuple[str, ..
     raise UsageError(f"{where}: no usable columns: need {NEEDS}; {found}")
 
 
-def read_arrow(spec: str, base: Path, kind: str, sl: slice | None):
+def read_arrow(spec: str, base: Path, kind: str, sl: slice | None, row_keys=ROW_KEYS):
     """Yield ``(where, row)`` for the rows ``sl`` of Parquet / saved-dataset DATA, one record batch at a time,
-    reading only the columns of the row kind."""
+    reading only the columns of the row kind (the first of ``row_keys`` whose columns the files have)."""
     pa = _pyarrow()
     files = _arrow_files(spec, base, kind)
     if not files:
@@ -560,7 +560,7 @@ def read_arrow(spec: str, base: Path, kind: str, sl: slice | None):
         if g >= stop:
             return
         h = open_file(f)
-        file_fmt, file_cols = _pick_columns(pa, spec, str(f), schema_of(h))
+        file_fmt, file_cols = _pick_columns(pa, spec, str(f), schema_of(h), row_keys)
         if fmt is None:
             fmt, cols = file_fmt, file_cols
         elif (file_fmt, file_cols) != (fmt, cols):
@@ -611,13 +611,15 @@ def _checked_batches(pa, batches, f: Path, parquet: bool):
         yield b
 
 
-def iter_rows(spec: str):
-    """``(where, row)`` for each row of a DATA spec (JSONL, Parquet, saved dataset; optionally ``[a:b]``)."""
+def iter_rows(spec: str, row_keys=ROW_KEYS):
+    """``(where, row)`` for each row of a DATA spec (JSONL, Parquet, saved dataset; optionally ``[a:b]``).
+    ``row_keys``: the column sets an Arrow file may be read with (``(format, columns)``, the first match wins;
+    JSONL rows keep every key); ``cache-teacher --generate`` also reads a lone ``prompt`` column."""
     base, sl = split_slice(spec)
     path = Path(base)
     kind = arrow_kind(path)
     if kind is not None:
-        return read_arrow(spec, path, kind, sl)
+        return read_arrow(spec, path, kind, sl, row_keys)
     return read_jsonl(path, sl)
 
 

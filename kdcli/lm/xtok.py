@@ -111,6 +111,12 @@ def require_spans(reader: TokenCacheReader) -> dict:
             f"cache {reader.dir} was made from pre-tokenized rows (token ids without their text), so it cannot serve "
             "a student with another tokenizer; cache the teacher on the text rows (text, prompt/response or chat)"
         )
+    if not x and (reader.manifest.get("settings") or {}).get("generate"):
+        raise UsageError(
+            f"cache {reader.dir} was written by cache-teacher --generate, which records no token spans, so it cannot "
+            "serve a student with another tokenizer; cache the teacher over its answers (cache-teacher --data "
+            "CACHE_DIR/answers.jsonl, the same --teacher-prompt) and train the student from that cache"
+        )
     if not x:
         raise UsageError(
             f"cache {reader.dir} records no token spans (made before kdcli recorded them, or by a teacher "

@@ -35,12 +35,14 @@ from kdcli.cache.reduce import HostCopy
 from kdcli.cache.storage import Location, StoreLock, locate
 from kdcli.cache.writer import ShardWriter, compression_label
 from kdcli.config import CacheConfig, check_task_options
+from kdcli.config.generation import check_generation_options
 from kdcli.infra import crashpoints, distributed, log
 from kdcli.infra.atomic import remove_partials
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.infra.lock import LOCK, DirLock
 from kdcli.infra.outdir import check_out, empty_dir, make_dir, remove_stale, staging_dir, swap_in
 from kdcli.infra.precision import resolve_device, teacher_autocast
+from kdcli.lm.answers import ANSWER_FILES
 from kdcli.models.plugins import check_model_spec
 from kdcli.tasks import CacheJob, CacheSummary, pick_task
 
@@ -55,6 +57,7 @@ def _is_cache_debris(name: str) -> bool:
         or name in (MANIFEST, TEACHER_VOCAB)
         or name.startswith("manifest.rank-")
         or name == LOCK
+        or name in ANSWER_FILES
     )
 
 
@@ -181,8 +184,9 @@ def _prepare_remote(out: Location, plan: dict, overwrite: bool) -> tuple[Locatio
 
 def cache_teacher(cfg: CacheConfig) -> CacheSummary:
     t0 = time.perf_counter()
-    task = pick_task(cfg.data)
+    task = pick_task(cfg.data, generate=cfg.generate)
     check_task_options(cfg, task.name, cfg.data)  # an option this task would ignore: refused
+    check_generation_options(cfg)  # and a generation option without --generate
     check_model_spec(cfg.teacher, "--teacher", task.builtin_models)
     job = task.cache_job(cfg)  # options checked, data and teacher loaded, manifest planned
     if cfg.teacher_device_map != "none" and not job.placed:
@@ -264,7 +268,7 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                 raise
 
         def finish() -> dict:  # rank 0: the merged manifest, complete; a replacement swapped into place
-            done = _finish_cache(work)
+            done = _finish_cache(work, job)
             if not work.remote and work.local != out:
                 swap_in(work.local, out)  # the complete new cache takes the old one's place in one step
             return done
@@ -308,8 +312,9 @@ def _open_cache(stack: ExitStack, out: Path, plan: dict, overwrite: bool) -> tup
     return _prepare_dir(out, plan, overwrite, stack)
 
 
-def _finish_cache(out: Path | Location) -> dict:
-    """Rank 0, after every rank published its shards: one manifest listing them all, ``complete: true``."""
+def _finish_cache(out: Path | Location, job: CacheJob) -> dict:
+    """Rank 0, after every rank published its shards: one manifest listing them all, what the job writes beside
+    them (:meth:`CacheJob.complete`), ``complete: true``."""
     merge_rank_manifests(out)
     manifest = read_manifest(out, require_complete=False)
     missing = missing_shards(manifest)
@@ -318,6 +323,7 @@ def _finish_cache(out: Path | Location) -> dict:
             f"cache {out}: shard(s) {missing[:5]} missing after every process finished; re-run the "
             "same command to compute them"
         )
+    job.complete(out, manifest)
     manifest["complete"] = True
     write_manifest(out, manifest)
     return manifest

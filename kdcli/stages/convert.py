@@ -187,6 +187,9 @@ def export_cache(req: ExportRequest) -> ExportSummary:
     try:
         m = reader.manifest
         lost = fmt.plan_export(m, req.options)  # refusals: before anything is read or written
+        extra = m.get("extra_row_keys") or []  # cache-teacher --generate: each row's answer, kept for resuming
+        if extra:
+            lost.append(f"the per-row answers ({', '.join(extra)}): the cache's answers.jsonl holds them (its DATA)")
         data = None
         if req.data is None:
             if fmt.export_data == "required":

@@ -33,10 +33,15 @@ __all__ = [
 ]
 
 
-def pick_task(data_spec: str | None) -> Task:
+def pick_task(data_spec: str | None, generate: bool = False) -> Task:
     """The task a DATA spec belongs to: text (:func:`kdcli.lm.is_text_spec`) -> language modelling, anything else
-    -> classification."""
+    -> classification. ``generate`` (``cache-teacher --generate``): the language-model task whose cache job has the
+    teacher answer the rows (:mod:`kdcli.tasks.generate`)."""
     if is_text_spec(data_spec):
+        if generate:
+            from kdcli.tasks.generate import GenerateTask
+
+            return GenerateTask()
         from kdcli.tasks.lm_xtok import CrossTokenTask  # the LM task, with --cross-tokenizer
 
         return CrossTokenTask()

@@ -227,6 +227,11 @@ class CacheJob(ABC):
         before any shard: a token cache's teacher vocabulary (kdcli.lm.xtok)."""
         return {}
 
+    def complete(self, work: Path, manifest: dict) -> None:
+        """Rank 0, every shard whole, before ``complete: true`` is written: write what the cache holds beside its
+        shards and record it in ``manifest`` (``cache-teacher --generate``: the answers file). Nothing by default."""
+        return None
+
 
 class TrainJob(ABC):
     """One ``train-student`` run of one task: built by :meth:`Task.train_job`; driven by

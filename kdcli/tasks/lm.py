@@ -322,46 +322,134 @@ def student_loss(
 # -- cache pass ----------------------------------------------------------------------------------------------------
 
 
+def lm_tokenizer(cfg):
+    """(tokenizer, its spec) of ``cache-teacher``'s LM teacher: ``--tokenizer`` or the teacher's own."""
+    if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
+        raise UsageError(
+            f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face directory or "
+            ".gguf file, or a run directory made by `kdcli train-student`"
+        )
+    tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.teacher)
+    if tok_spec is None:
+        raise UsageError(
+            f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file or tokenizer.json)"
+        )
+    return load_tokenizer(tok_spec, cfg.trust_remote_code), tok_spec
+
+
+def lm_teacher(cfg, tok, tok_spec: str):
+    """(model, info) of ``cache-teacher``'s LM teacher, with the plain token cache's checks (a vocabulary that
+    covers the tokenizer's): the text cache and ``--generate``'s."""
+    model, info = build_lm(
+        cfg.teacher,
+        cfg.teacher_args,
+        vocab_size=len(tok),
+        weights=cfg.teacher_weights,
+        dtype=cfg.dtype,
+        device_map=cfg.teacher_device_map,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if len(tok) > info.vocab_size:
+        raise CacheError(
+            f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher {cfg.teacher} has "
+            f"only {info.vocab_size} logits per token; use the teacher's own tokenizer"
+        )
+    return model, info
+
+
+def token_cache_layout(cfg, mode: Mode, V: int):
+    """:func:`kdcli.tasks.base.cache_layout` over a vocabulary of V, with a warning where a dense mode is large."""
+    out = cache_layout(cfg, mode, V, token=True)
+    if not mode.sparse and V > 4096:
+        log.warn(
+            f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
+            "--mode sample is ~300x smaller"
+        )
+    return out
+
+
+def token_summary_fields(base: CacheSummary, manifest: dict, computed_tokens: float) -> dict:
+    """The fields of an :class:`LMCacheSummary` for a complete token cache (``computed_tokens``: this run's)."""
+    tokens = int(manifest["data"]["num_targets"])
+    bpt = base.bytes / max(tokens, 1)
+    V = int(manifest["vocab_size"])
+    return dict(
+        **vars(base),
+        num_tokens=tokens,
+        bytes_per_token=bpt,
+        tokens_per_second=computed_tokens / max(base.seconds, 1e-9),
+        vocab_size=V,
+        full_fp16_ratio=2 * V / max(bpt, 1e-9),
+    )
+
+
+def capped_shard_size(
+    requested: int, mode: Mode, mode_layout: dict, V: int, tokens_per_row: int, *, spans: bool = False
+) -> int:
+    """``--shard-size`` capped so one shard of rows of ``tokens_per_row`` cached positions stays under SHARD_BYTES."""
+    n_stats = len(mode_layout.get("stat_temperatures") or ())
+    per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2 + 12 * spans  # + target_logprobs, spans
+    return max(1, min(requested, SHARD_BYTES // (per_token * tokens_per_row)))
+
+
+def capped_batch_size(requested: int, longest: int, V: int, what: str) -> int:
+    """``--batch-size`` capped so one teacher pass's logits (b * longest * V floats) stay under LOGIT_BUDGET."""
+    b = max(1, min(requested, LOGIT_BUDGET // (longest * V)))
+    if b < requested:
+        log.info(
+            f"teacher batches of {b} {what} (--batch-size {requested} capped so the logits of one pass stay under "
+            f"{LOGIT_BUDGET * 4 >> 20} MiB)"
+        )
+    return b
+
+
+def token_cache_plan(
+    cfg, mode: Mode, V: int, mode_layout: dict, temp_settings: dict, keys, text: TextSettings, teacher_prompt,
+    data_kind: str, shard_size: int, load_dtype: str | None,
+) -> tuple[dict, dict]:  # fmt: skip
+    """(settings, layout) of a token cache's manifest: what makes it this cache, and how its rows are stored."""
+    settings = {
+        "mode": mode.name,
+        "top_k": mode_layout["top_k"],
+        "samples": mode_layout["samples"],
+        "views": 1,
+        "augment": None,
+        "seed": cfg.seed if mode.sampled else None,
+        "shard_size": shard_size,
+        "dtype": cfg.dtype,
+        "teacher_prompt": teacher_prompt,
+        **text.as_dict(),
+        **temp_settings,
+    }
+    if load_dtype not in (None, "float32"):  # weights stored in bf16/fp16, not only autocast
+        settings["weights_dtype"] = cfg.dtype
+    layout = {
+        "kind": "token",
+        "num_classes": V,
+        "vocab_size": V,
+        **mode_layout,
+        "token_keys": list(keys),
+        "views": 1,
+        "augment": None,
+        "aug_param_names": [],
+        "shard_size": shard_size,
+        "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
+        "text": {**text.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data_kind},
+    }
+    return settings, layout
+
+
 class TokenCacheJob(CacheJob):
     unit = "tokens"
 
     def __init__(self, cfg, mode: Mode):
         self.cfg, self.mode = cfg, mode
-        if (cfg.teacher in BUILTIN_LMS or is_plugin_spec(cfg.teacher)) and not cfg.teacher_weights:
-            raise UsageError(
-                f"teacher {cfg.teacher!r} has no weights: pass --teacher-weights PATH, a Hugging Face "
-                "directory or .gguf file, or a run directory made by `kdcli train-student`"
-            )
-        tok_spec = cfg.tokenizer or default_tokenizer_spec(cfg.teacher)
-        if tok_spec is None:
-            raise UsageError(
-                f"teacher {cfg.teacher!r} carries no tokenizer; pass --tokenizer (a HF dir, .gguf file "
-                "or tokenizer.json)"
-            )
-        tok = load_tokenizer(tok_spec, cfg.trust_remote_code)
+        tok, tok_spec = lm_tokenizer(cfg)
         self.pad_id = pad_id_of(tok)
-        self.model, self.info = build_lm(
-            cfg.teacher,
-            cfg.teacher_args,
-            vocab_size=len(tok),
-            weights=cfg.teacher_weights,
-            dtype=cfg.dtype,
-            device_map=cfg.teacher_device_map,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        self.model, self.info = lm_teacher(cfg, tok, tok_spec)
         self.placed = is_placed(self.model)  # accelerate placed it: the pass must not move it
         self.V = V = self.info.vocab_size
-        if len(tok) > V:
-            raise CacheError(
-                f"vocabulary mismatch: tokenizer {tok_spec} has {len(tok)} tokens but the teacher "
-                f"{cfg.teacher} has only {V} logits per token; use the teacher's own tokenizer"
-            )
-        self.k, self.temperatures, mode_layout, temp_settings = cache_layout(cfg, mode, V, token=True)
-        if not mode.sparse and V > 4096:
-            log.warn(
-                f"--mode {mode.name} stores {V} fp16 log-probs ({2 * V:,} bytes) per token; --top-k 64 or "
-                "--mode sample is ~300x smaller"
-            )
+        self.k, self.temperatures, mode_layout, temp_settings = token_cache_layout(cfg, mode, V)
         settings_obj = text_settings(cfg)
         self.teacher_prompt = teacher_prompt = read_template(cfg.teacher_prompt)
         offsets = bool(getattr(tok, "is_fast", False))  # where each token sits in the text (cross-tokenizer students)
@@ -387,46 +475,17 @@ class TokenCacheJob(CacheJob):
             )
         self.num_rows = data.n
         self.sampled = mode.sampled
-        n_stats = len(mode_layout.get("stat_temperatures") or ())
-        per_token = mode.bytes_per_entry(mode_layout, V, n_stats) + 2 + 12 * spans  # + target_logprobs, spans
-        self.shard_size = shard_size = max(1, min(cfg.shard_size, SHARD_BYTES // (per_token * settings_obj.max_length)))
-        self.batch_size = max(1, min(cfg.batch_size, LOGIT_BUDGET // (longest * V)))
-        if self.batch_size < cfg.batch_size:
-            log.info(
-                f"teacher batches of {self.batch_size} sequences (--batch-size {cfg.batch_size} capped so the "
-                f"logits of one pass stay under {LOGIT_BUDGET * 4 >> 20} MiB)"
-            )
+        self.shard_size = shard_size = capped_shard_size(
+            cfg.shard_size, mode, mode_layout, V, settings_obj.max_length, spans=spans
+        )
+        self.batch_size = capped_batch_size(cfg.batch_size, longest, V, "sequences")
         keys = token_keys(mode.name, self.temperatures, spans=spans)
         self.token_keys = frozenset(keys)
-        settings = {
-            "mode": mode.name,
-            "top_k": mode_layout["top_k"],
-            "samples": mode_layout["samples"],
-            "views": 1,
-            "augment": None,
-            "seed": cfg.seed if self.sampled else None,
-            "shard_size": shard_size,
-            "dtype": cfg.dtype,
-            "teacher_prompt": teacher_prompt,
-            **settings_obj.as_dict(),
-            **temp_settings,
-        }
-        if self.info.load_dtype not in (None, "float32"):  # weights stored in bf16/fp16, not only autocast
-            settings["weights_dtype"] = cfg.dtype
-        self.layout = layout = {
-            "kind": "token",
-            "num_classes": V,
-            "vocab_size": V,
-            **mode_layout,
-            "token_keys": list(keys),
-            "views": 1,
-            "augment": None,
-            "aug_param_names": [],
-            "shard_size": shard_size,
-            "compression": resolve_compression(cfg.compression, token=True, mode=mode.name),
-            "text": {**settings_obj.as_dict(), "teacher_prompt": teacher_prompt, "data_kind": data.kind},
-            **({"xtok": xtok} if xtok else {}),
-        }
+        settings, layout = token_cache_plan(
+            cfg, mode, V, mode_layout, temp_settings, keys, settings_obj, teacher_prompt,
+            data.kind, shard_size, self.info.load_dtype
+        )  # fmt: skip
+        self.layout = layout = {**layout, **({"xtok": xtok} if xtok else {})}
         self.plan = new_manifest(
             teacher=self.info.identity(),
             data=data.identity(),
@@ -495,17 +554,7 @@ class TokenCacheJob(CacheJob):
         return {TEACHER_VOCAB: self.vocab_file} if self.vocab_file else {}
 
     def summary(self, base: CacheSummary, manifest: dict, computed_units: int) -> LMCacheSummary:
-        tokens = int(manifest["data"]["num_targets"])
-        bpt = base.bytes / max(tokens, 1)
-        V = int(manifest["vocab_size"])
-        return LMCacheSummary(
-            **vars(base),
-            num_tokens=tokens,
-            bytes_per_token=bpt,
-            tokens_per_second=computed_units / max(base.seconds, 1e-9),
-            vocab_size=V,
-            full_fp16_ratio=2 * V / max(bpt, 1e-9),
-        )
+        return LMCacheSummary(**token_summary_fields(base, manifest, computed_units))
 
 
 def _placement(device_map: dict | None) -> str:

@@ -182,11 +182,12 @@ class ParquetFormat(Format):
 
     # -- export ------------------------------------------------------------------------------------------------
     def plan_export(self, manifest, opts):
-        return []  # everything crosses
+        return []  # everything crosses (but a --generate cache's per-row answers: kdcli.stages.convert says so)
 
     def export(self, reader, out, *, data, opts, progress):
         pa, pq = pyarrow_modules()
-        m = reader.manifest
+        # a --generate cache crosses as the token cache over its answers.jsonl (its per-row answers stay behind)
+        m = {k: v for k, v in reader.manifest.items() if k != "extra_row_keys"}
         token = is_token(m)
         if data is not None and not token:
             raise UsageError("--data adds token ids to an export of a token (LM) cache; this is a classification cache")
