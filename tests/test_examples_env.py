@@ -167,6 +167,29 @@ def test_missing_pieces_are_named_in_one_line_with_one_command(monkeypatch, caps
     lm_common.ensure_project_env("teacher", "text")  # all there: no exit
 
 
+def test_an_example_with_lora_students_names_the_peft_extra_in_the_same_command(monkeypatch):
+    """lm-chat-distill ran with the hf extra installed and failed at its first --peft step: an example that trains
+    LoRA students declares "peft", and a missing peft is installed by the same pip command as the hf extra."""
+    for example in PY_EXAMPLES:
+        text = (ROOT / "examples" / example / "run.py").read_text()
+        if '"--peft"' in text or "'--peft'" in text or "--peft " in text:
+            assert '"peft")' in text.split("ensure_project_env(", 1)[1].split("\n", 1)[0], example
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import lm_common
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    real = lm_common.importlib.util.find_spec
+    gone = {"transformers", "peft"}
+    monkeypatch.setattr(lm_common.importlib.util, "find_spec", lambda name: None if name in gone else real(name))
+    monkeypatch.setattr(sys, "argv", ["run.py"])
+    with pytest.raises(SystemExit) as e:
+        lm_common.ensure_project_env("teacher", "text", "peft")
+    [line] = str(e.value.code).splitlines()
+    assert line.startswith("error: this example needs transformers and peft, ")
+    assert line.endswith(f"run: {sys.executable} -m pip install -e '{ROOT}[hf,peft]'")
+
+
 def test_examples_write_under_the_one_ignored_out_folder(tmp_path):
     """Default outputs land in ROOT/out/NAME, which git ignores (not lm-*-out/ folders in the repository root)."""
     assert "/out/" in (ROOT / ".gitignore").read_text().splitlines()

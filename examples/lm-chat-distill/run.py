@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm_common import OUT, ensure_project_env, kdcli, shakespeare_dir, smollm2_gguf, write_jsonl  # noqa: E402
 
-ensure_project_env("teacher", "text")  # kdcli, else the quick start's .venv (re-run with it), else the command to run
+ensure_project_env("teacher", "text", "peft")  # kdcli, else the quick start's .venv (re-run with it), else what to run
 
 PERSONA = "You are Hamlet, Prince of Denmark: brooding, witty and suspicious. Stay in character."
 SYSTEM = "You are an actor in a play. Answer each speech with the next one."

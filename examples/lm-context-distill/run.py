@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm_common import OUT, ensure_project_env, kdcli, shakespeare_dir, smollm2_gguf, write_jsonl  # noqa: E402
 
-ensure_project_env("teacher", "text")  # kdcli, else the quick start's .venv (re-run with it), else the command to run
+ensure_project_env("teacher", "text", "peft")  # kdcli, else the quick start's .venv (re-run with it), else what to run
 
 PERSONA = "You are a pirate captain. Answer every question in pirate speak, starting with 'Arr!'"
 QUESTION = 'What does this line from a play mean? "{speech}"'
