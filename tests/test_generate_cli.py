@@ -310,3 +310,13 @@ def test_a_student_with_another_tokenizer_is_sent_to_a_cache_over_the_answers(ws
     line = r.stderr.strip().splitlines()[-1]
     assert "cache-teacher --generate" in line and "answers.jsonl" in line, r.stderr
     assert not (ws / "xrun").exists()
+
+
+def test_a_teacher_tokenizer_kdcli_cannot_spell_still_caches_without_spans(ws):
+    """The word-level (WordPiece-decoder) tokenizer has offsets but no spelling kdcli reads: cache-teacher writes a
+    same-tokenizer cache (no spans, no teacher_vocab.json) and says so, instead of refusing the whole cache."""
+    out = ws / "wordpiece-plain"
+    r = run("cache-teacher", "--teacher", ws / "wteacher", "--data", ws / "greedy" / "answers.jsonl", "--out", out,
+            "--max-length", 64, "--top-k", 4)  # fmt: skip
+    assert "no token spans: cannot spell the vocabulary" in r.stderr
+    assert "xtok" not in read_manifest(out) and not (out / "teacher_vocab.json").exists()

@@ -457,17 +457,13 @@ class TokenCacheJob(CacheJob):
         for note in data.notes:
             log.info(f"note: {note}")
         spans = data.spans is not None  # not for a tokenizer without offsets, nor for pre-tokenized rows (no text)
-        xtok, self.vocab_file = None, None
+        xtok, self.vocab_file = cache_record(tok, data) if spans else (None, None)
         if not offsets:
             log.info(f"note: tokenizer {tok_spec} has no offsets: this cache cannot serve a student with another one")
-        elif not spans:
+        elif data.kind == "tokens":
             log.info("note: pre-tokenized rows have no text: this cache cannot serve a student with another tokenizer")
-        else:
-            try:
-                xtok, self.vocab_file = cache_record(tok, data)
-            except UsageError as e:  # a vocabulary kdcli cannot spell as text: a same-tokenizer cache, said once
-                spans = False
-                log.info(f"note: {e}: this cache cannot serve a student with another tokenizer")
+        elif not spans:  # load_text's note said why (a vocabulary kdcli cannot spell as text)
+            log.info("note: this cache cannot serve a student with another tokenizer")
         self.view = teacher_view(data, tok, teacher_prompt)  # what the teacher reads; the same predicted tokens
         self.t_seqs, self.t_first = self.view.seqs, self.view.first_target
         max_pos = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or getattr(
