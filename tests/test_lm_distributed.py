@@ -115,7 +115,9 @@ def test_the_fixture_cache_has_batches_across_shards(ws):
 def test_torchrun_lm_cache_equals_one_process(ws):
     out, err = finish(kdcli(*cache_cmd(ws, ws / "c2"), torchrun=True))
     assert out.count("cache-teacher: written") == 1  # one summary, from rank 0
-    assert sorted(f.name for f in (ws / "c2").iterdir()) == ["manifest.json"] + [f"shard-{i:05d}.h5" for i in range(9)]
+    shards = [f"shard-{i:05d}.h5" for i in range(9)]
+    assert sorted(f.name for f in (ws / "c2").iterdir()) == ["manifest.json", *shards, "teacher_vocab.json"]
+    assert (ws / "c2" / "teacher_vocab.json").read_bytes() == (ws / "c1" / "teacher_vocab.json").read_bytes()
     assert_same_cache(ws / "c1", ws / "c2")
     assert [s["sha256"] for s in read_manifest(ws / "c2")["shards"]] == [
         s["sha256"] for s in read_manifest(ws / "c1")["shards"]

@@ -836,6 +836,8 @@ def load_text(
         try:
             vocab = vocab_strings(tok, vocab_size)
         except UsageError as e:  # a vocabulary kdcli cannot spell: no spans (no bits per byte, no other tokenizer)
+            if not getattr(tok, "is_fast", False):
+                raise  # no offsets at all: the caller asked for spans it cannot have
             notes.append(f"no token spans: {e}")
             spans = False
     segments = Segments(kind) if spans else None
