@@ -403,3 +403,12 @@ def test_checker_passes_a_clean_graph():
     assert g.edges["kdcli.cli"] == {"kdcli.cache.manifest": "kdcli/cli.py:2: from kdcli.cache import manifest"}
     assert strongly_connected(g.edges) == [] and cycle_report(g) == []
     assert g.private == [] and g.third_party_private == []
+
+
+def test_a_cache_mode_is_named_only_in_its_own_file_and_the_registry():
+    """Issue [2/6]: a cache mode lives in one file. Code elsewhere asks the mode (``get_mode(name).sampled``, a
+    Targets method such as ``surely_kept``) instead of testing its name: ``"priority"`` is the mode added last and
+    the one every new consumer is tempted to special-case (the cross-tokenizer loss did)."""
+    pkg = Path(__file__).resolve().parents[1] / "kdcli"
+    named = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if '"priority"' in p.read_text())
+    assert named == ["cache/modes/__init__.py", "cache/modes/priority.py"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcli.cache.manifest import TEACHER_VOCAB
+from kdcli.cache.modes import get_mode
 from kdcli.cache.tokens import SPAN_KEYS, TokenCacheReader
 from kdcli.infra.errors import CacheError, UsageError
 from kdcli.lm.align import SegmentSpans, VocabMap, VocabStrings, align_keys, span_keys, vocab_map, vocab_strings
@@ -169,7 +170,7 @@ def check_method(method: str, mode: str, divergence: str, fused: bool) -> None:
             "--cross-tokenizer reads one teacher cache; fusing several --cache values across tokenizers is not "
             "supported: give one --cache"
         )
-    if method in ("aligned", "hybrid") and mode in ("sample", "priority") and divergence != "forward":
+    if method in ("aligned", "hybrid") and get_mode(mode).sampled and divergence != "forward":
         raise UsageError(
             f"--cross-tokenizer {method} with a {mode} cache trains with forward KL only (reverse KL and JSD need "
             "the teacher's mass on buckets the sample does not determine); use --divergence forward, or a topk/full "

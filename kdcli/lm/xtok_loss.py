@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kdcli.cache.modes import get_mode
 from kdcli.cache.modes.base import DIVERGENCES, Targets, WeightedIdTargets, div_rows
 from kdcli.config.commands import CROSS_TOKENIZER_METHODS
 from kdcli.infra.errors import UsageError
@@ -330,10 +331,7 @@ def sorted_l1(
 def _certain(targets: Targets, q: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """(n, S) stored ids provably larger than every unstored class (module docstring)."""
     R = (1.0 - torch.where(used, q, torch.zeros_like(q)).sum(dim=1, keepdim=True)).clamp_min(0.0)
-    certain = used & (q >= R)
-    if targets.mode == "priority":
-        certain = certain | (used & (targets.log_ratio() == 0))
-    return certain
+    return (used & (q >= R)) | targets.surely_kept(used)
 
 
 def _teacher_sorted_view(
@@ -366,7 +364,7 @@ def _teacher_sorted_view(
         prefix = torch.where(certain, q, torch.zeros_like(q))
         rest = tail.to(dtype).exp() + torch.where(used & ~certain, q, torch.zeros_like(q)).sum(dim=1)
         return prefix, certain.sum(dim=1), rest, keep_s
-    if targets.mode in ("sample", "priority"):
+    if isinstance(targets, WeightedIdTargets):  # sample, priority
         w, p_log, used, _ = targets.id_weights(T, approximate)
         q = torch.where(used, p_log.to(dtype).exp(), torch.zeros_like(p_log, dtype=dtype))
         certain = _certain(targets, q, used)
@@ -555,13 +553,12 @@ def describe_method(method: str, mode: str) -> str:
     what = {
         ("aligned", "full"): "exact KL on matched strings + rest",
         ("aligned", "topk"): "exact KL on the matched strings among the top k + rest",
-        ("aligned", "sample"): "unbiased cross-entropy on matched strings + rest (plug-in rest entropy)",
-        ("aligned", "priority"): "unbiased cross-entropy on matched strings + rest (plug-in rest entropy)",
+        ("aligned", "sampled"): "unbiased cross-entropy on matched strings + rest (plug-in rest entropy)",
         ("uld", "full"): "exact sorted-probability L1",
         ("uld", "topk"): "sorted L1, exact on the top k, lower bound on the tail",
     }
     return what.get(
-        (method, mode),
+        (method, "sampled" if get_mode(mode).sampled else mode),
         {
             "uld": "sorted L1 on the certain prefix, lower bound on the rest",
             "hybrid": "aligned + ULD inside the rest bucket",

@@ -509,6 +509,11 @@ class WeightedIdTargets(Targets):
         slots hold an id, and W the weights' row sum (None where they sum to 1 by construction)."""
         raise NotImplementedError
 
+    def surely_kept(self, used: torch.Tensor) -> torch.Tensor:
+        """(b, S) bool: the stored ids the cache would have kept in every draw (inclusion probability 1). None by
+        default; priority sampling keeps every id at or above its threshold."""
+        return torch.zeros_like(used)
+
     def student_weights(self, s_at: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
         """(b, S) weights with ``sum_j iw_j g(id_j)`` an unbiased estimate of ``sum_i s(i) g(i)`` for the student's
         distribution s, given ``s_at`` = log s at each id."""

@@ -111,6 +111,10 @@ class PriorityTargets(WeightedIdTargets):
             return torch.zeros_like(self.id_logprobs[:, 0])
         return self.stats[:, stat_temperatures(self.temperatures).index(match_temperature(self.temperatures, t))]
 
+    def surely_kept(self, used: torch.Tensor) -> torch.Tensor:
+        """Ids whose sampler probability is at or above tau: kept in every draw (log ratio 0)."""
+        return used & (self.log_ratio() == 0)
+
     def log_ratio(self) -> torch.Tensor:
         """(b, K) ``log(max(pi_i, tau) / pi_i) = max(0, log tau - log pi_i)`` at each kept id (0 where p_i = 0), pi
         the sampler distribution: p, or the mean of q_t over ``sampler_temperatures`` (log Z_t from the cache)."""
