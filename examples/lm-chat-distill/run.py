@@ -146,7 +146,7 @@ def main() -> None:
         *template,
     ]
     for name, data in (("train", train), ("heldout", heldout)):
-        kdcli("cache-teacher", *common, "--data", data, "--out", out / f"cache-{name}")
+        kdcli("cache-teacher", *common, "--data", data, "--out", out / f"cache-{name}", "--overwrite")
     budget = [
         "--cache",
         out / "cache-train",

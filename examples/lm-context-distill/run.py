@@ -142,10 +142,10 @@ def main() -> None:
     times = {}
     for name, data in (("train", prompts_train), ("heldout", prompts_held)):
         t = time.perf_counter()
-        kdcli("cache-teacher", *common, *gen, "--data", data, "--out", out / f"cache-{name}-generated")
+        kdcli("cache-teacher", *common, *gen, "--data", data, "--out", out / f"cache-{name}-generated", "--overwrite")
         times[f"cache-teacher --generate ({name})"] = time.perf_counter() - t
     t = time.perf_counter()
-    kdcli("cache-teacher", *common, "--data", own_train, "--out", out / "cache-train-own")
+    kdcli("cache-teacher", *common, "--data", own_train, "--out", out / "cache-train-own", "--overwrite")
     times["cache-teacher (train, the data's own answers)"] = time.perf_counter() - t
 
     sources = {

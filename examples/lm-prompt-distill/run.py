@@ -126,8 +126,8 @@ def main() -> None:
         "--batch-size",
         8,
     ]
-    kdcli("cache-teacher", *common, "--data", train, "--out", out / "cache-train")
-    kdcli("cache-teacher", *common, "--data", heldout, "--out", out / "cache-heldout")
+    kdcli("cache-teacher", *common, "--data", train, "--out", out / "cache-train", "--overwrite")
+    kdcli("cache-teacher", *common, "--data", heldout, "--out", out / "cache-heldout", "--overwrite")
 
     before = kdcli(
         "eval", "--model", teacher, "--data", heldout, "--cache", out / "cache-heldout", "--json", json_out=True

@@ -59,8 +59,8 @@ def main() -> None:
     heldout = write_jsonl(out / "heldout.jsonl", play_rows(HELDOUT_PLAY, args.heldout_chars))
 
     common = ["--teacher", teacher, "--max-length", args.max_length, "--top-k", args.top_k, "--batch-size", 8]
-    kdcli("cache-teacher", *common, "--data", train, "--out", out / "cache-train")
-    kdcli("cache-teacher", *common, "--data", heldout, "--out", out / "cache-heldout")
+    kdcli("cache-teacher", *common, "--data", train, "--out", out / "cache-train", "--overwrite")
+    kdcli("cache-teacher", *common, "--data", heldout, "--out", out / "cache-heldout", "--overwrite")
 
     student = []
     for kv in args.student_args.split(","):

@@ -162,7 +162,7 @@ def main() -> None:
         caches[name] = {}
         for split, data in (("train", train), ("heldout", heldout)):
             caches[name][split] = out / f"cache-{name}-{split}"
-            kdcli("cache-teacher", *common, "--data", data, "--out", caches[name][split])
+            kdcli("cache-teacher", *common, "--data", data, "--out", caches[name][split], "--overwrite")
 
     def heldout_eval(model, cache_args) -> dict:
         r = kdcli("eval", "--model", model, "--data", heldout, *cache_args, "--json", json_out=True)
