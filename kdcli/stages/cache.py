@@ -218,11 +218,13 @@ def cache_teacher(cfg: CacheConfig) -> CacheSummary:
                 stack.enter_context(StoreLock(loc))  # one writer: a conditional-create .lock object
                 merge_rank_manifests(loc)
                 work, manifest, kept = _prepare_remote(loc, job.plan, cfg.overwrite)
-                put_files(locate(work), job)
+                if kept >= 0:  # up to date: the files are there (the manifest names their checksums); write nothing
+                    put_files(locate(work), job)
                 return str(work), manifest, kept
             main["created"] = make_dir(out)
             main["work"], manifest, kept = _open_cache(stack, out, job.plan, cfg.overwrite)
-            put_files(locate(main["work"]), job)
+            if kept >= 0:
+                put_files(locate(main["work"]), job)
             return str(main["work"]), manifest, kept
 
         work, manifest, kept = ctx.on_main(open_cache)
