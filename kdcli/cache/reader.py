@@ -481,8 +481,17 @@ class CacheLoader:
             reader.kept_rows(block_rows, keep)  # read once here, not once per worker
         if num_workers:
             reader.close()  # no HDF5 handle crosses into a worker (HDF5 is not fork-safe)
+            # A remote cache's process runs threads (fsspec's event loop, the read-ahead fetcher, the S3 client's):
+            # a fork copies whatever lock one of them holds at that instant, and the worker can hang on it (seen once
+            # in the suite: a worker's new S3 client never finished). Those workers start from a fresh interpreter.
+            context = "forkserver" if reader.location.remote else None
             self._loader = DataLoader(
-                self.stream, batch_size=None, num_workers=num_workers, persistent_workers=True, prefetch_factor=2
+                self.stream,
+                batch_size=None,
+                num_workers=num_workers,
+                persistent_workers=True,
+                prefetch_factor=2,
+                multiprocessing_context=context,
             )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
