@@ -8,6 +8,10 @@ import json
 from pathlib import Path
 
 from lm_helpers import CORPUS, make_llama
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+from kdcli.infra import crashpoints
 
 # A turn is "role\ncontent<eos>\n"; the generation prompt "assistant\n": the end-of-turn token is <eos>.
 TEMPLATE = (
@@ -51,3 +55,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def run(*argv, code: int = 0, env: dict | None = None):
+    """kdcli in-process as a user runs it (fault-injection crash points reset), asserting its exit code."""
+    crashpoints.reset()
+    r = CliRunner().invoke(app, [str(a) for a in argv], env=env)
+    assert r.exit_code == code, r.stderr[-3000:]
+    return r

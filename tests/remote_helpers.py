@@ -79,3 +79,27 @@ def objects(client, prefix: str) -> dict[str, bytes]:
     for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", []):
         out[o["Key"][len(prefix) + 1 :]] = client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
     return out
+
+
+def blob_teacher(d: Path) -> None:
+    """``d/blobs.npz`` (600 rows of conftest's blobs) and ``d/teacher``, an MLP trained on them for one epoch: the
+    classification teacher the remote tests cache."""
+    import numpy as np
+    from conftest import make_blobs
+
+    from kdcli.config import TrainConfig
+    from kdcli.stages.train import train_student
+
+    x, y = make_blobs(600)
+    np.savez(d / "blobs.npz", x=x, y=y)
+    train_student(
+        TrainConfig(
+            student="mlp",
+            student_args={"hidden": [16]},
+            data=str(d / "blobs.npz"),
+            out=str(d / "teacher"),
+            epochs=1,
+            lr=3e-3,
+            seed=0,
+        )
+    )

@@ -15,26 +15,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from generate_helpers import PERSONA, prompt_rows, word_teacher, write_jsonl
+from generate_helpers import PERSONA, prompt_rows, run, word_teacher, write_jsonl
 from lm_helpers import make_llama
-from typer.testing import CliRunner
 
 from kdcli.cache.manifest import read_manifest
-from kdcli.cli import app
-from kdcli.infra import crashpoints
 
 pytest.importorskip("transformers")
 
 GEN_BASE = ["--generate", "--max-length", 64, "--shard-size", 4, "--batch-size", 3]
 GEN = [*GEN_BASE, "--max-new-tokens", 6]
 SAMPLED = ["--sample", "--gen-temperature", 1.5, "--top-p", 0.95, "--seed", 3, "--generations-per-prompt", 2]
-
-
-def run(*argv, code: int = 0, env: dict | None = None):
-    crashpoints.reset()
-    r = CliRunner().invoke(app, [str(a) for a in argv], env=env)
-    assert r.exit_code == code, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,11 @@ import json
 
 import pytest
 import remote_helpers
-from generate_helpers import PERSONA, prompt_rows, word_teacher, write_jsonl
+from generate_helpers import PERSONA, prompt_rows, run, word_teacher, write_jsonl
 from lm_helpers import make_llama
 from remote_helpers import BUCKET, objects
-from typer.testing import CliRunner
 
 from kdcli.cache.verify import verify_cache
-from kdcli.cli import app
-from kdcli.infra import crashpoints
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,13 +20,6 @@ s3 = remote_helpers.s3  # the moto server fixture (module scope)
 
 GEN = ["--generate", "--max-length", 64, "--shard-size", 4, "--batch-size", 3, "--max-new-tokens", 5, "--sample",
        "--seed", 3, "--generations-per-prompt", 2, "--mode", "topk", "--top-k", 4]  # fmt: skip
-
-
-def run(*argv, code: int = 0, env: dict | None = None):
-    crashpoints.reset()
-    r = CliRunner().invoke(app, [str(a) for a in argv], env=env)
-    assert r.exit_code == code, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import time
 import numpy as np
 import pytest
 import remote_helpers
-from conftest import make_blobs
 from remote_helpers import BUCKET, aws_env, free_port, upload
 from typer.testing import CliRunner
 
@@ -47,19 +46,7 @@ s3 = remote_helpers.s3  # the moto server fixture (module scope)
 def caches(s3, tmp_path_factory):
     """Local caches and their uploaded copies: classification full / topk / priority, token full / topk (gzip)."""
     d = tmp_path_factory.mktemp("remote")
-    x, y = make_blobs(600)
-    np.savez(d / "blobs.npz", x=x, y=y)
-    train_student(
-        TrainConfig(
-            student="mlp",
-            student_args={"hidden": [16]},
-            data=str(d / "blobs.npz"),
-            out=str(d / "teacher"),
-            epochs=1,
-            lr=3e-3,
-            seed=0,
-        )
-    )
+    remote_helpers.blob_teacher(d)
     out = {"dir": d}
     for name, kw in {"full": {}, "topk": {"top_k": 2}, "priority": {"mode": "priority", "samples": 3}}.items():
         cache_teacher(

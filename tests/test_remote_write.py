@@ -12,15 +12,13 @@ import sys
 import numpy as np
 import pytest
 import remote_helpers
-from conftest import make_blobs
 from remote_helpers import BUCKET, objects
 
 from kdcli.cache.reader import CacheReader
 from kdcli.cache.verify import verify_cache
-from kdcli.config import CacheConfig, TrainConfig
+from kdcli.config import CacheConfig
 from kdcli.infra.errors import CacheError
 from kdcli.stages.cache import cache_teacher
-from kdcli.stages.train import train_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 s3 = remote_helpers.s3  # the moto server fixture (module scope)
@@ -29,19 +27,7 @@ s3 = remote_helpers.s3  # the moto server fixture (module scope)
 @pytest.fixture(scope="module")
 def setup(s3, tmp_path_factory):
     d = tmp_path_factory.mktemp("write")
-    x, y = make_blobs(600)
-    np.savez(d / "blobs.npz", x=x, y=y)
-    train_student(
-        TrainConfig(
-            student="mlp",
-            student_args={"hidden": [16]},
-            data=str(d / "blobs.npz"),
-            out=str(d / "teacher"),
-            epochs=1,
-            lr=3e-3,
-            seed=0,
-        )
-    )
+    remote_helpers.blob_teacher(d)
     local = d / "local"
     cache_teacher(
         CacheConfig(
