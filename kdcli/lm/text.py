@@ -64,7 +64,7 @@ import numpy as np
 from kdcli.data import RowIdentity, split_slice
 from kdcli.infra.errors import UsageError
 from kdcli.lm import pretokenized
-from kdcli.lm.align import Segments, SegmentSpans, chat_segments, text_segment, vocab_strings
+from kdcli.lm.align import Segments, SegmentSpans, VocabStrings, chat_segments, text_segment, vocab_strings
 
 HF_HINT = "install the Hugging Face extra: pip install 'kdcli[hf]'"
 TOKENIZER_DIR = "tokenizer"  # inside a kdcli LM run dir
@@ -241,6 +241,7 @@ class TokenData(RowIdentity):
     # identity of the segments' texts (what a student with another tokenizer must agree on)
     spans: list[SegmentSpans] | None = None
     segments: dict | None = None
+    vocab: VocabStrings | None = None  # with spans: every id's surface, as the spans were computed with
 
     @property
     def n(self) -> int:
@@ -983,6 +984,7 @@ def load_text(
         notes=notes,
         spans=seq_spans if spans else None,
         segments=segments.identity() if spans else None,
+        vocab=vocab,
         **out,
     )
 

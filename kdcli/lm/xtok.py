@@ -30,7 +30,7 @@ from kdcli.cache.manifest import TEACHER_VOCAB
 from kdcli.cache.modes import get_mode
 from kdcli.cache.tokens import SPAN_KEYS, TokenCacheReader
 from kdcli.infra.errors import CacheError, UsageError
-from kdcli.lm.align import SegmentSpans, VocabMap, VocabStrings, align_keys, span_keys, vocab_map, vocab_strings
+from kdcli.lm.align import SegmentSpans, VocabMap, VocabStrings, align_keys, span_keys, vocab_map
 from kdcli.lm.text import TokenData
 
 XTOK_VERSION = 1
@@ -42,10 +42,10 @@ BLOCK_CACHE_BYTES = 64 << 20  # decoded blocks kept per process (least recently 
 # -- cache-teacher -------------------------------------------------------------------------------------------------
 
 
-def cache_record(tok, data: TokenData) -> tuple[dict, bytes]:
+def cache_record(data: TokenData) -> tuple[dict, bytes]:
     """The manifest's ``xtok`` object and the content of ``teacher_vocab.json`` for a cache of ``data`` (loaded with
-    ``spans=True``)."""
-    vocab = vocab_strings(tok, data.vocab_size)
+    ``spans=True``: its ``vocab``, the surfaces the spans were computed with, not spelled a second time)."""
+    vocab = data.vocab
     body = json.dumps(vocab.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     record = {
         "version": XTOK_VERSION,

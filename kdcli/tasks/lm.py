@@ -457,7 +457,7 @@ class TokenCacheJob(CacheJob):
         for note in data.notes:
             log.info(f"note: {note}")
         spans = data.spans is not None  # not for a tokenizer without offsets, nor for pre-tokenized rows (no text)
-        xtok, self.vocab_file = cache_record(tok, data) if spans else (None, None)
+        xtok, self.vocab_file = cache_record(data) if spans else (None, None)
         if not offsets:
             log.info(f"note: tokenizer {tok_spec} has no offsets: this cache cannot serve a student with another one")
         elif data.kind == "tokens":
